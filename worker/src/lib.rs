@@ -1,0 +1,9 @@
+//! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
+//! model loading, the OpenAI server, and (later) router and KV transfer.
+
+pub mod cli;
+pub mod engine;
+pub mod infer;
+pub mod metrics;
+pub mod model;
+pub mod server;

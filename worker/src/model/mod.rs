@@ -1,0 +1,7 @@
+//! Model files: configuration, weights, tokenizer and chat template.
+
+pub mod config;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use weights::{LayerWeights, Tensor, Weights};
