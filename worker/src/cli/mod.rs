@@ -3,6 +3,26 @@
 pub mod model;
 pub mod serve;
 
+use clap::{Parser, Subcommand};
+
+/// Tandem serves large language models with prefill and decode on separate,
+/// separately scaled workers.
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One process, aggregated: the OpenAI API and the engine together.
+    Serve(serve::ServeArgs),
+    /// Fetch, list and inspect models.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
