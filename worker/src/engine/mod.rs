@@ -1,3 +1,4 @@
 //! The engine: scheduler, paged KV block manager, sampler and compute backends.
 
+pub mod backend;
 pub mod types;
