@@ -3,4 +3,5 @@
 pub mod backend;
 pub mod block_manager;
 pub mod sampler;
+pub mod scheduler;
 pub mod types;
