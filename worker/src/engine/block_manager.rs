@@ -123,6 +123,11 @@ impl BlockManager {
         self.events.subscribe()
     }
 
+    /// The sender of this manager's events, for subscribing from other threads.
+    pub fn event_sender(&self) -> broadcast::Sender<KvEvent> {
+        self.events.clone()
+    }
+
     fn emit(&self, event: KvEvent) {
         // No subscriber is fine: nobody routes on this worker's cache.
         let _ = self.events.send(event);
