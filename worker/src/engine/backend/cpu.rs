@@ -621,17 +621,55 @@ impl CpuBackend {
     }
 }
 
+/// Below this many elements, a row-wise pass runs on the calling thread: a
+/// parallel dispatch is a synchronisation point, which costs more than the
+/// work for decode-sized steps (and much more when the cores are contended).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// Applies `f(row_index, out_row, in_row)` to rows of `width`, in parallel
+/// only when the work is large enough to pay for it.
+fn for_rows<F>(out: &mut [f32], out_width: usize, input: &[f32], in_width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &[f32]) + Sync,
+{
+    if out.len() + input.len() < PARALLEL_MIN_ELEMENTS {
+        out.chunks_mut(out_width)
+            .zip(input.chunks(in_width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, o, x));
+    } else {
+        out.par_chunks_mut(out_width)
+            .zip(input.par_chunks(in_width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, o, x));
+    }
+}
+
+/// [`for_rows`] over one buffer modified in place.
+fn for_rows_mut<F>(buf: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if buf.len() < PARALLEL_MIN_ELEMENTS {
+        buf.chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        buf.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
+}
+
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let h = weight.len();
-    out.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = x * inv * w;
-            }
-        });
+    for_rows(out, h, x, h, |_, o, x| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * inv * w;
+        }
+    });
 }
 
 /// Rotates pairs `(i, i + d/2)` of every head in `v` (HF half-split RoPE).
@@ -747,25 +785,22 @@ impl ComputeBackend for CpuBackend {
             layer.wqkv.matmul(kernel, &s.normed, total, &mut s.qkv);
             let inv_freq = &self.inv_freq;
             let positions = &s.positions;
-            s.qkv
-                .par_chunks_mut(qkv_dim)
-                .enumerate()
-                .for_each(|(t, row)| {
-                    if let Some(b) = &layer.bqkv {
-                        for (v, b) in row.iter_mut().zip(b) {
-                            *v += b;
-                        }
+            for_rows_mut(&mut s.qkv, qkv_dim, |t, row| {
+                if let Some(b) = &layer.bqkv {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += b;
                     }
-                    let mut cos = [0f32; 256];
-                    let mut sin = [0f32; 256];
-                    let pos = positions[t] as f32;
-                    for i in 0..half {
-                        let (sn, cs) = (pos * inv_freq[i]).sin_cos();
-                        cos[i] = cs;
-                        sin[i] = sn;
-                    }
-                    apply_rope(&mut row[..q_dim + kv_dim], hd, &cos[..half], &sin[..half]);
-                });
+                }
+                let mut cos = [0f32; 256];
+                let mut sin = [0f32; 256];
+                let pos = positions[t] as f32;
+                for i in 0..half {
+                    let (sn, cs) = (pos * inv_freq[i]).sin_cos();
+                    cos[i] = cs;
+                    sin[i] = sn;
+                }
+                apply_rope(&mut row[..q_dim + kv_dim], hd, &cos[..half], &sin[..half]);
+            });
             let (kc, vc) = (&mut pool.k[li], &mut pool.v[li]);
             for (t, &slot) in s.slots.iter().enumerate() {
                 let row = &s.qkv[t * qkv_dim..(t + 1) * qkv_dim];
@@ -780,7 +815,7 @@ impl ComputeBackend for CpuBackend {
             let qkv = &s.qkv;
             let attn_ptr = SharedMut(s.attn.as_mut_ptr());
             let block_size = pool.block_size;
-            (0..batch.len() * nh).into_par_iter().for_each(|task| {
+            let attend = |task: usize| {
                 let (si, head) = (task / nh, task % nh);
                 let seq = &batch[si];
                 let kvh = head / group;
@@ -824,7 +859,18 @@ impl ComputeBackend for CpuBackend {
                     };
                     dst.copy_from_slice(&out);
                 }
-            });
+            };
+            // Multiply-adds of this layer's attention: small decode steps run
+            // on this thread rather than pay for a parallel dispatch.
+            let work: usize = batch
+                .iter()
+                .map(|q| q.tokens.len() * (q.start_pos + q.tokens.len()) * nh * hd)
+                .sum();
+            if work < 8 * PARALLEL_MIN_ELEMENTS {
+                (0..batch.len() * nh).for_each(attend);
+            } else {
+                (0..batch.len() * nh).into_par_iter().for_each(attend);
+            }
 
             layer.wo.matmul(kernel, &s.attn, total, &mut s.proj);
             s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
@@ -832,15 +878,12 @@ impl ComputeBackend for CpuBackend {
             layer
                 .w_gate_up
                 .matmul(kernel, &s.normed, total, &mut s.gate_up);
-            s.act
-                .par_chunks_mut(f)
-                .zip(s.gate_up.par_chunks(2 * f))
-                .for_each(|(a, gu)| {
-                    let (g, u) = gu.split_at(f);
-                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = g / (1.0 + (-g).exp()) * u;
-                    }
-                });
+            for_rows(&mut s.act, f, &s.gate_up, 2 * f, |_, a, gu| {
+                let (g, u) = gu.split_at(f);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
             layer.w_down.matmul(kernel, &s.act, total, &mut s.proj);
             s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
 
