@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
 use crate::model::{self, fetch, ModelInfo};
 
@@ -153,7 +153,7 @@ fn list(json: bool) -> anyhow::Result<()> {
 
 fn show(spec: &str, json: bool) -> anyhow::Result<()> {
     let path = model::resolve(Some(spec))?;
-    let info = model::inspect(&path).with_context(|| format!("reading {}", path.display()))?;
+    let info = model::inspect(&path)?;
     if json {
         #[derive(serde::Serialize)]
         struct Shown<'a> {

