@@ -469,3 +469,91 @@ fn half_precision_safetensors_load() {
         }
     }
 }
+
+#[test]
+fn sharded_safetensors_with_an_index_load_like_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 21);
+    let hf = dir.path().join("hf");
+    save_hf_dir(&hf, &cfg, &w).unwrap();
+    let single = hf.join("model.safetensors");
+    let bytes = std::fs::read(&single).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (first, second): (Vec<_>, Vec<_>) = st
+        .tensors()
+        .into_iter()
+        .partition(|(n, _)| n.contains("layers.0.") || n.contains("embed"));
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
+        safetensors::serialize_to_file(part.clone(), None, &hf.join(file)).unwrap();
+        for (n, _) in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    std::fs::remove_file(&single).unwrap();
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let m = model::load(&hf).unwrap();
+    assert!(m.weights == w);
+    assert_eq!(m.info.parameters, cfg.num_parameters());
+}
+
+#[test]
+fn hf_special_tokens_come_from_tokenizer_and_generation_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let hf = dir.path().join("hf");
+    save_hf_dir(&hf, &cfg, &random_weights(&cfg, 22)).unwrap();
+
+    // Llama 3 style: no add_bos_token flag, BOS added by the post-processor,
+    // several end-of-turn ids in generation_config.json, template in a file.
+    let tok_json = hf.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_json).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+    });
+    std::fs::write(&tok_json, tok.to_string()).unwrap();
+    std::fs::write(
+        hf.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        hf.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        hf.join("chat_template.jinja"),
+        "{{ messages[0]['content'] }}!",
+    )
+    .unwrap();
+
+    let m = model::load(&hf).unwrap();
+    let t = &m.tokenizer;
+    assert_eq!(t.bos_token_id(), Some(1));
+    assert_eq!(t.eos_token_ids(), &[2, 0]);
+    assert!(t.add_bos_token());
+    // BOS is added exactly once, by us, not by the post-processor as well.
+    let ids = t.encode("x").unwrap();
+    assert_eq!(ids, vec![1, t.token_to_id("x").unwrap()]);
+    let rendered = m
+        .chat_template
+        .unwrap()
+        .render(&[model::ChatMessage::new("user", "hey")], false)
+        .unwrap();
+    assert_eq!(rendered, "hey!");
+}

@@ -288,3 +288,83 @@ impl IncrementalDecoder {
         &self.ids
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{tiny_vocab, TINY_TOKENIZER_VOCAB};
+
+    fn pieces(t: &Tokenizer, text: &str) -> Vec<String> {
+        use tokenizers::PreTokenizer;
+        let mut pre = tokenizers::PreTokenizedString::from(text);
+        t.inner()
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut pre)
+            .unwrap();
+        pre.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
+    }
+
+    fn with_pre(pre: &str) -> Result<Tokenizer, TokenizerError> {
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.pre = Some(pre.to_string());
+        Tokenizer::from_byte_level_bpe(v)
+    }
+
+    #[test]
+    fn each_pre_tokenizer_splits_digits_like_its_model_family() {
+        let text = "Hi 12345 you're\n\nok";
+        // Byte-level pieces: a space shows as "Ġ", a newline as "Ċ".
+        let cases = [
+            ("gpt2", vec!["Hi", "Ġ12345", "Ġyou", "'re", "Ċ", "Ċ", "ok"]),
+            (
+                "smollm",
+                vec![
+                    "Hi", "Ġ", "1", "2", "3", "4", "5", "Ġyou", "'re", "Ċ", "Ċ", "ok",
+                ],
+            ),
+            (
+                "llama-bpe",
+                vec!["Hi", "Ġ", "123", "45", "Ġyou", "'re", "ĊĊ", "ok"],
+            ),
+            (
+                "qwen2",
+                vec![
+                    "Hi", "Ġ", "1", "2", "3", "4", "5", "Ġyou", "'re", "ĊĊ", "ok",
+                ],
+            ),
+        ];
+        for (pre, want) in cases {
+            let t = with_pre(pre).unwrap();
+            assert_eq!(pieces(&t, text), want, "pre = {pre}");
+            assert_eq!(
+                t.decode(&t.encode(text).unwrap(), false),
+                text,
+                "pre = {pre}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_and_bad_merges_are_named() {
+        let err = with_pre("jais").unwrap_err().to_string();
+        assert!(
+            err.contains("\"jais\"") && err.contains("not supported"),
+            "{err}"
+        );
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.merges.push("nospace".into());
+        let err = Tokenizer::from_byte_level_bpe(v).unwrap_err().to_string();
+        assert!(err.contains("nospace"), "{err}");
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.eos_token_ids = vec![100_000];
+        let err = Tokenizer::from_byte_level_bpe(v).unwrap_err().to_string();
+        assert!(err.contains("100000"), "{err}");
+    }
+}
