@@ -312,15 +312,26 @@ fn bad_gguf_files_are_refused_naming_the_problem() {
     rewrite(&good, &bad, |m, _| {
         for (k, v) in m.iter_mut() {
             if k == "tokenizer.ggml.model" {
-                *v = MetadataValue::String("llama".into());
+                *v = MetadataValue::String("rwkv".into());
             }
         }
     });
     let err = load_err(&bad);
     assert!(
-        err.contains("\"llama\"") && err.contains("SentencePiece"),
+        err.contains("\"rwkv\"") && err.contains("not supported"),
         "{err}"
     );
+
+    // A SentencePiece vocabulary without its scores.
+    rewrite(&good, &bad, |m, _| {
+        for (k, v) in m.iter_mut() {
+            if k == "tokenizer.ggml.model" {
+                *v = MetadataValue::String("llama".into());
+            }
+        }
+    });
+    let err = load_err(&bad);
+    assert!(err.contains("tokenizer.ggml.scores"), "{err}");
 
     rewrite(&good, &bad, |m, _| {
         m.retain(|(k, _)| k != "llama.block_count")

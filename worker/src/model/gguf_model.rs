@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use rayon::prelude::*;
 
 use super::gguf::{GgufFile, MetadataValue};
-use super::tokenizer::{ByteLevelBpeVocab, Tokenizer};
+use super::tokenizer::{ByteLevelBpeVocab, SentencePieceVocab, Tokenizer};
 use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
 
 const DEFAULT_ROPE_THETA: f32 = 10_000.0;
@@ -353,13 +353,12 @@ fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>, ModelError> {
 /// The tokenizer described by `tokenizer.ggml.*`.
 pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
     let model = meta_str(f, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(ModelError::Unsupported {
             path: f.path().to_path_buf(),
             what: format!(
-                "tokenizer model \"{model}\" (only byte-level BPE, \"gpt2\", is supported; \
-                 SentencePiece \"llama\" vocabularies are not: use the model's HF directory \
-                 with its tokenizer.json)"
+                "tokenizer model \"{model}\" (supported: \"gpt2\" byte-level BPE and \"llama\" \
+                 SentencePiece BPE; for others use the model's HF directory with its tokenizer.json)"
             ),
         });
     }
@@ -371,24 +370,41 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
             .and_then(|items| items.iter().map(|t| t.as_i64().map(|t| t as i32)).collect())
             .ok_or_else(|| bad_meta(f, "tokenizer.ggml.token_type", "expected integers"))?,
     };
-    let merges = string_array(f, "tokenizer.ggml.merges")?;
     let id = |k: &str| -> Result<Option<u32>, ModelError> {
         Ok(optional(meta_usize(f, k))?.map(|v| v as u32))
     };
-    let vocab = ByteLevelBpeVocab {
-        tokens,
-        token_types,
-        merges,
-        pre: optional(meta_str(f, "tokenizer.ggml.pre"))?.map(str::to_string),
-        bos_token_id: id("tokenizer.ggml.bos_token_id")?,
-        eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
-        // llama.cpp's default for BPE vocabularies when the flag is absent.
-        add_bos_token: f
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(MetadataValue::as_bool)
-            .unwrap_or(false),
+    let flag = |k: &str| f.get(k).and_then(MetadataValue::as_bool);
+    let bos_token_id = id("tokenizer.ggml.bos_token_id")?;
+    let eos_token_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+    let built = if model == "llama" {
+        let key = "tokenizer.ggml.scores";
+        let scores = meta(f, key)?
+            .as_array()
+            .and_then(|items| items.iter().map(|v| v.as_f64().map(|s| s as f32)).collect())
+            .ok_or_else(|| bad_meta(f, key, "expected an array of numbers"))?;
+        Tokenizer::from_sentencepiece(SentencePieceVocab {
+            tokens,
+            scores,
+            token_types,
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            bos_token_id,
+            eos_token_ids,
+            // llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise.
+            add_bos_token: flag("tokenizer.ggml.add_bos_token").unwrap_or(true),
+        })
+    } else {
+        Tokenizer::from_byte_level_bpe(ByteLevelBpeVocab {
+            tokens,
+            token_types,
+            merges: string_array(f, "tokenizer.ggml.merges")?,
+            pre: optional(meta_str(f, "tokenizer.ggml.pre"))?.map(str::to_string),
+            bos_token_id,
+            eos_token_ids,
+            // llama.cpp's default for BPE vocabularies when the flag is absent.
+            add_bos_token: flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+        })
     };
-    Tokenizer::from_byte_level_bpe(vocab).map_err(|cause| ModelError::Tokenizer {
+    built.map_err(|cause| ModelError::Tokenizer {
         path: f.path().to_path_buf(),
         cause,
     })
