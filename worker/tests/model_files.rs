@@ -379,6 +379,16 @@ fn bad_hf_directories_are_refused_naming_the_problem() {
     let m = model::load(&hf).unwrap();
     assert_eq!(m.config.rope_scaling.unwrap().factor, 8.0);
 
+    // A sliding window shorter than the context caps the context (the engine
+    // attends to everything, which equals windowed attention only that far).
+    let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    v["sliding_window"] = serde_json::json!(100);
+    std::fs::write(&config_path, v.to_string()).unwrap();
+    assert_eq!(model::inspect(&hf).unwrap().context_length, 100);
+    v["use_sliding_window"] = serde_json::json!(false);
+    std::fs::write(&config_path, v.to_string()).unwrap();
+    assert_eq!(model::inspect(&hf).unwrap().context_length, 256);
+
     std::fs::write(&config_path, &original).unwrap();
     // Drop one tensor and make another an unsupported dtype.
     let st_path = hf.join("model.safetensors");
