@@ -209,6 +209,7 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     let path = dir.path().join("m.gguf");
     save_gguf(&path, &cfg, &random_weights(&cfg, 1), TokenizerSource::Tiny).unwrap();
     let t = model::load(&path).unwrap().tokenizer;
+    assert_eq!(t.eos_token_ids(), &[2]);
     // " the" is one token via the merges Ġ+t, h+e, Ġt+he.
     let ids = t.encode("a the").unwrap();
     assert_eq!(ids.len(), 2, "{ids:?}");

@@ -375,7 +375,20 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
     };
     let flag = |k: &str| f.get(k).and_then(MetadataValue::as_bool);
     let bos_token_id = id("tokenizer.ggml.bos_token_id")?;
-    let eos_token_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+    // Generation also ends at end-of-turn / end-of-message tokens (Llama 3
+    // chats end with <|eot_id|>, which is not its eos_token_id in older files).
+    let mut eos_token_ids: Vec<u32> = Vec::new();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        if let Some(eos) = id(key)? {
+            if !eos_token_ids.contains(&eos) {
+                eos_token_ids.push(eos);
+            }
+        }
+    }
     let built = if model == "llama" {
         let key = "tokenizer.ggml.scores";
         let scores = meta(f, key)?
