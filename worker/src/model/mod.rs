@@ -255,6 +255,8 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
     })
 }
 
+/// Directories are HF models; any file is read as GGUF and its magic bytes
+/// decide whether it is one.
 fn is_gguf(path: &Path) -> bool {
     !path.is_dir()
 }
