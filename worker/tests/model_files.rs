@@ -579,3 +579,38 @@ fn hf_special_tokens_come_from_tokenizer_and_generation_configs() {
         .unwrap();
     assert_eq!(rendered, "hey!");
 }
+
+#[test]
+fn llama3_rope_scaling_survives_gguf_and_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig {
+        rope_scaling: Some(tandem::model::config::Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..tiny_config(Architecture::Llama)
+    };
+    let w = random_weights(&cfg, 31);
+    let gguf = dir.path().join("m.gguf");
+    let hf = dir.path().join("hf");
+    save_gguf(&gguf, &cfg, &w, TokenizerSource::Tiny).unwrap();
+    save_hf_dir(&hf, &cfg, &w).unwrap();
+    let from_hf = model::load(&hf).unwrap();
+    assert_eq!(from_hf.config, cfg);
+    // GGUF keeps only the per-frequency factors; the parameters recovered
+    // from them are the same up to f32 rounding.
+    let from_gguf = model::load(&gguf).unwrap();
+    let got = from_gguf.config.rope_scaling.unwrap();
+    let want = cfg.rope_scaling.unwrap();
+    assert_eq!(got.factor, want.factor);
+    assert_eq!(got.low_freq_factor, want.low_freq_factor);
+    assert_eq!(got.original_max_position_embeddings, 64);
+    assert!(
+        (got.high_freq_factor - want.high_freq_factor).abs() < 1e-3,
+        "{got:?}"
+    );
+    assert!(from_gguf.weights == w);
+    assert_eq!(from_gguf.info.parameters, cfg.num_parameters());
+}
