@@ -1,6 +1,7 @@
 //! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
 //! model loading, the OpenAI server, and (later) router and KV transfer.
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod infer;

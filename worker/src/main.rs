@@ -8,5 +8,6 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Serve(a) => cli::serve::run(a),
         Command::Model(c) => cli::model::run(c),
+        Command::Bench(a) => cli::bench::run(*a),
     }
 }

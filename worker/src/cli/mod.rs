@@ -1,5 +1,6 @@
 //! Subcommands of the `tandem` binary. `main.rs` only dispatches here.
 
+pub mod bench;
 pub mod model;
 pub mod serve;
 
@@ -18,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// One process, aggregated: the OpenAI API and the engine together.
     Serve(serve::ServeArgs),
+    // The help text is `BenchArgs`' doc comment.
+    Bench(Box<bench::BenchArgs>),
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(model::ModelCommand),

@@ -1,0 +1,139 @@
+//! `tandem bench`: flags, then [`crate::bench::run`], then the table and JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::bench::{
+    self, workload, Arrivals, BenchConfig, Endpoint, LengthSpec, PromptSource, Slo, Stop,
+};
+
+/// Load-test an OpenAI endpoint: TTFT, ITL and E2E percentiles, throughput, goodput.
+///
+/// Every request streams; TTFT, each inter-token gap (ITL) and end-to-end
+/// time are measured per request.
+/// Synthetic prompts are random common English words (about one token each)
+/// after a prefix unique to each request, so a server's prefix cache cannot
+/// reuse one request's prompt for another and flatter the results. Output
+/// length is enforced with `max_tokens` and `ignore_eos: true`.
+///
+/// ITL is every gap between streamed content chunks; a request meets the ITL
+/// SLO when the mean of its gaps is within it. Goodput counts requests per
+/// second meeting both SLOs.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Base URL of the server (the API paths are appended).
+    #[arg(
+        long,
+        env = "TANDEM_BENCH_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    pub url: String,
+    /// Model name sent in each request.
+    #[arg(long, env = "TANDEM_BENCH_MODEL", default_value = "default")]
+    pub model: String,
+    #[arg(
+        long,
+        value_enum,
+        env = "TANDEM_BENCH_ENDPOINT",
+        default_value = "chat"
+    )]
+    pub endpoint: Endpoint,
+    /// Poisson arrivals at this many requests per second (open loop);
+    /// `--concurrency` then caps the requests in flight.
+    #[arg(long, env = "TANDEM_BENCH_RATE")]
+    pub rate: Option<f64>,
+    /// Clients sending back to back (closed loop; default 1 without `--rate`).
+    #[arg(long, env = "TANDEM_BENCH_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Prompt length in tokens: N or uniform:MIN:MAX (synthetic prompts).
+    #[arg(long, env = "TANDEM_BENCH_INPUT_LEN", default_value = "512")]
+    pub input_len: LengthSpec,
+    /// Output length in tokens: N or uniform:MIN:MAX.
+    #[arg(long, env = "TANDEM_BENCH_OUTPUT_LEN", default_value = "128")]
+    pub output_len: LengthSpec,
+    /// Prompts from a JSONL file instead: one {"prompt": ...} or
+    /// {"messages": [...]} per line, used in order and cycled.
+    #[arg(long, env = "TANDEM_BENCH_PROMPTS", conflicts_with = "input_len")]
+    pub prompts: Option<PathBuf>,
+    /// Requests to send (default 100 without `--duration`).
+    #[arg(long, env = "TANDEM_BENCH_NUM_REQUESTS", conflicts_with = "duration")]
+    pub num_requests: Option<usize>,
+    /// Send requests for this many seconds, then wait for those in flight.
+    #[arg(long, env = "TANDEM_BENCH_DURATION")]
+    pub duration: Option<f64>,
+    /// Time-to-first-token objective in milliseconds.
+    #[arg(long, env = "TANDEM_BENCH_SLO_TTFT_MS")]
+    pub slo_ttft_ms: Option<f64>,
+    /// Inter-token latency objective in milliseconds (per-request mean).
+    #[arg(long, env = "TANDEM_BENCH_SLO_ITL_MS")]
+    pub slo_itl_ms: Option<f64>,
+    /// Write the report as JSON here too.
+    #[arg(long, env = "TANDEM_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+    /// Seed for prompt words, lengths and arrival times.
+    #[arg(long, env = "TANDEM_BENCH_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl BenchArgs {
+    pub fn to_config(&self) -> anyhow::Result<BenchConfig> {
+        let prompts = match &self.prompts {
+            Some(path) => PromptSource::Fixed(workload::read_prompts(path)?),
+            None => PromptSource::Synthetic(self.input_len),
+        };
+        let arrivals = match (self.rate, self.concurrency) {
+            (Some(rate), max_in_flight) => Arrivals::Poisson {
+                rate,
+                max_in_flight,
+            },
+            (None, n) => Arrivals::Concurrency(n.unwrap_or(1)),
+        };
+        let stop = match (self.num_requests, self.duration) {
+            (_, Some(secs)) => Stop::Duration(
+                Duration::try_from_secs_f64(secs)
+                    .map_err(|_| anyhow::anyhow!("--duration {secs} is not a number of seconds"))?,
+            ),
+            (n, None) => Stop::Requests(n.unwrap_or(100)),
+        };
+        Ok(BenchConfig {
+            url: self.url.clone(),
+            model: self.model.clone(),
+            endpoint: self.endpoint,
+            prompts,
+            output_len: self.output_len,
+            arrivals,
+            stop,
+            slo: Slo {
+                ttft_ms: self.slo_ttft_ms,
+                itl_ms: self.slo_itl_ms,
+            },
+            seed: self.seed,
+            progress: !self.quiet,
+        })
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let cfg = args.to_config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(bench::run(cfg))?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    if report.succeeded == 0 {
+        anyhow::bail!("every request failed; is the server at {} up?", args.url);
+    }
+    Ok(())
+}
