@@ -8,3 +8,4 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod transfer;

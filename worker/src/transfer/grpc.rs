@@ -1,0 +1,365 @@
+//! The gRPC KV transport: `Prefill.Prefill` served on the prefill worker
+//! ([`PrefillService`]) and called by the decode worker ([`GrpcTransport`]).
+//! The prompt's KV streams back in wire chunks, layer by layer, then the first
+//! token; both sides count `tandem_kv_transfer_bytes_total` and
+//! `tandem_kv_transfer_seconds`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use super::pb::{self, prefill_client::PrefillClient, prefill_response::Part};
+use super::wire::{self, KvAssembler};
+use super::{
+    engine_prefill_parts, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError,
+    Transport,
+};
+use crate::engine::types::{SamplingParams, TokenOutput};
+use crate::engine::EngineHandle;
+use crate::infer::InferError;
+use crate::metrics::metrics;
+
+/// Role labels of the transfer metrics on each side.
+const SENDER_ROLE: &str = "prefill";
+const RECEIVER_ROLE: &str = "decode";
+
+/// HTTP/2 windows big enough that a 4 MiB chunk is not throttled by flow
+/// control on fast links (the 64 KiB default caps throughput per round trip).
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Chunk messages plus room for their other fields.
+const MAX_MESSAGE_BYTES: usize = wire::MAX_CHUNK_BYTES + (64 << 10);
+/// Chunks buffered per request on the sending side before it waits for the
+/// receiver (backpressure instead of unbounded memory).
+const SEND_BUFFER_CHUNKS: usize = 8;
+
+/// Produces a prompt's prefill parts; the prefill worker's engine is one, a
+/// benchmark's synthetic KV another.
+pub trait PrefillSource: Send + Sync + 'static {
+    fn prefill_parts(
+        &self,
+        request: RemotePrefillRequest,
+    ) -> BoxStream<'static, Result<PrefillPart, InferError>>;
+}
+
+impl PrefillSource for EngineHandle {
+    fn prefill_parts(
+        &self,
+        request: RemotePrefillRequest,
+    ) -> BoxStream<'static, Result<PrefillPart, InferError>> {
+        engine_prefill_parts(self.clone(), request.prompt, request.sampling).boxed()
+    }
+}
+
+/// The `Prefill` gRPC service over a [`PrefillSource`].
+pub struct PrefillService<S> {
+    source: Arc<S>,
+}
+
+impl<S: PrefillSource> PrefillService<S> {
+    /// The service, ready to add to a `tonic::transport::Server`.
+    pub fn server(source: S) -> pb::prefill_server::PrefillServer<Self> {
+        pb::prefill_server::PrefillServer::new(Self {
+            source: Arc::new(source),
+        })
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// A `tonic` server builder with the transfer's flow-control windows.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+}
+
+#[tonic::async_trait]
+impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
+    type PrefillStream = ReceiverStream<Result<pb::PrefillResponse, Status>>;
+
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<Self::PrefillStream>, Status> {
+        let req = request.into_inner();
+        let request = RemotePrefillRequest {
+            request_id: req.request_id,
+            prompt: req.prompt,
+            sampling: req.sampling.map(sampling_from_pb).unwrap_or_default(),
+        };
+        let parts = self.source.prefill_parts(request);
+        let (tx, rx) = mpsc::channel(SEND_BUFFER_CHUNKS);
+        tokio::spawn(send_parts(parts, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Turns parts into messages until the source ends, fails, or the receiver
+/// goes away (then the rest is dropped, which cancels nothing already done).
+async fn send_parts(
+    mut parts: BoxStream<'static, Result<PrefillPart, InferError>>,
+    tx: mpsc::Sender<Result<pb::PrefillResponse, Status>>,
+) {
+    let msg = |part: Part| Ok(pb::PrefillResponse { part: Some(part) });
+    let mut layout: Option<pb::KvLayout> = None;
+    let mut started: Option<Instant> = None;
+    let mut bytes = 0usize;
+    while let Some(part) = parts.next().await {
+        let part = match part {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(status_of(&e))).await;
+                return;
+            }
+        };
+        match part {
+            PrefillPart::Layout(l) => {
+                started = Some(Instant::now());
+                layout = Some(l);
+                if tx.send(msg(Part::Layout(l))).await.is_err() {
+                    return;
+                }
+            }
+            PrefillPart::Layer { index, k, v } => {
+                let chunks = layout
+                    .as_ref()
+                    .ok_or_else(|| TransferError::Protocol("a layer before the layout".into()))
+                    .and_then(|l| wire::layer_chunks(l, index, &k, &v));
+                let chunks = match chunks {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                for chunk in chunks {
+                    let n = chunk.k.len() + chunk.v.len();
+                    if tx.send(msg(Part::Chunk(chunk))).await.is_err() {
+                        return;
+                    }
+                    bytes += n;
+                    metrics()
+                        .kv_transfer_bytes
+                        .with_label_values(&[SENDER_ROLE, "sent"])
+                        .inc_by(n as u64);
+                }
+            }
+            PrefillPart::FirstToken(token) => {
+                if tx
+                    .send(msg(Part::FirstToken(token_to_pb(&token))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if let Some(t) = started {
+                    metrics()
+                        .kv_transfer_seconds
+                        .with_label_values(&[SENDER_ROLE, "sent"])
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                tracing::debug!(bytes, "KV sent");
+                return;
+            }
+        }
+    }
+}
+
+fn status_of(e: &InferError) -> Status {
+    match e {
+        InferError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+        InferError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        InferError::Unavailable(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// The decode side: asks one prefill worker over gRPC.
+#[derive(Clone)]
+pub struct GrpcTransport {
+    client: PrefillClient<Channel>,
+    peer: String,
+    message_timeout: Duration,
+}
+
+impl GrpcTransport {
+    /// A client for the prefill worker at `addr` (`http://host:port`); it
+    /// connects on first use. A transfer fails with [`TransferError::Timeout`]
+    /// when no message arrives for `message_timeout`.
+    pub fn new(addr: &str, message_timeout: Duration) -> Result<Self, TransferError> {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| TransferError::Connection {
+                peer: addr.to_string(),
+                reason: format!("bad address: {e}"),
+            })?
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+            .connect_timeout(message_timeout);
+        let client = PrefillClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            client,
+            peer: addr.to_string(),
+            message_timeout,
+        })
+    }
+
+    fn status_error(&self, status: Status) -> TransferError {
+        let reason = status.message().to_string();
+        // tonic often repeats the cause in the message; say it once.
+        let reason = match std::error::Error::source(&status).map(|c| c.to_string()) {
+            Some(cause) if reason.is_empty() => cause,
+            Some(cause) if !reason.contains(&cause) => format!("{reason}: {cause}"),
+            _ => reason,
+        };
+        let peer = self.peer.clone();
+        match status.code() {
+            Code::InvalidArgument | Code::ResourceExhausted | Code::FailedPrecondition => {
+                TransferError::Remote { peer, reason }
+            }
+            _ => TransferError::Connection { peer, reason },
+        }
+    }
+
+    async fn next<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, TransferError> {
+        match tokio::time::timeout(self.message_timeout, fut).await {
+            Err(_) => Err(TransferError::Timeout {
+                peer: self.peer.clone(),
+                seconds: self.message_timeout.as_secs_f64(),
+            }),
+            Ok(r) => r.map_err(|s| self.status_error(s)),
+        }
+    }
+
+    async fn fetch(&self, request: RemotePrefillRequest) -> Result<RemotePrefill, TransferError> {
+        let started = Instant::now();
+        let req = pb::PrefillRequest {
+            request_id: request.request_id,
+            prompt: request.prompt,
+            sampling: Some(sampling_to_pb(&request.sampling)),
+        };
+        let mut client = self.client.clone();
+        let mut stream = self.next(client.prefill(req)).await?.into_inner();
+        let mut assembler: Option<KvAssembler> = None;
+        let received = metrics()
+            .kv_transfer_bytes
+            .with_label_values(&[RECEIVER_ROLE, "received"]);
+        loop {
+            let Some(message) = self.next(stream.message()).await? else {
+                let state = match &assembler {
+                    None => "before the KV layout".to_string(),
+                    Some(a) => format!(
+                        "after {} of {} layers, before the first token",
+                        a.layers_done(),
+                        a.layout().num_layers
+                    ),
+                };
+                return Err(TransferError::Incomplete(format!(
+                    "{} closed the stream {state}",
+                    self.peer
+                )));
+            };
+            match message.part {
+                Some(Part::Layout(layout)) if assembler.is_none() => {
+                    assembler = Some(KvAssembler::new(layout)?);
+                }
+                Some(Part::Chunk(chunk)) => {
+                    let a = assembler.as_mut().ok_or_else(|| {
+                        TransferError::Protocol("a KV chunk before the layout".into())
+                    })?;
+                    let n = chunk.k.len() + chunk.v.len();
+                    a.push(chunk)?;
+                    received.inc_by(n as u64);
+                }
+                Some(Part::FirstToken(token)) => {
+                    let a = assembler.ok_or_else(|| {
+                        TransferError::Protocol("the first token before the KV layout".into())
+                    })?;
+                    let cached_tokens = a.layout().cached_tokens as usize;
+                    let bytes = a.received_bytes();
+                    let kv = a.into_export()?;
+                    metrics()
+                        .kv_transfer_seconds
+                        .with_label_values(&[RECEIVER_ROLE, "received"])
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(RemotePrefill {
+                        kv,
+                        first_token: token_from_pb(token),
+                        cached_tokens,
+                        bytes,
+                    });
+                }
+                Some(Part::Layout(_)) => {
+                    return Err(TransferError::Protocol("a second KV layout".into()))
+                }
+                None => return Err(TransferError::Protocol("an empty message".into())),
+            }
+        }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn prefill(
+        &self,
+        request: RemotePrefillRequest,
+    ) -> futures::future::BoxFuture<'_, Result<RemotePrefill, TransferError>> {
+        Box::pin(self.fetch(request))
+    }
+}
+
+pub fn sampling_to_pb(s: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k.map(|k| k as u32),
+        top_p: s.top_p,
+        seed: s.seed,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        logprobs: s.logprobs.map(|n| n as u32),
+    }
+}
+
+pub fn sampling_from_pb(s: pb::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k.map(|k| k as usize),
+        top_p: s.top_p,
+        seed: s.seed,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        logprobs: s.logprobs.map(|n| n as usize),
+    }
+}
+
+pub fn token_to_pb(t: &TokenOutput) -> pb::Token {
+    pb::Token {
+        id: t.id,
+        logprob: t.logprob,
+        top_logprobs: t
+            .top_logprobs
+            .iter()
+            .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
+            .collect(),
+    }
+}
+
+pub fn token_from_pb(t: pb::Token) -> TokenOutput {
+    TokenOutput {
+        id: t.id,
+        logprob: t.logprob,
+        top_logprobs: t
+            .top_logprobs
+            .into_iter()
+            .map(|p| (p.id, p.logprob))
+            .collect(),
+    }
+}

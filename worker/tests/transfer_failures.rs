@@ -1,0 +1,126 @@
+//! The decode side of the gRPC KV transport when the prefill side goes wrong:
+//! dies mid-stream, stalls, or ends early. Each gives a clear error, never a hang.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tandem::engine::types::SamplingParams;
+use tandem::infer::InferError;
+use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService, PrefillSource};
+use tandem::transfer::pb::{KvDtype, KvLayout};
+use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError, Transport};
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Sends the layout and the first of two layers, then either stalls forever
+/// or ends the stream.
+struct HalfPrefill {
+    then_stall: bool,
+}
+
+impl PrefillSource for HalfPrefill {
+    fn prefill_parts(
+        &self,
+        _: RemotePrefillRequest,
+    ) -> BoxStream<'static, Result<PrefillPart, InferError>> {
+        let mut layout = KvLayout {
+            num_layers: 2,
+            num_tokens: 3,
+            kv_heads: 1,
+            head_dim: 4,
+            ..KvLayout::default()
+        };
+        layout.set_dtype(KvDtype::F32);
+        let data = Bytes::from(vec![7u8; 3 * 4 * 4]);
+        let parts = futures::stream::iter([
+            Ok(PrefillPart::Layout(layout)),
+            Ok(PrefillPart::Layer {
+                index: 0,
+                k: data.clone(),
+                v: data,
+            }),
+        ]);
+        if self.then_stall {
+            parts.chain(futures::stream::pending()).boxed()
+        } else {
+            parts.boxed()
+        }
+    }
+}
+
+/// Serves `source` on its own runtime, on its own thread, so the test can
+/// kill the whole server (tasks, connections) at once like a dying process.
+fn serve_killable(source: HalfPrefill) -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Bound here; served from inside the server's runtime (this test already
+    // runs on one, where `block_on` is not allowed).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        server_builder()
+            .add_service(PrefillService::server(source))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+    });
+    (format!("http://{addr}"), rt)
+}
+
+fn request() -> RemotePrefillRequest {
+    RemotePrefillRequest {
+        request_id: "r".into(),
+        prompt: vec![1, 2, 3],
+        sampling: SamplingParams::greedy(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dying_mid_stream_is_a_connection_error() {
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: true });
+    // A long message timeout: the broken connection, not the timer, must end it.
+    let transport = GrpcTransport::new(&addr, Duration::from_secs(120)).unwrap();
+    let fetch = tokio::spawn(async move { transport.prefill(request()).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fetch.is_finished(),
+        "the transfer should be waiting on the stalled server"
+    );
+    let killed = Instant::now();
+    server.shutdown_background();
+    let err = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("the client hung after the server died")
+        .unwrap()
+        .unwrap_err();
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert!(matches!(err, TransferError::Connection { .. }), "{err:?}");
+    assert!(err.to_string().contains(&addr), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_times_out() {
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: true });
+    let transport = GrpcTransport::new(&addr, Duration::from_millis(400)).unwrap();
+    let started = Instant::now();
+    let err = transport.prefill(request()).await.unwrap_err();
+    assert!(matches!(err, TransferError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Dropping a runtime inside another one panics; shut it down instead.
+    server.shutdown_background();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ending_early_names_what_is_missing() {
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: false });
+    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
+    let err = transport.prefill(request()).await.unwrap_err();
+    assert!(matches!(err, TransferError::Incomplete(_)), "{err:?}");
+    assert!(err.to_string().contains("after 1 of 2 layers"), "{err}");
+    server.shutdown_background();
+}

@@ -1,0 +1,195 @@
+//! The gRPC KV transport on loopback with a random tiny model: what the
+//! decode side receives is the prefill engine's export bit for bit, and
+//! decoding from it gives the tokens the prefill engine gives in place.
+
+mod engine_support;
+
+use engine_support::*;
+use tandem::engine::backend::{CpuBackend, WeightStorage};
+use tandem::engine::types::{
+    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopParams,
+};
+use tandem::engine::{Engine, EngineConfig, EngineHandle};
+use tandem::infer::{GenerateStream, Infer};
+use tandem::metrics::metrics;
+use tandem::model::{ModelConfig, Weights};
+use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService};
+use tandem::transfer::{RemotePrefillRequest, TransferError, Transport};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use std::time::Duration;
+
+fn engine(cfg: &ModelConfig, weights: &Weights, block_size: usize) -> EngineHandle {
+    let backend = CpuBackend::new(cfg.clone(), weights, WeightStorage::F32).unwrap();
+    let ecfg = EngineConfig {
+        block_size,
+        num_blocks: Some(64),
+        max_batch_tokens: 32,
+        max_num_seqs: 8,
+        max_queue: 16,
+        threads: 2,
+        ..EngineConfig::default()
+    };
+    Engine::start(Box::new(backend), ecfg, vec![0], 256, "test").unwrap()
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 1 + (i * 29 + seed * 13 + i * i * seed) % 95)
+        .collect()
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        id: "t".into(),
+        prompt,
+        sampling: SamplingParams::greedy(),
+        stop: StopParams {
+            max_tokens,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+        },
+    }
+}
+
+async fn tokens(mut stream: GenerateStream) -> Vec<u32> {
+    let mut out = Vec::new();
+    while let Some(ev) = stream.next_event().await {
+        match ev {
+            GenerateEvent::Token(t) => out.push(t.id),
+            GenerateEvent::Finished(r) => {
+                assert_eq!(r, FinishReason::Length);
+                return out;
+            }
+            GenerateEvent::Error(e) => panic!("engine error: {e}"),
+            GenerateEvent::Started { .. } => {}
+        }
+    }
+    panic!("stream ended without Finished")
+}
+
+/// Serves `Prefill` for `engine` on a loopback port; returns its address.
+async fn serve(engine: EngineHandle) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        server_builder()
+            .add_service(PrefillService::server(engine))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+fn counter(role: &str, direction: &str) -> u64 {
+    metrics()
+        .kv_transfer_bytes
+        .with_label_values(&[role, direction])
+        .get()
+}
+
+fn transfers(role: &str, direction: &str) -> u64 {
+    metrics()
+        .kv_transfer_seconds
+        .with_label_values(&[role, direction])
+        .get_sample_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_prefill_ships_the_exact_kv_and_decoding_continues_identically() {
+    let cfg = tiny_config(GQA);
+    let w = random_weights(&cfg, 5);
+    let prefill = engine(&cfg, &w, 4);
+    let decode = engine(&cfg, &w, 16);
+    let transport =
+        GrpcTransport::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
+    let bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4;
+    let (sent0, received0) = (counter("prefill", "sent"), counter("decode", "received"));
+    let mut shipped = 0;
+
+    for (i, len) in [1usize, 7, 33, 120].into_iter().enumerate() {
+        let p = prompt(i as u32 + 3, len);
+        let in_place = tokens(prefill.generate(request(p.clone(), 10)).unwrap()).await;
+        let local = prefill
+            .prefill_only(p.clone(), SamplingParams::greedy())
+            .await
+            .unwrap();
+        let remote = transport
+            .prefill(RemotePrefillRequest {
+                request_id: format!("r{i}"),
+                prompt: p.clone(),
+                sampling: SamplingParams::greedy(),
+            })
+            .await
+            .unwrap();
+
+        assert_eq!(remote.kv.num_tokens, len);
+        assert_eq!(remote.kv.num_layers(), cfg.num_layers);
+        for (layer, (got, want)) in remote.kv.layers.iter().zip(&local.kv.layers).enumerate() {
+            let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&got.0) == bits(&want.0),
+                "K of layer {layer}, {len} tokens"
+            );
+            assert!(
+                bits(&got.1) == bits(&want.1),
+                "V of layer {layer}, {len} tokens"
+            );
+        }
+        assert_eq!(remote.first_token, local.first_token);
+        assert_eq!(remote.first_token.id, in_place[0]);
+        // The prompt was computed twice before: every full block is cached.
+        assert_eq!(remote.cached_tokens, local.cached_tokens);
+        assert_eq!(remote.bytes, bytes_per_token * len);
+        shipped += remote.bytes;
+
+        let continued = tokens(
+            decode
+                .generate_with_kv(request(p, 10), remote.kv, remote.first_token)
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(continued, in_place, "prompt of {len} tokens");
+    }
+    assert_eq!(counter("prefill", "sent") - sent0, shipped as u64);
+    assert_eq!(counter("decode", "received") - received0, shipped as u64);
+    assert!(transfers("prefill", "sent") >= 4);
+    assert!(transfers("decode", "received") >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_the_prefill_engine_refuses_is_a_remote_error() {
+    let cfg = tiny_config(GQA);
+    let w = random_weights(&cfg, 5);
+    let addr = serve(engine(&cfg, &w, 4)).await;
+    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
+    let err = transport
+        .prefill(RemotePrefillRequest {
+            request_id: "bad".into(),
+            prompt: vec![1, 2, 5000],
+            sampling: SamplingParams::greedy(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::Remote { .. }), "{err:?}");
+    assert!(err.to_string().contains("5000"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_prefill_worker_is_a_connection_error() {
+    // Bind and drop a listener so the port is (almost surely) closed.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let transport = GrpcTransport::new(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
+    let err = transport
+        .prefill(RemotePrefillRequest {
+            request_id: "x".into(),
+            prompt: vec![1],
+            sampling: SamplingParams::greedy(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::Connection { .. }), "{err:?}");
+    assert!(GrpcTransport::new("not a url", Duration::from_secs(1)).is_err());
+}
