@@ -240,9 +240,14 @@ fn progress_bar(cfg: &BenchConfig) -> ProgressBar {
             ProgressStyle::with_template("{bar:40} {pos}/{len} requests, {elapsed} {msg}")
                 .expect("valid template"),
         ),
-        Stop::Duration(_) => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} {pos} requests done, {elapsed}")
-                .expect("valid template"),
-        ),
+        Stop::Duration(_) => {
+            let bar = ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {pos} requests done, {elapsed}")
+                    .expect("valid template"),
+            );
+            // Without a length the bar only moves on completions; keep it alive.
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        }
     }
 }
