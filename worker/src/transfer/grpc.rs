@@ -190,7 +190,8 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// A client for the prefill worker at `addr` (`http://host:port`); it
     /// connects on first use. A transfer fails with [`TransferError::Timeout`]
-    /// when no message arrives for `message_timeout`.
+    /// when no message arrives for `message_timeout`. Call it inside a Tokio
+    /// runtime (the channel spawns its connection task there).
     pub fn new(addr: &str, message_timeout: Duration) -> Result<Self, TransferError> {
         let endpoint = Endpoint::from_shared(addr.to_string())
             .map_err(|e| TransferError::Connection {
