@@ -323,4 +323,29 @@ mod tests {
         let err = asm.into_export().unwrap_err().to_string();
         assert!(err.contains("1 of 2 layers"), "{err}");
     }
+
+    #[test]
+    fn bf16_layouts_size_rows_by_dtype_and_are_not_installed_as_f32() {
+        let mut layout = pb::KvLayout {
+            num_layers: 1,
+            num_tokens: 3,
+            kv_heads: 2,
+            head_dim: 4,
+            ..pb::KvLayout::default()
+        };
+        layout.set_dtype(pb::KvDtype::Bf16);
+        assert_eq!(layout.row_bytes().unwrap(), 2 * 4 * 2);
+        assert_eq!(layout.bytes_per_token().unwrap(), 2 * 16);
+        let side = Bytes::from(vec![3u8; 3 * 16]);
+        let mut asm = KvAssembler::new(layout).unwrap();
+        for c in layer_chunks(&layout, 0, &side, &side).unwrap() {
+            asm.push(c).unwrap();
+        }
+        assert!(asm.is_complete());
+        assert_eq!(asm.received_bytes(), 2 * 3 * 16);
+        let err = asm.into_export().unwrap_err().to_string();
+        assert!(err.contains("KV_DTYPE_BF16"), "{err}");
+        layout.set_dtype(pb::KvDtype::Unspecified);
+        assert!(KvAssembler::new(layout).is_err());
+    }
 }
