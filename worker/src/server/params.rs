@@ -532,12 +532,14 @@ fn message_text(content: Option<&Value>, role: &str, index: usize) -> Result<Str
                             ),
                         ))
                     }
-                    (None, _) => return Err(ApiError::invalid_param(
-                        part_param.clone(),
-                        format!(
+                    (None, _) => {
+                        return Err(ApiError::invalid_param(
+                            part_param.clone(),
+                            format!(
                             "{part_param} must be an object {{\"type\": \"text\", \"text\": ...}}."
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             Ok(texts.join("\n"))
