@@ -599,3 +599,40 @@ async fn base_model_without_template_refuses_chat_but_completes() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn aliases_are_accepted_as_model_but_not_listed() {
+    let mut config = ServerConfig::new(MODEL);
+    config.model_aliases = vec!["default".into()];
+    let state = AppState::with_model(
+        config,
+        tandem::server::ServedModel {
+            infer: Arc::new(FakeInfer::replying(encode("hi"))),
+            tokenizer: tokenizer(),
+            chat_template: None,
+            max_model_len: CONTEXT,
+        },
+    );
+    let app = router(state);
+    let (status, body) = send_json(
+        &app,
+        post_json(
+            "/v1/completions",
+            &completion_body(json!({"model": "default"})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["model"], MODEL, "responses name the served model");
+    let (_, body) = send_json(&app, get("/v1/models")).await;
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    let (status, _) = send_json(
+        &app,
+        post_json(
+            "/v1/completions",
+            &completion_body(json!({"model": "Default"})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -158,11 +158,12 @@ impl ApiError {
         }
     }
 
-    /// The `status` label of `tandem_frontend_requests_total` for this failure.
+    /// The `status` label of `tandem_frontend_requests_total` for this
+    /// failure: the contract's set (docs/metrics.md), so a 503 while loading
+    /// or draining counts as `server_error`.
     pub fn outcome(&self) -> &'static str {
         match self.status {
             StatusCode::TOO_MANY_REQUESTS => "overloaded",
-            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             s if s.is_server_error() => "server_error",
             _ => "client_error",
         }

@@ -87,14 +87,15 @@ async fn admit(
     let limits = state.config();
     let bytes = read_body(body, limits.max_body_bytes).await?;
     let name = state.model_name();
+    let names = state.model_names();
     let plan = match endpoint {
         Endpoint::Chat => {
             let req: ChatCompletionRequest = params::parse_body(&headers, &bytes)?;
-            params::plan_chat(&req, name, &model, limits.default_max_tokens)?
+            params::plan_chat(&req, &names, &model, limits.default_max_tokens)?
         }
         Endpoint::Completion => {
             let req: CompletionRequest = params::parse_body(&headers, &bytes)?;
-            params::plan_completion(&req, name, &model, limits.default_max_tokens)?
+            params::plan_completion(&req, &names, &model, limits.default_max_tokens)?
         }
     };
     let id = new_response_id(endpoint);
@@ -527,7 +528,7 @@ pub async fn get_model(
     Path(requested): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     let model = state.ready_model()?;
-    params::check_model(&requested, state.model_name())?;
+    params::check_model(&requested, &state.model_names())?;
     Ok(Json(model_card(&state, &model)))
 }
 

@@ -47,6 +47,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub struct ServerConfig {
     /// The name clients pass as `model` and see in `/v1/models`.
     pub model_name: String,
+    /// Other names accepted as `model` (not listed in `/v1/models`).
+    pub model_aliases: Vec<String>,
     pub default_max_tokens: usize,
     pub max_body_bytes: usize,
     /// Sent as `Retry-After` with 429 answers.
@@ -59,6 +61,7 @@ impl ServerConfig {
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             model_name: model_name.into(),
+            model_aliases: Vec::new(),
             default_max_tokens: DEFAULT_MAX_TOKENS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             retry_after_secs: 1,
@@ -123,6 +126,13 @@ impl AppState {
 
     pub fn model_name(&self) -> &str {
         &self.config.model_name
+    }
+
+    fn model_names(&self) -> params::ModelNames<'_> {
+        params::ModelNames {
+            name: &self.config.model_name,
+            aliases: &self.config.model_aliases,
+        }
     }
 
     /// Stop admitting: new requests and `/health` answer 503 from now on;

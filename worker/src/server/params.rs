@@ -102,13 +102,20 @@ fn json_type_name(v: &Value) -> &'static str {
     }
 }
 
-/// 404 unless `requested` is the served model's name.
-pub fn check_model(requested: &str, served_name: &str) -> Result<(), ApiError> {
-    if requested == served_name {
+/// 404 unless `requested` is the served model's name or one of its aliases.
+pub fn check_model(requested: &str, names: &ModelNames<'_>) -> Result<(), ApiError> {
+    if requested == names.name || names.aliases.iter().any(|a| a == requested) {
         Ok(())
     } else {
-        Err(ApiError::model_not_found(requested, served_name))
+        Err(ApiError::model_not_found(requested, names.name))
     }
+}
+
+/// The names a client may pass as `model`.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelNames<'a> {
+    pub name: &'a str,
+    pub aliases: &'a [String],
 }
 
 /// The fields chat and completions share, borrowed from either request.
@@ -130,11 +137,11 @@ struct CommonFields<'a> {
 
 pub fn plan_chat(
     req: &ChatCompletionRequest,
-    served_name: &str,
+    names: &ModelNames<'_>,
     model: &ServedModel,
     default_max_tokens: usize,
 ) -> Result<Plan, ApiError> {
-    check_model(&req.model, served_name)?;
+    check_model(&req.model, names)?;
     if let Some(tools) = &req.tools {
         let empty = tools.is_null() || tools.as_array().is_some_and(Vec::is_empty);
         if !empty {
@@ -188,7 +195,8 @@ pub fn plan_chat(
 
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(format!(
-            "The model `{served_name}` has no chat template; use /v1/completions with a plain prompt."
+            "The model `{}` has no chat template; use /v1/completions with a plain prompt.",
+            names.name
         ))
     })?;
     let messages = chat_messages(&req.messages)?;
@@ -204,11 +212,11 @@ pub fn plan_chat(
 
 pub fn plan_completion(
     req: &CompletionRequest,
-    served_name: &str,
+    names: &ModelNames<'_>,
     model: &ServedModel,
     default_max_tokens: usize,
 ) -> Result<Plan, ApiError> {
-    check_model(&req.model, served_name)?;
+    check_model(&req.model, names)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid_param(
             "echo",
