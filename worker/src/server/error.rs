@@ -147,13 +147,13 @@ impl ApiError {
         }
     }
 
-    /// The OpenAI `type` string for this status.
+    /// The OpenAI `type` string for this status (OpenAI itself answers an
+    /// unknown model with `invalid_request_error` and code `model_not_found`).
     pub fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
             s if s.is_server_error() => "server_error",
-            StatusCode::NOT_FOUND => "not_found_error",
             _ => "invalid_request_error",
         }
     }
