@@ -7,6 +7,73 @@ use std::sync::Arc;
 pub enum TokenizerError {
     #[error("tokenizer: {0}")]
     Tokenizers(String),
+    #[error("tokenizer: {0}")]
+    Unsupported(String),
+    #[error("tokenizer vocabulary is malformed: {0}")]
+    Malformed(String),
+}
+
+/// A byte-level BPE vocabulary in the form GGUF stores it
+/// (`tokenizer.ggml.model == "gpt2"`): tokens by id, merges as `"a b"`, token
+/// types, and the name of the pre-tokenizer (`tokenizer.ggml.pre`).
+#[derive(Debug, Clone)]
+pub struct ByteLevelBpeVocab {
+    pub tokens: Vec<String>,
+    /// llama.cpp token types by id (1 normal, 2 unknown, 3 control,
+    /// 4 user-defined, 5 unused, 6 byte); may be empty.
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.pre`; `None` means plain GPT-2.
+    pub pre: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub add_bos_token: bool,
+}
+
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's split regex (llama.cpp pre "llama-bpe"): up to three digits per
+/// piece, letters may carry one leading non-letter.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split regex: as Llama 3's but one digit per piece.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer HF uses for the model family llama.cpp names `pre`.
+fn byte_level_pre_tokenizer(
+    pre: Option<&str>,
+) -> Result<tokenizers::PreTokenizerWrapper, TokenizerError> {
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, split::Split,
+    };
+    use tokenizers::{PreTokenizerWrapper as W, SplitDelimiterBehavior};
+    let split = |regex: &str| -> Result<W, TokenizerError> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(W::Sequence(Sequence::new(vec![
+            W::Split(split),
+            W::ByteLevel(ByteLevel::new(false, true, false)),
+        ])))
+    };
+    match pre.unwrap_or("default") {
+        // GPT-2's own regex lives inside the ByteLevel pre-tokenizer.
+        "default" | "gpt2" | "gpt-2" => Ok(W::ByteLevel(ByteLevel::new(false, true, true))),
+        // StarCoder-style vocabularies (SmolLM included) split every digit first.
+        "smollm" | "starcoder" | "refact" | "codeshell" => Ok(W::Sequence(Sequence::new(vec![
+            W::Digits(Digits::new(true)),
+            W::ByteLevel(ByteLevel::new(false, true, true)),
+        ]))),
+        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        other => Err(TokenizerError::Unsupported(format!(
+            "pre-tokenizer \"{other}\" is not supported (supported: gpt2, smollm, starcoder, \
+             refact, codeshell, llama-bpe, qwen2)"
+        ))),
+    }
 }
 
 /// A model's tokenizer with the special-token facts generation needs.
@@ -44,6 +111,65 @@ impl Tokenizer {
             eos_token_ids,
             add_bos_token,
         }
+    }
+
+    /// Builds the HF-equivalent tokenizer of a byte-level BPE vocabulary (as in
+    /// GGUF files): BPE over the tokens and merges, the pre-tokenizer named by
+    /// `pre`, the byte-level decoder, and control tokens registered as special
+    /// tokens so that `<|im_start|>` written in chat text encodes to its one id.
+    pub fn from_byte_level_bpe(vocab: ByteLevelBpeVocab) -> Result<Self, TokenizerError> {
+        use tokenizers::models::bpe::{Vocab, BPE};
+        use tokenizers::{decoders::byte_level::ByteLevel, AddedToken};
+
+        let ids: Vocab = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        let merges = vocab
+            .merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| TokenizerError::Malformed(format!("merge {m:?} has no space")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let pre = vocab.pre.as_deref();
+        let bpe = BPE::builder()
+            .vocab_and_merges(ids, merges)
+            .ignore_merges(matches!(pre, Some("llama-bpe" | "llama3")))
+            .build()
+            .map_err(|e| TokenizerError::Malformed(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            vocab
+                .token_types
+                .iter()
+                .zip(&vocab.tokens)
+                .filter(|(t, _)| **t == kind)
+                .map(|(_, s)| AddedToken::from(s.clone(), special))
+                .collect()
+        };
+        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        let n = vocab.tokens.len() as u32;
+        for id in vocab.bos_token_id.iter().chain(&vocab.eos_token_ids) {
+            if *id >= n {
+                return Err(TokenizerError::Malformed(format!(
+                    "special token id {id} is outside the vocabulary of {n} tokens"
+                )));
+            }
+        }
+        Ok(Self::new(
+            inner,
+            vocab.bos_token_id,
+            vocab.eos_token_ids,
+            vocab.add_bos_token,
+        ))
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
