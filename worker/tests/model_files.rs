@@ -209,6 +209,7 @@ fn tiny_tokenizer_uses_merges_and_special_tokens() {
     let path = dir.path().join("m.gguf");
     save_gguf(&path, &cfg, &random_weights(&cfg, 1), TokenizerSource::Tiny).unwrap();
     let t = model::load(&path).unwrap().tokenizer;
+    assert_eq!(t.eos_token_ids(), &[2]);
     // " the" is one token via the merges Ġ+t, h+e, Ġt+he.
     let ids = t.encode("a the").unwrap();
     assert_eq!(ids.len(), 2, "{ids:?}");
@@ -312,15 +313,26 @@ fn bad_gguf_files_are_refused_naming_the_problem() {
     rewrite(&good, &bad, |m, _| {
         for (k, v) in m.iter_mut() {
             if k == "tokenizer.ggml.model" {
-                *v = MetadataValue::String("llama".into());
+                *v = MetadataValue::String("rwkv".into());
             }
         }
     });
     let err = load_err(&bad);
     assert!(
-        err.contains("\"llama\"") && err.contains("SentencePiece"),
+        err.contains("\"rwkv\"") && err.contains("not supported"),
         "{err}"
     );
+
+    // A SentencePiece vocabulary without its scores.
+    rewrite(&good, &bad, |m, _| {
+        for (k, v) in m.iter_mut() {
+            if k == "tokenizer.ggml.model" {
+                *v = MetadataValue::String("llama".into());
+            }
+        }
+    });
+    let err = load_err(&bad);
+    assert!(err.contains("tokenizer.ggml.scores"), "{err}");
 
     rewrite(&good, &bad, |m, _| {
         m.retain(|(k, _)| k != "llama.block_count")
@@ -367,6 +379,16 @@ fn bad_hf_directories_are_refused_naming_the_problem() {
     std::fs::write(&config_path, v.to_string()).unwrap();
     let m = model::load(&hf).unwrap();
     assert_eq!(m.config.rope_scaling.unwrap().factor, 8.0);
+
+    // A sliding window shorter than the context caps the context (the engine
+    // attends to everything, which equals windowed attention only that far).
+    let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    v["sliding_window"] = serde_json::json!(100);
+    std::fs::write(&config_path, v.to_string()).unwrap();
+    assert_eq!(model::inspect(&hf).unwrap().context_length, 100);
+    v["use_sliding_window"] = serde_json::json!(false);
+    std::fs::write(&config_path, v.to_string()).unwrap();
+    assert_eq!(model::inspect(&hf).unwrap().context_length, 256);
 
     std::fs::write(&config_path, &original).unwrap();
     // Drop one tensor and make another an unsupported dtype.
@@ -468,4 +490,127 @@ fn half_precision_safetensors_load() {
             );
         }
     }
+}
+
+#[test]
+fn sharded_safetensors_with_an_index_load_like_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let w = random_weights(&cfg, 21);
+    let hf = dir.path().join("hf");
+    save_hf_dir(&hf, &cfg, &w).unwrap();
+    let single = hf.join("model.safetensors");
+    let bytes = std::fs::read(&single).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (first, second): (Vec<_>, Vec<_>) = st
+        .tensors()
+        .into_iter()
+        .partition(|(n, _)| n.contains("layers.0.") || n.contains("embed"));
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", &first),
+        ("model-00002-of-00002.safetensors", &second),
+    ] {
+        safetensors::serialize_to_file(part.clone(), None, &hf.join(file)).unwrap();
+        for (n, _) in part {
+            weight_map.insert(n.clone(), file.into());
+        }
+    }
+    std::fs::remove_file(&single).unwrap();
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let m = model::load(&hf).unwrap();
+    assert!(m.weights == w);
+    assert_eq!(m.info.parameters, cfg.num_parameters());
+}
+
+#[test]
+fn hf_special_tokens_come_from_tokenizer_and_generation_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Architecture::Llama);
+    let hf = dir.path().join("hf");
+    save_hf_dir(&hf, &cfg, &random_weights(&cfg, 22)).unwrap();
+
+    // Llama 3 style: no add_bos_token flag, BOS added by the post-processor,
+    // several end-of-turn ids in generation_config.json, template in a file.
+    let tok_json = hf.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_json).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
+    });
+    std::fs::write(&tok_json, tok.to_string()).unwrap();
+    std::fs::write(
+        hf.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        hf.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        hf.join("chat_template.jinja"),
+        "{{ messages[0]['content'] }}!",
+    )
+    .unwrap();
+
+    let m = model::load(&hf).unwrap();
+    let t = &m.tokenizer;
+    assert_eq!(t.bos_token_id(), Some(1));
+    assert_eq!(t.eos_token_ids(), &[2, 0]);
+    assert!(t.add_bos_token());
+    // BOS is added exactly once, by us, not by the post-processor as well.
+    let ids = t.encode("x").unwrap();
+    assert_eq!(ids, vec![1, t.token_to_id("x").unwrap()]);
+    let rendered = m
+        .chat_template
+        .unwrap()
+        .render(&[model::ChatMessage::new("user", "hey")], false)
+        .unwrap();
+    assert_eq!(rendered, "hey!");
+}
+
+#[test]
+fn llama3_rope_scaling_survives_gguf_and_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig {
+        rope_scaling: Some(tandem::model::config::Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..tiny_config(Architecture::Llama)
+    };
+    let w = random_weights(&cfg, 31);
+    let gguf = dir.path().join("m.gguf");
+    let hf = dir.path().join("hf");
+    save_gguf(&gguf, &cfg, &w, TokenizerSource::Tiny).unwrap();
+    save_hf_dir(&hf, &cfg, &w).unwrap();
+    let from_hf = model::load(&hf).unwrap();
+    assert_eq!(from_hf.config, cfg);
+    // GGUF keeps only the per-frequency factors; the parameters recovered
+    // from them are the same up to f32 rounding.
+    let from_gguf = model::load(&gguf).unwrap();
+    let got = from_gguf.config.rope_scaling.unwrap();
+    let want = cfg.rope_scaling.unwrap();
+    assert_eq!(got.factor, want.factor);
+    assert_eq!(got.low_freq_factor, want.low_freq_factor);
+    assert_eq!(got.original_max_position_embeddings, 64);
+    assert!(
+        (got.high_freq_factor - want.high_freq_factor).abs() < 1e-3,
+        "{got:?}"
+    );
+    assert!(from_gguf.weights == w);
+    assert_eq!(from_gguf.info.parameters, cfg.num_parameters());
 }

@@ -6,11 +6,99 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
+use super::config::Llama3RopeScaling;
 use super::gguf::{GgufFile, MetadataValue};
-use super::tokenizer::{ByteLevelBpeVocab, Tokenizer};
+use super::tokenizer::{ByteLevelBpeVocab, SentencePieceVocab, Tokenizer};
 use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
 
 const DEFAULT_ROPE_THETA: f32 = 10_000.0;
+/// Per-frequency RoPE divisors llama.cpp writes for Llama 3.1+ scaling.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// llama.cpp's divisor for each RoPE frequency under Llama 3 scaling (the HF
+/// "llama3" rope type): 1 for short wavelengths, `factor` for long ones, and
+/// an interpolation between.
+pub fn llama3_rope_factors(s: &Llama3RopeScaling, head_dim: usize, theta: f32) -> Vec<f32> {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor as f64;
+    let high_wavelen = old / s.high_freq_factor as f64;
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = (theta as f64).powf(-((2 * i) as f64) / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let factor = s.factor as f64;
+            let r = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old / wavelen - s.low_freq_factor as f64)
+                    / (s.high_freq_factor - s.low_freq_factor) as f64;
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            r as f32
+        })
+        .collect()
+}
+
+/// Recovers Llama 3 scaling parameters from llama.cpp's per-frequency
+/// divisors. Only the ratios `original/low` and `original/high` shape the
+/// factors, so `low_freq_factor` is taken as 1 (Llama 3.x's value); the
+/// rest follows from two interpolated frequencies. `None` unless the
+/// parameters found reproduce every factor.
+pub fn llama3_scaling_from_factors(
+    factors: &[f32],
+    head_dim: usize,
+    theta: f32,
+) -> Option<Llama3RopeScaling> {
+    if factors.len() != head_dim / 2 {
+        return None;
+    }
+    // NaN-free factors only; the largest is the scaling factor itself.
+    if factors.iter().any(|r| !r.is_finite()) {
+        return None;
+    }
+    let factor = factors.iter().copied().fold(1.0, f32::max);
+    if factor <= 1.0 {
+        return None;
+    }
+    // In the interpolated band, smooth = a / wavelen - b, linear in 1/wavelen.
+    let inv_wavelen = |i: usize| {
+        let freq = (theta as f64).powf(-((2 * i) as f64) / head_dim as f64);
+        freq / (2.0 * std::f64::consts::PI)
+    };
+    let band: Vec<(f64, f64)> = factors
+        .iter()
+        .enumerate()
+        .filter(|(_, &r)| r > 1.0 + 1e-4 && r < factor - 1e-4)
+        .map(|(i, &r)| {
+            let smooth = (1.0 / r as f64 - 1.0 / factor as f64) / (1.0 - 1.0 / factor as f64);
+            (inv_wavelen(i), smooth)
+        })
+        .collect();
+    let (&(x0, y0), &(x1, y1)) = (band.first()?, band.last()?);
+    if band.len() < 2 || (x1 - x0).abs() < 1e-12 {
+        return None;
+    }
+    let a = (y1 - y0) / (x1 - x0);
+    let b = a * x0 - y0;
+    if a <= 0.0 || b <= 0.0 {
+        return None;
+    }
+    // smooth = (old/wavelen - low)/(high - low) with low = 1: a = old/(high-1), b = 1/(high-1).
+    let scaling = Llama3RopeScaling {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: (1.0 + 1.0 / b) as f32,
+        original_max_position_embeddings: (a / b).round() as usize,
+    };
+    let again = llama3_rope_factors(&scaling, head_dim, theta);
+    let close = again
+        .iter()
+        .zip(factors)
+        .all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs().max(1.0));
+    close.then_some(scaling)
+}
 
 /// The GGUF architecture name (`general.architecture`) and ours.
 fn architecture(f: &GgufFile) -> Result<(&str, Architecture), ModelError> {
@@ -113,14 +201,21 @@ pub fn config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
             });
         }
     }
-    if f.tensor_info("rope_freqs.weight").is_some() {
-        return Err(ModelError::Unsupported {
-            path: f.path().to_path_buf(),
-            what: "RoPE frequency factors (tensor rope_freqs.weight, Llama 3.1-style scaling); \
-                   load the HF directory of this model instead"
-                .to_string(),
-        });
-    }
+    let rope_theta = optional(meta_f32(f, &key("rope.freq_base")))?.unwrap_or(DEFAULT_ROPE_THETA);
+    let rope_scaling = match f.tensor_info(ROPE_FREQS) {
+        None => None,
+        Some(_) => {
+            let (_, factors) = f.tensor_f32(ROPE_FREQS)?;
+            let scaling = llama3_scaling_from_factors(&factors, head_dim, rope_theta);
+            Some(scaling.ok_or_else(|| ModelError::Unsupported {
+                path: f.path().to_path_buf(),
+                what: format!(
+                    "RoPE frequency factors ({ROPE_FREQS}) that are not Llama 3 \"llama3\" \
+                     scaling; load the HF directory of this model instead"
+                ),
+            })?)
+        }
+    };
     let vocab_size = match optional(meta_usize(f, &key("vocab_size")))? {
         Some(v) => v,
         None => f
@@ -137,8 +232,8 @@ pub fn config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
         num_heads,
         num_kv_heads,
         head_dim,
-        rope_theta: optional(meta_f32(f, &key("rope.freq_base")))?.unwrap_or(DEFAULT_ROPE_THETA),
-        rope_scaling: None,
+        rope_theta,
+        rope_scaling,
         rms_norm_eps: meta_f32(f, &key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta_usize(f, &key("context_length"))?,
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
@@ -353,13 +448,12 @@ fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>, ModelError> {
 /// The tokenizer described by `tokenizer.ggml.*`.
 pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
     let model = meta_str(f, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(ModelError::Unsupported {
             path: f.path().to_path_buf(),
             what: format!(
-                "tokenizer model \"{model}\" (only byte-level BPE, \"gpt2\", is supported; \
-                 SentencePiece \"llama\" vocabularies are not: use the model's HF directory \
-                 with its tokenizer.json)"
+                "tokenizer model \"{model}\" (supported: \"gpt2\" byte-level BPE and \"llama\" \
+                 SentencePiece BPE; for others use the model's HF directory with its tokenizer.json)"
             ),
         });
     }
@@ -371,24 +465,54 @@ pub fn tokenizer(f: &GgufFile) -> Result<Tokenizer, ModelError> {
             .and_then(|items| items.iter().map(|t| t.as_i64().map(|t| t as i32)).collect())
             .ok_or_else(|| bad_meta(f, "tokenizer.ggml.token_type", "expected integers"))?,
     };
-    let merges = string_array(f, "tokenizer.ggml.merges")?;
     let id = |k: &str| -> Result<Option<u32>, ModelError> {
         Ok(optional(meta_usize(f, k))?.map(|v| v as u32))
     };
-    let vocab = ByteLevelBpeVocab {
-        tokens,
-        token_types,
-        merges,
-        pre: optional(meta_str(f, "tokenizer.ggml.pre"))?.map(str::to_string),
-        bos_token_id: id("tokenizer.ggml.bos_token_id")?,
-        eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
-        // llama.cpp's default for BPE vocabularies when the flag is absent.
-        add_bos_token: f
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(MetadataValue::as_bool)
-            .unwrap_or(false),
+    let flag = |k: &str| f.get(k).and_then(MetadataValue::as_bool);
+    let bos_token_id = id("tokenizer.ggml.bos_token_id")?;
+    // Generation also ends at end-of-turn / end-of-message tokens (Llama 3
+    // chats end with <|eot_id|>, which is not its eos_token_id in older files).
+    let mut eos_token_ids: Vec<u32> = Vec::new();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        if let Some(eos) = id(key)? {
+            if !eos_token_ids.contains(&eos) {
+                eos_token_ids.push(eos);
+            }
+        }
+    }
+    let built = if model == "llama" {
+        let key = "tokenizer.ggml.scores";
+        let scores = meta(f, key)?
+            .as_array()
+            .and_then(|items| items.iter().map(|v| v.as_f64().map(|s| s as f32)).collect())
+            .ok_or_else(|| bad_meta(f, key, "expected an array of numbers"))?;
+        Tokenizer::from_sentencepiece(SentencePieceVocab {
+            tokens,
+            scores,
+            token_types,
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            bos_token_id,
+            eos_token_ids,
+            // llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise.
+            add_bos_token: flag("tokenizer.ggml.add_bos_token").unwrap_or(true),
+        })
+    } else {
+        Tokenizer::from_byte_level_bpe(ByteLevelBpeVocab {
+            tokens,
+            token_types,
+            merges: string_array(f, "tokenizer.ggml.merges")?,
+            pre: optional(meta_str(f, "tokenizer.ggml.pre"))?.map(str::to_string),
+            bos_token_id,
+            eos_token_ids,
+            // llama.cpp's default for BPE vocabularies when the flag is absent.
+            add_bos_token: flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+        })
     };
-    Tokenizer::from_byte_level_bpe(vocab).map_err(|cause| ModelError::Tokenizer {
+    built.map_err(|cause| ModelError::Tokenizer {
         path: f.path().to_path_buf(),
         cause,
     })
@@ -456,6 +580,29 @@ pub(crate) fn mixed_label(by_type: BTreeMap<String, usize>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_scaling_is_recovered_from_llama_cpp_rope_factors() {
+        // Llama 3.1 8B: head_dim 128, theta 500000, factor 8, low 1, high 4, 8192.
+        let s = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let factors = llama3_rope_factors(&s, 128, 500_000.0);
+        assert_eq!(factors[0], 1.0);
+        assert_eq!(factors[63], 8.0);
+        let back = llama3_scaling_from_factors(&factors, 128, 500_000.0).unwrap();
+        assert_eq!(back.factor, 8.0);
+        assert_eq!(back.original_max_position_embeddings, 8192);
+        assert!((back.high_freq_factor - 4.0).abs() < 1e-3, "{back:?}");
+        // Factors that are not llama3-shaped are refused.
+        let mut odd = factors.clone();
+        odd[10] = 3.0;
+        assert!(llama3_scaling_from_factors(&odd, 128, 500_000.0).is_none());
+        assert!(llama3_scaling_from_factors(&[1.0; 64], 128, 500_000.0).is_none());
+    }
 
     #[test]
     fn unpermute_matches_a_hand_worked_head() {

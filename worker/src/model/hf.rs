@@ -42,6 +42,10 @@ pub struct HfConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     pub attention_bias: Option<bool>,
+    /// Mistral v0.1 attends only this far back; Qwen2 sets it but switches
+    /// it off with `use_sliding_window: false`.
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
     pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
 }
@@ -130,6 +134,22 @@ pub fn config(dir: &Path) -> Result<ModelConfig, ModelError> {
             "num_key_value_heads must divide num_attention_heads",
         ));
     }
+    // The engine attends to the whole sequence; with a sliding window that is
+    // the same computation only up to the window's length, so cap the context there.
+    let mut max_position_embeddings = hf.max_position_embeddings;
+    if let Some(window) = hf
+        .sliding_window
+        .filter(|_| hf.use_sliding_window != Some(false))
+    {
+        if window < max_position_embeddings {
+            tracing::warn!(
+                window,
+                max_position_embeddings,
+                "sliding-window attention is not implemented; limiting the context to the window"
+            );
+            max_position_embeddings = window;
+        }
+    }
     Ok(ModelConfig {
         architecture,
         vocab_size: hf.vocab_size,
@@ -142,7 +162,7 @@ pub fn config(dir: &Path) -> Result<ModelConfig, ModelError> {
         rope_theta: hf.rope_theta.unwrap_or(10_000.0),
         rope_scaling: rope_scaling(&path, &hf.rope_scaling)?,
         rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-        max_position_embeddings: hf.max_position_embeddings,
+        max_position_embeddings,
         tie_word_embeddings: hf.tie_word_embeddings,
         // HF's Qwen2 always has q/k/v biases; Llama has them iff attention_bias.
         attention_bias: architecture == Architecture::Qwen2 || hf.attention_bias.unwrap_or(false),

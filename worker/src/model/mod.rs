@@ -255,6 +255,8 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
     })
 }
 
+/// Directories are HF models; any file is read as GGUF and its magic bytes
+/// decide whether it is one.
 fn is_gguf(path: &Path) -> bool {
     !path.is_dir()
 }
@@ -275,7 +277,13 @@ pub fn inspect(path: &Path) -> Result<ModelInfo, ModelError> {
             name: model_name(path),
             format: "gguf".to_string(),
             architecture: config.architecture.to_string(),
-            parameters: f.tensors.iter().map(|t| t.numel()).sum(),
+            // RoPE factors are derived data, not parameters.
+            parameters: f
+                .tensors
+                .iter()
+                .filter(|t| t.name != gguf_model::ROPE_FREQS)
+                .map(|t| t.numel())
+                .sum(),
             quantization: gguf_model::quantization_label(&f),
             context_length: config.max_position_embeddings,
             has_chat_template: gguf_model::chat_template_source(&f).is_some(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 
 use super::gguf::{write_gguf, GgufFile, MetadataValue, TensorData};
-use super::gguf_model::permute_qk;
+use super::gguf_model::{llama3_rope_factors, permute_qk, ROPE_FREQS};
 use super::quant::GgmlType;
 use super::tokenizer::{ByteLevelBpeVocab, Tokenizer};
 use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
@@ -186,7 +186,8 @@ pub fn save_gguf(
 }
 
 /// Saves as GGUF with 2-D tensors stored as `matrix_type` (norms and biases
-/// stay F32, as llama.cpp does), Q/K permuted as llama.cpp's converter does.
+/// stay F32, as llama.cpp does), Q/K permuted and Llama 3 RoPE scaling
+/// written as `rope_freqs.weight`, as llama.cpp's converter does.
 pub fn save_gguf_as(
     path: &Path,
     cfg: &ModelConfig,
@@ -233,12 +234,6 @@ pub fn save_gguf_as(
         ),
         (format!("{a}.vocab_size"), u32v(cfg.vocab_size)),
     ];
-    if cfg.rope_scaling.is_some() {
-        return Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            what: "writing llama3 RoPE scaling to GGUF".into(),
-        });
-    }
     match tokenizer {
         TokenizerSource::Tiny => {
             let v = tiny_vocab(cfg.vocab_size);
@@ -334,6 +329,12 @@ pub fn save_gguf_as(
         push(n("ffn_gate.weight"), &l.w_gate, matrix_type)?;
         push(n("ffn_up.weight"), &l.w_up, matrix_type)?;
         push(n("ffn_down.weight"), &l.w_down, matrix_type)?;
+    }
+    if let Some(scaling) = &cfg.rope_scaling {
+        // llama.cpp stores Llama 3 scaling as per-frequency divisors.
+        let factors = llama3_rope_factors(scaling, cfg.head_dim, cfg.rope_theta);
+        let t = Tensor::new(vec![factors.len()], factors);
+        push(ROPE_FREQS.into(), &t, GgmlType::F32)?;
     }
     push(
         "output_norm.weight".into(),
