@@ -4,7 +4,9 @@
 //!
 //! The binary is `$TANDEM_BIN` when set (`make test` points it at the release
 //! build), else the one Cargo built for this test run. The model must be in
-//! the cache (`make model`).
+//! the cache (`make model`). In unoptimized test builds these tests are
+//! ignored: a debug `tandem` takes about a minute per chat answer (run them
+//! with `cargo test --release`, as `make test` does, or `-- --ignored`).
 
 mod server_support;
 
@@ -115,6 +117,10 @@ fn tokens(response: &Value) -> Vec<String> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs an optimized build: cargo test --release"
+)]
 async fn capital_of_france_is_paris() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = ServeProcess::start().await;
@@ -144,6 +150,10 @@ async fn capital_of_france_is_paris() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs an optimized build: cargo test --release"
+)]
 async fn eight_concurrent_greedy_requests_equal_each_alone() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = ServeProcess::start().await;
@@ -188,6 +198,10 @@ async fn eight_concurrent_greedy_requests_equal_each_alone() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs an optimized build: cargo test --release"
+)]
 async fn prefix_cache_hit_gives_the_same_tokens_as_a_miss() {
     let _one = ONE_AT_A_TIME.lock().await;
     let server = ServeProcess::start().await;
