@@ -63,6 +63,7 @@ async fn generate(
     match admit(&state, headers, body, endpoint, arrived).await {
         Ok(admitted) => respond(admitted, endpoint).await,
         Err(err) => {
+            tracing::debug!(status = %err.status, error = %err.message, "request refused");
             record_rejected(state.model_name(), &err);
             err.into_response()
         }
@@ -118,6 +119,7 @@ async fn admit(
             stop,
         })
         .map_err(|e| ApiError::from_infer(e, limits.retry_after_secs))?;
+    tracing::debug!(request_id = %id, prompt_tokens, stream, "admitted");
     let record = RequestRecord::admitted(name, arrived, prompt_tokens, state.inflight_counter());
     let generation = Generation::new(
         events,
