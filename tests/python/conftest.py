@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class Server:
     def __init__(self, *extra_args):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-serve-{self.port}.log", "w+")
+        # The server's output, shown when it fails to start; deleted on close.
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [tandem_bin(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
             stdout=self.log,
