@@ -1,3 +1,756 @@
 //! The engine: scheduler, paged KV block manager, sampler and compute backends.
+//!
+//! [`Engine::start`] moves a backend onto its own OS thread, which runs the
+//! scheduling loop: take new requests and cancellations from a channel, plan a
+//! step, run it on the backend, sample, stream events to each request's own
+//! channel. The thread blocks when there is nothing to do. [`EngineHandle`] is
+//! the cheap, cloneable front: it validates and admits requests (refusing them
+//! at once when the queue is full) and implements [`Infer`].
 
+pub mod backend;
+pub mod block_manager;
+pub mod sampler;
+pub mod scheduler;
 pub mod types;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
+
+use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
+use crate::metrics::metrics;
+use backend::{BackendError, ComputeBackend, SeqInput};
+use block_manager::{BlockManager, KvEvent};
+use sampler::Sampler;
+use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
+use types::{
+    FinishReason, GenerateEvent, GenerateRequest, KvExport, PrefillOutput, SamplingParams,
+    StopParams, TokenOutput,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(String),
+}
+
+/// How the engine batches and how much KV cache it keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV pool; `None` sizes the pool from `kv_cache_bytes`.
+    pub num_blocks: Option<usize>,
+    /// KV pool memory budget used when `num_blocks` is `None`.
+    pub kv_cache_bytes: usize,
+    /// Tokens computed per step at most (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_num_seqs: usize,
+    /// Requests waiting for admission at most; beyond, `InferError::Overloaded`.
+    pub max_queue: usize,
+    /// Compute threads; 0 uses one per core.
+    pub threads: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_bytes: 512 << 20,
+            max_batch_tokens: 512,
+            max_num_seqs: 64,
+            max_queue: 256,
+            threads: 0,
+        }
+    }
+}
+
+/// A snapshot of the engine's state, for tests and diagnostics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    /// Blocks holding a reusable prefix (referenced or not).
+    pub kv_blocks_cached: usize,
+    pub prefix_cache_hit_tokens: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+enum Command {
+    Generate {
+        id: SeqId,
+        request: GenerateRequest,
+        events: tmpsc::UnboundedSender<GenerateEvent>,
+        /// Prompt KV computed elsewhere and the token sampled from it.
+        import: Option<(KvExport, TokenOutput)>,
+    },
+    Prefill {
+        id: SeqId,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        reply: oneshot::Sender<Result<PrefillOutput, InferError>>,
+    },
+    Cancel(SeqId),
+}
+
+/// What the handle must know to validate requests without asking the thread.
+struct Limits {
+    max_queue: usize,
+    max_model_len: usize,
+    vocab_size: usize,
+    block_size: usize,
+    num_blocks: usize,
+    num_layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Shared {
+    /// Requests submitted and not yet admitted (or dropped) the first time.
+    queued: AtomicUsize,
+    alive: AtomicBool,
+    stats: Mutex<EngineStats>,
+}
+
+/// Marks the engine dead when its thread ends, however it ends.
+struct AliveGuard(Arc<Shared>);
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+pub struct Engine;
+
+impl Engine {
+    /// Allocates the KV pool on `backend` and starts the engine thread.
+    /// `max_model_len` bounds prompt plus generated tokens; `role` labels the
+    /// worker metrics.
+    pub fn start(
+        mut backend: Box<dyn ComputeBackend>,
+        cfg: EngineConfig,
+        eos_token_ids: Vec<u32>,
+        max_model_len: usize,
+        role: &'static str,
+    ) -> Result<EngineHandle, EngineError> {
+        if cfg.block_size == 0 || cfg.max_batch_tokens == 0 || cfg.max_num_seqs == 0 {
+            return Err(EngineError::Config(format!(
+                "block_size ({}), max_batch_tokens ({}) and max_num_seqs ({}) must be positive",
+                cfg.block_size, cfg.max_batch_tokens, cfg.max_num_seqs
+            )));
+        }
+        if max_model_len < 2 {
+            return Err(EngineError::Config(format!(
+                "max_model_len {max_model_len} leaves no room for a prompt and a generated token"
+            )));
+        }
+        let block_bytes = backend.kv_bytes_per_token() * cfg.block_size;
+        let num_blocks = cfg
+            .num_blocks
+            .unwrap_or(cfg.kv_cache_bytes / block_bytes.max(1));
+        if num_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "a KV budget of {} bytes holds no block of {block_bytes} bytes",
+                cfg.kv_cache_bytes
+            )));
+        }
+        backend.init_kv_cache(cfg.block_size, num_blocks)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .thread_name(move |i| format!("tandem-{role}-compute-{i}"))
+            .build()
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+
+        let model = backend.config().clone();
+        let blocks = BlockManager::new(num_blocks, cfg.block_size);
+        let kv_events = blocks.event_sender();
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_batch_tokens: cfg.max_batch_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+                max_model_len,
+            },
+            blocks,
+        );
+        let shared = Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            stats: Mutex::new(EngineStats {
+                kv_blocks_total: num_blocks,
+                ..EngineStats::default()
+            }),
+        });
+        let (tx, rx) = mpsc::channel();
+        let mut engine_loop = EngineLoop {
+            backend,
+            scheduler,
+            requests: HashMap::new(),
+            eos_token_ids,
+            max_model_len,
+            shared: shared.clone(),
+            role,
+            rx,
+            logits: Vec::new(),
+            stats: EngineStats {
+                kv_blocks_total: num_blocks,
+                ..EngineStats::default()
+            },
+        };
+        metrics()
+            .kv_blocks_total
+            .with_label_values(&[role])
+            .set(num_blocks as i64);
+        let guard = AliveGuard(shared.clone());
+        std::thread::Builder::new()
+            .name(format!("tandem-{role}-engine"))
+            .spawn(move || {
+                let _guard = guard;
+                pool.install(|| engine_loop.run());
+            })
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        Ok(EngineHandle {
+            tx,
+            shared,
+            next_id: Arc::new(AtomicU64::new(1)),
+            limits: Arc::new(Limits {
+                max_queue: cfg.max_queue,
+                max_model_len,
+                vocab_size: model.vocab_size,
+                block_size: cfg.block_size,
+                num_blocks,
+                num_layers: model.num_layers,
+                kv_heads: model.num_kv_heads,
+                head_dim: model.head_dim,
+            }),
+            kv_events,
+        })
+    }
+}
+
+/// The cloneable front of a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    next_id: Arc<AtomicU64>,
+    limits: Arc<Limits>,
+    kv_events: broadcast::Sender<KvEvent>,
+}
+
+/// Releases a queue slot unless the request reached the engine thread.
+struct QueueSlot<'a>(Option<&'a AtomicUsize>);
+impl QueueSlot<'_> {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.0 {
+            q.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl EngineHandle {
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().expect("stats lock").clone()
+    }
+
+    /// KV events (prefixes stored and evicted) from now on.
+    pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
+        self.kv_events.subscribe()
+    }
+
+    /// The longest sequence (prompt plus generated) the engine serves.
+    pub fn max_model_len(&self) -> usize {
+        self.limits.max_model_len
+    }
+
+    fn validate_prompt(&self, prompt: &[u32]) -> Result<(), InferError> {
+        let l = &self.limits;
+        if prompt.is_empty() {
+            return Err(InferError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(t) = prompt.iter().find(|&&t| t as usize >= l.vocab_size) {
+            return Err(InferError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {} tokens",
+                l.vocab_size
+            )));
+        }
+        if prompt.len() >= l.max_model_len {
+            return Err(InferError::Invalid(format!(
+                "the prompt has {} tokens; the context holds {} including at least one generated token",
+                prompt.len(),
+                l.max_model_len
+            )));
+        }
+        let blocks = (prompt.len() + 1).div_ceil(l.block_size);
+        if blocks > l.num_blocks {
+            return Err(InferError::Invalid(format!(
+                "the prompt needs {blocks} KV blocks; this worker's pool has {}",
+                l.num_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    fn take_queue_slot(&self) -> Result<QueueSlot<'_>, InferError> {
+        if !self.is_ready() {
+            return Err(InferError::Unavailable("the engine has stopped".into()));
+        }
+        let q = &self.shared.queued;
+        let slot = QueueSlot(Some(q));
+        if q.fetch_add(1, Ordering::SeqCst) >= self.limits.max_queue {
+            return Err(InferError::Overloaded(format!(
+                "{} requests are already waiting",
+                self.limits.max_queue
+            )));
+        }
+        Ok(slot)
+    }
+
+    fn submit(
+        &self,
+        request: GenerateRequest,
+        import: Option<(KvExport, TokenOutput)>,
+    ) -> Result<GenerateStream, InferError> {
+        self.validate_prompt(&request.prompt)?;
+        if request.stop.max_tokens == 0 {
+            return Err(InferError::Invalid("max_tokens must be at least 1".into()));
+        }
+        let slot = self.take_queue_slot()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.tx
+            .send(Command::Generate {
+                id,
+                request,
+                events,
+                import,
+            })
+            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
+        slot.keep();
+        let tx = self.tx.clone();
+        let cancel = OnDrop::new(move || {
+            // The engine may be gone already; then nothing is left to free.
+            let _ = tx.send(Command::Cancel(id));
+        });
+        Ok(GenerateStream::new(rx, cancel))
+    }
+
+    /// Runs only the prompt and returns the first sampled token together with
+    /// the prompt's KV (for a decode worker to continue from).
+    pub async fn prefill_only(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+    ) -> Result<PrefillOutput, InferError> {
+        self.validate_prompt(&prompt)?;
+        let slot = self.take_queue_slot()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Prefill {
+                id,
+                prompt,
+                sampling,
+                reply,
+            })
+            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
+        slot.keep();
+        // If this future is dropped, the engine finishes the prefill and its
+        // reply is discarded; its blocks stay in the prefix cache.
+        rx.await
+            .map_err(|_| InferError::Unavailable("the engine stopped during prefill".into()))?
+    }
+
+    /// Continues a request whose prompt was computed elsewhere: installs `kv`
+    /// (all prompt positions) into fresh blocks, emits `first_token`, and
+    /// decodes from there.
+    pub fn generate_with_kv(
+        &self,
+        request: GenerateRequest,
+        kv: KvExport,
+        first_token: TokenOutput,
+    ) -> Result<GenerateStream, InferError> {
+        let l = &self.limits;
+        if kv.num_tokens != request.prompt.len() {
+            return Err(InferError::Invalid(format!(
+                "the KV covers {} tokens but the prompt has {}",
+                kv.num_tokens,
+                request.prompt.len()
+            )));
+        }
+        let per_token = kv.kv_heads * kv.head_dim;
+        if kv.num_layers() != l.num_layers
+            || kv.kv_heads != l.kv_heads
+            || kv.head_dim != l.head_dim
+            || kv
+                .layers
+                .iter()
+                .any(|(k, v)| k.len() != kv.num_tokens * per_token || v.len() != k.len())
+        {
+            return Err(InferError::Invalid(format!(
+                "the KV ({} layers x {} kv heads x head_dim {}) does not match this model ({} x {} x {}) or its data is truncated",
+                kv.num_layers(),
+                kv.kv_heads,
+                kv.head_dim,
+                l.num_layers,
+                l.kv_heads,
+                l.head_dim
+            )));
+        }
+        if first_token.id as usize >= l.vocab_size {
+            return Err(InferError::Invalid(format!(
+                "first token {} is outside the vocabulary",
+                first_token.id
+            )));
+        }
+        self.submit(request, Some((kv, first_token)))
+    }
+}
+
+impl Infer for EngineHandle {
+    fn generate(&self, request: GenerateRequest) -> Result<GenerateStream, InferError> {
+        self.submit(request, None)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+}
+
+enum Output {
+    Stream(tmpsc::UnboundedSender<GenerateEvent>),
+    Prefill(Option<oneshot::Sender<Result<PrefillOutput, InferError>>>),
+}
+
+struct Request {
+    sampler: Sampler,
+    output: Output,
+    /// Still counted in `Shared::queued` (never admitted yet).
+    queued: bool,
+    started: bool,
+    cached_tokens: usize,
+}
+
+impl Request {
+    /// Sends an event; false when the receiver is gone (the caller cancelled).
+    fn send(&self, event: GenerateEvent) -> bool {
+        match &self.output {
+            Output::Stream(tx) => tx.send(event).is_ok(),
+            Output::Prefill(_) => true,
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        match &mut self.output {
+            Output::Stream(tx) => {
+                let _ = tx.send(GenerateEvent::Error(message));
+            }
+            Output::Prefill(reply) => {
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(Err(InferError::Unavailable(message)));
+                }
+            }
+        }
+    }
+}
+
+struct EngineLoop {
+    backend: Box<dyn ComputeBackend>,
+    scheduler: Scheduler,
+    requests: HashMap<SeqId, Request>,
+    eos_token_ids: Vec<u32>,
+    max_model_len: usize,
+    shared: Arc<Shared>,
+    role: &'static str,
+    rx: mpsc::Receiver<Command>,
+    logits: Vec<f32>,
+    stats: EngineStats,
+}
+
+impl EngineLoop {
+    fn run(&mut self) {
+        loop {
+            if self.scheduler.is_idle() {
+                // Nothing to compute: sleep until a command arrives.
+                match self.rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            if !self.scheduler.is_idle() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn unqueue(&mut self, id: SeqId) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            if r.queued {
+                r.queued = false;
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Forgets a request and frees whatever it holds.
+    fn drop_request(&mut self, id: SeqId) {
+        self.unqueue(id);
+        self.requests.remove(&id);
+        self.scheduler.remove(id);
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Cancel(id) => self.drop_request(id),
+            Command::Prefill {
+                id,
+                prompt,
+                sampling,
+                reply,
+            } => {
+                let stop = StopParams {
+                    max_tokens: 1,
+                    stop_token_ids: Vec::new(),
+                    ignore_eos: true,
+                };
+                self.requests.insert(
+                    id,
+                    Request {
+                        sampler: Sampler::new(sampling),
+                        output: Output::Prefill(Some(reply)),
+                        queued: true,
+                        started: true,
+                        cached_tokens: 0,
+                    },
+                );
+                self.scheduler.add(Sequence::new(id, prompt, stop));
+            }
+            Command::Generate {
+                id,
+                request,
+                events,
+                import,
+            } => {
+                let mut req = Request {
+                    sampler: Sampler::new(request.sampling),
+                    output: Output::Stream(events),
+                    queued: true,
+                    started: false,
+                    cached_tokens: 0,
+                };
+                let mut seq = Sequence::new(id, request.prompt, request.stop);
+                if let Some((kv, first)) = import {
+                    req.started = true;
+                    req.send(GenerateEvent::Started {
+                        prompt_tokens: seq.prompt_len,
+                        cached_tokens: 0,
+                    });
+                    let finish =
+                        check_stop(&mut seq, first.id, &self.eos_token_ids, self.max_model_len);
+                    if finish != Some(FinishReason::Stop) {
+                        req.sampler.record(first.id);
+                        req.send(GenerateEvent::Token(first));
+                    }
+                    if let Some(reason) = finish {
+                        req.send(GenerateEvent::Finished(reason));
+                        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
+                    seq.kv_import = Some(kv);
+                }
+                self.requests.insert(id, req);
+                self.scheduler.add(seq);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let mut plan = self.scheduler.schedule();
+        self.stats.steps += 1;
+        self.stats.preemptions += plan.preempted.len() as u64;
+        metrics()
+            .preemptions
+            .with_label_values(&[self.role])
+            .inc_by(plan.preempted.len() as u64);
+        for id in std::mem::take(&mut plan.out_of_blocks) {
+            // The prompt fitted the pool when admitted; only generation grew
+            // it beyond the whole pool.
+            if let Some(req) = self.requests.get(&id) {
+                req.send(GenerateEvent::Finished(FinishReason::Length));
+            }
+            self.drop_request(id);
+        }
+        for &(id, cached) in &plan.admitted {
+            self.unqueue(id);
+            let Some(req) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            if !req.started {
+                req.started = true;
+                req.cached_tokens = cached;
+                req.send(GenerateEvent::Started {
+                    prompt_tokens: self.scheduler.get(id).map_or(0, |s| s.prompt_len),
+                    cached_tokens: cached,
+                });
+                self.stats.prefix_cache_hit_tokens += cached as u64;
+                metrics()
+                    .prefix_cache_hits
+                    .with_label_values(&[self.role])
+                    .inc_by(cached as u64);
+            }
+        }
+        let mut failed = Vec::new();
+        for &id in &plan.imports {
+            let kv = self.scheduler.take_import(id).expect("admitted with KV");
+            let blocks = &self.scheduler.get(id).expect("admitted").blocks;
+            if let Err(e) = self.backend.write_kv(blocks, &kv) {
+                failed.push((id, format!("installing the prompt's KV failed: {e}")));
+            }
+        }
+        for (id, message) in failed {
+            plan.chunks.retain(|c| c.id != id);
+            if let Some(req) = self.requests.get_mut(&id) {
+                req.fail(message);
+            }
+            self.drop_request(id);
+        }
+        if plan.chunks.is_empty() {
+            return;
+        }
+
+        let mut prefill_tokens = 0u64;
+        let result = {
+            let inputs: Vec<SeqInput<'_>> = plan
+                .chunks
+                .iter()
+                .map(|c| {
+                    let seq = self.scheduler.get(c.id).expect("scheduled sequence");
+                    let decoding = c.len == 1 && c.start >= seq.prompt_len;
+                    if !decoding {
+                        prefill_tokens += c.len as u64;
+                    }
+                    SeqInput {
+                        tokens: &seq.tokens[c.start..c.start + c.len],
+                        start_pos: c.start,
+                        block_table: &seq.blocks,
+                        need_logits: c.need_logits,
+                    }
+                })
+                .collect();
+            self.backend.forward(&inputs, &mut self.logits, None)
+        };
+        self.stats.prefill_tokens += prefill_tokens;
+        metrics()
+            .prefill_tokens
+            .with_label_values(&[self.role])
+            .inc_by(prefill_tokens);
+        if let Err(e) = result {
+            tracing::error!(error = %e, "forward step failed");
+            for c in &plan.chunks {
+                if let Some(req) = self.requests.get_mut(&c.id) {
+                    req.fail(format!("forward step failed: {e}"));
+                }
+                self.drop_request(c.id);
+            }
+            return;
+        }
+        self.scheduler.complete_step(&plan);
+
+        let vocab = self.backend.config().vocab_size;
+        // Taken out so sampling can mutate the loop state; put back to keep its allocation.
+        let mut logits = std::mem::take(&mut self.logits);
+        let sampled = plan.chunks.iter().filter(|c| c.need_logits);
+        for (row, chunk) in sampled.enumerate() {
+            self.on_logits(chunk.id, &mut logits[row * vocab..(row + 1) * vocab]);
+        }
+        self.logits = logits;
+    }
+
+    fn on_logits(&mut self, id: SeqId, logits: &mut [f32]) {
+        let Some(req) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let token = req.sampler.sample(logits);
+        if let Output::Prefill(reply) = &mut req.output {
+            let reply = reply.take();
+            let cached_tokens = req.cached_tokens;
+            let seq = self.scheduler.get(id).expect("running");
+            let result = self
+                .backend
+                .read_kv(&seq.blocks, seq.prompt_len)
+                .map(|kv| PrefillOutput {
+                    first_token: token,
+                    kv,
+                    cached_tokens,
+                })
+                .map_err(|e| {
+                    InferError::Unavailable(format!("reading the prompt's KV failed: {e}"))
+                });
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+            self.drop_request(id);
+            return;
+        }
+        let finish = self
+            .scheduler
+            .append_token(id, token.id, &self.eos_token_ids);
+        let mut alive = true;
+        if finish != Some(FinishReason::Stop) {
+            req.sampler.record(token.id);
+            self.stats.decode_tokens += 1;
+            metrics()
+                .decode_tokens
+                .with_label_values(&[self.role])
+                .inc();
+            alive = req.send(GenerateEvent::Token(token));
+        }
+        if let Some(reason) = finish {
+            req.send(GenerateEvent::Finished(reason));
+            self.drop_request(id);
+        } else if !alive {
+            self.drop_request(id);
+        }
+    }
+
+    fn publish(&mut self) {
+        let bm = self.scheduler.block_manager();
+        self.stats.waiting = self.scheduler.num_waiting();
+        self.stats.running = self.scheduler.num_running();
+        self.stats.kv_blocks_used = bm.num_used();
+        self.stats.kv_blocks_cached = bm.num_cached();
+        let m = metrics();
+        let role = [self.role];
+        m.queue_depth
+            .with_label_values(&role)
+            .set(self.stats.waiting as i64);
+        m.running_sequences
+            .with_label_values(&role)
+            .set(self.stats.running as i64);
+        m.kv_blocks_used
+            .with_label_values(&role)
+            .set(self.stats.kv_blocks_used as i64);
+        *self.shared.stats.lock().expect("stats lock") = self.stats.clone();
+    }
+}

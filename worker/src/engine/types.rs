@@ -95,3 +95,45 @@ pub enum GenerateEvent {
     Finished(FinishReason),
     Error(String),
 }
+
+/// Element type of exported KV data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+}
+
+/// A prompt's KV cache in the layout-independent transfer format (DESIGN.md
+/// "KV transfer"): per layer, K and V as `[num_tokens, kv_heads, head_dim]`,
+/// positions `0 .. num_tokens`. Independent of either side's block size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvExport {
+    pub dtype: KvDtype,
+    pub num_tokens: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// `(K, V)` per layer.
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvExport {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Size of the K and V data of all layers, in bytes.
+    pub fn size_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<f32>())
+            .sum()
+    }
+}
+
+/// What a prefill-only run returns: the first generated token and the prompt's KV.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefillOutput {
+    pub first_token: TokenOutput,
+    pub kv: KvExport,
+    /// Prompt tokens that came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
+}

@@ -1,0 +1,1007 @@
+//! The CPU backend: multi-threaded (rayon) f32 compute of the Llama family over
+//! a paged KV cache.
+//!
+//! Decode is bound by reading the weights once per step, so matrices are kept
+//! compact: by default as Q8 blocks (32 `i8` values sharing one f32 scale,
+//! 1.125 bytes per weight instead of 4), dequantized on the fly inside the
+//! dot product (AVX2 + FMA when the CPU has them) against f32 activations.
+//! Activations, norms, biases, RoPE, attention and the KV cache stay f32, so
+//! the only rounding beyond f32 arithmetic is the one-time weight
+//! quantization; [`dequantized_weights`] reproduces it exactly for reference
+//! checks. Every sequence of a step is batched into each matrix product so the
+//! weights are read once per step, not once per sequence.
+
+use rayon::prelude::*;
+
+use super::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
+use crate::engine::types::{KvDtype, KvExport};
+use crate::model::{ModelConfig, Tensor, Weights};
+
+/// How the backend stores weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightStorage {
+    /// Exact f32 (4 bytes per weight).
+    F32,
+    /// Blocks of 32 `i8` with one f32 scale; matrices whose input width is not a
+    /// multiple of 32 stay f32.
+    #[default]
+    Q8,
+}
+
+/// Weights per Q8 block.
+pub const Q8_BLOCK: usize = 32;
+
+/// Tokens of activations processed against one weight row before moving to
+/// the next row: keeps that activation tile in L2 during long prefills.
+const TOKEN_TILE: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Kernel::Avx2Fma;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
+/// Quantizes one block (≤ 32 values) to `i8` with a shared scale.
+fn quantize_block(values: &[f32], out: &mut [i8]) -> f32 {
+    let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(values) {
+        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// A linear layer's weight, `[rows = out_features, cols = in_features]`.
+enum Matrix {
+    F32 {
+        rows: usize,
+        cols: usize,
+        data: Vec<f32>,
+    },
+    Q8 {
+        rows: usize,
+        cols: usize,
+        qs: Vec<i8>,
+        scales: Vec<f32>,
+    },
+}
+
+impl Matrix {
+    fn new(rows: usize, cols: usize, data: &[f32], storage: WeightStorage) -> Self {
+        assert_eq!(rows * cols, data.len());
+        if storage == WeightStorage::F32 || cols % Q8_BLOCK != 0 {
+            return Matrix::F32 {
+                rows,
+                cols,
+                data: data.to_vec(),
+            };
+        }
+        let mut qs = vec![0i8; data.len()];
+        let mut scales = vec![0f32; data.len() / Q8_BLOCK];
+        qs.par_chunks_mut(Q8_BLOCK)
+            .zip(scales.par_iter_mut())
+            .zip(data.par_chunks(Q8_BLOCK))
+            .for_each(|((q, s), v)| *s = quantize_block(v, q));
+        Matrix::Q8 {
+            rows,
+            cols,
+            qs,
+            scales,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Matrix::F32 { rows, .. } | Matrix::Q8 { rows, .. } => *rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Matrix::F32 { cols, .. } | Matrix::Q8 { cols, .. } => *cols,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Matrix::F32 { data, .. } => data.len() * 4,
+            Matrix::Q8 { qs, scales, .. } => qs.len() + scales.len() * 4,
+        }
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Matrix::F32 { cols, data, .. } => out.copy_from_slice(&data[r * cols..(r + 1) * cols]),
+            Matrix::Q8 {
+                cols, qs, scales, ..
+            } => {
+                let q = &qs[r * cols..(r + 1) * cols];
+                let s = &scales[r * cols / Q8_BLOCK..(r + 1) * cols / Q8_BLOCK];
+                for ((o, q), s) in out.chunks_mut(Q8_BLOCK).zip(q.chunks(Q8_BLOCK)).zip(s) {
+                    for (o, q) in o.iter_mut().zip(q) {
+                        *o = *q as f32 * s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dot products of row `r` with `N` activation rows.
+    #[inline]
+    fn dot_row<const N: usize>(&self, kernel: Kernel, r: usize, xs: [&[f32]; N]) -> [f32; N] {
+        match self {
+            Matrix::F32 { cols, data, .. } => {
+                let w = &data[r * cols..(r + 1) * cols];
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the kernel was chosen after detecting AVX2 and FMA; all
+                    // slices have `cols` elements.
+                    Kernel::Avx2Fma => unsafe { x86::dot_f32::<N>(w, xs) },
+                    Kernel::Portable => portable_dot_f32(w, xs),
+                }
+            }
+            Matrix::Q8 {
+                cols, qs, scales, ..
+            } => {
+                let q = &qs[r * cols..(r + 1) * cols];
+                let s = &scales[r * cols / Q8_BLOCK..(r + 1) * cols / Q8_BLOCK];
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above; `cols` is a multiple of the block size.
+                    Kernel::Avx2Fma => unsafe { x86::dot_q8::<N>(q, s, xs) },
+                    Kernel::Portable => portable_dot_q8(q, s, xs),
+                }
+            }
+        }
+    }
+
+    /// `out[t, r] = Σ_c self[r, c] · x[t, c]` for `t` in `0..tokens`.
+    fn matmul(&self, kernel: Kernel, x: &[f32], tokens: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        debug_assert_eq!(x.len(), tokens * cols);
+        debug_assert_eq!(out.len(), tokens * rows);
+        let tasks = rayon::current_num_threads() * 4;
+        let rows_per_task = rows.div_ceil(tasks).max(4);
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        (0..rows.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let r0 = task * rows_per_task;
+                let r1 = (r0 + rows_per_task).min(rows);
+                let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
+                let store = |t: usize, r: usize, v: f32| {
+                    // SAFETY: each task owns rows r0..r1 of every token's output
+                    // row, so writes never overlap; t < tokens and r < rows.
+                    unsafe { *out_ptr.get().add(t * rows + r) = v }
+                };
+                for t0 in (0..tokens).step_by(TOKEN_TILE) {
+                    let t1 = (t0 + TOKEN_TILE).min(tokens);
+                    for r in r0..r1 {
+                        let mut t = t0;
+                        while t < t1 {
+                            match t1 - t {
+                                1 => {
+                                    let [a] = self.dot_row(kernel, r, [xrow(t)]);
+                                    store(t, r, a);
+                                    t += 1;
+                                }
+                                2 => {
+                                    let d = self.dot_row(kernel, r, [xrow(t), xrow(t + 1)]);
+                                    for (i, v) in d.into_iter().enumerate() {
+                                        store(t + i, r, v);
+                                    }
+                                    t += 2;
+                                }
+                                3 => {
+                                    let d = self.dot_row(
+                                        kernel,
+                                        r,
+                                        [xrow(t), xrow(t + 1), xrow(t + 2)],
+                                    );
+                                    for (i, v) in d.into_iter().enumerate() {
+                                        store(t + i, r, v);
+                                    }
+                                    t += 3;
+                                }
+                                _ => {
+                                    let d = self.dot_row(
+                                        kernel,
+                                        r,
+                                        [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)],
+                                    );
+                                    for (i, v) in d.into_iter().enumerate() {
+                                        store(t + i, r, v);
+                                    }
+                                    t += 4;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// A raw pointer shared by parallel tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for disjoint writes from tasks joined before the owner is read.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn portable_dot_f32<const N: usize>(w: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+    let mut out = [0.0; N];
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = w.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+    out
+}
+
+fn portable_dot_q8<const N: usize>(q: &[i8], s: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+    let mut out = [0.0; N];
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = q
+            .chunks(Q8_BLOCK)
+            .zip(x.chunks(Q8_BLOCK))
+            .zip(s)
+            .map(|((q, x), s)| q.iter().zip(x).map(|(q, x)| *q as f32 * x).sum::<f32>() * s)
+            .sum();
+    }
+    out
+}
+
+#[inline]
+fn dot(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected; `a` and `b` have equal length.
+        Kernel::Avx2Fma => unsafe { x86::dot_f32::<1>(a, [b])[0] },
+        Kernel::Portable => portable_dot_f32(a, [b])[0],
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Q8_BLOCK;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Dot products of one f32 weight row with `N` activation rows of the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32<const N: usize>(w: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+        let n = w.len();
+        let main = n / 16 * 16;
+        let mut acc0 = [_mm256_setzero_ps(); N];
+        let mut acc1 = [_mm256_setzero_ps(); N];
+        let wp = w.as_ptr();
+        let mut i = 0;
+        while i < main {
+            let w0 = _mm256_loadu_ps(wp.add(i));
+            let w1 = _mm256_loadu_ps(wp.add(i + 8));
+            for k in 0..N {
+                let xp = xs[k].as_ptr();
+                acc0[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(i)), acc0[k]);
+                acc1[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(i + 8)), acc1[k]);
+            }
+            i += 16;
+        }
+        let mut out = [0.0f32; N];
+        for k in 0..N {
+            let mut s = hsum(_mm256_add_ps(acc0[k], acc1[k]));
+            for j in main..n {
+                s += w[j] * xs[k][j];
+            }
+            out[k] = s;
+        }
+        out
+    }
+
+    /// Dot products of one Q8 weight row (`q`, per-block `s`) with `N` activation rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8<const N: usize>(q: &[i8], s: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let qp = q.as_ptr();
+        for (b, scale) in s.iter().enumerate() {
+            let base = b * Q8_BLOCK;
+            let mut even = [_mm256_setzero_ps(); N];
+            let mut odd = [_mm256_setzero_ps(); N];
+            let w = |j: usize| {
+                let raw = _mm_loadl_epi64(qp.add(base + j * 8) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw))
+            };
+            let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+            for k in 0..N {
+                let xp = xs[k].as_ptr().add(base);
+                even[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), even[k]);
+                odd[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), odd[k]);
+                even[k] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), even[k]);
+                odd[k] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), odd[k]);
+            }
+            let sv = _mm256_set1_ps(*scale);
+            for k in 0..N {
+                acc[k] = _mm256_fmadd_ps(_mm256_add_ps(even[k], odd[k]), sv, acc[k]);
+            }
+        }
+        let mut out = [0.0f32; N];
+        for k in 0..N {
+            out[k] = hsum(acc[k]);
+        }
+        out
+    }
+}
+
+/// The weights as this backend will compute with them, back in f32: every
+/// matrix the backend stores as Q8 is quantized and dequantized, everything
+/// else is unchanged. A reference forward over these weights matches the
+/// backend up to f32 rounding.
+pub fn dequantized_weights(weights: &Weights, storage: WeightStorage) -> Weights {
+    let round_trip = |t: &Tensor| -> Tensor {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let m = Matrix::new(rows, cols, &t.data, storage);
+        let mut data = vec![0.0; rows * cols];
+        for (r, out) in data.chunks_mut(cols).enumerate() {
+            m.row_into(r, out);
+        }
+        Tensor::new(t.shape.clone(), data)
+    };
+    let mut out = weights.clone();
+    out.embed_tokens = round_trip(&weights.embed_tokens);
+    out.lm_head = weights.lm_head.as_ref().map(round_trip);
+    for (dst, src) in out.layers.iter_mut().zip(&weights.layers) {
+        dst.wq = round_trip(&src.wq);
+        dst.wk = round_trip(&src.wk);
+        dst.wv = round_trip(&src.wv);
+        dst.wo = round_trip(&src.wo);
+        dst.w_gate = round_trip(&src.w_gate);
+        dst.w_up = round_trip(&src.w_up);
+        dst.w_down = round_trip(&src.w_down);
+    }
+    out
+}
+
+struct CpuLayer {
+    attn_norm: Vec<f32>,
+    /// Q, K and V projections stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    wqkv: Matrix,
+    bqkv: Option<Vec<f32>>,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections stacked: `[2 * intermediate, hidden]`.
+    w_gate_up: Matrix,
+    w_down: Matrix,
+}
+
+struct KvPool {
+    block_size: usize,
+    num_blocks: usize,
+    /// Per layer, `[num_blocks * block_size, kv_heads, head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Per-step buffers, grown as needed and reused so steady-state decode does
+/// not allocate.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    last_rows: Vec<f32>,
+    sink_k: Vec<f32>,
+    sink_v: Vec<f32>,
+}
+
+fn resize(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    kernel: Kernel,
+    embed: Matrix,
+    /// `None`: tied to `embed`.
+    lm_head: Option<Matrix>,
+    layers: Vec<CpuLayer>,
+    final_norm: Vec<f32>,
+    /// RoPE inverse frequencies (llama3 scaling applied), `[head_dim / 2]`.
+    inv_freq: Vec<f32>,
+    kv: Option<KvPool>,
+    scratch: Scratch,
+}
+
+/// RoPE inverse frequencies, with Llama 3 frequency scaling when configured.
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let half = cfg.head_dim / 2;
+    (0..half)
+        .map(|i| {
+            let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let Some(s) = cfg.rope_scaling else {
+                return freq as f32;
+            };
+            let old_len = s.original_max_position_embeddings as f64;
+            let low_wavelen = old_len / s.low_freq_factor as f64;
+            let high_wavelen = old_len / s.high_freq_factor as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let scaled = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / s.factor as f64
+            } else {
+                let smooth = (old_len / wavelen - s.low_freq_factor as f64)
+                    / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+                (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<(), BackendError> {
+    if t.shape != shape {
+        return Err(BackendError::Weights(format!(
+            "{name} has shape {:?}, the config implies {shape:?}",
+            t.shape
+        )));
+    }
+    Ok(())
+}
+
+impl CpuBackend {
+    /// Converts `weights` (HF layout, f32) to this backend's storage.
+    pub fn new(
+        cfg: ModelConfig,
+        weights: &Weights,
+        storage: WeightStorage,
+    ) -> Result<Self, BackendError> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        let f = cfg.intermediate_size;
+        if cfg.head_dim % 2 != 0
+            || cfg.head_dim > 512
+            || cfg.num_kv_heads == 0
+            || cfg.num_heads % cfg.num_kv_heads != 0
+        {
+            return Err(BackendError::Weights(format!(
+                "unsupported attention geometry: {} heads, {} kv heads, head_dim {}",
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            )));
+        }
+        if weights.layers.len() != cfg.num_layers {
+            return Err(BackendError::Weights(format!(
+                "{} layers of weights for a {}-layer config",
+                weights.layers.len(),
+                cfg.num_layers
+            )));
+        }
+        check_shape("embed_tokens", &weights.embed_tokens, &[cfg.vocab_size, h])?;
+        check_shape("final_norm", &weights.final_norm, &[h])?;
+        if let Some(head) = &weights.lm_head {
+            check_shape("lm_head", head, &[cfg.vocab_size, h])?;
+        }
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for (i, l) in weights.layers.iter().enumerate() {
+            let name = |n: &str| format!("layer {i} {n}");
+            check_shape(&name("attn_norm"), &l.attn_norm, &[h])?;
+            check_shape(&name("wq"), &l.wq, &[q_dim, h])?;
+            check_shape(&name("wk"), &l.wk, &[kv_dim, h])?;
+            check_shape(&name("wv"), &l.wv, &[kv_dim, h])?;
+            check_shape(&name("wo"), &l.wo, &[h, q_dim])?;
+            check_shape(&name("ffn_norm"), &l.ffn_norm, &[h])?;
+            check_shape(&name("w_gate"), &l.w_gate, &[f, h])?;
+            check_shape(&name("w_up"), &l.w_up, &[f, h])?;
+            check_shape(&name("w_down"), &l.w_down, &[h, f])?;
+            let bqkv = match (&l.bq, &l.bk, &l.bv) {
+                (Some(bq), Some(bk), Some(bv)) => {
+                    check_shape(&name("bq"), bq, &[q_dim])?;
+                    check_shape(&name("bk"), bk, &[kv_dim])?;
+                    check_shape(&name("bv"), bv, &[kv_dim])?;
+                    Some([&bq.data[..], &bk.data, &bv.data].concat())
+                }
+                (None, None, None) => None,
+                _ => {
+                    return Err(BackendError::Weights(format!(
+                        "layer {i} has some but not all of the q/k/v biases"
+                    )))
+                }
+            };
+            if bqkv.is_some() != cfg.attention_bias {
+                return Err(BackendError::Weights(format!(
+                    "layer {i}: attention_bias is {} but biases are {}",
+                    cfg.attention_bias,
+                    if bqkv.is_some() { "present" } else { "absent" }
+                )));
+            }
+            let qkv = [&l.wq.data[..], &l.wk.data, &l.wv.data].concat();
+            let gate_up = [&l.w_gate.data[..], &l.w_up.data].concat();
+            layers.push(CpuLayer {
+                attn_norm: l.attn_norm.data.clone(),
+                wqkv: Matrix::new(q_dim + 2 * kv_dim, h, &qkv, storage),
+                bqkv,
+                wo: Matrix::new(h, q_dim, &l.wo.data, storage),
+                ffn_norm: l.ffn_norm.data.clone(),
+                w_gate_up: Matrix::new(2 * f, h, &gate_up, storage),
+                w_down: Matrix::new(h, f, &l.w_down.data, storage),
+            });
+        }
+        Ok(Self {
+            kernel: Kernel::detect(),
+            embed: Matrix::new(cfg.vocab_size, h, &weights.embed_tokens.data, storage),
+            lm_head: weights
+                .lm_head
+                .as_ref()
+                .map(|t| Matrix::new(cfg.vocab_size, h, &t.data, storage)),
+            layers,
+            final_norm: weights.final_norm.data.clone(),
+            inv_freq: rope_inv_freq(&cfg),
+            kv: None,
+            scratch: Scratch::default(),
+            cfg,
+        })
+    }
+
+    /// Bytes the weights occupy in this backend's storage.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.wqkv.bytes()
+                    + l.wo.bytes()
+                    + l.w_gate_up.bytes()
+                    + l.w_down.bytes()
+                    + 4 * (l.attn_norm.len()
+                        + l.ffn_norm.len()
+                        + l.bqkv.as_ref().map_or(0, |b| b.len()))
+            })
+            .sum();
+        layers + self.embed.bytes() + self.lm_head.as_ref().map_or(0, |m| m.bytes())
+    }
+
+    fn pool(&self) -> Result<&KvPool, BackendError> {
+        self.kv.as_ref().ok_or(BackendError::KvCacheNotInitialised)
+    }
+
+    fn slot(pool: &KvPool, block_ids: &[u32], pos: usize) -> Result<usize, BackendError> {
+        let block =
+            *block_ids
+                .get(pos / pool.block_size)
+                .ok_or(BackendError::BlockTableTooShort {
+                    blocks: block_ids.len(),
+                    tokens: pos + 1,
+                    block_size: pool.block_size,
+                })?;
+        if block as usize >= pool.num_blocks {
+            return Err(BackendError::BlockOutOfRange {
+                block,
+                num_blocks: pool.num_blocks,
+            });
+        }
+        Ok(block as usize * pool.block_size + pos % pool.block_size)
+    }
+}
+
+/// Below this many elements, a row-wise pass runs on the calling thread: a
+/// parallel dispatch is a synchronisation point, which costs more than the
+/// work for decode-sized steps (and much more when the cores are contended).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// Applies `f(row_index, out_row, in_row)` to rows of `width`, in parallel
+/// only when the work is large enough to pay for it.
+fn for_rows<F>(out: &mut [f32], out_width: usize, input: &[f32], in_width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &[f32]) + Sync,
+{
+    if out.len() + input.len() < PARALLEL_MIN_ELEMENTS {
+        out.chunks_mut(out_width)
+            .zip(input.chunks(in_width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, o, x));
+    } else {
+        out.par_chunks_mut(out_width)
+            .zip(input.par_chunks(in_width))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, o, x));
+    }
+}
+
+/// [`for_rows`] over one buffer modified in place.
+fn for_rows_mut<F>(buf: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if buf.len() < PARALLEL_MIN_ELEMENTS {
+        buf.chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        buf.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let h = weight.len();
+    for_rows(out, h, x, h, |_, o, x| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * inv * w;
+        }
+    });
+}
+
+/// Rotates pairs `(i, i + d/2)` of every head in `v` (HF half-split RoPE).
+fn apply_rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in v.chunks_mut(head_dim) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (a[i], b[i]);
+            a[i] = x0 * cos[i] - x1 * sin[i];
+            b[i] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+impl ComputeBackend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.cfg.kv_bytes_per_token(std::mem::size_of::<f32>())
+    }
+
+    fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(BackendError::KvGeometry(format!(
+                "block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
+            )));
+        }
+        let per_layer = num_blocks * block_size * self.cfg.num_kv_heads * self.cfg.head_dim;
+        let layers = self.cfg.num_layers;
+        self.kv = Some(KvPool {
+            block_size,
+            num_blocks,
+            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+        });
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        logits: &mut Vec<f32>,
+        mut sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<(), BackendError> {
+        let cfg = &self.cfg;
+        let kernel = self.kernel;
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+        );
+        let (q_dim, kv_dim, f) = (nh * hd, nkv * hd, cfg.intermediate_size);
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let pool = self
+            .kv
+            .as_mut()
+            .ok_or(BackendError::KvCacheNotInitialised)?;
+        let s = &mut self.scratch;
+
+        // Validate everything before touching the cache, and resolve each new
+        // token's position and cache slot once for all layers.
+        s.positions.clear();
+        s.slots.clear();
+        for seq in batch {
+            for (i, &tok) in seq.tokens.iter().enumerate() {
+                if tok as usize >= cfg.vocab_size {
+                    return Err(BackendError::TokenOutOfRange {
+                        token: tok,
+                        vocab: cfg.vocab_size,
+                    });
+                }
+                let pos = seq.start_pos + i;
+                s.positions.push(pos);
+                s.slots.push(CpuBackend::slot(pool, seq.block_table, pos)?);
+            }
+        }
+        let total = s.positions.len();
+        resize(&mut s.x, total * h);
+        for (row, &tok) in
+            s.x.chunks_mut(h)
+                .zip(batch.iter().flat_map(|seq| seq.tokens))
+        {
+            self.embed.row_into(tok as usize, row);
+        }
+        resize(&mut s.normed, total * h);
+        resize(&mut s.qkv, total * qkv_dim);
+        resize(&mut s.attn, total * q_dim);
+        resize(&mut s.proj, total * h);
+        resize(&mut s.gate_up, total * 2 * f);
+        resize(&mut s.act, total * f);
+
+        // Sequence boundaries within the flattened token rows.
+        let mut seq_offsets = Vec::with_capacity(batch.len() + 1);
+        seq_offsets.push(0);
+        for seq in batch {
+            seq_offsets.push(seq_offsets.last().unwrap() + seq.tokens.len());
+        }
+
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        let row_width = nkv * hd;
+        let half = hd / 2;
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, cfg.rms_norm_eps, &mut s.normed);
+            layer.wqkv.matmul(kernel, &s.normed, total, &mut s.qkv);
+            let inv_freq = &self.inv_freq;
+            let positions = &s.positions;
+            for_rows_mut(&mut s.qkv, qkv_dim, |t, row| {
+                if let Some(b) = &layer.bqkv {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += b;
+                    }
+                }
+                let mut cos = [0f32; 256];
+                let mut sin = [0f32; 256];
+                let pos = positions[t] as f32;
+                for i in 0..half {
+                    let (sn, cs) = (pos * inv_freq[i]).sin_cos();
+                    cos[i] = cs;
+                    sin[i] = sn;
+                }
+                apply_rope(&mut row[..q_dim + kv_dim], hd, &cos[..half], &sin[..half]);
+            });
+            let (kc, vc) = (&mut pool.k[li], &mut pool.v[li]);
+            for (t, &slot) in s.slots.iter().enumerate() {
+                let row = &s.qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                kc[slot * row_width..(slot + 1) * row_width]
+                    .copy_from_slice(&row[q_dim..q_dim + kv_dim]);
+                vc[slot * row_width..(slot + 1) * row_width]
+                    .copy_from_slice(&row[q_dim + kv_dim..]);
+            }
+
+            // Causal attention over the paged cache, one task per (sequence, head).
+            let (kc, vc) = (&pool.k[li][..], &pool.v[li][..]);
+            let qkv = &s.qkv;
+            let attn_ptr = SharedMut(s.attn.as_mut_ptr());
+            let block_size = pool.block_size;
+            let attend = |task: usize| {
+                let (si, head) = (task / nh, task % nh);
+                let seq = &batch[si];
+                let kvh = head / group;
+                let ctx = seq.start_pos + seq.tokens.len();
+                let mut scores = vec![0f32; ctx];
+                let mut out = vec![0f32; hd];
+                for i in 0..seq.tokens.len() {
+                    let t = seq_offsets[si] + i;
+                    let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
+                    let n = seq.start_pos + i + 1;
+                    let mut max = f32::NEG_INFINITY;
+                    for (pos, sc) in scores[..n].iter_mut().enumerate() {
+                        let slot = seq.block_table[pos / block_size] as usize * block_size
+                            + pos % block_size;
+                        let off = slot * row_width + kvh * hd;
+                        *sc = dot(kernel, q, &kc[off..off + hd]) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0.0;
+                    for sc in &mut scores[..n] {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    out.fill(0.0);
+                    for (pos, sc) in scores[..n].iter().enumerate() {
+                        let slot = seq.block_table[pos / block_size] as usize * block_size
+                            + pos % block_size;
+                        let off = slot * row_width + kvh * hd;
+                        let w = sc / sum;
+                        for (o, v) in out.iter_mut().zip(&vc[off..off + hd]) {
+                            *o += w * v;
+                        }
+                    }
+                    // SAFETY: task (si, head) alone writes head `head` of its own
+                    // tokens' rows; the buffer outlives the parallel loop.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            attn_ptr.get().add(t * q_dim + head * hd),
+                            hd,
+                        )
+                    };
+                    dst.copy_from_slice(&out);
+                }
+            };
+            // Multiply-adds of this layer's attention: small decode steps run
+            // on this thread rather than pay for a parallel dispatch.
+            let work: usize = batch
+                .iter()
+                .map(|q| q.tokens.len() * (q.start_pos + q.tokens.len()) * nh * hd)
+                .sum();
+            if work < 8 * PARALLEL_MIN_ELEMENTS {
+                (0..batch.len() * nh).for_each(attend);
+            } else {
+                (0..batch.len() * nh).into_par_iter().for_each(attend);
+            }
+
+            layer.wo.matmul(kernel, &s.attn, total, &mut s.proj);
+            s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
+            rms_norm(&s.x, &layer.ffn_norm, cfg.rms_norm_eps, &mut s.normed);
+            layer
+                .w_gate_up
+                .matmul(kernel, &s.normed, total, &mut s.gate_up);
+            for_rows(&mut s.act, f, &s.gate_up, 2 * f, |_, a, gu| {
+                let (g, u) = gu.split_at(f);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+            layer.w_down.matmul(kernel, &s.act, total, &mut s.proj);
+            s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
+
+            if let Some(sink) = sink.as_deref_mut() {
+                for (si, seq) in batch.iter().enumerate() {
+                    s.sink_k.clear();
+                    s.sink_v.clear();
+                    for t in seq_offsets[si]..seq_offsets[si] + seq.tokens.len() {
+                        let row = &s.qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                        s.sink_k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+                        s.sink_v.extend_from_slice(&row[q_dim + kv_dim..]);
+                    }
+                    sink.layer_computed(li, si, &s.sink_k, &s.sink_v);
+                }
+            }
+        }
+
+        // Only the last token of sequences that asked for logits goes through
+        // the (large) output projection.
+        let mut last_rows = std::mem::take(&mut s.last_rows);
+        last_rows.clear();
+        for (si, seq) in batch.iter().enumerate() {
+            if seq.need_logits && !seq.tokens.is_empty() {
+                let t = seq_offsets[si + 1] - 1;
+                last_rows.extend_from_slice(&s.x[t * h..(t + 1) * h]);
+            }
+        }
+        let n_rows = last_rows.len() / h;
+        resize(&mut s.normed, n_rows * h);
+        rms_norm(
+            &last_rows,
+            &self.final_norm,
+            cfg.rms_norm_eps,
+            &mut s.normed,
+        );
+        resize(logits, n_rows * cfg.vocab_size);
+        self.lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .matmul(kernel, &s.normed, n_rows, logits);
+        s.last_rows = last_rows;
+        Ok(())
+    }
+
+    fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
+        let pool = self.pool()?;
+        let w = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let slots = (0..num_tokens)
+            .map(|p| CpuBackend::slot(pool, block_ids, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gather = |cache: &[f32]| {
+            let mut out = Vec::with_capacity(num_tokens * w);
+            for &s in &slots {
+                out.extend_from_slice(&cache[s * w..(s + 1) * w]);
+            }
+            out
+        };
+        Ok(KvExport {
+            dtype: KvDtype::F32,
+            num_tokens,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            layers: pool
+                .k
+                .iter()
+                .zip(&pool.v)
+                .map(|(k, v)| (gather(k), gather(v)))
+                .collect(),
+        })
+    }
+
+    fn write_kv_layer(
+        &mut self,
+        block_ids: &[u32],
+        start_pos: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), BackendError> {
+        let w = self.cfg.num_kv_heads * self.cfg.head_dim;
+        if layer >= self.cfg.num_layers || k.len() != v.len() || k.len() % w != 0 {
+            return Err(BackendError::KvShapeMismatch(format!(
+                "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
+                k.len(),
+                v.len(),
+                self.cfg.num_layers
+            )));
+        }
+        let pool = self
+            .kv
+            .as_mut()
+            .ok_or(BackendError::KvCacheNotInitialised)?;
+        for i in 0..k.len() / w {
+            let s = CpuBackend::slot(pool, block_ids, start_pos + i)?;
+            pool.k[layer][s * w..(s + 1) * w].copy_from_slice(&k[i * w..(i + 1) * w]);
+            pool.v[layer][s * w..(s + 1) * w].copy_from_slice(&v[i * w..(i + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
+        let pool = self
+            .kv
+            .as_mut()
+            .ok_or(BackendError::KvCacheNotInitialised)?;
+        for b in [src, dst] {
+            if b as usize >= pool.num_blocks {
+                return Err(BackendError::BlockOutOfRange {
+                    block: b,
+                    num_blocks: pool.num_blocks,
+                });
+            }
+        }
+        let n = pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim;
+        let (s, d) = (src as usize * n, dst as usize * n);
+        for cache in pool.k.iter_mut().chain(pool.v.iter_mut()) {
+            cache.copy_within(s..s + n, d);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Compute backends: the part of the engine that owns device memory (weights and
+//! the paged KV pool) and runs forward steps. The scheduler and block manager
+//! above are backend-agnostic; a CUDA backend implements the same trait.
+
+pub mod cpu;
+
+use crate::engine::types::KvExport;
+use crate::model::ModelConfig;
+
+pub use cpu::{CpuBackend, WeightStorage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("KV cache is not initialised: call init_kv_cache first")]
+    KvCacheNotInitialised,
+    #[error("invalid KV cache geometry: {0}")]
+    KvGeometry(String),
+    #[error("block id {block} is out of range (the pool has {num_blocks} blocks)")]
+    BlockOutOfRange { block: u32, num_blocks: usize },
+    #[error(
+        "block table of {blocks} blocks cannot hold {tokens} tokens at block size {block_size}"
+    )]
+    BlockTableTooShort {
+        blocks: usize,
+        tokens: usize,
+        block_size: usize,
+    },
+    #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("KV import does not match this model: {0}")]
+    KvShapeMismatch(String),
+    #[error("invalid weights: {0}")]
+    Weights(String),
+}
+
+/// One sequence's share of a forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// The tokens to compute this step (a prefill chunk, or the one decode token).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence; positions before it are already
+    /// in the KV cache.
+    pub start_pos: usize,
+    /// Physical blocks covering positions `0 .. start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+    /// Whether the caller wants logits of the last token of `tokens`.
+    pub need_logits: bool,
+}
+
+/// Receives, as soon as a layer has been computed, the K and V that this step
+/// wrote for one sequence's new tokens. Lets KV export stream layer by layer
+/// while later layers still compute.
+pub trait KvLayerSink {
+    /// `k` and `v` are `[new_tokens, kv_heads, head_dim]` for sequence
+    /// `seq_index` of the batch, positions `start_pos ..`.
+    fn layer_computed(&mut self, layer: usize, seq_index: usize, k: &[f32], v: &[f32]);
+}
+
+/// Owns the weights and the paged KV pool of one model and runs forward steps.
+///
+/// The KV pool holds, per layer, K and V as `[num_blocks * block_size, kv_heads,
+/// head_dim]`; slot `b * block_size + i` is position `i` of physical block `b`.
+pub trait ComputeBackend: Send {
+    /// Short name for logs and metrics (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    fn config(&self) -> &ModelConfig;
+
+    /// Bytes of KV cache one token occupies across all layers.
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// (Re)allocates the KV pool. Contents start zeroed.
+    fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError>;
+
+    /// Runs one step over a batch and writes, for every sequence with
+    /// `need_logits`, in batch order, a row of `vocab_size` logits into `logits`
+    /// (which is resized to `[n_logit_rows, vocab]`).
+    fn forward(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        logits: &mut Vec<f32>,
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<(), BackendError>;
+
+    /// Copies the first `num_tokens` positions held by `block_ids` out of the
+    /// pool, in the layout-independent export format.
+    fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError>;
+
+    /// Writes one layer's K and V (`[num_tokens, kv_heads, head_dim]`) for
+    /// positions `start_pos ..` into the blocks of `block_ids` (which cover
+    /// positions from 0).
+    fn write_kv_layer(
+        &mut self,
+        block_ids: &[u32],
+        start_pos: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), BackendError>;
+
+    /// Copies every layer's K and V of block `src` into block `dst`.
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError>;
+
+    /// Writes a whole export (all layers, positions `0 .. kv.num_tokens`).
+    fn write_kv(&mut self, block_ids: &[u32], kv: &KvExport) -> Result<(), BackendError> {
+        let cfg = self.config();
+        if kv.num_layers() != cfg.num_layers
+            || kv.kv_heads != cfg.num_kv_heads
+            || kv.head_dim != cfg.head_dim
+        {
+            return Err(BackendError::KvShapeMismatch(format!(
+                "export has {} layers x {} kv heads x head_dim {}, model has {} x {} x {}",
+                kv.num_layers(),
+                kv.kv_heads,
+                kv.head_dim,
+                cfg.num_layers,
+                cfg.num_kv_heads,
+                cfg.head_dim
+            )));
+        }
+        for (layer, (k, v)) in kv.layers.iter().enumerate() {
+            self.write_kv_layer(block_ids, 0, layer, k, v)?;
+        }
+        Ok(())
+    }
+}
