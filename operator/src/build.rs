@@ -617,7 +617,6 @@ fn pod_template(
                 args: Some(vec![
                     "model".into(),
                     "fetch".into(),
-                    "--source".into(),
                     format!("hf://{repo}"),
                     "--output".into(),
                     model_path(v),

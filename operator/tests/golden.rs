@@ -21,8 +21,8 @@ const ROLES_PENDING_IN_WORKER: &[&str] = &["frontend", "prefill", "decode"];
 /// asserted to be still rejected, so the list must shrink as the worker grows.
 /// - `serve`: its flags arrive with the OpenAI server issue (DESIGN.md plans `--model`, `--host`,
 ///   `--port`, `--device`, …).
-/// - `model fetch`: fetching an `hf://` repository into a directory arrives with the model
-///   loading issue.
+/// - `model fetch`: takes the model as its positional argument today (only the default model);
+///   fetching an `hf://` repository into a chosen directory (`--output`) is still to come.
 const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[
     ("serve", "--model"),
     ("serve", "--served-model-name"),
@@ -30,7 +30,6 @@ const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[
     ("serve", "--port"),
     ("serve", "--device"),
     ("serve", "--max-model-len"),
-    ("model fetch", "--source"),
     ("model fetch", "--output"),
 ];
 
