@@ -97,8 +97,33 @@ async fn serve_http(port: u16, state: HttpState) -> anyhow::Result<()> {
     axum::serve(listener, app).await.context("metrics server")
 }
 
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => drop(tokio::signal::ctrl_c().await),
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain, no backtrace: this is what `kubectl logs` shows.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
     info!(version = env!("CARGO_PKG_VERSION"), namespace = ?args.namespace, "starting tandem-operator");
@@ -142,20 +167,29 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = acquired => {}
-        _ = tokio::signal::ctrl_c() => { info!("stopping before leading"); return Ok(()) }
+        _ = shutdown_signal() => { info!("stopping before leading"); return Ok(()) }
     }
     ready.store(true, Ordering::Relaxed);
     info!(holder, lease = args.lease_name, "leading");
 
-    // Renew in the background; losing the Lease ends the process so a restart re-elects.
+    // Renew in the background; losing the Lease ends the process so a restart re-elects. A
+    // leader that cannot renew for a whole lease duration steps down too: by then a standby may
+    // hold the Lease, and two replicas must never reconcile at once.
     let renew_lock = lock.clone();
     let renewal = tokio::spawn(async move {
+        let mut last_renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(retry).await;
             match renew_lock.try_acquire_or_renew().await {
-                Ok(true) => {}
+                Ok(true) => last_renewed = tokio::time::Instant::now(),
                 Ok(false) => return anyhow::anyhow!("lost the leader Lease to another replica"),
                 Err(e) => warn!(error = %e, "renewing the leader Lease"),
+            }
+            if last_renewed.elapsed() >= renew_lock.duration() {
+                return anyhow::anyhow!(
+                    "could not renew the leader Lease for {:?}",
+                    renew_lock.duration()
+                );
             }
         }
     });

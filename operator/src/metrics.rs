@@ -77,3 +77,29 @@ impl Metrics {
         String::from_utf8(buf).expect("Prometheus text format is UTF-8")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_by_label_in_text_format() {
+        let m = Metrics::new();
+        m.reconciles.with_label_values(&["ok"]).inc();
+        m.errors.with_label_values(&["invalid_spec"]).inc_by(2);
+        m.duration.with_label_values::<&str>(&[]).observe(0.03);
+        let text = m.render();
+        assert!(
+            text.contains("tandem_operator_reconcile_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_operator_reconcile_errors_total{category=\"invalid_spec\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
+            "{text}"
+        );
+    }
+}
