@@ -60,7 +60,9 @@ pub struct DisaggDeploymentSpec {
     /// The model every tier serves.
     pub model: ModelSpec,
     /// Container image holding the `tandem` binary (e.g. `ghcr.io/tandem/worker:0.1.0`).
+    // maxLength bounds the API server's CEL cost estimate for the rules on this string.
     #[x_kube(validation = Rule::new("self.size() > 0").message("image must not be empty"))]
+    #[schemars(length(max = 512))]
     pub image: String,
     /// Image pull policy of every Tandem container: Always, IfNotPresent or Never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +98,7 @@ pub struct ModelSpec {
         validation = Rule::new("self.size() > 0").message("model.name must not be empty"),
         validation = Rule::new("self == oldSelf").message("model.name is immutable: create a new DisaggDeployment to serve another model")
     )]
+    #[schemars(length(max = 253))]
     pub name: String,
     /// `hf://<org>/<repo>` (downloaded by an init container), `pvc://<claim>/<path>` (mounted
     /// read-only) or `file:///<path>` (a path inside the image). Immutable: prefill and decode
@@ -105,6 +108,7 @@ pub struct ModelSpec {
             .message("model.source must be hf://<org>/<repo>, pvc://<claim>/<path> or file:///<path>"),
         validation = Rule::new("self == oldSelf").message("model.source is immutable: create a new DisaggDeployment to serve another model")
     )]
+    #[schemars(length(max = 1024))]
     pub source: String,
     /// Secret holding a Hugging Face token for gated `hf://` repositories (env `HF_TOKEN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -265,6 +269,7 @@ pub struct AutoscalingSpec {
     /// Prometheus base URL the planner queries, e.g. `http://prometheus.monitoring:9090`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("prometheusUrl must be an http:// or https:// URL"))]
+    #[schemars(length(max = 2048))]
     pub prometheus_url: Option<String>,
     /// Seconds between planner decisions.
     #[serde(default = "default_interval_seconds")]

@@ -279,3 +279,29 @@ fn crd_reference_is_fresh() {
         path.display()
     );
 }
+
+/// The API server refuses a CRD whose CEL rules it cannot bound in cost; string rules are
+/// bounded by the string's maxLength.
+#[test]
+fn strings_with_cel_rules_have_a_max_length() {
+    fn walk(path: &str, s: &Value, unbounded: &mut Vec<String>) {
+        if s["type"] == "string"
+            && s.get("x-kubernetes-validations").is_some()
+            && s.get("maxLength").is_none()
+        {
+            unbounded.push(path.to_string());
+        }
+        for (name, sub) in s["properties"].as_object().into_iter().flatten() {
+            walk(&format!("{path}.{name}"), sub, unbounded);
+        }
+        if let Some(items) = s.get("items") {
+            walk(&format!("{path}[]"), items, unbounded);
+        }
+    }
+    let mut unbounded = Vec::new();
+    walk("", &schema(), &mut unbounded);
+    assert!(
+        unbounded.is_empty(),
+        "strings with CEL rules but no maxLength: {unbounded:?}"
+    );
+}
