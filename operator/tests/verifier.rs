@@ -410,3 +410,133 @@ async fn api_errors_back_off_exponentially() {
     let secs = |n| Action::requeue(std::time::Duration::from_secs(n));
     assert_eq!(delays, [secs(5), secs(10), secs(20)]);
 }
+
+/// The chart's operator rules (the `rules:` block of the first document of
+/// `templates/rbac.yaml`) as (apiGroup, resource, verb) triples.
+fn chart_rbac() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(
+        common::repo_root().join("charts/tandem-operator/templates/rbac.yaml"),
+    )
+    .unwrap();
+    let first = text.split("\n---").next().unwrap();
+    let plain = &first[first.find("\nrules:").expect("a rules: block")..];
+    assert!(
+        !plain.contains("{{"),
+        "the rules block must stay free of template logic"
+    );
+    let doc: Value = serde_yaml::from_str(plain).expect("the rules block is plain YAML");
+    let mut out = Vec::new();
+    for rule in doc["rules"].as_array().expect("rules") {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.push((
+                        g.as_str().unwrap().into(),
+                        r.as_str().unwrap().into(),
+                        v.as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// (apiGroup, resource[/subresource], verb) of one request.
+fn rbac_of(seen: &Seen) -> (String, String, String) {
+    let parts: Vec<&str> = seen.path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts[0] {
+        "api" => (String::new(), &parts[2..]),
+        _ => (parts[1].to_string(), &parts[3..]),
+    };
+    let rest = if rest.first() == Some(&"namespaces") {
+        &rest[2..]
+    } else {
+        rest
+    };
+    let resource = match rest {
+        [r] | [r, _] => r.to_string(),
+        [r, _, sub] => format!("{r}/{sub}"),
+        other => panic!("unexpected path {other:?}"),
+    };
+    let verb = match (&seen.method, rest.len()) {
+        (&Method::GET, 1) if seen.query.contains("watch=true") => "watch",
+        (&Method::GET, 1) => "list",
+        (&Method::GET, _) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        (m, _) => panic!("unexpected method {m}"),
+    };
+    (group, resource, verb.to_string())
+}
+
+#[tokio::test]
+async fn chart_rbac_allows_every_request_the_controller_makes() {
+    let mut seen = Vec::new();
+    // A full disaggregated reconcile (applies, status, Event) …
+    let (client, log) = mock(Arc::new(empty_namespace));
+    reconcile(
+        Arc::new(DeserializeGuard(Ok(example("disagg_router")))),
+        context(client),
+    )
+    .await
+    .unwrap();
+    seen.extend(log.lock().unwrap().clone());
+    // … and a serve-topology one, which reads and prunes everything a frontend/prefill needs.
+    let owned_everything = |s: &Seen| -> (StatusCode, Value) {
+        if s.method == Method::GET {
+            let dd = example("agg");
+            let parts: Vec<&str> = s.path.trim_start_matches('/').split('/').collect();
+            let api_version = if parts[0] == "api" {
+                "v1".to_string()
+            } else {
+                format!("{}/{}", parts[1], parts[2])
+            };
+            let kind = match parts[parts.len() - 2] {
+                "roles" => "Role",
+                "rolebindings" => "RoleBinding",
+                "deployments" => "Deployment",
+                "statefulsets" => "StatefulSet",
+                "services" => "Service",
+                "poddisruptionbudgets" => "PodDisruptionBudget",
+                other => panic!("unexpected read of {other}"),
+            };
+            return (
+                StatusCode::OK,
+                json!({"apiVersion": api_version, "kind": kind, "metadata": {
+                "name": s.path.rsplit('/').next().unwrap(), "namespace": "default",
+                "ownerReferences": [{"apiVersion": "tandem.dev/v1alpha1", "kind": "DisaggDeployment",
+                    "name": "smollm2-agg", "uid": dd.metadata.uid.unwrap(), "controller": true}]}}),
+            );
+        }
+        if s.method == Method::DELETE {
+            return (
+                StatusCode::OK,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            );
+        }
+        empty_namespace(s)
+    };
+    let (client, log) = mock(Arc::new(owned_everything));
+    reconcile(
+        Arc::new(DeserializeGuard(Ok(example("agg")))),
+        context(client),
+    )
+    .await
+    .unwrap();
+    seen.extend(log.lock().unwrap().clone());
+
+    let allowed = chart_rbac();
+    let needed: std::collections::BTreeSet<_> = seen.iter().map(rbac_of).collect();
+    assert!(
+        needed.iter().any(|(_, _, v)| v == "delete"),
+        "the prune path was exercised: {needed:?}"
+    );
+    let missing: Vec<_> = needed.iter().filter(|n| !allowed.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "charts/tandem-operator RBAC lacks {missing:?}"
+    );
+}
