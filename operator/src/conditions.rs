@@ -18,6 +18,7 @@ pub mod reasons {
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const UP_TO_DATE: &str = "UpToDate";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const MALFORMED_OBJECT: &str = "MalformedObject";
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const RECONCILED: &str = "Reconciled";
 }

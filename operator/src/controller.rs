@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -150,7 +150,28 @@ pub async fn reconcile(
     let started = Instant::now();
     let result = match &guard.0 {
         Ok(dd) => reconcile_valid(dd, &ctx).await,
-        Err(invalid) => Err(Error::MalformedObject(invalid.error.clone())),
+        Err(invalid) => {
+            // Its status cannot be written through the typed API; an Event still reaches
+            // `kubectl describe`.
+            let reference = ObjectReference {
+                api_version: Some(DisaggDeployment::api_version(&()).into_owned()),
+                kind: Some(DisaggDeployment::kind(&()).into_owned()),
+                name: invalid.metadata.name.clone(),
+                namespace: invalid.metadata.namespace.clone(),
+                uid: invalid.metadata.uid.clone(),
+                ..Default::default()
+            };
+            let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+            publish(
+                &recorder,
+                &reference,
+                EventType::Warning,
+                reasons::MALFORMED_OBJECT,
+                &invalid.error,
+            )
+            .await;
+            Err(Error::MalformedObject(invalid.error.clone()))
+        }
     };
     ctx.metrics
         .duration
@@ -253,7 +274,7 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
 /// Events are best effort: failing to record one must not fail the reconcile.
 async fn publish(
     recorder: &Recorder,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    reference: &ObjectReference,
     type_: EventType,
     reason: &str,
     note: &str,

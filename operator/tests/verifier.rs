@@ -540,3 +540,31 @@ async fn chart_rbac_allows_every_request_the_controller_makes() {
         "charts/tandem-operator RBAC lacks {missing:?}"
     );
 }
+
+#[tokio::test]
+async fn malformed_object_is_reported_by_event_and_waits_for_a_change() {
+    use kube::core::error_boundary::InvalidObject;
+    let (client, log) = mock(Arc::new(empty_namespace));
+    let ctx = context(client);
+    let metadata = kube::api::ObjectMeta {
+        name: Some("broken".into()),
+        namespace: Some("default".into()),
+        uid: Some("uid-broken".into()),
+        ..Default::default()
+    };
+    let guard = Arc::new(DeserializeGuard::<DisaggDeployment>(Err(InvalidObject {
+        error: "spec.decode: missing field `decode`".into(),
+        metadata,
+    })));
+    let err = reconcile(guard.clone(), ctx.clone()).await.unwrap_err();
+    assert_eq!(err.category(), "malformed_object");
+    assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 1, "only an Event, nothing applied: {log:?}");
+    assert_eq!(log[0].body["reason"], "MalformedObject");
+    assert_eq!(log[0].body["regarding"]["name"], "broken");
+    assert!(log[0].body["note"]
+        .as_str()
+        .unwrap()
+        .contains("missing field `decode`"));
+}
