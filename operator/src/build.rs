@@ -415,7 +415,11 @@ fn model_path(v: &Validated<'_>) -> String {
     }
 }
 
-fn common_model_args(v: &Validated<'_>) -> Vec<String> {
+/// Seconds before the kubelet's SIGKILL that the worker must have exited by: its own drain
+/// deadline is the pod's grace period minus this margin.
+const EXIT_MARGIN_SECONDS: i64 = 5;
+
+fn common_model_args(v: &Validated<'_>, drain_seconds: i64) -> Vec<String> {
     let mut args = vec![
         "--model".to_string(),
         model_path(v),
@@ -429,12 +433,14 @@ fn common_model_args(v: &Validated<'_>) -> Vec<String> {
     if let Some(len) = v.dd.spec.model.max_model_len {
         args.extend(["--max-model-len".to_string(), len.to_string()]);
     }
+    let grace = (drain_seconds - EXIT_MARGIN_SECONDS).max(0);
+    args.extend(["--shutdown-grace-secs".to_string(), grace.to_string()]);
     args
 }
 
 fn frontend_args(v: &Validated<'_>, router_mode: RouterMode) -> Vec<String> {
     let mut args = vec!["frontend".to_string()];
-    args.extend(common_model_args(v));
+    args.extend(common_model_args(v, FRONTEND_DRAIN_SECONDS));
     let mode = match router_mode {
         RouterMode::Kv => "kv",
         RouterMode::RoundRobin => "round-robin",
@@ -466,7 +472,7 @@ fn worker_args(v: &Validated<'_>, tier: Tier) -> Vec<String> {
         other => other.as_str(),
     };
     let mut args = vec![role.to_string()];
-    args.extend(common_model_args(v));
+    args.extend(common_model_args(v, tier_spec.drain_seconds));
     args.extend([
         "--device".into(),
         if tier_spec.gpus_per_replica > 0 {

@@ -96,6 +96,7 @@ pub struct ModelSpec {
     /// Model name clients pass as `model` in OpenAI requests. Immutable.
     #[x_kube(
         validation = Rule::new("self.size() > 0").message("model.name must not be empty"),
+        validation = Rule::new("!self.contains(',')").message("model.name must not contain ',' (the worker reads a comma-separated list of names)"),
         validation = Rule::new("self == oldSelf").message("model.name is immutable: create a new DisaggDeployment to serve another model")
     )]
     #[schemars(length(max = 253))]
@@ -190,7 +191,8 @@ pub struct WorkerTierSpec {
     /// CPU and memory requests and limits; the GPU count comes from gpusPerReplica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Seconds a stopping worker gets to finish its in-flight sequences before it is killed.
+    /// Seconds a stopping worker gets to finish its in-flight sequences before it is killed
+    /// (the pod's termination grace period; the worker itself stops 5 s earlier).
     #[serde(default = "default_drain_seconds")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("drainSeconds must be between 0 and 3600"))]
     pub drain_seconds: i64,

@@ -217,6 +217,10 @@ fn cel_rules_reject_bad_objects_with_their_message() {
         "image must not be empty",
     );
     assert_rejected(
+        |v| v["spec"]["model"]["name"] = json!("a,b"),
+        "model.name must not contain ','",
+    );
+    assert_rejected(
         |v| v["spec"]["autoscaling"]["prometheusUrl"] = json!("prometheus:9090"),
         "prometheusUrl must be an http",
     );

@@ -30,6 +30,7 @@ const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[
     ("serve", "--port"),
     ("serve", "--device"),
     ("serve", "--max-model-len"),
+    ("serve", "--shutdown-grace-secs"),
     ("model fetch", "--output"),
 ];
 
