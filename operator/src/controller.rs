@@ -631,3 +631,107 @@ pub fn failed_status(
     );
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn dd() -> DisaggDeployment {
+        let mut dd: DisaggDeployment = serde_yaml::from_str(
+            "metadata: {name: s, namespace: ns, uid: u, generation: 3}
+spec:
+  model: {name: m, source: 'file:///m'}
+  image: img
+  decode: {replicas: 2, gpusPerReplica: 0}",
+        )
+        .unwrap();
+        dd.metadata.generation = Some(3);
+        dd
+    }
+
+    fn decode(ready: i32, updated: i32, revision: &str) -> StatefulSet {
+        StatefulSet {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(2),
+                ..Default::default()
+            }),
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(1),
+                replicas: 2,
+                ready_replicas: Some(ready),
+                updated_replicas: Some(updated),
+                current_revision: Some("r1".into()),
+                update_revision: Some(revision.into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn find<'a>(s: &'a DisaggDeploymentStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn rollout_in_progress_is_progressing_and_not_ready() {
+        let applied = Applied {
+            decode: decode(1, 1, "r2"),
+            ..Default::default()
+        };
+        let s = status_from(&dd(), &applied, at(100));
+        assert_eq!(s.observed_generation, Some(3));
+        let ready = find(&s, types::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reasons::TIERS_NOT_READY)
+        );
+        assert!(ready.message.contains("decode 1/2"), "{}", ready.message);
+        assert_eq!(find(&s, types::PROGRESSING).status, "True");
+        assert_eq!(s.decode.as_ref().unwrap().summary.as_deref(), Some("1/2"));
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_a_condition_flips() {
+        let mut dd = dd();
+        let rolled = Applied {
+            decode: decode(2, 2, "r1"),
+            ..Default::default()
+        };
+        dd.status = Some(status_from(&dd, &rolled, at(100)));
+        assert_eq!(
+            find(dd.status.as_ref().unwrap(), types::READY).status,
+            "True"
+        );
+
+        let same = status_from(&dd, &rolled, at(200));
+        assert_eq!(
+            find(&same, types::READY).last_transition_time,
+            at(100),
+            "unchanged: keeps its time"
+        );
+
+        let degraded = Applied {
+            decode: decode(1, 2, "r1"),
+            ..Default::default()
+        };
+        let flipped = status_from(&dd, &degraded, at(300));
+        assert_eq!(find(&flipped, types::READY).status, "False");
+        assert_eq!(find(&flipped, types::READY).last_transition_time, at(300));
+    }
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+}
