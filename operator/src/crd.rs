@@ -184,7 +184,7 @@ pub struct WorkerTierSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
     pub replicas: Option<i32>,
-    /// GPUs (`nvidia.com/gpu`) per worker pod; 0 runs the CPU backend. Defaults to 1.
+    /// GPUs (`nvidia.com/gpu`) per worker pod; 0 runs the CPU backend.
     #[serde(default = "default_gpus_per_replica")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 16").message("gpusPerReplica must be between 0 and 16"))]
     pub gpus_per_replica: i32,
