@@ -412,3 +412,72 @@ async fn mismatched_kv_import_is_refused() {
         .unwrap();
     assert!(err.to_string().contains("does not match"), "{err}");
 }
+
+#[tokio::test]
+async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
+    use tandem::engine::types::PrefillEvent;
+    let (cfg, w) = model();
+    // Chunks of 8 tokens: a 21-token prompt takes three steps.
+    let e = engine(
+        &cfg,
+        &w,
+        EngineConfig {
+            max_batch_tokens: 8,
+            ..config(4, 64)
+        },
+    );
+    let p = prompt(12, 21);
+    let whole = e
+        .prefill_only(p.clone(), SamplingParams::greedy())
+        .await
+        .unwrap();
+    let cold = engine(
+        &cfg,
+        &w,
+        EngineConfig {
+            max_batch_tokens: 8,
+            ..config(4, 64)
+        },
+    );
+    let mut stream = cold
+        .prefill_stream(p.clone(), SamplingParams::greedy())
+        .unwrap();
+    let mut seen = vec![vec![0usize; p.len()]; cfg.num_layers];
+    let mut order = Vec::new();
+    let first = loop {
+        match stream.next_event().await.unwrap() {
+            PrefillEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                assert_eq!((prompt_tokens, cached_tokens), (21, 0));
+            }
+            PrefillEvent::Kv(c) => {
+                let width = cfg.num_kv_heads * cfg.head_dim;
+                assert_eq!(c.k.len(), c.num_tokens * width);
+                let (k, v) = &whole.kv.layers[c.layer];
+                let range = c.start_pos * width..(c.start_pos + c.num_tokens) * width;
+                assert_eq!(&k[range.clone()], &c.k[..], "layer {} K", c.layer);
+                assert_eq!(&v[range], &c.v[..], "layer {} V", c.layer);
+                for pos in c.start_pos..c.start_pos + c.num_tokens {
+                    seen[c.layer][pos] += 1;
+                }
+                order.push((c.start_pos, c.layer));
+            }
+            PrefillEvent::Done(t) => break t,
+            PrefillEvent::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(first, whole.first_token);
+    assert!(seen.iter().flatten().all(|&n| n == 1), "{seen:?}");
+    // Layer by layer within each chunk of 8 positions.
+    let expected: Vec<(usize, usize)> = [0, 8, 16]
+        .into_iter()
+        .flat_map(|start| (0..cfg.num_layers).map(move |l| (start, l)))
+        .collect();
+    assert_eq!(order, expected);
+    // A prefix-cache hit sends the cached positions first, then the rest.
+    let again = e.prefill_only(p, SamplingParams::greedy()).await.unwrap();
+    assert_eq!(again.cached_tokens, 20);
+    assert_eq!(again.kv, whole.kv);
+}
