@@ -459,8 +459,8 @@ async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
                 let range = c.start_pos * width..(c.start_pos + c.num_tokens) * width;
                 assert_eq!(&k[range.clone()], &c.k[..], "layer {} K", c.layer);
                 assert_eq!(&v[range], &c.v[..], "layer {} V", c.layer);
-                for pos in c.start_pos..c.start_pos + c.num_tokens {
-                    seen[c.layer][pos] += 1;
+                for n in &mut seen[c.layer][c.start_pos..c.start_pos + c.num_tokens] {
+                    *n += 1;
                 }
                 order.push((c.start_pos, c.layer));
             }
