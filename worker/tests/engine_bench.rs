@@ -84,8 +84,9 @@ async fn smollm2_shaped_throughput() {
     };
     let backend = CpuBackend::new(cfg.clone(), &weights, storage).unwrap();
     println!(
-        "weights: {storage:?}, {:.1} MiB, built in {:.1}s",
+        "weights: {storage:?}, {:.1} MiB, kernel {}, built in {:.1}s",
         backend.weight_bytes() as f64 / (1 << 20) as f64,
+        backend.kernel_name(),
         t.elapsed().as_secs_f64()
     );
     drop(weights);
@@ -157,6 +158,7 @@ fn smollm2_shaped_forward_cost_per_core() {
     let mut backend = CpuBackend::new(cfg.clone(), &weights, WeightStorage::Q8).unwrap();
     drop(weights);
     backend.init_kv_cache(16, 64).unwrap();
+    println!("kernel {}", backend.kernel_name());
     let table: Vec<u32> = (0..64).collect();
     let tokens: Vec<u32> = (0..512).map(|i| (i * 7919) % 49152).collect();
     let mut logits = Vec::new();
