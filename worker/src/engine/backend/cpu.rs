@@ -38,6 +38,10 @@ pub enum WeightStorage {
 /// Weights per Q8 block.
 pub const Q8_BLOCK: usize = 32;
 
+/// Steps with at least this many tokens multiply quantized matrices through
+/// rows unpacked to f32 (see `Matrix::matmul_unpacked`).
+const PREFILL_MIN_TOKENS: usize = 16;
+
 /// Tokens of activations processed against one weight row before moving to
 /// the next row: keeps that activation tile (16 x hidden f32) in L1 during long
 /// prefills. Measured on the SmolLM2 shape: 64-token steps ran 25% faster per
@@ -360,6 +364,14 @@ impl Matrix {
         let (rows, cols) = (self.rows(), self.cols());
         debug_assert_eq!(x.len(), tokens * cols);
         debug_assert_eq!(out.len(), tokens * rows);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2Fma
+            && tokens >= PREFILL_MIN_TOKENS
+            && !matches!(self, Matrix::F32 { .. })
+        {
+            self.matmul_unpacked(x, tokens, out);
+            return;
+        }
         // Q4 rows add `min * Σ x` per block: sum each activation block once.
         let xsums: Vec<f32> = match self {
             Matrix::Q4 { .. } => x.chunks(Q8_BLOCK).map(|c| c.iter().sum()).collect(),
@@ -405,6 +417,70 @@ impl Matrix {
                                 _ => store(t, r, &self.dot_group::<8>(kernel, r, x, &xsums, t)),
                             }
                             t += n;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+impl Matrix {
+    /// The prefill path: with many activation rows, unpack two weight rows to
+    /// f32 once per token tile, then multiply them with four activation rows
+    /// at a time (eight accumulators), which does twice the multiply-adds per
+    /// load of the unpack-as-you-go kernels.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_unpacked(&self, x: &[f32], tokens: usize, out: &mut [f32]) {
+        const TILE: usize = 64;
+        let (rows, cols) = (self.rows(), self.cols());
+        let tasks = rayon::current_num_threads() * 4;
+        // Even, so row pairs never straddle two tasks.
+        let rows_per_task = rows.div_ceil(tasks).max(4).next_multiple_of(2);
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        (0..rows.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let r0 = task * rows_per_task;
+                let r1 = (r0 + rows_per_task).min(rows);
+                let store = |t: usize, r: usize, v: f32| {
+                    // SAFETY: each task owns rows r0..r1 of every token's
+                    // output row, so writes never overlap; t < tokens.
+                    unsafe { *out_ptr.get().add(t * rows + r) = v }
+                };
+                let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
+                let mut w = vec![0f32; 2 * cols];
+                for t0 in (0..tokens).step_by(TILE) {
+                    let t1 = (t0 + TILE).min(tokens);
+                    for r in (r0..r1).step_by(2) {
+                        let pair = r + 1 < r1;
+                        let (w0, w1) = w.split_at_mut(cols);
+                        self.row_into(r, w0);
+                        if pair {
+                            self.row_into(r + 1, w1);
+                        }
+                        let mut t = t0;
+                        while t < t1 {
+                            if pair && t + 4 <= t1 {
+                                let xs = [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)];
+                                // SAFETY: AVX2 and FMA were detected (the caller
+                                // checked the kernel); all rows have `cols` values.
+                                let d = unsafe { x86::dot_f32_2x4(w0, w1, xs) };
+                                for (i, (a, b)) in d[0].iter().zip(&d[1]).enumerate() {
+                                    store(t + i, r, *a);
+                                    store(t + i, r + 1, *b);
+                                }
+                                t += 4;
+                            } else {
+                                // SAFETY: as above.
+                                let [a] = unsafe { x86::dot_f32::<1>(w0, [xrow(t)]) };
+                                store(t, r, a);
+                                if pair {
+                                    // SAFETY: as above.
+                                    let [b] = unsafe { x86::dot_f32::<1>(w1, [xrow(t)]) };
+                                    store(t, r + 1, b);
+                                }
+                                t += 1;
+                            }
                         }
                     }
                 }
@@ -469,6 +545,21 @@ fn portable_dot_q4<const N: usize>(
     out
 }
 
+/// `y += a * x`.
+#[inline]
+fn axpy(kernel: Kernel, a: f32, x: &[f32], y: &mut [f32]) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected; `x` and `y` have equal length.
+        Kernel::Avx2Fma => unsafe { x86::axpy(a, x, y) },
+        Kernel::Portable => {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += a * x;
+            }
+        }
+    }
+}
+
 #[inline]
 fn dot(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     match kernel {
@@ -522,6 +613,50 @@ mod x86 {
                 s += w[j] * xs[k][j];
             }
             out[k] = s;
+        }
+        out
+    }
+
+    /// `y += a * x` for slices of equal length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let main = n / 8 * 8;
+        let av = _mm256_set1_ps(a);
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i < main {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
+            _mm256_storeu_ps(yp.add(i), v);
+            i += 8;
+        }
+        for j in main..n {
+            y[j] += a * x[j];
+        }
+    }
+
+    /// Dot products of two f32 weight rows with four activation rows, all of
+    /// a length that is a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_2x4(w0: &[f32], w1: &[f32], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let mut i = 0;
+        while i < w0.len() {
+            let v0 = _mm256_loadu_ps(p0.add(i));
+            let v1 = _mm256_loadu_ps(p1.add(i));
+            for k in 0..4 {
+                let xv = _mm256_loadu_ps(xs[k].as_ptr().add(i));
+                a0[k] = _mm256_fmadd_ps(v0, xv, a0[k]);
+                a1[k] = _mm256_fmadd_ps(v1, xv, a1[k]);
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; 4]; 2];
+        for k in 0..4 {
+            out[0][k] = hsum(a0[k]);
+            out[1][k] = hsum(a1[k]);
         }
         out
     }
@@ -1112,10 +1247,7 @@ impl ComputeBackend for CpuBackend {
                         let slot = seq.block_table[pos / block_size] as usize * block_size
                             + pos % block_size;
                         let off = slot * row_width + kvh * hd;
-                        let w = sc / sum;
-                        for (o, v) in out.iter_mut().zip(&vc[off..off + hd]) {
-                            *o += w * v;
-                        }
+                        axpy(kernel, sc / sum, &vc[off..off + hd], &mut out);
                     }
                     // SAFETY: task (si, head) alone writes head `head` of its own
                     // tokens' rows; the buffer outlives the parallel loop.
@@ -1323,7 +1455,8 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         let grid = q4_grid(rows, cols);
-        let x: Vec<f32> = (0..8 * cols)
+        // 21 rows: the grouped kernels and the prefill path, with remainders.
+        let x: Vec<f32> = (0..21 * cols)
             .map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0)
             .collect();
         for (weights, storage) in [
@@ -1338,9 +1471,9 @@ mod tests {
             for (r, out) in dense.chunks_mut(cols).enumerate() {
                 m.row_into(r, out);
             }
-            let mut want = vec![0.0; 8 * rows];
-            m.matmul(Kernel::Portable, &x, 8, &mut want);
-            for t in 0..8 {
+            let mut want = vec![0.0; 21 * rows];
+            m.matmul(Kernel::Portable, &x, 21, &mut want);
+            for t in 0..21 {
                 for r in 0..rows {
                     let plain: f32 = dense[r * cols..(r + 1) * cols]
                         .iter()
@@ -1356,7 +1489,7 @@ mod tests {
                 }
             }
             for kernel in Kernel::available() {
-                for tokens in 1..=8 {
+                for tokens in 1..=21 {
                     let mut got = vec![0.0; tokens * rows];
                     m.matmul(kernel, &x[..tokens * cols], tokens, &mut got);
                     for (g, w) in got.iter().zip(&want) {
