@@ -1,11 +1,220 @@
-//! `tandem model`: fetch, list, show. (Owned by the model-loading work.)
+//! `tandem model`: fetch the default model, list the cache, show a model.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use crate::model::{self, fetch, ModelInfo};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {
-    /// Download the default model into the cache.
-    Fetch,
+    /// Download the default model into the cache (does nothing if it is there).
+    Fetch {
+        /// Only the default model can be fetched; other models are used from a
+        /// path (a .gguf file or an HF directory).
+        #[arg(default_value = model::DEFAULT_MODEL)]
+        name: String,
+    },
+    /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a model is: a cached name, a .gguf path or an HF directory.
+    Show {
+        model: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-pub fn run(_cmd: ModelCommand) -> anyhow::Result<()> {
-    anyhow::bail!("tandem model is being built")
+pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Fetch { name } => fetch_cmd(&name),
+        ModelCommand::List { json } => list(json),
+        ModelCommand::Show { model, json } => show(&model, json),
+    }
+}
+
+fn fetch_cmd(name: &str) -> anyhow::Result<()> {
+    let default = model::DEFAULT_MODEL;
+    if !name.eq_ignore_ascii_case(default) {
+        bail!(
+            "only the default model {default} can be fetched; use other models by passing \
+             --model a .gguf path or a Hugging Face directory"
+        );
+    }
+    let cache = model::cache_dir();
+    match fetch::fetch_default(&cache, &fetch::python())? {
+        fetch::FetchOutcome::AlreadyCached(p) => {
+            println!("{default} is already cached at {}", p.display())
+        }
+        fetch::FetchOutcome::Fetched(p) => println!("fetched {default} to {}", p.display()),
+    }
+    Ok(())
+}
+
+/// "98.4 MB" style sizes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// "134.5M" style parameter counts.
+fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ListEntry {
+    name: String,
+    path: PathBuf,
+    #[serde(flatten)]
+    info: Option<ModelInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn list(json: bool) -> anyhow::Result<()> {
+    let entries: Vec<ListEntry> = model::cached_models()
+        .into_iter()
+        .map(|m| {
+            let (info, error) = match model::inspect(&m.path) {
+                Ok(i) => (Some(i), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            ListEntry {
+                name: m.name,
+                path: m.path,
+                info,
+                error,
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!(
+            "no models in {} (run `tandem model fetch` for the default model)",
+            model::cache_dir().display()
+        );
+        return Ok(());
+    }
+    let width = entries
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:>9}  {:<14}  PATH",
+        "NAME", "SIZE", "QUANTIZATION"
+    );
+    for e in &entries {
+        match &e.info {
+            Some(i) => println!(
+                "{:<width$}  {:>9}  {:<14}  {}",
+                e.name,
+                human_bytes(i.file_bytes),
+                i.quantization,
+                e.path.display()
+            ),
+            None => println!(
+                "{:<width$}  {:>9}  {:<14}  {} (unreadable: {})",
+                e.name,
+                "-",
+                "-",
+                e.path.display(),
+                e.error.as_deref().unwrap_or("")
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn show(spec: &str, json: bool) -> anyhow::Result<()> {
+    let path = model::resolve(Some(spec))?;
+    let info = model::inspect(&path)?;
+    if json {
+        #[derive(serde::Serialize)]
+        struct Shown<'a> {
+            path: &'a std::path::Path,
+            #[serde(flatten)]
+            info: &'a ModelInfo,
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Shown {
+                path: &path,
+                info: &info
+            })?
+        );
+        return Ok(());
+    }
+    let c = &info.config;
+    let rows: Vec<(&str, String)> = vec![
+        ("name", info.name.clone()),
+        ("path", path.display().to_string()),
+        ("format", info.format.clone()),
+        ("architecture", info.architecture.clone()),
+        (
+            "parameters",
+            format!("{} ({})", human_count(info.parameters), info.parameters),
+        ),
+        ("quantization", info.quantization.clone()),
+        ("context length", info.context_length.to_string()),
+        (
+            "chat template",
+            if info.has_chat_template { "yes" } else { "no" }.to_string(),
+        ),
+        ("layers", c.num_layers.to_string()),
+        ("hidden size", c.hidden_size.to_string()),
+        ("intermediate size", c.intermediate_size.to_string()),
+        ("attention heads", c.num_heads.to_string()),
+        ("kv heads", c.num_kv_heads.to_string()),
+        ("head dim", c.head_dim.to_string()),
+        ("vocab size", c.vocab_size.to_string()),
+        ("rope theta", c.rope_theta.to_string()),
+        (
+            "tied embeddings",
+            if c.tie_word_embeddings { "yes" } else { "no" }.to_string(),
+        ),
+        ("file size", human_bytes(info.file_bytes)),
+    ];
+    for (k, v) in rows {
+        println!("{k:<18} {v}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(human_bytes(98_362_432), "98.4 MB");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_count(134_515_008), "134.5M");
+        assert_eq!(human_count(1_235_814_400), "1.24B");
+    }
 }

@@ -7,6 +7,139 @@ use std::sync::Arc;
 pub enum TokenizerError {
     #[error("tokenizer: {0}")]
     Tokenizers(String),
+    #[error("tokenizer: {0}")]
+    Unsupported(String),
+    #[error("tokenizer vocabulary is malformed: {0}")]
+    Malformed(String),
+}
+
+/// A byte-level BPE vocabulary in the form GGUF stores it
+/// (`tokenizer.ggml.model == "gpt2"`): tokens by id, merges as `"a b"`, token
+/// types, and the name of the pre-tokenizer (`tokenizer.ggml.pre`).
+#[derive(Debug, Clone)]
+pub struct ByteLevelBpeVocab {
+    pub tokens: Vec<String>,
+    /// llama.cpp token types by id (1 normal, 2 unknown, 3 control,
+    /// 4 user-defined, 5 unused, 6 byte); may be empty.
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.pre`; `None` means plain GPT-2.
+    pub pre: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub add_bos_token: bool,
+}
+
+/// A SentencePiece BPE vocabulary in the form GGUF stores it
+/// (`tokenizer.ggml.model == "llama"`): tokens with scores and types, no merges.
+#[derive(Debug, Clone)]
+pub struct SentencePieceVocab {
+    pub tokens: Vec<String>,
+    /// Merge priority of each token (higher merges first).
+    pub scores: Vec<f32>,
+    /// llama.cpp token types by id, as in [`ByteLevelBpeVocab::token_types`].
+    pub token_types: Vec<i32>,
+    /// Prepend "▁" to the text (`tokenizer.ggml.add_space_prefix`, default true).
+    pub add_space_prefix: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub add_bos_token: bool,
+}
+
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's split regex (llama.cpp pre "llama-bpe"): up to three digits per
+/// piece, letters may carry one leading non-letter.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split regex: as Llama 3's but one digit per piece.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer HF uses for the model family llama.cpp names `pre`.
+fn byte_level_pre_tokenizer(
+    pre: Option<&str>,
+) -> Result<tokenizers::PreTokenizerWrapper, TokenizerError> {
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, split::Split,
+    };
+    use tokenizers::{PreTokenizerWrapper as W, SplitDelimiterBehavior};
+    let split = |regex: &str| -> Result<W, TokenizerError> {
+        let split = Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(W::Sequence(Sequence::new(vec![
+            W::Split(split),
+            W::ByteLevel(ByteLevel::new(false, true, false)),
+        ])))
+    };
+    match pre.unwrap_or("default") {
+        // GPT-2's own regex lives inside the ByteLevel pre-tokenizer.
+        "default" | "gpt2" | "gpt-2" => Ok(W::ByteLevel(ByteLevel::new(false, true, true))),
+        // StarCoder-style vocabularies (SmolLM included) split every digit first.
+        "smollm" | "starcoder" | "refact" | "codeshell" => Ok(W::Sequence(Sequence::new(vec![
+            W::Digits(Digits::new(true)),
+            W::ByteLevel(ByteLevel::new(false, true, true)),
+        ]))),
+        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        other => Err(TokenizerError::Unsupported(format!(
+            "pre-tokenizer \"{other}\" is not supported (supported: gpt2, smollm, starcoder, \
+             refact, codeshell, llama-bpe, qwen2)"
+        ))),
+    }
+}
+
+fn check_special_ids(n: usize, bos: Option<u32>, eos: &[u32]) -> Result<(), TokenizerError> {
+    for id in bos.iter().chain(eos) {
+        if *id as usize >= n {
+            return Err(TokenizerError::Malformed(format!(
+                "special token id {id} is outside the vocabulary of {n} tokens"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The BPE merges equivalent to SentencePiece's score-driven merging, in the
+/// order HF's `generate_merges` gives them: each way a token splits into two
+/// tokens is a merge, ranked by the merged token's score, then by longer left
+/// piece, then longer right piece; remaining ties keep vocabulary order.
+fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f32],
+    ids: &tokenizers::models::bpe::Vocab,
+) -> Vec<(String, String)> {
+    let mut merges: Vec<(String, String, f32)> = Vec::new();
+    for (token, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(u32, u32, &str, &str)> = token
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = token.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, l, r))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _, _)| (l, r));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, l, r)| (l.to_string(), r.to_string(), score)),
+        );
+    }
+    // Descending by (score, left length, right length); stable, so equal keys
+    // keep vocabulary order.
+    merges.sort_by(|a, b| {
+        let key = |m: &(String, String, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
 /// A model's tokenizer with the special-token facts generation needs.
@@ -44,6 +177,138 @@ impl Tokenizer {
             eos_token_ids,
             add_bos_token,
         }
+    }
+
+    /// Builds the HF-equivalent tokenizer of a byte-level BPE vocabulary (as in
+    /// GGUF files): BPE over the tokens and merges, the pre-tokenizer named by
+    /// `pre`, the byte-level decoder, and control tokens registered as special
+    /// tokens so that `<|im_start|>` written in chat text encodes to its one id.
+    pub fn from_byte_level_bpe(vocab: ByteLevelBpeVocab) -> Result<Self, TokenizerError> {
+        use tokenizers::models::bpe::{Vocab, BPE};
+        use tokenizers::{decoders::byte_level::ByteLevel, AddedToken};
+
+        let ids: Vocab = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        let merges = vocab
+            .merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| TokenizerError::Malformed(format!("merge {m:?} has no space")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let pre = vocab.pre.as_deref();
+        let bpe = BPE::builder()
+            .vocab_and_merges(ids, merges)
+            .ignore_merges(matches!(pre, Some("llama-bpe" | "llama3")))
+            .build()
+            .map_err(|e| TokenizerError::Malformed(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            vocab
+                .token_types
+                .iter()
+                .zip(&vocab.tokens)
+                .filter(|(t, _)| **t == kind)
+                .map(|(_, s)| AddedToken::from(s.clone(), special))
+                .collect()
+        };
+        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        check_special_ids(vocab.tokens.len(), vocab.bos_token_id, &vocab.eos_token_ids)?;
+        Ok(Self::new(
+            inner,
+            vocab.bos_token_id,
+            vocab.eos_token_ids,
+            vocab.add_bos_token,
+        ))
+    }
+
+    /// Builds the tokenizer HF derives for a SentencePiece BPE vocabulary
+    /// (Llama 2, Mistral): BPE whose merges are recovered from the token
+    /// scores (every split of a token into two tokens, ranked by the token's
+    /// score), byte fallback to the `<0xNN>` tokens, "▁" for spaces.
+    pub fn from_sentencepiece(vocab: SentencePieceVocab) -> Result<Self, TokenizerError> {
+        use tokenizers::decoders::{
+            byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip,
+        };
+        use tokenizers::models::bpe::{Vocab, BPE};
+        use tokenizers::normalizers::replace::Replace;
+        use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+        use tokenizers::{AddedToken, DecoderWrapper};
+
+        if vocab.scores.len() != vocab.tokens.len() {
+            return Err(TokenizerError::Malformed(format!(
+                "{} scores for {} tokens",
+                vocab.scores.len(),
+                vocab.tokens.len()
+            )));
+        }
+        let ids: Vocab = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
+        let merges = merges_from_scores(&vocab.tokens, &vocab.scores, &ids);
+        let mut builder = BPE::builder()
+            .vocab_and_merges(ids, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        let unk = vocab
+            .token_types
+            .iter()
+            .position(|t| *t == TOKEN_TYPE_UNKNOWN)
+            .map(|i| vocab.tokens[i].clone());
+        if let Some(unk) = unk {
+            builder = builder.unk_token(unk);
+        }
+        let bpe = builder
+            .build()
+            .map_err(|e| TokenizerError::Malformed(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let scheme = if vocab.add_space_prefix {
+            PrependScheme::First
+        } else {
+            PrependScheme::Never
+        };
+        inner.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+        let mut decoders = vec![
+            DecoderWrapper::Replace(
+                Replace::new("▁", " ").map_err(|e| TokenizerError::Tokenizers(e.to_string()))?,
+            ),
+            DecoderWrapper::ByteFallback(ByteFallback::new()),
+            DecoderWrapper::Fuse(Fuse::new()),
+        ];
+        if vocab.add_space_prefix {
+            decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+        }
+        inner.with_decoder(Some(Sequence::new(decoders)));
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            vocab
+                .token_types
+                .iter()
+                .zip(&vocab.tokens)
+                .filter(|(t, _)| **t == kind)
+                .map(|(_, s)| AddedToken::from(s.clone(), special).normalized(false))
+                .collect()
+        };
+        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        check_special_ids(vocab.tokens.len(), vocab.bos_token_id, &vocab.eos_token_ids)?;
+        Ok(Self::new(
+            inner,
+            vocab.bos_token_id,
+            vocab.eos_token_ids,
+            vocab.add_bos_token,
+        ))
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -160,5 +425,85 @@ impl IncrementalDecoder {
     /// All ids pushed so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{tiny_vocab, TINY_TOKENIZER_VOCAB};
+
+    fn pieces(t: &Tokenizer, text: &str) -> Vec<String> {
+        use tokenizers::PreTokenizer;
+        let mut pre = tokenizers::PreTokenizedString::from(text);
+        t.inner()
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut pre)
+            .unwrap();
+        pre.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
+    }
+
+    fn with_pre(pre: &str) -> Result<Tokenizer, TokenizerError> {
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.pre = Some(pre.to_string());
+        Tokenizer::from_byte_level_bpe(v)
+    }
+
+    #[test]
+    fn each_pre_tokenizer_splits_digits_like_its_model_family() {
+        let text = "Hi 12345 you're\n\nok";
+        // Byte-level pieces: a space shows as "Ġ", a newline as "Ċ".
+        let cases = [
+            ("gpt2", vec!["Hi", "Ġ12345", "Ġyou", "'re", "Ċ", "Ċ", "ok"]),
+            (
+                "smollm",
+                vec![
+                    "Hi", "Ġ", "1", "2", "3", "4", "5", "Ġyou", "'re", "Ċ", "Ċ", "ok",
+                ],
+            ),
+            (
+                "llama-bpe",
+                vec!["Hi", "Ġ", "123", "45", "Ġyou", "'re", "ĊĊ", "ok"],
+            ),
+            (
+                "qwen2",
+                vec![
+                    "Hi", "Ġ", "1", "2", "3", "4", "5", "Ġyou", "'re", "ĊĊ", "ok",
+                ],
+            ),
+        ];
+        for (pre, want) in cases {
+            let t = with_pre(pre).unwrap();
+            assert_eq!(pieces(&t, text), want, "pre = {pre}");
+            assert_eq!(
+                t.decode(&t.encode(text).unwrap(), false),
+                text,
+                "pre = {pre}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_pre_tokenizers_and_bad_merges_are_named() {
+        let err = with_pre("jais").unwrap_err().to_string();
+        assert!(
+            err.contains("\"jais\"") && err.contains("not supported"),
+            "{err}"
+        );
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.merges.push("nospace".into());
+        let err = Tokenizer::from_byte_level_bpe(v).unwrap_err().to_string();
+        assert!(err.contains("nospace"), "{err}");
+        let mut v = tiny_vocab(TINY_TOKENIZER_VOCAB);
+        v.eos_token_ids = vec![100_000];
+        let err = Tokenizer::from_byte_level_bpe(v).unwrap_err().to_string();
+        assert!(err.contains("100000"), "{err}");
     }
 }
