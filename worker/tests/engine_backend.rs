@@ -249,6 +249,16 @@ fn kv_read_write_round_trip_and_layer_sink_agree() {
     )
     .unwrap();
     assert_eq!(la, lb);
+
+    // copy_block duplicates every layer's K and V of a block.
+    b.copy_block(3, 2).unwrap();
+    let copied = b.read_kv(&[2], 8).unwrap();
+    let original = b.read_kv(&[3], 8).unwrap();
+    assert_eq!(copied, original);
+    assert!(
+        b.copy_block(3, 4).is_err(),
+        "block 4 is outside a 4-block pool"
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use tandem::engine::types::{
 };
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::infer::{GenerateStream, Infer, InferError};
+use tandem::metrics::metrics;
 use tandem::model::{ModelConfig, Weights};
 
 const MAX_MODEL_LEN: usize = 256;
@@ -136,12 +137,16 @@ async fn greedy_generation_matches_the_reference_forward() {
         },
     );
     let p = prompt(3, 30);
+    let decoded_before = metrics().decode_tokens.with_label_values(&["test"]).get();
     assert_eq!(
         greedy(&e, p.clone(), 12).await,
         reference_greedy(&cfg, &w, &p, 12)
     );
     assert!(e.stats().prefill_tokens >= 30);
     assert_eq!(e.stats().decode_tokens, 12);
+    // The worker metrics move too (other tests share the role label, hence >=).
+    let decoded = metrics().decode_tokens.with_label_values(&["test"]).get() - decoded_before;
+    assert!(decoded >= 12, "decode_tokens_total moved by {decoded}");
 }
 
 #[tokio::test]

@@ -6,6 +6,28 @@
 //! channel. The thread blocks when there is nothing to do. [`EngineHandle`] is
 //! the cheap, cloneable front: it validates and admits requests (refusing them
 //! at once when the queue is full) and implements [`Infer`].
+//!
+//! For disaggregation the handle also runs a prompt only, streaming its KV
+//! layer by layer ([`EngineHandle::prefill_stream`], or collected:
+//! [`EngineHandle::prefill_only`]), and continues a request from imported KV
+//! ([`EngineHandle::generate_with_kv`]).
+//!
+//! ```no_run
+//! # fn demo(model: tandem::model::LoadedModel) -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem::engine::backend::{CpuBackend, WeightStorage};
+//! use tandem::engine::{Engine, EngineConfig};
+//!
+//! let backend = CpuBackend::new(model.config.clone(), &model.weights, WeightStorage::default())?;
+//! drop(model.weights); // the backend keeps its own compact copy
+//! let engine = Engine::start(
+//!     Box::new(backend),
+//!     EngineConfig::default(),
+//!     model.tokenizer.eos_token_ids().to_vec(),
+//!     model.config.max_position_embeddings,
+//!     "aggregated",
+//! )?;
+//! # Ok(()) }
+//! ```
 
 pub mod backend;
 pub mod block_manager;
