@@ -30,5 +30,6 @@ helm-lint: kube-tools ## helm lint --strict and helm template the operator chart
 operator-test: ## Operator unit, golden, CEL and API-verifier tests
 	$(OPERATOR_CARGO) test -p tandem-operator
 
-# `make test` runs these too (hook in the top-level Makefile).
-TEST_EXTRA += operator-test helm-lint
+# `make test` lints the chart too; the operator's tests already run in test-rust's
+# `cargo test --workspace --release`, so they are not built a second time here.
+TEST_EXTRA += helm-lint
