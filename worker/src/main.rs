@@ -1,13 +1,24 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 use tandem::cli::{self, Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     cli::init_tracing();
     let args = Cli::parse();
-    match args.command {
+    let result = match args.command {
         Command::Serve(a) => cli::serve::run(a),
         Command::Model(c) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line; anyhow's Debug form
+            // would add a backtrace whenever RUST_BACKTRACE is set.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -61,9 +61,28 @@ fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
 /// the same steps, over scattered (non-contiguous, interleaved) blocks.
 fn check_variant(name: &str, v: Variant, storage: WeightStorage) {
     let cfg = tiny_config(v);
-    let weights = random_weights(&cfg, 7);
+    let mut weights = random_weights(&cfg, 7);
+    if storage == WeightStorage::Compact {
+        weights = q4_rounded(&weights);
+    }
     let reference_weights = dequantized_weights(&weights, storage);
     let mut backend = CpuBackend::new(cfg.clone(), &weights, storage).unwrap();
+    if storage == WeightStorage::Compact {
+        // Every matrix: 4 per layer, the embedding, and lm_head when untied.
+        let matrices = 4 * cfg.num_layers + 1 + usize::from(!cfg.tie_word_embeddings);
+        assert_eq!(
+            backend.storage_summary(),
+            format!("q4 x {matrices}"),
+            "{name}"
+        );
+        assert!(
+            relative_error(
+                &reference_weights.layers[0].w_down.data,
+                &weights.layers[0].w_down.data
+            ) < 1e-6,
+            "Q4 packing of Q4-grid weights is lossless"
+        );
+    }
     let block_size = 4;
     backend.init_kv_cache(block_size, 64).unwrap();
 
@@ -125,6 +144,13 @@ fn paged_batched_logits_match_reference_for_every_variant_f32() {
 fn q8_storage_matches_reference_over_the_same_dequantized_weights() {
     for (name, v) in VARIANTS {
         check_variant(name, v, WeightStorage::Q8);
+    }
+}
+
+#[test]
+fn q4_storage_of_gguf_q4_like_weights_matches_reference() {
+    for (name, v) in VARIANTS {
+        check_variant(name, v, WeightStorage::Compact);
     }
 }
 
@@ -223,6 +249,16 @@ fn kv_read_write_round_trip_and_layer_sink_agree() {
     )
     .unwrap();
     assert_eq!(la, lb);
+
+    // copy_block duplicates every layer's K and V of a block.
+    b.copy_block(3, 2).unwrap();
+    let copied = b.read_kv(&[2], 8).unwrap();
+    let original = b.read_kv(&[3], 8).unwrap();
+    assert_eq!(copied, original);
+    assert!(
+        b.copy_block(3, 4).is_err(),
+        "block 4 is outside a 4-block pool"
+    );
 }
 
 #[test]

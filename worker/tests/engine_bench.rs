@@ -6,11 +6,12 @@ mod engine_support;
 
 use std::time::Instant;
 
-use engine_support::random_weights;
+use engine_support::{q4_rounded, random_weights};
 use tandem::engine::backend::{CpuBackend, WeightStorage};
 use tandem::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::infer::Infer;
+use tandem::model::Weights;
 use tandem::model::{Architecture, ModelConfig};
 
 fn smollm2_135m_shape() -> ModelConfig {
@@ -29,6 +30,25 @@ fn smollm2_135m_shape() -> ModelConfig {
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         attention_bias: false,
+    }
+}
+
+/// Random weights with the default model's value structure: layer matrices on
+/// a Q4_1 grid (as dequantized from its GGUF), the embedding unconstrained
+/// (Q8_0 in the GGUF; stored as Q8 here either way).
+fn default_model_like_weights(cfg: &ModelConfig) -> Weights {
+    let raw = random_weights(cfg, 1);
+    let mut w = q4_rounded(&raw);
+    w.embed_tokens = raw.embed_tokens;
+    w
+}
+
+/// `TANDEM_BENCH_STORAGE`: f32, q8, or compact (the default).
+fn storage_from_env() -> WeightStorage {
+    match std::env::var("TANDEM_BENCH_STORAGE").as_deref() {
+        Ok("f32") => WeightStorage::F32,
+        Ok("q8") => WeightStorage::Q8,
+        _ => WeightStorage::Compact,
     }
 }
 
@@ -77,15 +97,14 @@ async fn run(e: &EngineHandle, req: GenerateRequest) -> (f64, f64, usize) {
 async fn smollm2_shaped_throughput() {
     let cfg = smollm2_135m_shape();
     let t = Instant::now();
-    let weights = random_weights(&cfg, 1);
-    let storage = match std::env::var("TANDEM_BENCH_STORAGE").as_deref() {
-        Ok("f32") => WeightStorage::F32,
-        _ => WeightStorage::Q8,
-    };
+    let weights = default_model_like_weights(&cfg);
+    let storage = storage_from_env();
     let backend = CpuBackend::new(cfg.clone(), &weights, storage).unwrap();
     println!(
-        "weights: {storage:?}, {:.1} MiB, built in {:.1}s",
+        "weights: {storage:?} ({}), {:.1} MiB, kernel {}, built in {:.1}s",
+        backend.storage_summary(),
         backend.weight_bytes() as f64 / (1 << 20) as f64,
+        backend.kernel_name(),
         t.elapsed().as_secs_f64()
     );
     drop(weights);
@@ -149,14 +168,19 @@ fn process_cpu_seconds() -> f64 {
 fn smollm2_shaped_forward_cost_per_core() {
     use tandem::engine::backend::{ComputeBackend, SeqInput};
     let cfg = smollm2_135m_shape();
-    let weights = random_weights(&cfg, 1);
+    let weights = default_model_like_weights(&cfg);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .unwrap();
-    let mut backend = CpuBackend::new(cfg.clone(), &weights, WeightStorage::Q8).unwrap();
+    let mut backend = CpuBackend::new(cfg.clone(), &weights, storage_from_env()).unwrap();
     drop(weights);
     backend.init_kv_cache(16, 64).unwrap();
+    println!(
+        "kernel {}, storage {}",
+        backend.kernel_name(),
+        backend.storage_summary()
+    );
     let table: Vec<u32> = (0..64).collect();
     let tokens: Vec<u32> = (0..512).map(|i| (i * 7919) % 49152).collect();
     let mut logits = Vec::new();

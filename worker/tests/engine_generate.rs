@@ -13,6 +13,7 @@ use tandem::engine::types::{
 };
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::infer::{GenerateStream, Infer, InferError};
+use tandem::metrics::metrics;
 use tandem::model::{ModelConfig, Weights};
 
 const MAX_MODEL_LEN: usize = 256;
@@ -136,12 +137,16 @@ async fn greedy_generation_matches_the_reference_forward() {
         },
     );
     let p = prompt(3, 30);
+    let decoded_before = metrics().decode_tokens.with_label_values(&["test"]).get();
     assert_eq!(
         greedy(&e, p.clone(), 12).await,
         reference_greedy(&cfg, &w, &p, 12)
     );
     assert!(e.stats().prefill_tokens >= 30);
     assert_eq!(e.stats().decode_tokens, 12);
+    // The worker metrics move too (other tests share the role label, hence >=).
+    let decoded = metrics().decode_tokens.with_label_values(&["test"]).get() - decoded_before;
+    assert!(decoded >= 12, "decode_tokens_total moved by {decoded}");
 }
 
 #[tokio::test]
@@ -411,4 +416,73 @@ async fn mismatched_kv_import_is_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+#[tokio::test]
+async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
+    use tandem::engine::types::PrefillEvent;
+    let (cfg, w) = model();
+    // Chunks of 8 tokens: a 21-token prompt takes three steps.
+    let e = engine(
+        &cfg,
+        &w,
+        EngineConfig {
+            max_batch_tokens: 8,
+            ..config(4, 64)
+        },
+    );
+    let p = prompt(12, 21);
+    let whole = e
+        .prefill_only(p.clone(), SamplingParams::greedy())
+        .await
+        .unwrap();
+    let cold = engine(
+        &cfg,
+        &w,
+        EngineConfig {
+            max_batch_tokens: 8,
+            ..config(4, 64)
+        },
+    );
+    let mut stream = cold
+        .prefill_stream(p.clone(), SamplingParams::greedy())
+        .unwrap();
+    let mut seen = vec![vec![0usize; p.len()]; cfg.num_layers];
+    let mut order = Vec::new();
+    let first = loop {
+        match stream.next_event().await.unwrap() {
+            PrefillEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                assert_eq!((prompt_tokens, cached_tokens), (21, 0));
+            }
+            PrefillEvent::Kv(c) => {
+                let width = cfg.num_kv_heads * cfg.head_dim;
+                assert_eq!(c.k.len(), c.num_tokens * width);
+                let (k, v) = &whole.kv.layers[c.layer];
+                let range = c.start_pos * width..(c.start_pos + c.num_tokens) * width;
+                assert_eq!(&k[range.clone()], &c.k[..], "layer {} K", c.layer);
+                assert_eq!(&v[range], &c.v[..], "layer {} V", c.layer);
+                for n in &mut seen[c.layer][c.start_pos..c.start_pos + c.num_tokens] {
+                    *n += 1;
+                }
+                order.push((c.start_pos, c.layer));
+            }
+            PrefillEvent::Done(t) => break t,
+            PrefillEvent::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(first, whole.first_token);
+    assert!(seen.iter().flatten().all(|&n| n == 1), "{seen:?}");
+    // Layer by layer within each chunk of 8 positions.
+    let expected: Vec<(usize, usize)> = [0, 8, 16]
+        .into_iter()
+        .flat_map(|start| (0..cfg.num_layers).map(move |l| (start, l)))
+        .collect();
+    assert_eq!(order, expected);
+    // A prefix-cache hit sends the cached positions first, then the rest.
+    let again = e.prefill_only(p, SamplingParams::greedy()).await.unwrap();
+    assert_eq!(again.cached_tokens, 20);
+    assert_eq!(again.kv, whole.kv);
 }

@@ -6,6 +6,28 @@
 //! channel. The thread blocks when there is nothing to do. [`EngineHandle`] is
 //! the cheap, cloneable front: it validates and admits requests (refusing them
 //! at once when the queue is full) and implements [`Infer`].
+//!
+//! For disaggregation the handle also runs a prompt only, streaming its KV
+//! layer by layer ([`EngineHandle::prefill_stream`], or collected:
+//! [`EngineHandle::prefill_only`]), and continues a request from imported KV
+//! ([`EngineHandle::generate_with_kv`]).
+//!
+//! ```no_run
+//! # fn demo(model: tandem::model::LoadedModel) -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem::engine::backend::{CpuBackend, WeightStorage};
+//! use tandem::engine::{Engine, EngineConfig};
+//!
+//! let backend = CpuBackend::new(model.config.clone(), &model.weights, WeightStorage::default())?;
+//! drop(model.weights); // the backend keeps its own compact copy
+//! let engine = Engine::start(
+//!     Box::new(backend),
+//!     EngineConfig::default(),
+//!     model.tokenizer.eos_token_ids().to_vec(),
+//!     model.config.max_position_embeddings,
+//!     "aggregated",
+//! )?;
+//! # Ok(()) }
+//! ```
 
 pub mod backend;
 pub mod block_manager;
@@ -17,17 +39,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
+use tokio::sync::{broadcast, mpsc as tmpsc};
 
 use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
 use crate::metrics::metrics;
-use backend::{BackendError, ComputeBackend, SeqInput};
+use backend::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
 use block_manager::{BlockManager, KvEvent};
 use sampler::Sampler;
 use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
 use types::{
-    FinishReason, GenerateEvent, GenerateRequest, KvExport, PrefillOutput, SamplingParams,
-    StopParams, TokenOutput,
+    FinishReason, GenerateEvent, GenerateRequest, KvDtype, KvExport, KvLayerChunk, PrefillEvent,
+    PrefillOutput, SamplingParams, StopParams, TokenOutput,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +123,7 @@ enum Command {
         id: SeqId,
         prompt: Vec<u32>,
         sampling: SamplingParams,
-        reply: oneshot::Sender<Result<PrefillOutput, InferError>>,
+        events: tmpsc::UnboundedSender<PrefillEvent>,
     },
     Cancel(SeqId),
 }
@@ -352,6 +374,35 @@ impl EngineHandle {
         Ok(GenerateStream::new(rx, cancel))
     }
 
+    /// Runs only the prompt, streaming each layer's K and V as soon as it is
+    /// computed, then the first sampled token. Dropping the stream cancels.
+    pub fn prefill_stream(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+    ) -> Result<PrefillStream, InferError> {
+        self.validate_prompt(&prompt)?;
+        let slot = self.take_queue_slot()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.tx
+            .send(Command::Prefill {
+                id,
+                prompt,
+                sampling,
+                events,
+            })
+            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
+        slot.keep();
+        let tx = self.tx.clone();
+        Ok(PrefillStream {
+            rx,
+            _cancel: OnDrop::new(move || {
+                let _ = tx.send(Command::Cancel(id));
+            }),
+        })
+    }
+
     /// Runs only the prompt and returns the first sampled token together with
     /// the prompt's KV (for a decode worker to continue from).
     pub async fn prefill_only(
@@ -359,23 +410,45 @@ impl EngineHandle {
         prompt: Vec<u32>,
         sampling: SamplingParams,
     ) -> Result<PrefillOutput, InferError> {
-        self.validate_prompt(&prompt)?;
-        let slot = self.take_queue_slot()?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Prefill {
-                id,
-                prompt,
-                sampling,
-                reply,
-            })
-            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
-        slot.keep();
-        // If this future is dropped, the engine finishes the prefill and its
-        // reply is discarded; its blocks stay in the prefix cache.
-        rx.await
-            .map_err(|_| InferError::Unavailable("the engine stopped during prefill".into()))?
+        let l = &self.limits;
+        let num_tokens = prompt.len();
+        let width = l.kv_heads * l.head_dim;
+        let mut stream = self.prefill_stream(prompt, sampling)?;
+        let mut kv = KvExport {
+            dtype: KvDtype::F32,
+            num_tokens,
+            kv_heads: l.kv_heads,
+            head_dim: l.head_dim,
+            layers: (0..l.num_layers)
+                .map(|_| (vec![0.0; num_tokens * width], vec![0.0; num_tokens * width]))
+                .collect(),
+        };
+        let mut cached_tokens = 0;
+        while let Some(event) = stream.next_event().await {
+            match event {
+                PrefillEvent::Started {
+                    cached_tokens: c, ..
+                } => cached_tokens = c,
+                PrefillEvent::Kv(chunk) => {
+                    let (k, v) = &mut kv.layers[chunk.layer];
+                    let range =
+                        chunk.start_pos * width..(chunk.start_pos + chunk.num_tokens) * width;
+                    k[range.clone()].copy_from_slice(&chunk.k);
+                    v[range].copy_from_slice(&chunk.v);
+                }
+                PrefillEvent::Done(first_token) => {
+                    return Ok(PrefillOutput {
+                        first_token,
+                        kv,
+                        cached_tokens,
+                    })
+                }
+                PrefillEvent::Error(e) => return Err(InferError::Unavailable(e)),
+            }
+        }
+        Err(InferError::Unavailable(
+            "the engine stopped during prefill".into(),
+        ))
     }
 
     /// Continues a request whose prompt was computed elsewhere: installs `kv`
@@ -424,6 +497,18 @@ impl EngineHandle {
     }
 }
 
+/// The events of one streamed prefill. Dropping it cancels the prefill.
+pub struct PrefillStream {
+    rx: tmpsc::UnboundedReceiver<PrefillEvent>,
+    _cancel: OnDrop,
+}
+
+impl PrefillStream {
+    pub async fn next_event(&mut self) -> Option<PrefillEvent> {
+        self.rx.recv().await
+    }
+}
+
 impl Infer for EngineHandle {
     fn generate(&self, request: GenerateRequest) -> Result<GenerateStream, InferError> {
         self.submit(request, None)
@@ -436,7 +521,7 @@ impl Infer for EngineHandle {
 
 enum Output {
     Stream(tmpsc::UnboundedSender<GenerateEvent>),
-    Prefill(Option<oneshot::Sender<Result<PrefillOutput, InferError>>>),
+    Prefill(tmpsc::UnboundedSender<PrefillEvent>),
 }
 
 struct Request {
@@ -457,16 +542,37 @@ impl Request {
         }
     }
 
-    fn fail(&mut self, message: String) {
-        match &mut self.output {
+    fn fail(&self, message: String) {
+        match &self.output {
             Output::Stream(tx) => {
                 let _ = tx.send(GenerateEvent::Error(message));
             }
-            Output::Prefill(reply) => {
-                if let Some(reply) = reply.take() {
-                    let _ = reply.send(Err(InferError::Unavailable(message)));
-                }
+            Output::Prefill(tx) => {
+                let _ = tx.send(PrefillEvent::Error(message));
             }
+        }
+    }
+}
+
+/// Forwards the K and V of prefill-only sequences to their streams as each
+/// layer completes.
+struct StreamSink<'a> {
+    /// Per batch entry: its stream (if it is a prefill-only sequence) and the
+    /// position of its first new token.
+    targets: Vec<(Option<&'a tmpsc::UnboundedSender<PrefillEvent>>, usize)>,
+    kv_width: usize,
+}
+
+impl KvLayerSink for StreamSink<'_> {
+    fn layer_computed(&mut self, layer: usize, seq_index: usize, k: &[f32], v: &[f32]) {
+        if let Some((Some(tx), start_pos)) = self.targets.get(seq_index) {
+            let _ = tx.send(PrefillEvent::Kv(KvLayerChunk {
+                layer,
+                start_pos: *start_pos,
+                num_tokens: k.len() / self.kv_width,
+                k: k.to_vec(),
+                v: v.to_vec(),
+            }));
         }
     }
 }
@@ -527,7 +633,7 @@ impl EngineLoop {
                 id,
                 prompt,
                 sampling,
-                reply,
+                events,
             } => {
                 let stop = StopParams {
                     max_tokens: 1,
@@ -538,9 +644,9 @@ impl EngineLoop {
                     id,
                     Request {
                         sampler: Sampler::new(sampling),
-                        output: Output::Prefill(Some(reply)),
+                        output: Output::Prefill(events),
                         queued: true,
-                        started: true,
+                        started: false,
                         cached_tokens: 0,
                     },
                 );
@@ -593,11 +699,21 @@ impl EngineLoop {
             .preemptions
             .with_label_values(&[self.role])
             .inc_by(plan.preempted.len() as u64);
+        let mut failed = Vec::new();
         for id in std::mem::take(&mut plan.out_of_blocks) {
             // The prompt fitted the pool when admitted; only generation grew
             // it beyond the whole pool.
-            if let Some(req) = self.requests.get(&id) {
-                req.send(GenerateEvent::Finished(FinishReason::Length));
+            match self.requests.get(&id) {
+                Some(
+                    req @ Request {
+                        output: Output::Stream(_),
+                        ..
+                    },
+                ) => {
+                    req.send(GenerateEvent::Finished(FinishReason::Length));
+                }
+                Some(req) => req.fail("the prompt does not fit this worker's KV pool".into()),
+                None => {}
             }
             self.drop_request(id);
         }
@@ -606,11 +722,38 @@ impl EngineLoop {
             let Some(req) = self.requests.get_mut(&id) else {
                 continue;
             };
+            let seq = self.scheduler.get(id).expect("admitted");
+            if let Output::Prefill(tx) = &req.output {
+                if !req.started {
+                    let _ = tx.send(PrefillEvent::Started {
+                        prompt_tokens: seq.prompt_len,
+                        cached_tokens: cached,
+                    });
+                }
+                // Cached positions are never computed here: send them now,
+                // layer by layer (again after a re-admission, harmlessly).
+                if cached > 0 {
+                    match self.backend.read_kv(&seq.blocks, cached) {
+                        Ok(kv) => {
+                            for (layer, (k, v)) in kv.layers.into_iter().enumerate() {
+                                let _ = tx.send(PrefillEvent::Kv(KvLayerChunk {
+                                    layer,
+                                    start_pos: 0,
+                                    num_tokens: cached,
+                                    k,
+                                    v,
+                                }));
+                            }
+                        }
+                        Err(e) => failed.push((id, format!("reading cached KV failed: {e}"))),
+                    }
+                }
+            }
             if !req.started {
                 req.started = true;
                 req.cached_tokens = cached;
                 req.send(GenerateEvent::Started {
-                    prompt_tokens: self.scheduler.get(id).map_or(0, |s| s.prompt_len),
+                    prompt_tokens: seq.prompt_len,
                     cached_tokens: cached,
                 });
                 self.stats.prefix_cache_hit_tokens += cached as u64;
@@ -620,7 +763,6 @@ impl EngineLoop {
                     .inc_by(cached as u64);
             }
         }
-        let mut failed = Vec::new();
         for &id in &plan.imports {
             let kv = self.scheduler.take_import(id).expect("admitted with KV");
             let blocks = &self.scheduler.get(id).expect("admitted").blocks;
@@ -641,6 +783,10 @@ impl EngineLoop {
 
         let mut prefill_tokens = 0u64;
         let result = {
+            let mut sink = StreamSink {
+                targets: Vec::with_capacity(plan.chunks.len()),
+                kv_width: self.backend.config().num_kv_heads * self.backend.config().head_dim,
+            };
             let inputs: Vec<SeqInput<'_>> = plan
                 .chunks
                 .iter()
@@ -650,6 +796,11 @@ impl EngineLoop {
                     if !decoding {
                         prefill_tokens += c.len as u64;
                     }
+                    let target = match self.requests.get(&c.id).map(|r| &r.output) {
+                        Some(Output::Prefill(tx)) => Some(tx),
+                        _ => None,
+                    };
+                    sink.targets.push((target, c.start));
                     SeqInput {
                         tokens: &seq.tokens[c.start..c.start + c.len],
                         start_pos: c.start,
@@ -658,7 +809,10 @@ impl EngineLoop {
                     }
                 })
                 .collect();
-            self.backend.forward(&inputs, &mut self.logits, None)
+            let any_target = sink.targets.iter().any(|t| t.0.is_some());
+            let sink: Option<&mut dyn KvLayerSink> =
+                if any_target { Some(&mut sink) } else { None };
+            self.backend.forward(&inputs, &mut self.logits, sink)
         };
         self.stats.prefill_tokens += prefill_tokens;
         metrics()
@@ -692,24 +846,8 @@ impl EngineLoop {
             return;
         };
         let token = req.sampler.sample(logits);
-        if let Output::Prefill(reply) = &mut req.output {
-            let reply = reply.take();
-            let cached_tokens = req.cached_tokens;
-            let seq = self.scheduler.get(id).expect("running");
-            let result = self
-                .backend
-                .read_kv(&seq.blocks, seq.prompt_len)
-                .map(|kv| PrefillOutput {
-                    first_token: token,
-                    kv,
-                    cached_tokens,
-                })
-                .map_err(|e| {
-                    InferError::Unavailable(format!("reading the prompt's KV failed: {e}"))
-                });
-            if let Some(reply) = reply {
-                let _ = reply.send(result);
-            }
+        if let Output::Prefill(tx) = &req.output {
+            let _ = tx.send(PrefillEvent::Done(token));
             self.drop_request(id);
             return;
         }

@@ -60,6 +60,11 @@ impl Sequence {
     pub fn num_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    /// Past its prompt: only the last sampled token is left to compute.
+    pub fn is_decoding(&self) -> bool {
+        self.num_computed >= self.prompt_len && self.num_computed + 1 == self.tokens.len()
+    }
 }
 
 /// One sequence's work in a step.
@@ -175,22 +180,42 @@ impl Scheduler {
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_batch_tokens;
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        // Decodes first (one token each and latency-sensitive), then prefill
+        // chunks with what is left of the budget; oldest first within each.
+        let order: Vec<SeqId> = self
+            .running
+            .iter()
+            .filter(|s| s.is_decoding())
+            .chain(self.running.iter().filter(|s| !s.is_decoding()))
+            .map(|s| s.id)
+            .collect();
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            // Gone if preempted earlier in this step.
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
             let seq = &self.running[i];
             let n = (seq.tokens.len() - seq.num_computed).min(budget);
             let need = self.blocks_needed(seq, seq.num_computed + n);
-            let mut preempted_self = false;
+            let mut fits = true;
             while need > self.blocks.num_available() {
                 let victim = self.running.len() - 1;
                 if victim == i {
-                    preempted_self = true;
+                    fits = false;
                     break;
+                }
+                // The victim may already have a chunk in this step: undo it.
+                let victim_id = self.running[victim].id;
+                if let Some(pos) = plan.chunks.iter().position(|c| c.id == victim_id) {
+                    budget += plan.chunks.remove(pos).len;
                 }
                 plan.preempted.push(self.preempt(victim));
             }
-            if preempted_self {
-                if self.running.len() == 1 && need > self.blocks.num_available() {
+            if !fits {
+                if self.running.len() == 1 {
                     // Alone and still too big: it can never run.
                     let seq = self.running.remove(i);
                     self.blocks.release(&seq.blocks);
@@ -198,7 +223,7 @@ impl Scheduler {
                 } else {
                     plan.preempted.push(self.preempt(i));
                 }
-                break;
+                continue;
             }
             let new_blocks = self.blocks.allocate(need).expect("availability checked");
             let seq = &mut self.running[i];
@@ -210,7 +235,6 @@ impl Scheduler {
                 need_logits: seq.num_computed + n == seq.tokens.len(),
             });
             budget -= n;
-            i += 1;
         }
         if plan.preempted.is_empty() && plan.out_of_blocks.is_empty() {
             self.admit(&mut plan, budget);
@@ -396,6 +420,23 @@ mod tests {
         assert_eq!(p.chunks, vec![chunk(1, 5, 1, true), chunk(2, 14, 6, true)]);
         let p = step(&mut s, 5);
         assert_eq!(p.chunks, vec![chunk(1, 6, 1, true), chunk(2, 20, 1, true)]);
+    }
+
+    #[test]
+    fn decodes_are_never_delayed_by_long_prompts() {
+        let mut s = scheduler(8, 8, 100, 4);
+        s.add(seq(1, 2));
+        s.add(seq(2, 3));
+        step(&mut s, 5);
+        s.add(seq(3, 40));
+        s.add(seq(4, 40));
+        for round in 0..12 {
+            let p = step(&mut s, 5);
+            assert_eq!(p.chunks[0], chunk(1, 2 + round, 1, true), "round {round}");
+            assert_eq!(p.chunks[1], chunk(2, 3 + round, 1, true), "round {round}");
+            let prefill: usize = p.chunks[2..].iter().map(|c| c.len).sum();
+            assert_eq!(prefill, 6, "the rest of the budget goes to prompts");
+        }
     }
 
     #[test]

@@ -137,3 +137,31 @@ pub struct PrefillOutput {
     /// Prompt tokens that came from the prefix cache instead of being computed.
     pub cached_tokens: usize,
 }
+
+/// K and V of one layer for a run of positions, as computed (the unit of
+/// layer-by-layer KV streaming).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvLayerChunk {
+    pub layer: usize,
+    pub start_pos: usize,
+    pub num_tokens: usize,
+    /// `[num_tokens, kv_heads, head_dim]`.
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Events of a streamed prefill, in order: `Started`, `Kv` chunks (each layer's
+/// K and V as soon as that layer is computed; positions served from the prefix
+/// cache come first; after a preemption a position may be sent again, with the
+/// same values), then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrefillEvent {
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    Kv(KvLayerChunk),
+    /// The first generated token; every prompt position has been sent.
+    Done(TokenOutput),
+    Error(String),
+}

@@ -241,3 +241,39 @@ pub fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// Rounds every 2-D matrix to a Q4_1-style grid (per block of 32 along a row:
+/// `min + level * (max - min) / 15`), the way weights dequantized from a GGUF
+/// Q4_1 file look.
+pub fn q4_rounded(w: &Weights) -> Weights {
+    let round = |t: &Tensor| {
+        let mut data = t.data.clone();
+        for block in data.chunks_mut(32) {
+            let min = block.iter().cloned().fold(f32::INFINITY, f32::min);
+            let max = block.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let scale = (max - min) / 15.0;
+            for v in block.iter_mut() {
+                let level = if scale > 0.0 {
+                    ((*v - min) / scale).round()
+                } else {
+                    0.0
+                };
+                *v = scale * level + min;
+            }
+        }
+        Tensor::new(t.shape.clone(), data)
+    };
+    let mut out = w.clone();
+    out.embed_tokens = round(&w.embed_tokens);
+    out.lm_head = w.lm_head.as_ref().map(round);
+    for (dst, src) in out.layers.iter_mut().zip(&w.layers) {
+        dst.wq = round(&src.wq);
+        dst.wk = round(&src.wk);
+        dst.wv = round(&src.wv);
+        dst.wo = round(&src.wo);
+        dst.w_gate = round(&src.w_gate);
+        dst.w_up = round(&src.w_up);
+        dst.w_down = round(&src.w_down);
+    }
+    out
+}

@@ -2,13 +2,16 @@
 //! a paged KV cache.
 //!
 //! Decode is bound by reading the weights once per step, so matrices are kept
-//! compact: by default as Q8 blocks (32 `i8` values sharing one f32 scale,
-//! 1.125 bytes per weight instead of 4), dequantized on the fly inside the
-//! dot product (AVX2 + FMA when the CPU has them) against f32 activations.
-//! Activations, norms, biases, RoPE, attention and the KV cache stay f32, so
-//! the only rounding beyond f32 arithmetic is the one-time weight
-//! quantization; [`dequantized_weights`] reproduces it exactly for reference
-//! checks. Every sequence of a step is batched into each matrix product so the
+//! compact ([`WeightStorage::Compact`], the default): as Q4 blocks (32 4-bit
+//! levels with an f32 scale and min, 0.75 bytes per weight) when the values
+//! already lie on such a grid, which is the case for weights dequantized from
+//! GGUF Q4_1 (so this is lossless), else as Q8 blocks (32 `i8` sharing an f32
+//! scale, 1.125 bytes per weight; exact for GGUF Q8_0). Blocks are
+//! dequantized on the fly inside the dot product (AVX2 + FMA when the CPU has
+//! them) against f32 activations. Activations, norms, biases, RoPE, attention
+//! and the KV cache stay f32, so the only rounding beyond f32 arithmetic is
+//! the one-time weight packing; [`dequantized_weights`] reproduces it exactly
+//! for reference checks. Every sequence of a step is batched into each matrix product so the
 //! weights are read once per step, not once per sequence.
 
 use rayon::prelude::*;
@@ -22,18 +25,28 @@ use crate::model::{ModelConfig, Tensor, Weights};
 pub enum WeightStorage {
     /// Exact f32 (4 bytes per weight).
     F32,
-    /// Blocks of 32 `i8` with one f32 scale; matrices whose input width is not a
-    /// multiple of 32 stay f32.
-    #[default]
+    /// Blocks of 32 `i8` with one f32 scale (1.125 bytes per weight);
+    /// matrices whose input width is not a multiple of 32 stay f32.
     Q8,
+    /// Q4 (blocks of 32 4-bit levels with an f32 scale and min: 0.75 bytes per
+    /// weight) for matrices whose values already lie on such a grid, as those
+    /// dequantized from GGUF Q4_1 do, so nothing is lost; Q8 for the rest.
+    #[default]
+    Compact,
 }
 
 /// Weights per Q8 block.
 pub const Q8_BLOCK: usize = 32;
 
+/// Steps with at least this many tokens multiply quantized matrices through
+/// rows unpacked to f32 (see `Matrix::matmul_unpacked`).
+const PREFILL_MIN_TOKENS: usize = 16;
+
 /// Tokens of activations processed against one weight row before moving to
-/// the next row: keeps that activation tile in L2 during long prefills.
-const TOKEN_TILE: usize = 64;
+/// the next row: keeps that activation tile (16 x hidden f32) in L1 during long
+/// prefills. Measured on the SmolLM2 shape: 64-token steps ran 25% faster per
+/// CPU second than with a 64-token tile.
+const TOKEN_TILE: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -43,16 +56,45 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn detect() -> Self {
+    /// Every kernel this CPU can run, best last.
+    fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut out = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Kernel::Avx2Fma;
+            use std::arch::is_x86_feature_detected as has;
+            // An AVX-512 variant of the Q8 kernel was measured 10-20% slower per
+            // CPU second on this project's (Zen) CPUs, so AVX2 is the best here.
+            if has!("avx2") && has!("fma") {
+                out.push(Kernel::Avx2Fma);
             }
         }
-        Kernel::Portable
+        out
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => "avx2",
+        }
+    }
+
+    /// The best kernel, or the one `TANDEM_CPU_KERNEL` names (portable, avx2)
+    /// when this CPU can run it: for A/B measurements and for working
+    /// around a misbehaving SIMD path.
+    fn detect() -> Self {
+        let available = Self::available();
+        if let Ok(wanted) = std::env::var("TANDEM_CPU_KERNEL") {
+            match available.iter().find(|k| k.name() == wanted) {
+                Some(k) => return *k,
+                None => tracing::warn!(
+                    wanted,
+                    "TANDEM_CPU_KERNEL names a kernel this CPU cannot run; using the best available"
+                ),
+            }
+        }
+        *available.last().expect("portable always exists")
     }
 }
 
@@ -65,6 +107,37 @@ fn quantize_block(values: &[f32], out: &mut [i8]) -> f32 {
         *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
     }
     scale
+}
+
+/// Packs a block of 32 values as 4-bit offsets from its minimum if they sit
+/// on such a grid already (up to f32 rounding), as weights dequantized from a
+/// GGUF Q4_1 tensor do. Returns `(scale, min)`; `None` if packing would lose
+/// precision.
+fn pack_q4_block(values: &[f32], out: &mut [u8]) -> Option<(f32, f32)> {
+    let (min, max) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        });
+    let scale = (max - min) / 15.0;
+    let tolerance = 1e-6 * max.abs().max(min.abs()).max(f32::MIN_POSITIVE);
+    let mut q = [0u8; Q8_BLOCK];
+    for (q, v) in q.iter_mut().zip(values) {
+        let level = if scale > 0.0 {
+            ((v - min) / scale).round()
+        } else {
+            0.0
+        };
+        if !(0.0..=15.0).contains(&level) || (scale * level + min - v).abs() > tolerance {
+            return None;
+        }
+        *q = level as u8;
+    }
+    // Byte j holds element j (low nibble) and element j + 16 (high nibble).
+    for j in 0..Q8_BLOCK / 2 {
+        out[j] = q[j] | (q[j + Q8_BLOCK / 2] << 4);
+    }
+    Some((scale, min))
 }
 
 /// A linear layer's weight, `[rows = out_features, cols = in_features]`.
@@ -80,6 +153,14 @@ enum Matrix {
         qs: Vec<i8>,
         scales: Vec<f32>,
     },
+    /// 4-bit levels per block of 32: value = scale * level + min.
+    Q4 {
+        rows: usize,
+        cols: usize,
+        packed: Vec<u8>,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+    },
 }
 
 impl Matrix {
@@ -91,6 +172,33 @@ impl Matrix {
                 cols,
                 data: data.to_vec(),
             };
+        }
+        if storage == WeightStorage::Compact {
+            let blocks = data.len() / Q8_BLOCK;
+            let mut packed = vec![0u8; data.len() / 2];
+            let mut scales = vec![0f32; blocks];
+            let mut mins = vec![0f32; blocks];
+            let lossless = packed
+                .par_chunks_mut(Q8_BLOCK / 2)
+                .zip(scales.par_iter_mut().zip(mins.par_iter_mut()))
+                .zip(data.par_chunks(Q8_BLOCK))
+                .all(|((out, (scale, min)), v)| match pack_q4_block(v, out) {
+                    Some((s, m)) => {
+                        *scale = s;
+                        *min = m;
+                        true
+                    }
+                    None => false,
+                });
+            if lossless {
+                return Matrix::Q4 {
+                    rows,
+                    cols,
+                    packed,
+                    scales,
+                    mins,
+                };
+            }
         }
         let mut qs = vec![0i8; data.len()];
         let mut scales = vec![0f32; data.len() / Q8_BLOCK];
@@ -108,13 +216,13 @@ impl Matrix {
 
     fn rows(&self) -> usize {
         match self {
-            Matrix::F32 { rows, .. } | Matrix::Q8 { rows, .. } => *rows,
+            Matrix::F32 { rows, .. } | Matrix::Q8 { rows, .. } | Matrix::Q4 { rows, .. } => *rows,
         }
     }
 
     fn cols(&self) -> usize {
         match self {
-            Matrix::F32 { cols, .. } | Matrix::Q8 { cols, .. } => *cols,
+            Matrix::F32 { cols, .. } | Matrix::Q8 { cols, .. } | Matrix::Q4 { cols, .. } => *cols,
         }
     }
 
@@ -122,6 +230,20 @@ impl Matrix {
         match self {
             Matrix::F32 { data, .. } => data.len() * 4,
             Matrix::Q8 { qs, scales, .. } => qs.len() + scales.len() * 4,
+            Matrix::Q4 {
+                packed,
+                scales,
+                mins,
+                ..
+            } => packed.len() + (scales.len() + mins.len()) * 4,
+        }
+    }
+
+    fn storage_name(&self) -> &'static str {
+        match self {
+            Matrix::F32 { .. } => "f32",
+            Matrix::Q8 { .. } => "q8",
+            Matrix::Q4 { .. } => "q4",
         }
     }
 
@@ -140,12 +262,37 @@ impl Matrix {
                     }
                 }
             }
+            Matrix::Q4 {
+                cols,
+                packed,
+                scales,
+                mins,
+                ..
+            } => {
+                let nb = cols / Q8_BLOCK;
+                let half = Q8_BLOCK / 2;
+                for (b, o) in out.chunks_mut(Q8_BLOCK).enumerate() {
+                    let bytes = &packed[(r * nb + b) * half..(r * nb + b + 1) * half];
+                    let (scale, min) = (scales[r * nb + b], mins[r * nb + b]);
+                    for (j, byte) in bytes.iter().enumerate() {
+                        o[j] = scale * (byte & 0x0F) as f32 + min;
+                        o[j + half] = scale * (byte >> 4) as f32 + min;
+                    }
+                }
+            }
         }
     }
 
-    /// Dot products of row `r` with `N` activation rows.
+    /// Dot products of row `r` with `N` activation rows; `xsums` holds each
+    /// activation row's per-block sums (needed by Q4 only, else empty).
     #[inline]
-    fn dot_row<const N: usize>(&self, kernel: Kernel, r: usize, xs: [&[f32]; N]) -> [f32; N] {
+    fn dot_row<const N: usize>(
+        &self,
+        kernel: Kernel,
+        r: usize,
+        xs: [&[f32]; N],
+        xsums: [&[f32]; N],
+    ) -> [f32; N] {
         match self {
             Matrix::F32 { cols, data, .. } => {
                 let w = &data[r * cols..(r + 1) * cols];
@@ -169,7 +316,47 @@ impl Matrix {
                     Kernel::Portable => portable_dot_q8(q, s, xs),
                 }
             }
+            Matrix::Q4 {
+                cols,
+                packed,
+                scales,
+                mins,
+                ..
+            } => {
+                let nb = cols / Q8_BLOCK;
+                let p = &packed[r * cols / 2..(r + 1) * cols / 2];
+                let (s, m) = (&scales[r * nb..(r + 1) * nb], &mins[r * nb..(r + 1) * nb]);
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above; `xsums` rows have one entry per block.
+                    Kernel::Avx2Fma => unsafe { x86::dot_q4::<N>(p, s, m, xs, xsums) },
+                    Kernel::Portable => portable_dot_q4(p, s, m, xs, xsums),
+                }
+            }
         }
+    }
+
+    /// Dot products of row `r` with activation rows `t .. t + N`.
+    #[inline]
+    fn dot_group<const N: usize>(
+        &self,
+        kernel: Kernel,
+        r: usize,
+        x: &[f32],
+        xsums: &[f32],
+        t: usize,
+    ) -> [f32; N] {
+        let cols = self.cols();
+        let nb = cols / Q8_BLOCK;
+        let xs: [&[f32]; N] = std::array::from_fn(|i| &x[(t + i) * cols..(t + i + 1) * cols]);
+        let sums: [&[f32]; N] = std::array::from_fn(|i| {
+            if xsums.is_empty() {
+                xsums
+            } else {
+                &xsums[(t + i) * nb..(t + i + 1) * nb]
+            }
+        });
+        self.dot_row(kernel, r, xs, sums)
     }
 
     /// `out[t, r] = Σ_c self[r, c] · x[t, c]` for `t` in `0..tokens`.
@@ -177,6 +364,27 @@ impl Matrix {
         let (rows, cols) = (self.rows(), self.cols());
         debug_assert_eq!(x.len(), tokens * cols);
         debug_assert_eq!(out.len(), tokens * rows);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2Fma
+            && tokens >= PREFILL_MIN_TOKENS
+            && !matches!(self, Matrix::F32 { .. })
+        {
+            self.matmul_unpacked(x, tokens, out);
+            return;
+        }
+        // Q4 rows add `min * Σ x` per block: sum each activation block once.
+        let xsums: Vec<f32> = match self {
+            Matrix::Q4 { .. } => x.chunks(Q8_BLOCK).map(|c| c.iter().sum()).collect(),
+            _ => Vec::new(),
+        };
+        // Activation rows multiplied with one unpacked weight block at a time
+        // (unpacking is paid once per group). Measured per CPU second on the
+        // SmolLM2 shape: Q4 gains up to 8 (its unpacking costs more), Q8
+        // and f32 lose beyond 4 (their kernels run out of registers).
+        let max_group = match self {
+            Matrix::Q4 { .. } => 8,
+            _ => 4,
+        };
         let tasks = rayon::current_num_threads() * 4;
         let rows_per_task = rows.div_ceil(tasks).max(4);
         let out_ptr = SharedMut(out.as_mut_ptr());
@@ -185,52 +393,93 @@ impl Matrix {
             .for_each(|task| {
                 let r0 = task * rows_per_task;
                 let r1 = (r0 + rows_per_task).min(rows);
-                let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
-                let store = |t: usize, r: usize, v: f32| {
-                    // SAFETY: each task owns rows r0..r1 of every token's output
-                    // row, so writes never overlap; t < tokens and r < rows.
-                    unsafe { *out_ptr.get().add(t * rows + r) = v }
+                let store = |t: usize, r: usize, values: &[f32]| {
+                    for (i, v) in values.iter().enumerate() {
+                        // SAFETY: each task owns rows r0..r1 of every token's
+                        // output row, so writes never overlap; t + i < tokens.
+                        unsafe { *out_ptr.get().add((t + i) * rows + r) = *v }
+                    }
                 };
                 for t0 in (0..tokens).step_by(TOKEN_TILE) {
                     let t1 = (t0 + TOKEN_TILE).min(tokens);
                     for r in r0..r1 {
                         let mut t = t0;
                         while t < t1 {
-                            match t1 - t {
-                                1 => {
-                                    let [a] = self.dot_row(kernel, r, [xrow(t)]);
-                                    store(t, r, a);
-                                    t += 1;
+                            let n = (t1 - t).min(max_group);
+                            match n {
+                                1 => store(t, r, &self.dot_group::<1>(kernel, r, x, &xsums, t)),
+                                2 => store(t, r, &self.dot_group::<2>(kernel, r, x, &xsums, t)),
+                                3 => store(t, r, &self.dot_group::<3>(kernel, r, x, &xsums, t)),
+                                4 => store(t, r, &self.dot_group::<4>(kernel, r, x, &xsums, t)),
+                                5 => store(t, r, &self.dot_group::<5>(kernel, r, x, &xsums, t)),
+                                6 => store(t, r, &self.dot_group::<6>(kernel, r, x, &xsums, t)),
+                                7 => store(t, r, &self.dot_group::<7>(kernel, r, x, &xsums, t)),
+                                _ => store(t, r, &self.dot_group::<8>(kernel, r, x, &xsums, t)),
+                            }
+                            t += n;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+impl Matrix {
+    /// The prefill path: with many activation rows, unpack two weight rows to
+    /// f32 once per token tile, then multiply them with four activation rows
+    /// at a time (eight accumulators), which does twice the multiply-adds per
+    /// load of the unpack-as-you-go kernels.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_unpacked(&self, x: &[f32], tokens: usize, out: &mut [f32]) {
+        const TILE: usize = 64;
+        let (rows, cols) = (self.rows(), self.cols());
+        let tasks = rayon::current_num_threads() * 4;
+        // Even, so row pairs never straddle two tasks.
+        let rows_per_task = rows.div_ceil(tasks).max(4).next_multiple_of(2);
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        (0..rows.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let r0 = task * rows_per_task;
+                let r1 = (r0 + rows_per_task).min(rows);
+                let store = |t: usize, r: usize, v: f32| {
+                    // SAFETY: each task owns rows r0..r1 of every token's
+                    // output row, so writes never overlap; t < tokens.
+                    unsafe { *out_ptr.get().add(t * rows + r) = v }
+                };
+                let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
+                let mut w = vec![0f32; 2 * cols];
+                for t0 in (0..tokens).step_by(TILE) {
+                    let t1 = (t0 + TILE).min(tokens);
+                    for r in (r0..r1).step_by(2) {
+                        let pair = r + 1 < r1;
+                        let (w0, w1) = w.split_at_mut(cols);
+                        self.row_into(r, w0);
+                        if pair {
+                            self.row_into(r + 1, w1);
+                        }
+                        let mut t = t0;
+                        while t < t1 {
+                            if pair && t + 4 <= t1 {
+                                let xs = [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)];
+                                // SAFETY: AVX2 and FMA were detected (the caller
+                                // checked the kernel); all rows have `cols` values.
+                                let d = unsafe { x86::dot_f32_2x4(w0, w1, xs) };
+                                for (i, (a, b)) in d[0].iter().zip(&d[1]).enumerate() {
+                                    store(t + i, r, *a);
+                                    store(t + i, r + 1, *b);
                                 }
-                                2 => {
-                                    let d = self.dot_row(kernel, r, [xrow(t), xrow(t + 1)]);
-                                    for (i, v) in d.into_iter().enumerate() {
-                                        store(t + i, r, v);
-                                    }
-                                    t += 2;
+                                t += 4;
+                            } else {
+                                // SAFETY: as above.
+                                let [a] = unsafe { x86::dot_f32::<1>(w0, [xrow(t)]) };
+                                store(t, r, a);
+                                if pair {
+                                    // SAFETY: as above.
+                                    let [b] = unsafe { x86::dot_f32::<1>(w1, [xrow(t)]) };
+                                    store(t, r + 1, b);
                                 }
-                                3 => {
-                                    let d = self.dot_row(
-                                        kernel,
-                                        r,
-                                        [xrow(t), xrow(t + 1), xrow(t + 2)],
-                                    );
-                                    for (i, v) in d.into_iter().enumerate() {
-                                        store(t + i, r, v);
-                                    }
-                                    t += 3;
-                                }
-                                _ => {
-                                    let d = self.dot_row(
-                                        kernel,
-                                        r,
-                                        [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)],
-                                    );
-                                    for (i, v) in d.into_iter().enumerate() {
-                                        store(t + i, r, v);
-                                    }
-                                    t += 4;
-                                }
+                                t += 1;
                             }
                         }
                     }
@@ -270,6 +519,45 @@ fn portable_dot_q8<const N: usize>(q: &[i8], s: &[f32], xs: [&[f32]; N]) -> [f32
             .sum();
     }
     out
+}
+
+fn portable_dot_q4<const N: usize>(
+    packed: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    xs: [&[f32]; N],
+    xsums: [&[f32]; N],
+) -> [f32; N] {
+    let half = Q8_BLOCK / 2;
+    let mut out = [0.0; N];
+    for ((o, x), sums) in out.iter_mut().zip(xs).zip(xsums) {
+        for (b, (scale, min)) in scales.iter().zip(mins).enumerate() {
+            let bytes = &packed[b * half..(b + 1) * half];
+            let x = &x[b * Q8_BLOCK..(b + 1) * Q8_BLOCK];
+            let levels: f32 = bytes
+                .iter()
+                .enumerate()
+                .map(|(j, q)| (q & 0x0F) as f32 * x[j] + (q >> 4) as f32 * x[j + half])
+                .sum();
+            *o += scale * levels + min * sums[b];
+        }
+    }
+    out
+}
+
+/// `y += a * x`.
+#[inline]
+fn axpy(kernel: Kernel, a: f32, x: &[f32], y: &mut [f32]) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected; `x` and `y` have equal length.
+        Kernel::Avx2Fma => unsafe { x86::axpy(a, x, y) },
+        Kernel::Portable => {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += a * x;
+            }
+        }
+    }
 }
 
 #[inline]
@@ -329,6 +617,50 @@ mod x86 {
         out
     }
 
+    /// `y += a * x` for slices of equal length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let main = n / 8 * 8;
+        let av = _mm256_set1_ps(a);
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i < main {
+            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
+            _mm256_storeu_ps(yp.add(i), v);
+            i += 8;
+        }
+        for j in main..n {
+            y[j] += a * x[j];
+        }
+    }
+
+    /// Dot products of two f32 weight rows with four activation rows, all of
+    /// a length that is a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_2x4(w0: &[f32], w1: &[f32], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let mut i = 0;
+        while i < w0.len() {
+            let v0 = _mm256_loadu_ps(p0.add(i));
+            let v1 = _mm256_loadu_ps(p1.add(i));
+            for k in 0..4 {
+                let xv = _mm256_loadu_ps(xs[k].as_ptr().add(i));
+                a0[k] = _mm256_fmadd_ps(v0, xv, a0[k]);
+                a1[k] = _mm256_fmadd_ps(v1, xv, a1[k]);
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; 4]; 2];
+        for k in 0..4 {
+            out[0][k] = hsum(a0[k]);
+            out[1][k] = hsum(a1[k]);
+        }
+        out
+    }
+
     /// Dot products of one Q8 weight row (`q`, per-block `s`) with `N` activation rows.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8<const N: usize>(q: &[i8], s: &[f32], xs: [&[f32]; N]) -> [f32; N] {
@@ -358,6 +690,50 @@ mod x86 {
         let mut out = [0.0f32; N];
         for k in 0..N {
             out[k] = hsum(acc[k]);
+        }
+        out
+    }
+
+    /// Dot products of one Q4 weight row (packed levels, per-block scale and
+    /// min) with `N` activation rows and their per-block sums.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4<const N: usize>(
+        packed: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        xs: [&[f32]; N],
+        xsums: [&[f32]; N],
+    ) -> [f32; N] {
+        let mask = _mm256_set1_epi32(0x0F);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offset = [0.0f32; N];
+        let pp = packed.as_ptr();
+        for (b, (scale, min)) in scales.iter().zip(mins).enumerate() {
+            // Widening each byte to a 32-bit lane first leaves the high nibble
+            // alone above bit 4, so one shift extracts it without a mask.
+            let bytes = |at: usize| {
+                let raw = _mm_loadl_epi64(pp.add(b * Q8_BLOCK / 2 + at) as *const __m128i);
+                _mm256_cvtepu8_epi32(raw)
+            };
+            let (first, second) = (bytes(0), bytes(8));
+            let w0 = _mm256_cvtepi32_ps(_mm256_and_si256(first, mask)); // elements 0..8
+            let w1 = _mm256_cvtepi32_ps(_mm256_and_si256(second, mask)); // 8..16
+            let w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)); // 16..24
+            let w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)); // 24..32
+            let sv = _mm256_set1_ps(*scale);
+            for k in 0..N {
+                let xp = xs[k].as_ptr().add(b * Q8_BLOCK);
+                let even = _mm256_mul_ps(w0, _mm256_loadu_ps(xp));
+                let odd = _mm256_mul_ps(w1, _mm256_loadu_ps(xp.add(8)));
+                let even = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), even);
+                let odd = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), odd);
+                acc[k] = _mm256_fmadd_ps(_mm256_add_ps(even, odd), sv, acc[k]);
+                offset[k] += min * xsums[k].get_unchecked(b);
+            }
+        }
+        let mut out = [0.0f32; N];
+        for k in 0..N {
+            out[k] = hsum(acc[k]) + offset[k];
         }
         out
     }
@@ -578,6 +954,33 @@ impl CpuBackend {
             scratch: Scratch::default(),
             cfg,
         })
+    }
+
+    /// How many matrices use each storage, e.g. `q4 x 210, q8 x 1`.
+    pub fn storage_summary(&self) -> String {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down])
+            .chain(std::iter::once(&self.embed))
+            .chain(self.lm_head.as_ref());
+        for m in matrices {
+            match counts.iter_mut().find(|(n, _)| *n == m.storage_name()) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((m.storage_name(), 1)),
+            }
+        }
+        counts
+            .iter()
+            .map(|(n, c)| format!("{n} x {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The SIMD kernel in use (`portable`, `avx2`).
+    pub fn kernel_name(&self) -> &'static str {
+        self.kernel.name()
     }
 
     /// Bytes the weights occupy in this backend's storage.
@@ -844,10 +1247,7 @@ impl ComputeBackend for CpuBackend {
                         let slot = seq.block_table[pos / block_size] as usize * block_size
                             + pos % block_size;
                         let off = slot * row_width + kvh * hd;
-                        let w = sc / sum;
-                        for (o, v) in out.iter_mut().zip(&vc[off..off + hd]) {
-                            *o += w * v;
-                        }
+                        axpy(kernel, sc / sum, &vc[off..off + hd], &mut out);
                     }
                     // SAFETY: task (si, head) alone writes head `head` of its own
                     // tokens' rows; the buffer outlives the parallel loop.
@@ -1003,5 +1403,103 @@ impl ComputeBackend for CpuBackend {
             cache.copy_within(s..s + n, d);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the CPU offers computes the same dot products as the
+    /// portable one, for f32 and Q8 rows and 1 to 4 activation rows.
+    /// Weights on a Q4 grid: per block of 32, `scale * level + min`.
+    fn q4_grid(rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| {
+                let block = i / Q8_BLOCK;
+                let (scale, min) = (0.01 + block as f32 * 0.003, -0.07 * (block % 5) as f32);
+                // Every block uses levels 0 and 15, like a real Q4_1 tensor.
+                let level = match i % Q8_BLOCK {
+                    0 => 0,
+                    1 => 15,
+                    j => (j * 7 + block) % 16,
+                };
+                scale * level as f32 + min
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compact_storage_packs_q4_grids_losslessly_and_falls_back_to_q8() {
+        let (rows, cols) = (2, 64);
+        let grid = q4_grid(rows, cols);
+        let m = Matrix::new(rows, cols, &grid, WeightStorage::Compact);
+        assert_eq!(m.storage_name(), "q4");
+        let mut row = vec![0.0; cols];
+        for r in 0..rows {
+            m.row_into(r, &mut row);
+            for (got, want) in row.iter().zip(&grid[r * cols..]) {
+                assert!((got - want).abs() <= 1e-6, "{got} vs {want}");
+            }
+        }
+        let mut off_grid = grid.clone();
+        off_grid[70] += 0.001;
+        let m = Matrix::new(rows, cols, &off_grid, WeightStorage::Compact);
+        assert_eq!(m.storage_name(), "q8", "one block off the grid keeps Q8");
+    }
+
+    #[test]
+    fn every_available_kernel_agrees_with_the_portable_one() {
+        let (rows, cols) = (3, 96);
+        let smooth: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let grid = q4_grid(rows, cols);
+        // 21 rows: the grouped kernels and the prefill path, with remainders.
+        let x: Vec<f32> = (0..21 * cols)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0)
+            .collect();
+        for (weights, storage) in [
+            (&smooth, WeightStorage::F32),
+            (&smooth, WeightStorage::Q8),
+            (&grid, WeightStorage::Compact),
+        ] {
+            let m = Matrix::new(rows, cols, weights, storage);
+            // The portable kernel itself against plain f32 dot products of
+            // the stored (dequantized) rows.
+            let mut dense = vec![0.0; rows * cols];
+            for (r, out) in dense.chunks_mut(cols).enumerate() {
+                m.row_into(r, out);
+            }
+            let mut want = vec![0.0; 21 * rows];
+            m.matmul(Kernel::Portable, &x, 21, &mut want);
+            for t in 0..21 {
+                for r in 0..rows {
+                    let plain: f32 = dense[r * cols..(r + 1) * cols]
+                        .iter()
+                        .zip(&x[t * cols..(t + 1) * cols])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let got = want[t * rows + r];
+                    assert!(
+                        (plain - got).abs() <= 1e-4 * plain.abs().max(1.0),
+                        "portable {}: {got} vs {plain}",
+                        m.storage_name()
+                    );
+                }
+            }
+            for kernel in Kernel::available() {
+                for tokens in 1..=21 {
+                    let mut got = vec![0.0; tokens * rows];
+                    m.matmul(kernel, &x[..tokens * cols], tokens, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "{kernel:?} {storage:?} with {tokens} rows: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

