@@ -1,9 +1,10 @@
 //! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
-//! model loading, the OpenAI server, and (later) router and KV transfer.
+//! model loading, the OpenAI server, the router, and (later) KV transfer.
 
 pub mod cli;
 pub mod engine;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod router;
 pub mod server;
