@@ -19,6 +19,10 @@
 //! requests arriving between two reports does not all land on the worker that
 //! looked idle. A report replaces the running sum (it already includes what was
 //! routed before it), which also heals a request whose `finish` was never called.
+//! The price: a request routed after the worker took its snapshot but before
+//! the report arrived is missing until the next report. With reports every
+//! few hundred milliseconds that is a handful of requests; the shared-prefix
+//! test (`tests/router_kv.rs`) checks the spread with reports three requests stale.
 //!
 //! A decode request adds all its prompt blocks: each sequence's decode step
 //! attends over its whole context, shared prefix or not, so that is the cost it
