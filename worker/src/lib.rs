@@ -1,5 +1,5 @@
 //! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
-//! model loading, the OpenAI server, and (later) router and KV transfer.
+//! model loading, the OpenAI server, the router, and (later) KV transfer.
 
 pub mod bench;
 pub mod cli;
@@ -7,5 +7,6 @@ pub mod engine;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod router;
 pub mod server;
 pub mod transfer;
