@@ -84,4 +84,23 @@ impl Weights {
     pub fn output(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
+
+    /// A copy with every weight matrix (embedding, projections, MLP, untied
+    /// output head) replaced by `f` of it; norms and biases are kept as they are.
+    /// For modelling how a backend stores matrices (quantization round trips).
+    pub fn map_matrices(&self, mut f: impl FnMut(&Tensor) -> Tensor) -> Weights {
+        let mut out = self.clone();
+        out.embed_tokens = f(&self.embed_tokens);
+        out.lm_head = self.lm_head.as_ref().map(&mut f);
+        for (dst, src) in out.layers.iter_mut().zip(&self.layers) {
+            dst.wq = f(&src.wq);
+            dst.wk = f(&src.wk);
+            dst.wv = f(&src.wv);
+            dst.wo = f(&src.wo);
+            dst.w_gate = f(&src.w_gate);
+            dst.w_up = f(&src.w_up);
+            dst.w_down = f(&src.w_down);
+        }
+        out
+    }
 }

@@ -263,17 +263,5 @@ pub fn q4_rounded(w: &Weights) -> Weights {
         }
         Tensor::new(t.shape.clone(), data)
     };
-    let mut out = w.clone();
-    out.embed_tokens = round(&w.embed_tokens);
-    out.lm_head = w.lm_head.as_ref().map(round);
-    for (dst, src) in out.layers.iter_mut().zip(&w.layers) {
-        dst.wq = round(&src.wq);
-        dst.wk = round(&src.wk);
-        dst.wv = round(&src.wv);
-        dst.wo = round(&src.wo);
-        dst.w_gate = round(&src.w_gate);
-        dst.w_up = round(&src.w_up);
-        dst.w_down = round(&src.w_down);
-    }
-    out
+    w.map_matrices(round)
 }

@@ -753,19 +753,7 @@ pub fn dequantized_weights(weights: &Weights, storage: WeightStorage) -> Weights
         }
         Tensor::new(t.shape.clone(), data)
     };
-    let mut out = weights.clone();
-    out.embed_tokens = round_trip(&weights.embed_tokens);
-    out.lm_head = weights.lm_head.as_ref().map(round_trip);
-    for (dst, src) in out.layers.iter_mut().zip(&weights.layers) {
-        dst.wq = round_trip(&src.wq);
-        dst.wk = round_trip(&src.wk);
-        dst.wv = round_trip(&src.wv);
-        dst.wo = round_trip(&src.wo);
-        dst.w_gate = round_trip(&src.w_gate);
-        dst.w_up = round_trip(&src.w_up);
-        dst.w_down = round_trip(&src.w_down);
-    }
-    out
+    weights.map_matrices(round_trip)
 }
 
 struct CpuLayer {
