@@ -7,11 +7,14 @@
 //! 2. **Learn.** Each tier's throughput model ([`PrefillModel`], [`DecodeModel`]) absorbs the
 //!    interval when the tier is steady (all desired replicas ready) and met its SLO: only then
 //!    does the arrival rate equal the served load (an overloaded tier's queue grows instead).
+//!    A steady tier that starts to breach instead records the load per replica as a ceiling on its
+//!    capacity (see `breach_ceiling_relax`), which caps the model's extrapolation.
 //! 3. **Recommend.** `model = ceil(demand / capacity_at(target_latency_fraction × SLO))`, the
 //!    demand projected `lookahead_s` ahead along its rising trend, plus the prefill backlog
 //!    drained over `lookahead_s`. SLO feedback on top: a p90 over the SLO asks for at least one
 //!    more replica, the largest step when over `2 ×` the SLO (once earlier additions are ready);
-//!    a model count above the current one scales up before the breach; a scale-down needs the
+//!    when the model predicts a breach (the current replicas cannot carry the demand at the SLO
+//!    itself) it scales up to the model count before it happens; a scale-down needs the
 //!    p90 under `scale_down_below × SLO` *and* the model to carry the demand with fewer.
 //!    No traffic recommends the minimum.
 //! 4. **Coordinate P:D.** Both tiers are sized from the same demand in the same decision; a TTFT
@@ -84,7 +87,8 @@ pub struct PlannerConfig {
     pub interval_s: f64,
     /// An observation older than this (seconds) is stale: no action. Default 2 × interval.
     pub max_staleness_s: f64,
-    /// Window over which a scale-up must hold (min of recommendations). Default 0: react now.
+    /// Window over which a scale-up must hold (min of recommendations). Default 0: react at
+    /// once (a replica takes its startup time to help; waiting costs SLO).
     pub scale_up_stabilization_s: f64,
     /// Window over which a scale-down must hold (max of recommendations). Default 300.
     pub scale_down_stabilization_s: f64,
@@ -102,8 +106,8 @@ pub struct PlannerConfig {
     pub target_latency_fraction: f64,
     /// Scale down only while the p90 is under this fraction of the SLO. Default 0.7.
     pub scale_down_below: f64,
-    /// Seconds ahead the rising demand trend is projected for scale-up (about the replica
-    /// startup time). Default 60.
+    /// Seconds ahead the rising demand trend is projected for scale-up: about the replica
+    /// startup time plus one interval, the soonest a new replica can help. Default 90.
     pub lookahead_s: f64,
     /// EWMA weight of a new model sample. Default 0.3.
     pub model_alpha: f64,
@@ -111,6 +115,10 @@ pub struct PlannerConfig {
     pub prefill_per_decode: Option<(f64, f64)>,
     /// Decode KV utilization above which decode counts as saturated. Default 0.95.
     pub kv_saturation: f64,
+    /// A steady tier that breached its SLO at load `L` per replica is not planned above
+    /// `L × target_latency_fraction` per replica; that ceiling rises by this fraction each
+    /// interval without a breach, so an old breach is forgotten over time. Default 0.02.
+    pub breach_ceiling_relax: f64,
 }
 
 /// A configuration the planner cannot run with.
@@ -148,10 +156,11 @@ impl PlannerConfig {
             scale_up_min_step: 4,
             target_latency_fraction: 0.8,
             scale_down_below: 0.7,
-            lookahead_s: 60.0,
+            lookahead_s: 90.0,
             model_alpha: 0.3,
             prefill_per_decode: None,
             kv_saturation: 0.95,
+            breach_ceiling_relax: 0.02,
         }
     }
 
@@ -208,6 +217,11 @@ impl PlannerConfig {
             ("scale_down_below", self.scale_down_below, fraction),
             ("model_alpha", self.model_alpha, fraction),
             ("kv_saturation", self.kv_saturation, fraction),
+            (
+                "breach_ceiling_relax",
+                self.breach_ceiling_relax,
+                non_negative,
+            ),
         ];
         for (name, value, expected) in knobs {
             let ok = match expected {
@@ -303,6 +317,12 @@ struct TierHistory {
     recommendations: VecDeque<(f64, u32)>,
     /// When the tier last changed and whether it went up.
     last_change: Option<(f64, bool)>,
+    /// Lowest load per replica (tokens/s) at which the steady tier breached its SLO, relaxed
+    /// upward by `breach_ceiling_relax` each interval without a breach.
+    breach_ceiling: Option<f64>,
+    /// Whether the last steady interval breached (only the onset of a breach sets the
+    /// ceiling: later intervals also carry the backlog it built).
+    breaching: bool,
 }
 
 impl PlannerState {
@@ -341,9 +361,6 @@ pub fn decide(
     let rate = observation.request_rate.unwrap_or(0.0);
     let input = observation.mean_input_tokens.unwrap_or(0.0);
     let output = observation.mean_output_tokens.unwrap_or(0.0);
-    learn(config, state, observation, current, rate, input, output);
-
-    let projected_rate = rate + state.rate_slope.max(0.0) * config.lookahead_s;
     let decode_saturated = observation
         .itl_p90_s
         .is_some_and(|itl| itl > config.slo.itl_p90_s)
@@ -353,32 +370,58 @@ pub fn decide(
     let prefill_queue_short = observation
         .prefill_queue_depth
         .is_some_and(|depth| depth <= f64::from(observation.ready.prefill));
+    let blame_decode = decode_saturated && prefill_queue_short;
+    learn(
+        config,
+        state,
+        observation,
+        current,
+        blame_decode,
+        [rate, input, output],
+    );
+
+    let projected_rate = rate + state.rate_slope.max(0.0) * config.lookahead_s;
     let backlog_tokens_per_s = if config.lookahead_s > 0.0 {
         observation.prefill_queue_depth.unwrap_or(0.0) * input / config.lookahead_s
     } else {
         0.0
     };
 
+    // Capacity per replica: the model's, capped by the breach ceiling; at the planning target
+    // (`target_latency_fraction × SLO`) and at the SLO itself.
+    let fraction = config.target_latency_fraction;
+    // A breach at load L bounds the capacity at the SLO by L, and at the planning target by
+    // about `fraction × L`.
+    let ceiling = |history: &TierHistory| history.breach_ceiling;
+    let capped = |model: Option<f64>, ceiling: Option<f64>| match (model, ceiling) {
+        (Some(model), Some(ceiling)) => Some(model.min(ceiling)),
+        (model, ceiling) => model.or(ceiling),
+    };
+    let prefill_ceiling = ceiling(&state.prefill);
+    let decode_ceiling = ceiling(&state.decode);
     let mut recommended = TierCounts::default();
     let mut why = TierReasons::default();
     for tier in [Tier::Prefill, Tier::Decode] {
+        let slo = config.slo_s(tier);
         let (capacity, demand, latency) = match tier {
             Tier::Prefill => (
-                state
-                    .prefill_model
-                    .capacity_at(config.target_latency_fraction * config.slo.ttft_p90_s),
+                [fraction, 1.0].map(|share| {
+                    let model = state.prefill_model.capacity_at(share * slo);
+                    capped(model, prefill_ceiling.map(|c| c * share))
+                }),
                 projected_rate * input + backlog_tokens_per_s,
                 observation.ttft_p90_s,
             ),
             Tier::Decode => (
-                state
-                    .decode_model
-                    .capacity_at(config.target_latency_fraction * config.slo.itl_p90_s),
+                [fraction, 1.0].map(|share| {
+                    let model = state.decode_model.capacity_at(share * slo);
+                    capped(model, decode_ceiling.map(|c| c * share))
+                }),
                 projected_rate * output,
                 observation.itl_p90_s,
             ),
         };
-        let blame_decode = tier == Tier::Prefill && decode_saturated && prefill_queue_short;
+        let blame_decode = tier == Tier::Prefill && blame_decode;
         let (count, reason) = recommend(
             config,
             tier,
@@ -496,9 +539,8 @@ fn learn(
     state: &mut PlannerState,
     observation: &Observation,
     current: TierCounts,
-    rate: f64,
-    input: f64,
-    output: f64,
+    prefill_blamed_on_decode: bool,
+    [rate, input, output]: [f64; 3],
 ) {
     let now = observation.timestamp_s;
     if let Some((then, last_rate)) = state.last_rate {
@@ -513,30 +555,45 @@ fn learn(
     }
     let ready = observation.ready;
     if ready.prefill > 0 && ready.prefill >= current.prefill {
-        if let Some(ttft) = observation
-            .ttft_p90_s
-            .filter(|ttft| *ttft <= config.slo.ttft_p90_s)
-        {
+        if let Some(ttft) = observation.ttft_p90_s {
             let load = rate * input / f64::from(ready.prefill);
-            state
-                .prefill_model
-                .observe(load, input, ttft, config.model_alpha);
+            if ttft <= config.slo.ttft_p90_s {
+                state
+                    .prefill_model
+                    .observe(load, input, ttft, config.model_alpha);
+            }
+            // A breach caused by decode backpressure says nothing about prefill capacity.
+            let breached = ttft > config.slo.ttft_p90_s && !prefill_blamed_on_decode;
+            record_ceiling(config, &mut state.prefill, load, breached);
         }
     }
     if ready.decode > 0 && ready.decode >= current.decode {
-        if let Some(itl) = observation
-            .itl_p90_s
-            .filter(|itl| *itl <= config.slo.itl_p90_s)
-        {
+        if let Some(itl) = observation.itl_p90_s {
             let load = rate * output / f64::from(ready.decode);
-            state.decode_model.observe(
-                load,
-                itl,
-                observation.decode_kv_utilization,
-                config.model_alpha,
-            );
+            if itl <= config.slo.itl_p90_s {
+                let kv = observation.decode_kv_utilization;
+                state
+                    .decode_model
+                    .observe(load, itl, kv, config.model_alpha);
+            }
+            record_ceiling(config, &mut state.decode, load, itl > config.slo.itl_p90_s);
         }
     }
+}
+
+fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, breached: bool) {
+    history.breach_ceiling = match (breached, history.breaching) {
+        (true, false) => Some(
+            history
+                .breach_ceiling
+                .map_or(load, |ceiling| ceiling.min(load)),
+        ),
+        (true, true) => history.breach_ceiling,
+        (false, _) => history
+            .breach_ceiling
+            .map(|c| c * (1.0 + config.breach_ceiling_relax)),
+    };
+    history.breaching = breached;
 }
 
 /// The raw recommendation of one tier and why.
@@ -548,7 +605,7 @@ fn recommend(
     ready: u32,
     rate: f64,
     demand: f64,
-    capacity: Option<f64>,
+    [capacity, capacity_at_slo]: [Option<f64>; 2],
     latency: Option<f64>,
     blame_decode: bool,
 ) -> (u32, String) {
@@ -560,7 +617,9 @@ fn recommend(
     if rate <= 0.0 {
         return (0, "no traffic".to_string());
     }
-    let modelled = capacity.map(|capacity| (demand / capacity).ceil().max(1.0) as u32);
+    let count_for = |capacity: f64| (demand / capacity).ceil().max(1.0) as u32;
+    let modelled = capacity.map(count_for);
+    let breach_predicted = capacity_at_slo.is_some_and(|c| count_for(c) > current);
     let latency = latency.unwrap_or(0.0);
     let observed = format!(
         "{metric} p90 {:.0}ms vs SLO {:.0}ms",
@@ -594,7 +653,7 @@ fn recommend(
         );
     }
     match modelled {
-        Some(count) if count > current => {
+        Some(count) if count > current && breach_predicted => {
             (count, format!("{observed}, predicted breach; {model_says}"))
         }
         Some(count) if count < current && latency < config.scale_down_below * slo => (

@@ -94,8 +94,9 @@ pub struct Trace {
     pub warmup_s: f64,
 }
 
-/// Default [`Trace::warmup_s`]: ten minutes.
-pub const WARMUP_S: f64 = 600.0;
+/// Default [`Trace::warmup_s`]: twenty minutes, long enough for the planner to settle from its
+/// minimum replicas at the starting rate.
+pub const WARMUP_S: f64 = 1200.0;
 
 impl Trace {
     /// Constant `rate` for `duration_s`.
