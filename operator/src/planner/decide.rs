@@ -13,9 +13,11 @@
 //!    demand projected `lookahead_s` ahead along its rising trend, plus the prefill backlog
 //!    drained over `lookahead_s`. SLO feedback on top: a p90 over the SLO asks for at least one
 //!    more replica, the largest step when over `2 ×` the SLO (once earlier additions are ready);
+//!    a single mild breach (≤ 1.5 × SLO) that the model does not explain waits one interval;
 //!    when the model predicts a breach (the current replicas cannot carry the demand at the SLO
 //!    itself) it scales up to the model count before it happens; a scale-down needs the
-//!    p90 under `scale_down_below × SLO` *and* the model to carry the demand with fewer.
+//!    p90 under `scale_down_below × SLO` *and* the model to keep it there with fewer replicas
+//!    (sized at `scale_down_below × SLO`, tighter than the planning target: hysteresis).
 //!    No traffic recommends the minimum.
 //! 4. **Coordinate P:D.** Both tiers are sized from the same demand in the same decision; a TTFT
 //!    breach while decode is saturated and the prefill queue is short is blamed on decode
@@ -371,6 +373,25 @@ pub fn decide(
         .prefill_queue_depth
         .is_some_and(|depth| depth <= f64::from(observation.ready.prefill));
     let blame_decode = decode_saturated && prefill_queue_short;
+    // Whether the model, before this interval teaches it anything, says each tier's current
+    // replicas carry the demand at the SLO (a mild first breach it cannot explain is noise).
+    let carries = |capacity: Option<f64>, demand: f64, replicas: u32| {
+        capacity.is_some_and(|c| demand <= c * f64::from(replicas))
+    };
+    let unexplained_breach_possible = [
+        !state.prefill.breaching
+            && carries(
+                state.prefill_model.capacity_at(config.slo.ttft_p90_s),
+                rate * input,
+                current.prefill,
+            ),
+        !state.decode.breaching
+            && carries(
+                state.decode_model.capacity_at(config.slo.itl_p90_s),
+                rate * output,
+                current.decode,
+            ),
+    ];
     learn(
         config,
         state,
@@ -405,7 +426,7 @@ pub fn decide(
         let slo = config.slo_s(tier);
         let (capacity, demand, latency) = match tier {
             Tier::Prefill => (
-                [fraction, 1.0].map(|share| {
+                [fraction, 1.0, config.scale_down_below].map(|share| {
                     let model = state.prefill_model.capacity_at(share * slo);
                     capped(model, prefill_ceiling.map(|c| c * share))
                 }),
@@ -413,7 +434,7 @@ pub fn decide(
                 observation.ttft_p90_s,
             ),
             Tier::Decode => (
-                [fraction, 1.0].map(|share| {
+                [fraction, 1.0, config.scale_down_below].map(|share| {
                     let model = state.decode_model.capacity_at(share * slo);
                     capped(model, decode_ceiling.map(|c| c * share))
                 }),
@@ -432,6 +453,7 @@ pub fn decide(
             capacity,
             latency,
             blame_decode,
+            unexplained_breach_possible[tier as usize],
         );
         recommended.set(tier, count);
         why.set(tier, reason);
@@ -596,6 +618,11 @@ fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, 
     history.breaching = breached;
 }
 
+/// A breach up to this multiple of the SLO, in one interval, while the model says the current
+/// replicas carry the demand at the SLO, is treated as noise until the next interval confirms it
+/// (p90s of one interval scatter; reacting to each would oscillate under constant load).
+const MILD_BREACH: f64 = 1.5;
+
 /// The raw recommendation of one tier and why.
 #[allow(clippy::too_many_arguments)]
 fn recommend(
@@ -605,9 +632,10 @@ fn recommend(
     ready: u32,
     rate: f64,
     demand: f64,
-    [capacity, capacity_at_slo]: [Option<f64>; 2],
+    [capacity, capacity_at_slo, capacity_down]: [Option<f64>; 3],
     latency: Option<f64>,
     blame_decode: bool,
+    model_carries_demand: bool,
 ) -> (u32, String) {
     let slo = config.slo_s(tier);
     let metric = match tier {
@@ -619,6 +647,9 @@ fn recommend(
     }
     let count_for = |capacity: f64| (demand / capacity).ceil().max(1.0) as u32;
     let modelled = capacity.map(count_for);
+    // Scaling down goes only as far as the model keeps the p90 under `scale_down_below × SLO`,
+    // tighter than the planning target: a hysteresis band between scale-up and scale-down.
+    let count_down = capacity_down.map_or(current, count_for);
     let breach_predicted = capacity_at_slo.is_some_and(|c| count_for(c) > current);
     let latency = latency.unwrap_or(0.0);
     let observed = format!(
@@ -634,6 +665,12 @@ fn recommend(
         return (
             current.max(modelled.unwrap_or(0)),
             format!("{observed}, blamed on saturated decode; {model_says}"),
+        );
+    }
+    if latency > slo && latency <= MILD_BREACH * slo && model_carries_demand {
+        return (
+            current,
+            format!("{observed}, a first mild breach the model does not explain: confirming; {model_says}"),
         );
     }
     if latency > slo {
@@ -656,8 +693,8 @@ fn recommend(
         Some(count) if count > current && breach_predicted => {
             (count, format!("{observed}, predicted breach; {model_says}"))
         }
-        Some(count) if count < current && latency < config.scale_down_below * slo => (
-            count,
+        Some(_) if latency < config.scale_down_below * slo && count_down < current => (
+            count_down,
             format!("{observed}, comfortably under; {model_says}"),
         ),
         _ => (current, format!("{observed}; {model_says}")),
