@@ -10,6 +10,7 @@ pub mod crd;
 pub mod docs;
 pub mod leader;
 pub mod metrics;
+pub mod planner;
 pub mod validate;
 
 /// The one server-side-apply field manager for children and status.

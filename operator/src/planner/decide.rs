@@ -1,0 +1,781 @@
+//! The pure decision: one observation in, desired replicas per tier out.
+//!
+//! Per tier, in this order (every knob is a [`PlannerConfig`] field):
+//! 1. **Refuse on bad data.** An observation older than `max_staleness_s`, or missing the
+//!    request rate (or, with traffic, the latencies and mean lengths), leaves the replicas as
+//!    they are and returns a [`Refusal`] for the status condition.
+//! 2. **Learn.** Each tier's throughput model ([`PrefillModel`], [`DecodeModel`]) absorbs the
+//!    interval when the tier is steady (all desired replicas ready) and met its SLO: only then
+//!    does the arrival rate equal the served load (an overloaded tier's queue grows instead).
+//!    A steady tier that starts to breach instead records the load per replica as a ceiling on its
+//!    capacity (see `breach_ceiling_relax`), which caps the model's extrapolation.
+//! 3. **Recommend.** `model = ceil(demand / capacity_at(target_latency_fraction × SLO))`, the
+//!    demand projected `lookahead_s` ahead along its rising trend, plus the prefill backlog
+//!    drained over `lookahead_s`. SLO feedback on top: a p90 over the SLO asks for at least one
+//!    more replica, the largest step when over `2 ×` the SLO (once earlier additions are ready);
+//!    a single mild breach (≤ 1.5 × SLO) that the model does not explain waits one interval;
+//!    when the model predicts a breach (the current replicas cannot carry the demand at the SLO
+//!    itself) it scales up to the model count before it happens; a scale-down needs the
+//!    p90 under `scale_down_below × SLO` *and* the model to keep it there with fewer replicas
+//!    (sized at `scale_down_below × SLO`, tighter than the planning target: hysteresis).
+//!    No traffic recommends the minimum.
+//! 4. **Coordinate P:D.** Both tiers are sized from the same demand in the same decision; a TTFT
+//!    breach while decode is saturated and the prefill queue is short is blamed on decode
+//!    backpressure (prefill is not grown for it); the optional `prefill_per_decode` ratio band raises the lagging tier.
+//! 5. **Clamp** to the tier's bounds.
+//! 6. **Stabilize** like the HPA: going up takes the *lowest* recommendation of the last
+//!    `scale_up_stabilization_s`, going down the *highest* of the last
+//!    `scale_down_stabilization_s`, so a single noisy interval moves nothing.
+//! 7. **Cool down:** a tier changed less than `cooldown_s` ago holds, except that a scale-up may
+//!    follow a scale-up (replicas still starting already count in the current number, and the
+//!    breach feedback waits for them to be ready, so this cannot overshoot).
+//! 8. **Bound the step** to `max(1, scale_up_min_step, ceil(max_step_up_fraction × current))`
+//!    replicas up and
+//!    `max(1, ceil(max_step_down_fraction × current))` down.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+
+use super::model::{DecodeModel, PrefillModel};
+use super::target::Tier;
+
+/// p90 latency targets, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slo {
+    pub ttft_p90_s: f64,
+    pub itl_p90_s: f64,
+}
+
+/// Inclusive replica range of one tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierBounds {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// A replica count per tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierCounts {
+    pub prefill: u32,
+    pub decode: u32,
+}
+
+impl TierCounts {
+    pub fn get(&self, tier: Tier) -> u32 {
+        match tier {
+            Tier::Prefill => self.prefill,
+            Tier::Decode => self.decode,
+        }
+    }
+
+    pub fn set(&mut self, tier: Tier, replicas: u32) {
+        match tier {
+            Tier::Prefill => self.prefill = replicas,
+            Tier::Decode => self.decode = replicas,
+        }
+    }
+}
+
+/// Every knob of the planner. [`PlannerConfig::new`] gives the documented defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannerConfig {
+    /// Latency targets.
+    pub slo: Slo,
+    /// Prefill replica range.
+    pub prefill_bounds: TierBounds,
+    /// Decode replica range.
+    pub decode_bounds: TierBounds,
+    /// Seconds between decisions (the observation window). Default 30.
+    pub interval_s: f64,
+    /// An observation older than this (seconds) is stale: no action. Default 2 × interval.
+    pub max_staleness_s: f64,
+    /// Window over which a scale-up must hold (min of recommendations). Default 0: react at
+    /// once (a replica takes its startup time to help; waiting costs SLO).
+    pub scale_up_stabilization_s: f64,
+    /// Window over which a scale-down must hold (max of recommendations). Default 300.
+    pub scale_down_stabilization_s: f64,
+    /// After a tier changes, it holds this long (seconds). Default 60.
+    pub cooldown_s: f64,
+    /// Largest increase per decision, as a fraction of the current count (at least 1).
+    /// Default 1.0 (double), as the HPA's default scale-up policy.
+    pub max_step_up_fraction: f64,
+    /// An increase of this many replicas is always allowed, whatever the fraction (the HPA's
+    /// "4 pods" scale-up policy), so a small tier can meet a sudden step. Default 4.
+    pub scale_up_min_step: u32,
+    /// Largest decrease per decision, as a fraction of the current count (at least 1). Default 0.5.
+    pub max_step_down_fraction: f64,
+    /// The model sizes each tier for its p90 at this fraction of the SLO (headroom). Default 0.8.
+    pub target_latency_fraction: f64,
+    /// Scale down only while the p90 is under this fraction of the SLO. Default 0.7.
+    pub scale_down_below: f64,
+    /// Seconds ahead the rising demand trend is projected for scale-up: about the replica
+    /// startup time plus one interval, the soonest a new replica can help. Default 90.
+    pub lookahead_s: f64,
+    /// EWMA weight of a new model sample. Default 0.3.
+    pub model_alpha: f64,
+    /// Optional band `(low, high)` for prefill replicas per decode replica.
+    pub prefill_per_decode: Option<(f64, f64)>,
+    /// Decode KV utilization above which decode counts as saturated. Default 0.95.
+    pub kv_saturation: f64,
+    /// A steady tier that breached its SLO at load `L` per replica is not planned above
+    /// `L × target_latency_fraction` per replica; that ceiling rises by this fraction each
+    /// interval without a breach, so an old breach is forgotten over time. Default 0.02.
+    pub breach_ceiling_relax: f64,
+}
+
+/// A configuration the planner cannot run with.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("SLO targets must be positive seconds (ttft {ttft}, itl {itl})")]
+    Slo { ttft: f64, itl: f64 },
+    #[error("{tier} bounds: min {min} exceeds max {max}")]
+    Bounds { tier: Tier, min: u32, max: u32 },
+    #[error("{name} must be {expected}, got {value}")]
+    Knob {
+        name: &'static str,
+        expected: &'static str,
+        value: f64,
+    },
+    #[error("prefill_per_decode band ({0}, {1}) must satisfy 0 < low <= high")]
+    Ratio(f64, f64),
+}
+
+impl PlannerConfig {
+    /// Defaults for every knob but the SLOs and bounds.
+    pub fn new(slo: Slo, prefill_bounds: TierBounds, decode_bounds: TierBounds) -> Self {
+        let interval_s = 30.0;
+        PlannerConfig {
+            slo,
+            prefill_bounds,
+            decode_bounds,
+            interval_s,
+            max_staleness_s: 2.0 * interval_s,
+            scale_up_stabilization_s: 0.0,
+            scale_down_stabilization_s: 300.0,
+            cooldown_s: 60.0,
+            max_step_up_fraction: 1.0,
+            max_step_down_fraction: 0.5,
+            scale_up_min_step: 4,
+            target_latency_fraction: 0.8,
+            scale_down_below: 0.7,
+            lookahead_s: 90.0,
+            model_alpha: 0.3,
+            prefill_per_decode: None,
+            kv_saturation: 0.95,
+            breach_ceiling_relax: 0.02,
+        }
+    }
+
+    /// Names the first knob out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Slo {
+            ttft_p90_s: ttft,
+            itl_p90_s: itl,
+        } = self.slo;
+        if !(ttft > 0.0 && itl > 0.0) {
+            return Err(ConfigError::Slo { ttft, itl });
+        }
+        for (tier, bounds) in [
+            (Tier::Prefill, self.prefill_bounds),
+            (Tier::Decode, self.decode_bounds),
+        ] {
+            if bounds.min > bounds.max {
+                return Err(ConfigError::Bounds {
+                    tier,
+                    min: bounds.min,
+                    max: bounds.max,
+                });
+            }
+        }
+        let positive = "positive";
+        let non_negative = "zero or more";
+        let fraction = "in (0, 1]";
+        let knobs = [
+            ("interval_s", self.interval_s, positive),
+            ("max_staleness_s", self.max_staleness_s, positive),
+            (
+                "scale_up_stabilization_s",
+                self.scale_up_stabilization_s,
+                non_negative,
+            ),
+            (
+                "scale_down_stabilization_s",
+                self.scale_down_stabilization_s,
+                non_negative,
+            ),
+            ("cooldown_s", self.cooldown_s, non_negative),
+            ("lookahead_s", self.lookahead_s, non_negative),
+            ("max_step_up_fraction", self.max_step_up_fraction, positive),
+            (
+                "max_step_down_fraction",
+                self.max_step_down_fraction,
+                fraction,
+            ),
+            (
+                "target_latency_fraction",
+                self.target_latency_fraction,
+                fraction,
+            ),
+            ("scale_down_below", self.scale_down_below, fraction),
+            ("model_alpha", self.model_alpha, fraction),
+            ("kv_saturation", self.kv_saturation, fraction),
+            (
+                "breach_ceiling_relax",
+                self.breach_ceiling_relax,
+                non_negative,
+            ),
+        ];
+        for (name, value, expected) in knobs {
+            let ok = match expected {
+                "positive" => value > 0.0,
+                "zero or more" => value >= 0.0,
+                _ => value > 0.0 && value <= 1.0,
+            };
+            if !ok || !value.is_finite() {
+                return Err(ConfigError::Knob {
+                    name,
+                    expected,
+                    value,
+                });
+            }
+        }
+        if let Some((low, high)) = self.prefill_per_decode {
+            if !(low > 0.0 && low <= high) {
+                return Err(ConfigError::Ratio(low, high));
+            }
+        }
+        Ok(())
+    }
+
+    fn bounds(&self, tier: Tier) -> TierBounds {
+        match tier {
+            Tier::Prefill => self.prefill_bounds,
+            Tier::Decode => self.decode_bounds,
+        }
+    }
+
+    fn slo_s(&self, tier: Tier) -> f64 {
+        match tier {
+            Tier::Prefill => self.slo.ttft_p90_s,
+            Tier::Decode => self.slo.itl_p90_s,
+        }
+    }
+}
+
+/// What the metrics said about one interval. Any field may be missing (`None`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observation {
+    /// When the newest sample behind this observation was taken (seconds, the planner's clock).
+    pub timestamp_s: f64,
+    pub ttft_p90_s: Option<f64>,
+    pub itl_p90_s: Option<f64>,
+    /// Requests per second.
+    pub request_rate: Option<f64>,
+    pub mean_input_tokens: Option<f64>,
+    pub mean_output_tokens: Option<f64>,
+    /// Requests waiting for a prefill replica (summed over replicas).
+    pub prefill_queue_depth: Option<f64>,
+    /// Fraction of decode KV blocks in use, 0..=1.
+    pub decode_kv_utilization: Option<f64>,
+    /// Ready replicas per tier.
+    pub ready: TierCounts,
+}
+
+/// Why the planner did not act; becomes the status condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// CamelCase reason for the condition (`MetricsMissing`, `MetricsStale`).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The outcome of one decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Replicas to set per tier (equal to the current counts when nothing changes).
+    pub desired: TierCounts,
+    /// One line per tier saying why.
+    pub reason: String,
+    /// Set when the planner refused to act.
+    pub refusal: Option<Refusal>,
+}
+
+/// What the planner carries from one interval to the next.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlannerState {
+    pub prefill_model: PrefillModel,
+    pub decode_model: DecodeModel,
+    prefill: TierHistory,
+    decode: TierHistory,
+    /// Last request rate and when it was seen, for the demand trend.
+    last_rate: Option<(f64, f64)>,
+    /// Smoothed rate of change of the request rate, requests/s per second.
+    rate_slope: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct TierHistory {
+    /// `(time, clamped recommendation)` within the longest stabilization window.
+    recommendations: VecDeque<(f64, u32)>,
+    /// When the tier last changed and whether it went up.
+    last_change: Option<(f64, bool)>,
+    /// Lowest load per replica (tokens/s) at which the steady tier breached its SLO, relaxed
+    /// upward by `breach_ceiling_relax` each interval without a breach.
+    breach_ceiling: Option<f64>,
+    /// Whether the last steady interval breached (only the onset of a breach sets the
+    /// ceiling: later intervals also carry the backlog it built).
+    breaching: bool,
+}
+
+impl PlannerState {
+    fn history(&mut self, tier: Tier) -> &mut TierHistory {
+        match tier {
+            Tier::Prefill => &mut self.prefill,
+            Tier::Decode => &mut self.decode,
+        }
+    }
+
+    /// When the tier's replicas last changed, if ever.
+    pub fn last_change_s(&self, tier: Tier) -> Option<f64> {
+        match tier {
+            Tier::Prefill => self.prefill.last_change.map(|(t, _)| t),
+            Tier::Decode => self.decode.last_change.map(|(t, _)| t),
+        }
+    }
+}
+
+/// Decides desired replicas per tier. `current` is the desired count each tier runs with now
+/// (what the target was last told), `now_s` the planner's clock.
+pub fn decide(
+    config: &PlannerConfig,
+    state: &mut PlannerState,
+    observation: &Observation,
+    current: TierCounts,
+    now_s: f64,
+) -> Decision {
+    if let Some(refusal) = refusal(config, observation, now_s) {
+        return Decision {
+            desired: current,
+            reason: format!("no action: {}", refusal.message),
+            refusal: Some(refusal),
+        };
+    }
+    let rate = observation.request_rate.unwrap_or(0.0);
+    let input = observation.mean_input_tokens.unwrap_or(0.0);
+    let output = observation.mean_output_tokens.unwrap_or(0.0);
+    let decode_saturated = observation
+        .itl_p90_s
+        .is_some_and(|itl| itl > config.slo.itl_p90_s)
+        || observation
+            .decode_kv_utilization
+            .is_some_and(|u| u >= config.kv_saturation);
+    let prefill_queue_short = observation
+        .prefill_queue_depth
+        .is_some_and(|depth| depth <= f64::from(observation.ready.prefill));
+    let blame_decode = decode_saturated && prefill_queue_short;
+    // Whether the model, before this interval teaches it anything, says each tier's current
+    // replicas carry the demand at the SLO (a mild first breach it cannot explain is noise).
+    let carries = |capacity: Option<f64>, demand: f64, replicas: u32| {
+        capacity.is_some_and(|c| demand <= c * f64::from(replicas))
+    };
+    let unexplained_breach_possible = [
+        !state.prefill.breaching
+            && carries(
+                state.prefill_model.capacity_at(config.slo.ttft_p90_s),
+                rate * input,
+                current.prefill,
+            ),
+        !state.decode.breaching
+            && carries(
+                state.decode_model.capacity_at(config.slo.itl_p90_s),
+                rate * output,
+                current.decode,
+            ),
+    ];
+    learn(
+        config,
+        state,
+        observation,
+        current,
+        blame_decode,
+        [rate, input, output],
+    );
+
+    let projected_rate = rate + state.rate_slope.max(0.0) * config.lookahead_s;
+    let backlog_tokens_per_s = if config.lookahead_s > 0.0 {
+        observation.prefill_queue_depth.unwrap_or(0.0) * input / config.lookahead_s
+    } else {
+        0.0
+    };
+
+    // Capacity per replica: the model's, capped by the breach ceiling; at the planning target
+    // (`target_latency_fraction × SLO`) and at the SLO itself.
+    let fraction = config.target_latency_fraction;
+    // A breach at load L bounds the capacity at the SLO by L, and at the planning target by
+    // about `fraction × L`.
+    let ceiling = |history: &TierHistory| history.breach_ceiling;
+    let capped = |model: Option<f64>, ceiling: Option<f64>| match (model, ceiling) {
+        (Some(model), Some(ceiling)) => Some(model.min(ceiling)),
+        (model, ceiling) => model.or(ceiling),
+    };
+    let prefill_ceiling = ceiling(&state.prefill);
+    let decode_ceiling = ceiling(&state.decode);
+    let mut recommended = TierCounts::default();
+    let mut why = TierReasons::default();
+    for tier in [Tier::Prefill, Tier::Decode] {
+        let slo = config.slo_s(tier);
+        let (capacity, demand, latency) = match tier {
+            Tier::Prefill => (
+                [fraction, 1.0, config.scale_down_below].map(|share| {
+                    let model = state.prefill_model.capacity_at(share * slo);
+                    capped(model, prefill_ceiling.map(|c| c * share))
+                }),
+                projected_rate * input + backlog_tokens_per_s,
+                observation.ttft_p90_s,
+            ),
+            Tier::Decode => (
+                [fraction, 1.0, config.scale_down_below].map(|share| {
+                    let model = state.decode_model.capacity_at(share * slo);
+                    capped(model, decode_ceiling.map(|c| c * share))
+                }),
+                projected_rate * output,
+                observation.itl_p90_s,
+            ),
+        };
+        let blame_decode = tier == Tier::Prefill && blame_decode;
+        let (count, reason) = recommend(
+            config,
+            tier,
+            current.get(tier),
+            observation.ready.get(tier),
+            rate,
+            demand,
+            capacity,
+            latency,
+            blame_decode,
+            unexplained_breach_possible[tier as usize],
+        );
+        recommended.set(tier, count);
+        why.set(tier, reason);
+    }
+
+    if let Some((low, high)) = config.prefill_per_decode {
+        let min_prefill = (low * f64::from(recommended.decode)).ceil() as u32;
+        if recommended.prefill < min_prefill {
+            recommended.prefill = min_prefill;
+            why.prefill = format!("raised to keep prefill:decode >= {low}");
+        }
+        let min_decode = (f64::from(recommended.prefill) / high).ceil() as u32;
+        if recommended.decode < min_decode {
+            recommended.decode = min_decode;
+            why.decode = format!("raised to keep prefill:decode <= {high}");
+        }
+    }
+
+    let mut desired = current;
+    let mut reason = String::new();
+    for tier in [Tier::Prefill, Tier::Decode] {
+        let bounds = config.bounds(tier);
+        let clamped = recommended.get(tier).clamp(bounds.min, bounds.max);
+        let now_count = current.get(tier);
+        let (next, note) = settle(config, state.history(tier), now_count, clamped, now_s);
+        desired.set(tier, next);
+        if next != now_count {
+            state.history(tier).last_change = Some((now_s, next > now_count));
+        }
+        let _ = write!(
+            reason,
+            "{}{tier} {now_count}->{next}: {}{}",
+            if reason.is_empty() { "" } else { "; " },
+            why.get(tier),
+            note
+        );
+    }
+    Decision {
+        desired,
+        reason,
+        refusal: None,
+    }
+}
+
+#[derive(Default)]
+struct TierReasons {
+    prefill: String,
+    decode: String,
+}
+
+impl TierReasons {
+    fn set(&mut self, tier: Tier, reason: String) {
+        match tier {
+            Tier::Prefill => self.prefill = reason,
+            Tier::Decode => self.decode = reason,
+        }
+    }
+
+    fn get(&self, tier: Tier) -> &str {
+        match tier {
+            Tier::Prefill => &self.prefill,
+            Tier::Decode => &self.decode,
+        }
+    }
+}
+
+fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Option<Refusal> {
+    let age = now_s - observation.timestamp_s;
+    if age > config.max_staleness_s {
+        return Some(Refusal {
+            reason: "MetricsStale",
+            message: format!(
+                "newest metrics are {age:.0}s old (limit {:.0}s)",
+                config.max_staleness_s
+            ),
+        });
+    }
+    let mut missing = Vec::new();
+    match observation.request_rate {
+        None => missing.push("request rate"),
+        Some(rate) if rate > 0.0 => {
+            let fields = [
+                ("TTFT p90", observation.ttft_p90_s),
+                ("ITL p90", observation.itl_p90_s),
+                ("mean input tokens", observation.mean_input_tokens),
+                ("mean output tokens", observation.mean_output_tokens),
+            ];
+            missing.extend(
+                fields
+                    .iter()
+                    .filter(|(_, value)| value.is_none())
+                    .map(|(name, _)| *name),
+            );
+        }
+        Some(_) => {}
+    }
+    (!missing.is_empty()).then(|| Refusal {
+        reason: "MetricsMissing",
+        message: format!("no data for {}", missing.join(", ")),
+    })
+}
+
+fn learn(
+    config: &PlannerConfig,
+    state: &mut PlannerState,
+    observation: &Observation,
+    current: TierCounts,
+    prefill_blamed_on_decode: bool,
+    [rate, input, output]: [f64; 3],
+) {
+    let now = observation.timestamp_s;
+    if let Some((then, last_rate)) = state.last_rate {
+        if now > then {
+            let slope = (rate - last_rate) / (now - then);
+            state.rate_slope += config.model_alpha * (slope - state.rate_slope);
+        }
+    }
+    state.last_rate = Some((now, rate));
+    if rate <= 0.0 {
+        return;
+    }
+    let ready = observation.ready;
+    if ready.prefill > 0 && ready.prefill >= current.prefill {
+        if let Some(ttft) = observation.ttft_p90_s {
+            let load = rate * input / f64::from(ready.prefill);
+            if ttft <= config.slo.ttft_p90_s {
+                state
+                    .prefill_model
+                    .observe(load, input, ttft, config.model_alpha);
+            }
+            // A breach caused by decode backpressure says nothing about prefill capacity.
+            let breached = ttft > config.slo.ttft_p90_s && !prefill_blamed_on_decode;
+            record_ceiling(config, &mut state.prefill, load, breached);
+        }
+    }
+    if ready.decode > 0 && ready.decode >= current.decode {
+        if let Some(itl) = observation.itl_p90_s {
+            let load = rate * output / f64::from(ready.decode);
+            if itl <= config.slo.itl_p90_s {
+                let kv = observation.decode_kv_utilization;
+                state
+                    .decode_model
+                    .observe(load, itl, kv, config.model_alpha);
+            }
+            record_ceiling(config, &mut state.decode, load, itl > config.slo.itl_p90_s);
+        }
+    }
+}
+
+fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, breached: bool) {
+    history.breach_ceiling = match (breached, history.breaching) {
+        (true, false) => Some(
+            history
+                .breach_ceiling
+                .map_or(load, |ceiling| ceiling.min(load)),
+        ),
+        (true, true) => history.breach_ceiling,
+        (false, _) => history
+            .breach_ceiling
+            .map(|c| c * (1.0 + config.breach_ceiling_relax)),
+    };
+    history.breaching = breached;
+}
+
+/// A breach up to this multiple of the SLO, in one interval, while the model says the current
+/// replicas carry the demand at the SLO, is treated as noise until the next interval confirms it
+/// (p90s of one interval scatter; reacting to each would oscillate under constant load).
+const MILD_BREACH: f64 = 1.5;
+
+/// The raw recommendation of one tier and why.
+#[allow(clippy::too_many_arguments)]
+fn recommend(
+    config: &PlannerConfig,
+    tier: Tier,
+    current: u32,
+    ready: u32,
+    rate: f64,
+    demand: f64,
+    [capacity, capacity_at_slo, capacity_down]: [Option<f64>; 3],
+    latency: Option<f64>,
+    blame_decode: bool,
+    model_carries_demand: bool,
+) -> (u32, String) {
+    let slo = config.slo_s(tier);
+    let metric = match tier {
+        Tier::Prefill => "TTFT",
+        Tier::Decode => "ITL",
+    };
+    if rate <= 0.0 {
+        return (0, "no traffic".to_string());
+    }
+    let count_for = |capacity: f64| (demand / capacity).ceil().max(1.0) as u32;
+    let modelled = capacity.map(count_for);
+    // Scaling down goes only as far as the model keeps the p90 under `scale_down_below × SLO`,
+    // tighter than the planning target: a hysteresis band between scale-up and scale-down.
+    let count_down = capacity_down.map_or(current, count_for);
+    let breach_predicted = capacity_at_slo.is_some_and(|c| count_for(c) > current);
+    let latency = latency.unwrap_or(0.0);
+    let observed = format!(
+        "{metric} p90 {:.0}ms vs SLO {:.0}ms",
+        latency * 1e3,
+        slo * 1e3
+    );
+    let model_says = match (modelled, capacity) {
+        (Some(count), Some(capacity)) => format!("model {count} at {capacity:.0} tok/s/replica"),
+        _ => "no model yet".to_string(),
+    };
+    if latency > slo && blame_decode {
+        return (
+            current.max(modelled.unwrap_or(0)),
+            format!("{observed}, blamed on saturated decode; {model_says}"),
+        );
+    }
+    if latency > slo && latency <= MILD_BREACH * slo && model_carries_demand {
+        return (
+            current,
+            format!("{observed}, a first mild breach the model does not explain: confirming; {model_says}"),
+        );
+    }
+    if latency > slo {
+        let step = if latency > 2.0 * slo {
+            up_step(config, current)
+        } else {
+            1
+        };
+        let feedback = if ready >= current {
+            current + step
+        } else {
+            current
+        };
+        return (
+            feedback.max(modelled.unwrap_or(0)),
+            format!("{observed} (breach); {model_says}"),
+        );
+    }
+    match modelled {
+        Some(count) if count > current && breach_predicted => {
+            (count, format!("{observed}, predicted breach; {model_says}"))
+        }
+        Some(_) if latency < config.scale_down_below * slo && count_down < current => (
+            count_down,
+            format!("{observed}, comfortably under; {model_says}"),
+        ),
+        _ => (current, format!("{observed}; {model_says}")),
+    }
+}
+
+/// Stabilization, cooldown and step bound: from the clamped recommendation to the next count.
+fn settle(
+    config: &PlannerConfig,
+    history: &mut TierHistory,
+    current: u32,
+    recommended: u32,
+    now_s: f64,
+) -> (u32, String) {
+    history.recommendations.push_back((now_s, recommended));
+    let horizon = config
+        .scale_up_stabilization_s
+        .max(config.scale_down_stabilization_s);
+    while history
+        .recommendations
+        .front()
+        .is_some_and(|(t, _)| *t < now_s - horizon)
+    {
+        history.recommendations.pop_front();
+    }
+    let within = |window: f64| {
+        history
+            .recommendations
+            .iter()
+            .filter(move |(t, _)| *t >= now_s - window)
+            .map(|(_, count)| *count)
+    };
+    let stabilized = if recommended > current {
+        within(config.scale_up_stabilization_s)
+            .min()
+            .unwrap_or(current)
+            .max(current)
+    } else if recommended < current {
+        within(config.scale_down_stabilization_s)
+            .max()
+            .unwrap_or(current)
+            .min(current)
+    } else {
+        current
+    };
+    if stabilized == current {
+        let note = if recommended != current {
+            " (held by stabilization window)"
+        } else {
+            ""
+        };
+        return (current, note.to_string());
+    }
+    let going_up = stabilized > current;
+    if let Some((last, last_up)) = history.last_change {
+        if now_s - last < config.cooldown_s && !(going_up && last_up) {
+            return (
+                current,
+                format!(" (cooldown: changed {:.0}s ago)", now_s - last),
+            );
+        }
+    }
+    let next = if going_up {
+        stabilized.min(current + up_step(config, current))
+    } else {
+        stabilized.max(current.saturating_sub(down_step(config, current)))
+    };
+    let note = if next != stabilized {
+        format!(" (step bounded to {})", next.abs_diff(current))
+    } else {
+        String::new()
+    };
+    (next, note)
+}
+
+fn up_step(config: &PlannerConfig, current: u32) -> u32 {
+    ((config.max_step_up_fraction * f64::from(current)).ceil() as u32)
+        .max(config.scale_up_min_step)
+        .max(1)
+}
+
+fn down_step(config: &PlannerConfig, current: u32) -> u32 {
+    ((config.max_step_down_fraction * f64::from(current)).ceil() as u32).max(1)
+}
