@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= never
 # Per-area targets (operator, e2e, ...) live in mk/*.mk.
 include $(wildcard mk/*.mk)
 
-.PHONY: help run build model venv test test-rust test-python lint bench clean-venv
+.PHONY: help run build model venv test test-rust test-python lint bench bench-planner
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -55,3 +55,6 @@ bench: model venv ## CPU benchmark vs llama.cpp on the same GGUF; writes docs/be
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip wheel --no-deps -w $(LLAMA_CPP_WHEELS) --find-links $(LLAMA_CPP_WHEELS) llama-cpp-python==0.3.36 && \
 	  $(VENV)/bin/pip install --find-links $(LLAMA_CPP_WHEELS) llama-cpp-python==0.3.36; }
 	$(VENV)/bin/python bench/cpu_bench.py --tandem $(TANDEM) --out docs/benchmarks.md
+
+bench-planner: ## Planner vs the best static allocation on simulated traces (table on stdout)
+	$(CARGO) run --release -p tandem-operator --bin planner-sim
