@@ -35,8 +35,9 @@ impl PrefillSource for HalfPrefill {
         let data = Bytes::from(vec![7u8; 3 * 4 * 4]);
         let parts = futures::stream::iter([
             Ok(PrefillPart::Layout(layout)),
-            Ok(PrefillPart::Layer {
-                index: 0,
+            Ok(PrefillPart::Kv {
+                layer: 0,
+                start_pos: 0,
                 k: data.clone(),
                 v: data,
             }),
@@ -121,6 +122,9 @@ async fn a_stream_ending_early_names_what_is_missing() {
     let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
     let err = transport.prefill(request()).await.unwrap_err();
     assert!(matches!(err, TransferError::Incomplete(_)), "{err:?}");
-    assert!(err.to_string().contains("after 1 of 2 layers"), "{err}");
+    assert!(
+        err.to_string().contains("after 3 of 6 layer positions"),
+        "{err}"
+    );
     server.shutdown_background();
 }

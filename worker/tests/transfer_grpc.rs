@@ -80,6 +80,10 @@ async fn serve(engine: EngineHandle) -> String {
     format!("http://{addr}")
 }
 
+/// The transfer metrics are process-wide and tests run in parallel: tests that
+/// ship KV hold this so byte counts seen by one are its own.
+static SHIPPING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn counter(role: &str, direction: &str) -> u64 {
     metrics()
         .kv_transfer_bytes
@@ -96,6 +100,7 @@ fn transfers(role: &str, direction: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_prefill_ships_the_exact_kv_and_decoding_continues_identically() {
+    let _shipping = SHIPPING.lock().await;
     let cfg = tiny_config(GQA);
     let w = random_weights(&cfg, 5);
     let prefill = engine(&cfg, &w, 4);
@@ -192,4 +197,98 @@ async fn an_unreachable_prefill_worker_is_a_connection_error() {
         .unwrap_err();
     assert!(matches!(err, TransferError::Connection { .. }), "{err:?}");
     assert!(GrpcTransport::new("not a url", Duration::from_secs(1)).is_err());
+}
+
+/// A fresh 100-token prompt against an engine that prefills 32 tokens per
+/// step: the KV of four prefill chunks arrives complete and exactly as
+/// computed in place, each byte once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_of_several_prefill_chunks_arrives_intact() {
+    let _shipping = SHIPPING.lock().await;
+    let cfg = tiny_config(GQA);
+    let w = random_weights(&cfg, 11);
+    let prefill = engine(&cfg, &w, 4);
+    let transport =
+        GrpcTransport::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
+    let p = prompt(17, 100);
+    let remote = transport
+        .prefill(RemotePrefillRequest {
+            request_id: "long".into(),
+            prompt: p.clone(),
+            sampling: SamplingParams::greedy(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(remote.cached_tokens, 0, "the prompt was new to the engine");
+    let in_place = prefill
+        .prefill_only(p.clone(), SamplingParams::greedy())
+        .await
+        .unwrap();
+    let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for (layer, (got, want)) in remote.kv.layers.iter().zip(&in_place.kv.layers).enumerate() {
+        assert!(bits(&got.0) == bits(&want.0), "K of layer {layer}");
+        assert!(bits(&got.1) == bits(&want.1), "V of layer {layer}");
+    }
+    assert_eq!(remote.first_token, in_place.first_token);
+    let bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4;
+    assert_eq!(remote.bytes, bytes_per_token * 100);
+}
+
+/// KV leaves while the prefill still computes: on the wire, every layer of
+/// the first 32-token prefill chunk comes before layer 0 of the next one
+/// (which the engine computes only after the first chunk's last layer), and
+/// the first token comes last. Shipping after the whole prompt, layer by
+/// layer, would send layer 0 of every position first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_of_the_first_prefill_chunk_is_sent_before_the_next_chunk_is_computed() {
+    let _shipping = SHIPPING.lock().await;
+    use tandem::transfer::grpc::sampling_to_pb;
+    use tandem::transfer::pb::{prefill_client::PrefillClient, prefill_response::Part};
+
+    let cfg = tiny_config(GQA);
+    let w = random_weights(&cfg, 13);
+    let addr = serve(engine(&cfg, &w, 4)).await;
+    let mut client = PrefillClient::connect(addr).await.unwrap();
+    let mut stream = client
+        .prefill(tandem::transfer::pb::PrefillRequest {
+            request_id: "order".into(),
+            prompt: prompt(19, 100),
+            sampling: Some(sampling_to_pb(&SamplingParams::greedy())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut parts = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        parts.push(message.part.unwrap());
+    }
+    assert!(matches!(parts.first(), Some(Part::Layout(_))));
+    assert!(matches!(parts.last(), Some(Part::FirstToken(_))));
+    let chunks: Vec<(u32, u32, u32)> = parts[1..parts.len() - 1]
+        .iter()
+        .map(|p| match p {
+            Part::Chunk(c) => (c.layer, c.start_pos, c.num_tokens),
+            other => panic!("a {other:?} among the KV chunks"),
+        })
+        .collect();
+    let last_layer = cfg.num_layers as u32 - 1;
+    let first_chunk_done = chunks
+        .iter()
+        .position(|&(l, s, _)| l == last_layer && s == 0)
+        .expect("the last layer of positions 0..32");
+    let second_chunk_starts = chunks
+        .iter()
+        .position(|&(l, s, _)| l == 0 && s == 32)
+        .expect("layer 0 of positions 32..64");
+    assert!(first_chunk_done < second_chunk_starts, "{chunks:?}");
+    // Each (layer, position) exactly once, in 32-token steps.
+    let mut seen = vec![0u32; cfg.num_layers * 100];
+    for &(l, s, n) in &chunks {
+        assert!(n <= 32, "{chunks:?}");
+        for pos in s..s + n {
+            seen[l as usize * 100 + pos as usize] += 1;
+        }
+    }
+    assert!(seen.iter().all(|&c| c == 1), "{chunks:?}");
 }

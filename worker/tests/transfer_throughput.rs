@@ -52,8 +52,9 @@ impl PrefillSource for RandomKv {
             .data
             .slice(..tokens * BYTES_PER_TOKEN / (2 * LAYERS as usize));
         let layers = (0..LAYERS).map(move |index| {
-            Ok(PrefillPart::Layer {
-                index,
+            Ok(PrefillPart::Kv {
+                layer: index,
+                start_pos: 0,
                 k: side.clone(),
                 v: side.clone(),
             })

@@ -302,6 +302,12 @@ impl EngineHandle {
         self.limits.max_model_len
     }
 
+    /// The shape of the KV a prefill streams: (layers, kv_heads, head_dim).
+    pub fn kv_shape(&self) -> (usize, usize, usize) {
+        let l = &self.limits;
+        (l.num_layers, l.kv_heads, l.head_dim)
+    }
+
     fn validate_prompt(&self, prompt: &[u32]) -> Result<(), InferError> {
         let l = &self.limits;
         if prompt.is_empty() {

@@ -1,7 +1,7 @@
 //! The gRPC KV transport: `Prefill.Prefill` served on the prefill worker
 //! ([`PrefillService`]) and called by the decode worker ([`GrpcTransport`]).
-//! The prompt's KV streams back in wire chunks, layer by layer, then the first
-//! token; both sides count `tandem_kv_transfer_bytes_total` and
+//! The prompt's KV streams back in wire chunks as the prefill computes each
+//! layer of each prefill chunk, then the first token; both sides count `tandem_kv_transfer_bytes_total` and
 //! `tandem_kv_transfer_seconds`.
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use super::pb::{self, prefill_client::PrefillClient, prefill_response::Part};
-use super::wire::{self, KvAssembler};
+use super::wire::{self, KvAssembler, KvSplitter};
 use super::{
     engine_prefill_parts, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError,
     Transport,
@@ -107,7 +107,7 @@ async fn send_parts(
     tx: mpsc::Sender<Result<pb::PrefillResponse, Status>>,
 ) {
     let msg = |part: Part| Ok(pb::PrefillResponse { part: Some(part) });
-    let mut layout: Option<pb::KvLayout> = None;
+    let mut splitter: Option<KvSplitter> = None;
     let mut started: Option<Instant> = None;
     let mut bytes = 0usize;
     while let Some(part) = parts.next().await {
@@ -121,16 +121,27 @@ async fn send_parts(
         match part {
             PrefillPart::Layout(l) => {
                 started = Some(Instant::now());
-                layout = Some(l);
+                splitter = match KvSplitter::new(l) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
                 if tx.send(msg(Part::Layout(l))).await.is_err() {
                     return;
                 }
             }
-            PrefillPart::Layer { index, k, v } => {
-                let chunks = layout
-                    .as_ref()
-                    .ok_or_else(|| TransferError::Protocol("a layer before the layout".into()))
-                    .and_then(|l| wire::layer_chunks(l, index, &k, &v));
+            PrefillPart::Kv {
+                layer,
+                start_pos,
+                k,
+                v,
+            } => {
+                let chunks = splitter
+                    .as_mut()
+                    .ok_or_else(|| TransferError::Protocol("KV before the layout".into()))
+                    .and_then(|s| s.chunks(layer, start_pos, &k, &v));
                 let chunks = match chunks {
                     Ok(c) => c,
                     Err(e) => {
@@ -258,11 +269,7 @@ impl GrpcTransport {
             let Some(message) = self.next(stream.message()).await? else {
                 let state = match &assembler {
                     None => "before the KV layout".to_string(),
-                    Some(a) => format!(
-                        "after {} of {} layers, before the first token",
-                        a.layers_done(),
-                        a.layout().num_layers
-                    ),
+                    Some(a) => format!("after {}, before the first token", a.progress()),
                 };
                 return Err(TransferError::Incomplete(format!(
                     "{} closed the stream {state}",

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::engine::types::{KvExport, SamplingParams, TokenOutput};
+use crate::engine::types::{KvDtype, KvExport, PrefillEvent, SamplingParams, TokenOutput};
 use crate::engine::EngineHandle;
 use crate::infer::InferError;
 
@@ -71,47 +71,70 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// One step of a prefill as the sending side produces it: the layout, then
-/// each layer's K and V (`[num_tokens, kv_heads, head_dim]`, little-endian
-/// bytes of the layout's dtype) in layer order, then the first token.
+/// K and V of (layer, position range) pieces (`[tokens, kv_heads, head_dim]`,
+/// little-endian bytes of the layout's dtype) in any order, together covering
+/// every position of every layer, then the first token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PrefillPart {
     Layout(pb::KvLayout),
-    Layer { index: u32, k: Bytes, v: Bytes },
+    Kv {
+        layer: u32,
+        start_pos: u32,
+        k: Bytes,
+        v: Bytes,
+    },
     FirstToken(TokenOutput),
 }
 
 /// Prefills `prompt` on `engine` and yields its parts for a transport to send.
 ///
-/// The engine hands over the KV once the whole prompt is computed
-/// (`EngineHandle::prefill_only`); layers are then yielded one by one, so the
-/// transport already sends per layer and will overlap with compute unchanged
-/// once the engine streams layers as they finish.
+/// Parts follow the engine's prefill stream: each layer's K and V leave as
+/// soon as that layer of that prefill chunk is computed, so the transfer
+/// overlaps with the layers and chunks still computing; the first token comes
+/// last.
 pub fn engine_prefill_parts(
     engine: EngineHandle,
     prompt: Vec<u32>,
     sampling: SamplingParams,
 ) -> impl Stream<Item = Result<PrefillPart, InferError>> + Send {
-    use futures::StreamExt;
-    futures::stream::once(async move { engine.prefill_only(prompt, sampling).await }).flat_map(
-        |result| {
-            let parts: Vec<Result<PrefillPart, InferError>> = match result {
-                Err(e) => vec![Err(e)],
-                Ok(out) => {
-                    let layout = pb::KvLayout::of_export(&out.kv, out.cached_tokens);
-                    let mut parts = Vec::with_capacity(out.kv.num_layers() + 2);
-                    parts.push(Ok(PrefillPart::Layout(layout)));
-                    for (i, (k, v)) in out.kv.layers.into_iter().enumerate() {
-                        parts.push(Ok(PrefillPart::Layer {
-                            index: i as u32,
-                            k: wire::f32_bytes(k),
-                            v: wire::f32_bytes(v),
-                        }));
-                    }
-                    parts.push(Ok(PrefillPart::FirstToken(out.first_token)));
-                    parts
-                }
-            };
-            futures::stream::iter(parts)
-        },
-    )
+    let (num_layers, kv_heads, head_dim) = engine.kv_shape();
+    let started = engine.prefill_stream(prompt, sampling);
+    futures::stream::unfold(Some(started), move |state| async move {
+        let mut stream = match state? {
+            Ok(stream) => stream,
+            Err(e) => return Some((Err(e), None)),
+        };
+        let part = match stream.next_event().await {
+            None => Err(InferError::Unavailable(
+                "the engine stopped during prefill".into(),
+            )),
+            Some(PrefillEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            }) => {
+                let mut layout = pb::KvLayout {
+                    dtype: 0,
+                    num_layers: num_layers as u32,
+                    num_tokens: prompt_tokens as u32,
+                    kv_heads: kv_heads as u32,
+                    head_dim: head_dim as u32,
+                    cached_tokens: cached_tokens as u32,
+                };
+                layout.set_dtype(wire::wire_dtype(KvDtype::F32));
+                Ok(PrefillPart::Layout(layout))
+            }
+            Some(PrefillEvent::Kv(chunk)) => Ok(PrefillPart::Kv {
+                layer: chunk.layer as u32,
+                start_pos: chunk.start_pos as u32,
+                k: wire::f32_bytes(chunk.k),
+                v: wire::f32_bytes(chunk.v),
+            }),
+            Some(PrefillEvent::Done(token)) => {
+                return Some((Ok(PrefillPart::FirstToken(token)), None))
+            }
+            Some(PrefillEvent::Error(e)) => return Some((Err(InferError::Unavailable(e)), None)),
+        };
+        let next = part.is_ok().then_some(Ok(stream));
+        Some((part, next))
+    })
 }

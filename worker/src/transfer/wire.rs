@@ -1,7 +1,11 @@
 //! The layout-independent KV wire format (DESIGN.md "KV transfer"): per
 //! layer, K and V for a run of token positions as `[tokens, kv_heads,
-//! head_dim]`, dtype-tagged, cut into messages of at most [`MAX_CHUNK_BYTES`].
-//! Transports move these chunks; [`KvAssembler`] puts them back together.
+//! head_dim]`, dtype-tagged, cut into messages of at most [`MAX_CHUNK_BYTES`]
+//! by [`KvSplitter`]. Transports move these chunks in whatever order the
+//! prefill computes them; [`KvAssembler`] puts them back together.
+
+use std::collections::HashSet;
+use std::ops::Range;
 
 use bytes::Bytes;
 
@@ -62,20 +66,6 @@ impl pb::KvLayout {
         }
         Ok(tokens)
     }
-
-    /// The layout of an engine export (cached tokens as given).
-    pub fn of_export(kv: &KvExport, cached_tokens: usize) -> Self {
-        let mut layout = Self {
-            dtype: 0,
-            num_layers: kv.num_layers() as u32,
-            num_tokens: kv.num_tokens as u32,
-            kv_heads: kv.kv_heads as u32,
-            head_dim: kv.head_dim as u32,
-            cached_tokens: cached_tokens as u32,
-        };
-        layout.set_dtype(wire_dtype(kv.dtype));
-        layout
-    }
 }
 
 /// Owns f32 data and lends it as bytes, so an export's layers go on the wire
@@ -91,52 +81,167 @@ pub fn f32_bytes(data: Vec<f32>) -> Bytes {
     Bytes::from_owner(F32Bytes(data))
 }
 
-/// Cuts one layer's K and V (each `[num_tokens, kv_heads, head_dim]`) into
-/// wire chunks; the chunks share `k` and `v`'s memory.
-pub fn layer_chunks(
-    layout: &pb::KvLayout,
-    layer: u32,
-    k: &Bytes,
-    v: &Bytes,
-) -> Result<Vec<pb::KvChunk>, TransferError> {
-    let row = layout.row_bytes()?;
-    let tokens = layout.num_tokens as usize;
-    if k.len() != tokens * row || v.len() != tokens * row {
-        return Err(TransferError::Protocol(format!(
-            "layer {layer}: K has {} and V {} bytes; {tokens} tokens need {} each",
-            k.len(),
-            v.len(),
-            tokens * row
-        )));
-    }
-    let step = layout.tokens_per_chunk()?;
-    Ok((0..tokens)
-        .step_by(step)
-        .map(|start| {
-            let n = step.min(tokens - start);
-            let bytes = start * row..(start + n) * row;
-            pb::KvChunk {
-                layer,
-                token_offset: start as u32,
-                num_tokens: n as u32,
-                k: k.slice(bytes.clone()),
-                v: v.slice(bytes),
-            }
-        })
-        .collect())
+/// Which positions of each layer a transfer has covered so far.
+#[derive(Debug, Clone)]
+pub struct Coverage {
+    num_tokens: usize,
+    /// One flag per (layer, position), layer-major.
+    covered: Vec<bool>,
+    count: usize,
 }
 
-/// Rebuilds a prompt's KV from chunks arriving in stream order (layers in
-/// order, each layer's positions contiguous from 0), refusing anything else,
-/// so a complete assembly is exactly what was sent.
+impl Coverage {
+    pub fn new(num_layers: usize, num_tokens: usize) -> Self {
+        Self {
+            num_tokens,
+            covered: vec![false; num_layers * num_tokens],
+            count: 0,
+        }
+    }
+
+    /// Marks `positions` of `layer` covered and returns the runs within them
+    /// that were not covered before, in position order.
+    pub fn cover_new(&mut self, layer: usize, positions: Range<usize>) -> Vec<Range<usize>> {
+        let base = layer * self.num_tokens;
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for pos in positions {
+            let flag = &mut self.covered[base + pos];
+            if *flag {
+                continue;
+            }
+            *flag = true;
+            self.count += 1;
+            match runs.last_mut() {
+                Some(run) if run.end == pos => run.end += 1,
+                _ => runs.push(pos..pos + 1),
+            }
+        }
+        runs
+    }
+
+    /// Whether any of `positions` of `layer` is covered.
+    pub fn any_covered(&self, layer: usize, positions: Range<usize>) -> bool {
+        let base = layer * self.num_tokens;
+        self.covered[base + positions.start..base + positions.end]
+            .iter()
+            .any(|&c| c)
+    }
+
+    /// (layer, position) pairs covered.
+    pub fn covered(&self) -> usize {
+        self.count
+    }
+
+    pub fn total(&self) -> usize {
+        self.covered.len()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.count == self.covered.len()
+    }
+
+    /// The first (layer, position) not covered yet.
+    pub fn first_gap(&self) -> Option<(usize, usize)> {
+        let i = self.covered.iter().position(|&c| !c)?;
+        Some((i / self.num_tokens, i % self.num_tokens))
+    }
+}
+
+/// Checks that `layer` and `positions` lie within `layout`, naming what is out.
+fn check_bounds(
+    layout: &pb::KvLayout,
+    layer: usize,
+    positions: &Range<usize>,
+) -> Result<(), TransferError> {
+    if layer >= layout.num_layers as usize {
+        return Err(TransferError::Protocol(format!(
+            "a chunk for layer {layer}, but the layout has {} layers",
+            layout.num_layers
+        )));
+    }
+    let total = layout.num_tokens as usize;
+    if positions.is_empty() || positions.end > total {
+        return Err(TransferError::Protocol(format!(
+            "layer {layer} positions {}..{} are empty or beyond the prompt's {total} tokens",
+            positions.start, positions.end
+        )));
+    }
+    Ok(())
+}
+
+/// The sending side of the wire: cuts K and V of (layer, position range)
+/// pieces into chunks within [`MAX_CHUNK_BYTES`], sending each position of
+/// each layer once. A prefill re-sends positions after a preemption (with
+/// the same values); those are dropped here so the receiver sees each once.
+pub struct KvSplitter {
+    layout: pb::KvLayout,
+    row_bytes: usize,
+    tokens_per_chunk: usize,
+    sent: Coverage,
+}
+
+impl KvSplitter {
+    pub fn new(layout: pb::KvLayout) -> Result<Self, TransferError> {
+        Ok(Self {
+            row_bytes: layout.row_bytes()?,
+            tokens_per_chunk: layout.tokens_per_chunk()?,
+            sent: Coverage::new(layout.num_layers as usize, layout.num_tokens as usize),
+            layout,
+        })
+    }
+
+    /// Chunks for K and V of `layer` at positions from `start_pos` (each
+    /// `[tokens, kv_heads, head_dim]`); the chunks share `k` and `v`'s memory.
+    pub fn chunks(
+        &mut self,
+        layer: u32,
+        start_pos: u32,
+        k: &Bytes,
+        v: &Bytes,
+    ) -> Result<Vec<pb::KvChunk>, TransferError> {
+        let row = self.row_bytes;
+        if k.len() != v.len() || k.len() % row != 0 {
+            return Err(TransferError::Protocol(format!(
+                "layer {layer} from position {start_pos}: K has {} and V {} bytes, \
+                 not the same whole number of {row}-byte rows",
+                k.len(),
+                v.len()
+            )));
+        }
+        let start = start_pos as usize;
+        let positions = start..start + k.len() / row;
+        check_bounds(&self.layout, layer as usize, &positions)?;
+        let mut chunks = Vec::new();
+        for run in self.sent.cover_new(layer as usize, positions) {
+            for from in run.clone().step_by(self.tokens_per_chunk) {
+                let n = self.tokens_per_chunk.min(run.end - from);
+                let bytes = (from - start) * row..(from - start + n) * row;
+                chunks.push(pb::KvChunk {
+                    layer,
+                    start_pos: from as u32,
+                    num_tokens: n as u32,
+                    k: k.slice(bytes.clone()),
+                    v: v.slice(bytes),
+                });
+            }
+        }
+        Ok(chunks)
+    }
+}
+
+/// Rebuilds a prompt's KV from chunks of any (layer, position range) in any
+/// order. An identical re-send of an earlier chunk (same range, same bytes)
+/// is ignored; any other overlap is refused, so a complete assembly holds
+/// exactly one sent value per position.
 pub struct KvAssembler {
     layout: pb::KvLayout,
     row_bytes: usize,
     /// Per layer, K and V, filled through a byte view; f32 storage so an f32
     /// layout becomes a `KvExport` without a copy (other dtypes use the bytes).
     layers: Vec<(Vec<f32>, Vec<f32>)>,
-    next_layer: usize,
-    next_token: usize,
+    coverage: Coverage,
+    /// (layer, start, tokens) of every chunk taken, to recognise re-sends.
+    ranges: HashSet<(usize, usize, usize)>,
     received_bytes: usize,
 }
 
@@ -154,11 +259,11 @@ impl KvAssembler {
             .map(|_| (vec![0f32; words], vec![0f32; words]))
             .collect();
         Ok(Self {
+            coverage: Coverage::new(layout.num_layers as usize, layout.num_tokens as usize),
             layout,
             row_bytes,
             layers,
-            next_layer: 0,
-            next_token: 0,
+            ranges: HashSet::new(),
             received_bytes: 0,
         })
     }
@@ -167,67 +272,76 @@ impl KvAssembler {
         &self.layout
     }
 
-    /// K and V bytes taken in so far.
+    /// K and V bytes taken in so far (re-sends not counted).
     pub fn received_bytes(&self) -> usize {
         self.received_bytes
     }
 
-    /// Layers fully received so far.
-    pub fn layers_done(&self) -> usize {
-        self.next_layer
+    /// What has arrived, for error messages: "covered of total layer positions".
+    pub fn progress(&self) -> String {
+        format!(
+            "{} of {} layer positions",
+            self.coverage.covered(),
+            self.coverage.total()
+        )
     }
 
     pub fn is_complete(&self) -> bool {
-        self.next_layer == self.layout.num_layers as usize
+        self.coverage.is_complete()
     }
 
     pub fn push(&mut self, chunk: pb::KvChunk) -> Result<(), TransferError> {
-        let (layer, offset, n) = (
+        let (layer, start, n) = (
             chunk.layer as usize,
-            chunk.token_offset as usize,
+            chunk.start_pos as usize,
             chunk.num_tokens as usize,
         );
-        if self.is_complete() {
-            return Err(TransferError::Protocol(format!(
-                "chunk for layer {layer} after all {} layers arrived",
-                self.layout.num_layers
-            )));
-        }
-        if layer != self.next_layer || offset != self.next_token {
-            return Err(TransferError::Protocol(format!(
-                "expected layer {} from token {}, got layer {layer} from token {offset}",
-                self.next_layer, self.next_token
-            )));
-        }
+        let positions = start..start + n;
+        check_bounds(&self.layout, layer, &positions)?;
         let len = n * self.row_bytes;
-        let total = self.layout.num_tokens as usize;
-        if n == 0 || offset + n > total || chunk.k.len() != len || chunk.v.len() != len {
+        if chunk.k.len() != len || chunk.v.len() != len {
             return Err(TransferError::Protocol(format!(
-                "layer {layer} chunk of {n} tokens from {offset} carries {} K and {} V bytes \
-                 (expected {len} each, within {total} tokens)",
+                "layer {layer} chunk of {n} tokens from {start} carries {} K and {} V bytes \
+                 (expected {len} each)",
                 chunk.k.len(),
                 chunk.v.len()
             )));
         }
-        let at = offset * self.row_bytes;
+        let at = start * self.row_bytes;
         let (k, v) = &mut self.layers[layer];
-        bytemuck::cast_slice_mut::<f32, u8>(k)[at..at + len].copy_from_slice(&chunk.k);
-        bytemuck::cast_slice_mut::<f32, u8>(v)[at..at + len].copy_from_slice(&chunk.v);
-        self.received_bytes += 2 * len;
-        self.next_token += n;
-        if self.next_token == total {
-            self.next_layer += 1;
-            self.next_token = 0;
+        let (k, v) = (
+            &mut bytemuck::cast_slice_mut::<f32, u8>(k)[at..at + len],
+            &mut bytemuck::cast_slice_mut::<f32, u8>(v)[at..at + len],
+        );
+        if self.ranges.contains(&(layer, start, n)) {
+            if *k != chunk.k[..] || *v != chunk.v[..] {
+                return Err(TransferError::Protocol(format!(
+                    "layer {layer} positions {start}..{} re-sent with different values",
+                    start + n
+                )));
+            }
+            return Ok(());
         }
+        if self.coverage.any_covered(layer, positions.clone()) {
+            return Err(TransferError::Protocol(format!(
+                "layer {layer} positions {start}..{} overlap an earlier chunk of another extent",
+                start + n
+            )));
+        }
+        k.copy_from_slice(&chunk.k);
+        v.copy_from_slice(&chunk.v);
+        self.coverage.cover_new(layer, positions);
+        self.ranges.insert((layer, start, n));
+        self.received_bytes += 2 * len;
         Ok(())
     }
 
     /// The assembled KV as the engine takes it (f32 only, for now).
     pub fn into_export(self) -> Result<KvExport, TransferError> {
-        if !self.is_complete() {
+        if let Some((layer, pos)) = self.coverage.first_gap() {
             return Err(TransferError::Incomplete(format!(
-                "{} of {} layers arrived (layer {} stopped at token {})",
-                self.next_layer, self.layout.num_layers, self.next_layer, self.next_token
+                "{} arrived; layer {layer} position {pos} is missing",
+                self.progress()
             )));
         }
         let dtype = match self.layout.dtype() {
@@ -253,6 +367,19 @@ impl KvAssembler {
 mod tests {
     use super::*;
 
+    fn layout_of(kv: &KvExport) -> pb::KvLayout {
+        let mut layout = pb::KvLayout {
+            dtype: 0,
+            num_layers: kv.num_layers() as u32,
+            num_tokens: kv.num_tokens as u32,
+            kv_heads: kv.kv_heads as u32,
+            head_dim: kv.head_dim as u32,
+            cached_tokens: 0,
+        };
+        layout.set_dtype(wire_dtype(kv.dtype));
+        layout
+    }
+
     fn export(layers: usize, tokens: usize, kv_heads: usize, head_dim: usize) -> KvExport {
         let n = tokens * kv_heads * head_dim;
         KvExport {
@@ -271,17 +398,26 @@ mod tests {
     }
 
     fn round_trip(kv: &KvExport) -> (Vec<pb::KvChunk>, KvExport) {
-        let layout = pb::KvLayout::of_export(kv, 0);
+        let layout = layout_of(kv);
+        let mut splitter = KvSplitter::new(layout).unwrap();
         let mut chunks = Vec::new();
         for (i, (k, v)) in kv.layers.iter().enumerate() {
             let (k, v) = (f32_bytes(k.clone()), f32_bytes(v.clone()));
-            chunks.extend(layer_chunks(&layout, i as u32, &k, &v).unwrap());
+            chunks.extend(splitter.chunks(i as u32, 0, &k, &v).unwrap());
         }
         let mut asm = KvAssembler::new(layout).unwrap();
         for c in chunks.clone() {
             asm.push(c).unwrap();
         }
         (chunks, asm.into_export().unwrap())
+    }
+
+    /// K and V of `layer` at `positions` of `kv`, as a prefill would send them.
+    fn piece(kv: &KvExport, layer: usize, positions: Range<usize>) -> (Bytes, Bytes) {
+        let w = kv.kv_heads * kv.head_dim;
+        let (k, v) = &kv.layers[layer];
+        let r = positions.start * w..positions.end * w;
+        (f32_bytes(k[r.clone()].to_vec()), f32_bytes(v[r].to_vec()))
     }
 
     #[test]
@@ -296,32 +432,127 @@ mod tests {
             use prost::Message;
             assert!(c.encoded_len() <= MAX_CHUNK_BYTES);
         }
-        let layout = pb::KvLayout::of_export(&kv, 0);
+        let layout = layout_of(&kv);
         assert_eq!(layout.bytes_per_token().unwrap(), 2 * 2 * 8 * 128 * 4);
     }
 
     #[test]
-    fn out_of_order_short_or_missing_chunks_are_refused() {
-        let kv = export(2, 4, 1, 2);
-        let layout = pb::KvLayout::of_export(&kv, 0);
-        let k = f32_bytes(kv.layers[0].0.clone());
-        let v = f32_bytes(kv.layers[0].1.clone());
-        let chunks = layer_chunks(&layout, 0, &k, &v).unwrap();
+    fn the_splitter_sends_a_re_sent_position_once_and_splits_by_tokens() {
+        // 600 tokens of 4 KiB per side: the 0..600 piece needs two chunks.
+        let kv = export(1, 600, 8, 128);
+        let mut splitter = KvSplitter::new(layout_of(&kv)).unwrap();
+        let (k, v) = piece(&kv, 0, 100..300);
+        let first = splitter.chunks(0, 100, &k, &v).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].start_pos, first[0].num_tokens), (100, 200));
+        // After a preemption the engine sends 0..600 again: only 0..100 and
+        // 300..600 are new, and 300..600 is cut at 511 tokens per chunk.
+        let (k, v) = piece(&kv, 0, 0..600);
+        let again = splitter.chunks(0, 0, &k, &v).unwrap();
+        let ranges: Vec<_> = again.iter().map(|c| (c.start_pos, c.num_tokens)).collect();
+        assert_eq!(ranges, vec![(0, 100), (300, 300)]);
+        let mut asm = KvAssembler::new(layout_of(&kv)).unwrap();
+        for c in first.into_iter().chain(again) {
+            asm.push(c).unwrap();
+        }
+        assert_eq!(asm.received_bytes(), kv.size_bytes());
+        assert_eq!(asm.into_export().unwrap(), kv);
 
+        let (k, v) = piece(&kv, 0, 590..600);
+        let err = splitter.chunks(0, 595, &k, &v).unwrap_err().to_string();
+        assert!(err.contains("beyond the prompt's 600 tokens"), "{err}");
+    }
+
+    #[test]
+    fn out_of_order_and_repeated_chunks_assemble_exactly() {
+        let kv = export(3, 10, 1, 2);
+        let layout = layout_of(&kv);
+        let chunk = |layer: usize, positions: Range<usize>| {
+            let (k, v) = piece(&kv, layer, positions.clone());
+            pb::KvChunk {
+                layer: layer as u32,
+                start_pos: positions.start as u32,
+                num_tokens: positions.len() as u32,
+                k,
+                v,
+            }
+        };
         let mut asm = KvAssembler::new(layout).unwrap();
-        let mut wrong_layer = chunks[0].clone();
-        wrong_layer.layer = 1;
-        assert!(asm
-            .push(wrong_layer)
-            .unwrap_err()
-            .to_string()
-            .contains("expected layer 0"));
-        let mut short = chunks[0].clone();
+        // Later layers and positions first, gaps filled afterwards, and
+        // one range sent twice with the same values.
+        let order = [
+            (2, 4..10),
+            (0, 4..10),
+            (1, 0..4),
+            (2, 4..10),
+            (1, 4..10),
+            (0, 0..4),
+            (0, 0..4),
+        ];
+        for (layer, positions) in order {
+            assert!(!asm.is_complete());
+            asm.push(chunk(layer, positions)).unwrap();
+        }
+        assert!(!asm.is_complete());
+        let err = asm.progress();
+        assert_eq!(err, "26 of 30 layer positions");
+        asm.push(chunk(2, 0..4)).unwrap();
+        assert!(asm.is_complete());
+        assert_eq!(asm.received_bytes(), kv.size_bytes());
+        assert_eq!(asm.into_export().unwrap(), kv);
+    }
+
+    #[test]
+    fn inconsistent_short_or_missing_chunks_are_refused_by_name() {
+        let kv = export(2, 4, 1, 2);
+        let layout = layout_of(&kv);
+        let (k, v) = piece(&kv, 0, 0..4);
+        let whole = pb::KvChunk {
+            layer: 0,
+            start_pos: 0,
+            num_tokens: 4,
+            k,
+            v,
+        };
+        let mut asm = KvAssembler::new(layout).unwrap();
+        let mut no_such_layer = whole.clone();
+        no_such_layer.layer = 2;
+        let err = asm.push(no_such_layer).unwrap_err().to_string();
+        assert!(
+            err.contains("layer 2, but the layout has 2 layers"),
+            "{err}"
+        );
+        let mut beyond = whole.clone();
+        beyond.start_pos = 1;
+        let err = asm.push(beyond).unwrap_err().to_string();
+        assert!(err.contains("positions 1..5"), "{err}");
+        assert!(err.contains("beyond the prompt's 4 tokens"), "{err}");
+        let mut short = whole.clone();
         short.v = short.v.slice(1..);
-        assert!(asm.push(short).is_err());
-        asm.push(chunks[0].clone()).unwrap();
+        let err = asm.push(short).unwrap_err().to_string();
+        assert!(err.contains("expected 32 each"), "{err}");
+
+        asm.push(whole.clone()).unwrap();
+        // The same range again with other values, or an overlapping range of
+        // another extent, contradicts what arrived.
+        let mut changed = whole.clone();
+        changed.k = Bytes::from(vec![0u8; 32]);
+        let err = asm.push(changed).unwrap_err().to_string();
+        assert!(err.contains("re-sent with different values"), "{err}");
+        let mut overlap = whole.clone();
+        overlap.num_tokens = 2;
+        overlap.start_pos = 1;
+        overlap.k = overlap.k.slice(8..24);
+        overlap.v = overlap.v.slice(8..24);
+        let err = asm.push(overlap).unwrap_err().to_string();
+        assert!(err.contains("positions 1..3 overlap"), "{err}");
+        assert_eq!(asm.received_bytes(), 2 * 32);
+
         let err = asm.into_export().unwrap_err().to_string();
-        assert!(err.contains("1 of 2 layers"), "{err}");
+        assert!(
+            err.contains("4 of 8 layer positions arrived; layer 1 position 0 is missing"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -338,7 +569,8 @@ mod tests {
         assert_eq!(layout.bytes_per_token().unwrap(), 2 * 16);
         let side = Bytes::from(vec![3u8; 3 * 16]);
         let mut asm = KvAssembler::new(layout).unwrap();
-        for c in layer_chunks(&layout, 0, &side, &side).unwrap() {
+        let mut splitter = KvSplitter::new(layout).unwrap();
+        for c in splitter.chunks(0, 0, &side, &side).unwrap() {
             asm.push(c).unwrap();
         }
         assert!(asm.is_complete());
