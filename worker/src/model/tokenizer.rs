@@ -184,8 +184,8 @@ impl Tokenizer {
     /// `pre`, the byte-level decoder, and control tokens registered as special
     /// tokens so that `<|im_start|>` written in chat text encodes to its one id.
     pub fn from_byte_level_bpe(vocab: ByteLevelBpeVocab) -> Result<Self, TokenizerError> {
+        use tokenizers::decoders::byte_level::ByteLevel;
         use tokenizers::models::bpe::{Vocab, BPE};
-        use tokenizers::{decoders::byte_level::ByteLevel, AddedToken};
 
         let ids: Vocab = vocab
             .tokens
@@ -211,24 +211,17 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
         inner.with_decoder(Some(ByteLevel::default()));
-        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
-            vocab
-                .token_types
-                .iter()
-                .zip(&vocab.tokens)
-                .filter(|(t, _)| **t == kind)
-                .map(|(_, s)| AddedToken::from(s.clone(), special))
-                .collect()
-        };
-        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
-        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
-        check_special_ids(vocab.tokens.len(), vocab.bos_token_id, &vocab.eos_token_ids)?;
-        Ok(Self::new(
+        Self::with_gguf_specials(
             inner,
-            vocab.bos_token_id,
-            vocab.eos_token_ids,
-            vocab.add_bos_token,
-        ))
+            GgufSpecials {
+                tokens: &vocab.tokens,
+                token_types: &vocab.token_types,
+                bos_token_id: vocab.bos_token_id,
+                eos_token_ids: vocab.eos_token_ids.clone(),
+                add_bos_token: vocab.add_bos_token,
+            },
+            false,
+        )
     }
 
     /// Builds the tokenizer HF derives for a SentencePiece BPE vocabulary
@@ -242,7 +235,7 @@ impl Tokenizer {
         use tokenizers::models::bpe::{Vocab, BPE};
         use tokenizers::normalizers::replace::Replace;
         use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-        use tokenizers::{AddedToken, DecoderWrapper};
+        use tokenizers::DecoderWrapper;
 
         if vocab.scores.len() != vocab.tokens.len() {
             return Err(TokenizerError::Malformed(format!(
@@ -291,24 +284,17 @@ impl Tokenizer {
             decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
         }
         inner.with_decoder(Some(Sequence::new(decoders)));
-        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
-            vocab
-                .token_types
-                .iter()
-                .zip(&vocab.tokens)
-                .filter(|(t, _)| **t == kind)
-                .map(|(_, s)| AddedToken::from(s.clone(), special).normalized(false))
-                .collect()
-        };
-        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
-        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
-        check_special_ids(vocab.tokens.len(), vocab.bos_token_id, &vocab.eos_token_ids)?;
-        Ok(Self::new(
+        Self::with_gguf_specials(
             inner,
-            vocab.bos_token_id,
-            vocab.eos_token_ids,
-            vocab.add_bos_token,
-        ))
+            GgufSpecials {
+                tokens: &vocab.tokens,
+                token_types: &vocab.token_types,
+                bos_token_id: vocab.bos_token_id,
+                eos_token_ids: vocab.eos_token_ids.clone(),
+                add_bos_token: vocab.add_bos_token,
+            },
+            true,
+        )
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -365,6 +351,47 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Registers a GGUF vocabulary's added tokens (control → special, user-defined →
+    /// plain) and checks and records its BOS/EOS facts; shared by every GGUF
+    /// tokenizer model. `all_unnormalized` keeps even user-defined tokens out of
+    /// normalization (SentencePiece); otherwise the `tokenizers` default applies.
+    fn with_gguf_specials(
+        mut inner: tokenizers::Tokenizer,
+        specials: GgufSpecials<'_>,
+        all_unnormalized: bool,
+    ) -> Result<Self, TokenizerError> {
+        use tokenizers::AddedToken;
+        let added = |kind: i32, special: bool| -> Vec<AddedToken> {
+            specials
+                .token_types
+                .iter()
+                .zip(specials.tokens)
+                .filter(|(t, _)| **t == kind)
+                .map(|(_, s)| {
+                    let token = AddedToken::from(s.clone(), special);
+                    if all_unnormalized {
+                        token.normalized(false)
+                    } else {
+                        token
+                    }
+                })
+                .collect()
+        };
+        inner.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
+        inner.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        check_special_ids(
+            specials.tokens.len(),
+            specials.bos_token_id,
+            &specials.eos_token_ids,
+        )?;
+        Ok(Self::new(
+            inner,
+            specials.bos_token_id,
+            specials.eos_token_ids,
+            specials.add_bos_token,
+        ))
+    }
+
     /// A decoder that turns a growing id sequence into text deltas.
     pub fn incremental(&self) -> IncrementalDecoder {
         IncrementalDecoder {
@@ -374,6 +401,15 @@ impl Tokenizer {
             read_offset: 0,
         }
     }
+}
+
+/// What every GGUF tokenizer model shares besides its vocabulary model.
+struct GgufSpecials<'a> {
+    tokens: &'a [String],
+    token_types: &'a [i32],
+    bos_token_id: Option<u32>,
+    eos_token_ids: Vec<u32>,
+    add_bos_token: bool,
 }
 
 /// Streams text as tokens arrive, never emitting half a UTF-8 character and
