@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod dummy;
 pub mod fetch;
 pub mod gguf;
 pub mod gguf_model;

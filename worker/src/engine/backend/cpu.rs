@@ -814,7 +814,7 @@ pub struct CpuBackend {
 }
 
 /// RoPE inverse frequencies, with Llama 3 frequency scaling when configured.
-fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+pub(crate) fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     let half = cfg.head_dim / 2;
     (0..half)
         .map(|i| {

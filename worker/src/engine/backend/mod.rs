@@ -3,11 +3,13 @@
 //! above are backend-agnostic; a CUDA backend implements the same trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::engine::types::KvExport;
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, Weights};
 
 pub use cpu::{CpuBackend, WeightStorage};
+pub use cuda::{CudaBackend, CudaOptions, DeviceArgs, DeviceSpec, LoadFormat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -31,6 +33,8 @@ pub enum BackendError {
     KvShapeMismatch(String),
     #[error("invalid weights: {0}")]
     Weights(String),
+    #[error(transparent)]
+    Cuda(#[from] cuda::CudaError),
 }
 
 /// One sequence's share of a forward step.
@@ -68,6 +72,13 @@ pub trait ComputeBackend: Send {
 
     /// Bytes of KV cache one token occupies across all layers.
     fn kv_bytes_per_token(&self) -> usize;
+
+    /// Memory the backend can give the KV pool (a GPU's memory left under
+    /// `--gpu-memory-utilization`); `None` leaves the size to the engine's
+    /// configured budget.
+    fn kv_cache_budget_bytes(&self) -> Option<usize> {
+        None
+    }
 
     /// (Re)allocates the KV pool. Contents start zeroed.
     fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError>;
@@ -123,4 +134,43 @@ pub trait ComputeBackend: Send {
         }
         Ok(())
     }
+}
+
+/// The weights a backend is created from.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightsSource<'a> {
+    /// Loaded from the model's files.
+    Host(&'a Weights),
+    /// Random weights of the config's shape (`--load-format dummy`), made on
+    /// the device itself where there is one.
+    Dummy { seed: u64 },
+}
+
+/// Creates the backend `device` names for a model. `cuda_options` sizes the
+/// GPU's workspace and KV budget (ignored on the CPU, which stores weights in
+/// its compact form).
+pub fn create(
+    device: &DeviceSpec,
+    config: ModelConfig,
+    weights: WeightsSource<'_>,
+    cuda_options: &CudaOptions,
+) -> Result<Box<dyn ComputeBackend>, BackendError> {
+    Ok(match (device, weights) {
+        (DeviceSpec::Cpu, WeightsSource::Host(w)) => {
+            Box::new(CpuBackend::new(config, w, WeightStorage::default())?)
+        }
+        (DeviceSpec::Cpu, WeightsSource::Dummy { seed }) => {
+            let w = crate::model::testing::random_weights(&config, seed);
+            Box::new(CpuBackend::new(config, &w, WeightStorage::default())?)
+        }
+        (DeviceSpec::Cuda(n), WeightsSource::Host(w)) => {
+            Box::new(CudaBackend::new(*n, config, w, cuda_options.clone())?)
+        }
+        (DeviceSpec::Cuda(n), WeightsSource::Dummy { seed }) => Box::new(CudaBackend::new_dummy(
+            *n,
+            config,
+            seed,
+            cuda_options.clone(),
+        )?),
+    })
 }

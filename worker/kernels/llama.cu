@@ -1,0 +1,618 @@
+// Kernels of Tandem's CUDA backend (worker/src/engine/backend/cuda/).
+//
+// Compiled at start by NVRTC for the device's architecture. Storage is bf16
+// (weights, KV cache, GEMM inputs); arithmetic is f32. The residual stream,
+// Q (after RoPE) and the QKV projection output stay f32.
+//
+// KV cache layout, per layer and for K and V alike: [num_slots, kv_heads,
+// head_dim] with slot = block * block_size + position % block_size, as the
+// CPU backend lays it out.
+
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARP 32
+#define INFINITY __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds >= 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + WARP - 1) / WARP;
+    v = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+// splitmix64: a counter-based generator, so every element is independent of
+// launch geometry and the same seed gives the same weights on any card.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+extern "C" {
+
+// out[i] = uniform(-scale, scale) (bf16), for --load-format dummy.
+__global__ void fill_uniform_bf16(bf16* out, unsigned long long n, unsigned long long seed, float scale) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = mix64(seed ^ mix64(i));
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+        out[i] = __float2bfloat16((2.f * u - 1.f) * scale);
+    }
+}
+
+// out[i] = value (f32): norm weights of dummy models.
+__global__ void fill_f32(float* out, unsigned long long n, float value) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = value;
+}
+
+// x[t, :] = embed[tokens[t], :] as f32. Grid: one block per token.
+__global__ void embed_gather(float* x, const bf16* embed, const int* tokens, int hidden) {
+    int t = blockIdx.x;
+    const bf16* row = embed + (long long)tokens[t] * hidden;
+    float* out = x + (long long)t * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[i] = __bfloat162float(row[i]);
+}
+
+// out[r, :] = bf16(x[src, :] / rms(x[src, :]) * w) with src = rows ? rows[r] : r.
+// Grid: one block per output row. `rows` gathers the last token of each
+// sequence before the output head.
+__global__ void rms_norm(bf16* out, const float* x, const float* w, const int* rows, int hidden, float eps) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    int src = rows ? rows[r] : r;
+    const float* in = x + (long long)src * hidden;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += in[i] * in[i];
+    ss = block_sum(ss, scratch);
+    float inv = rsqrtf(ss / hidden + eps);
+    bf16* o = out + (long long)r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(in[i] * inv * w[i]);
+}
+
+// Per token t (one block each): add the QKV bias (when present), rotate the
+// Q and K heads (half-split RoPE) in place, and write K and V as bf16 into the
+// cache at slots[t] (skipped for padding rows, slot < 0). When `kv_out` is set,
+// also writes K and V as stored (bf16-rounded, f32) to kv_out[t] = [K | V] for
+// streaming the new KV to the host.
+__global__ void rope_kv_write(float* qkv, const float* bias, const float* inv_freq, const int* positions,
+                              const int* slots, bf16* k_cache, bf16* v_cache, float* kv_out, int nh, int nkv,
+                              int hd) {
+    int t = blockIdx.x;
+    int half = hd / 2;
+    int q_dim = nh * hd, kv_dim = nkv * hd, width = q_dim + 2 * kv_dim;
+    float* row = qkv + (long long)t * width;
+    float pos = (float)positions[t];
+    int slot = slots[t];
+    // Q and K heads, one rotation pair per iteration.
+    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
+        int head = i / half, j = i % half;
+        int a = head * hd + j, b = a + half;
+        float x0 = row[a], x1 = row[b];
+        if (bias) {
+            x0 += bias[a];
+            x1 += bias[b];
+        }
+        float s, c;
+        sincosf(pos * inv_freq[j], &s, &c);
+        float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+        if (head < nh) {
+            row[a] = y0;
+            row[b] = y1;
+        } else {
+            int kh = head - nh;
+            bf16 k0 = __float2bfloat16(y0), k1 = __float2bfloat16(y1);
+            if (slot >= 0) {
+                bf16* dst = k_cache + (long long)slot * kv_dim + kh * hd;
+                dst[j] = k0;
+                dst[j + half] = k1;
+            }
+            if (kv_out) {
+                float* dst = kv_out + (long long)t * 2 * kv_dim + kh * hd;
+                dst[j] = __bfloat162float(k0);
+                dst[j + half] = __bfloat162float(k1);
+            }
+        }
+    }
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        float v = row[q_dim + kv_dim + i];
+        if (bias) v += bias[q_dim + kv_dim + i];
+        bf16 vb = __float2bfloat16(v);
+        if (slot >= 0) v_cache[(long long)slot * kv_dim + i] = vb;
+        if (kv_out) kv_out[(long long)t * 2 * kv_dim + kv_dim + i] = __bfloat162float(vb);
+    }
+}
+
+// act[t, i] = silu(gu[t, i]) * gu[t, f + i], eight bf16 per thread (f % 8 == 0).
+__global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
+    long long n8 = (long long)tokens * f / 8;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n8;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long t = i / (f / 8), c = (i % (f / 8)) * 8;
+        uint4 g4 = *reinterpret_cast<const uint4*>(gu + t * 2 * f + c);
+        uint4 u4 = *reinterpret_cast<const uint4*>(gu + t * 2 * f + f + c);
+        const bf16* g = reinterpret_cast<const bf16*>(&g4);
+        const bf16* u = reinterpret_cast<const bf16*>(&u4);
+        uint4 o4;
+        bf16* o = reinterpret_cast<bf16*>(&o4);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float gv = __bfloat162float(g[k]);
+            o[k] = __float2bfloat16(gv / (1.f + __expf(-gv)) * __bfloat162float(u[k]));
+        }
+        *reinterpret_cast<uint4*>(act + t * f + c) = o4;
+    }
+}
+
+#define MAX_GROUP 8
+#define MAX_HEAD_DIM 256
+#define DECODE_WARPS 4
+
+// Flash-decoding, phase 1: one query token per sequence. Grid (seqs, kv_heads,
+// splits); each block takes `partition` positions of one sequence's context for
+// the `group` query heads sharing one KV head (GQA: K and V are read once for
+// the group). Writes, per (seq, head, split), the partial softmax max, sum and
+// unnormalised output. Sequence s's query is row s of qkv; its context is
+// positions[s] + 1 tokens.
+__global__ void decode_attention(const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                                 const int* block_tables, const int* positions, float* part_max,
+                                 float* part_sum, float* part_out, int nh, int nkv, int hd, int block_size,
+                                 int max_blocks, int partition, int splits, float scale) {
+    extern __shared__ float smem[];
+    int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    int group = nh / nkv;
+    int ctx = positions[s] + 1;
+    int begin = split * partition;
+    int end = min(begin + partition, ctx);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    long long part_base = ((long long)s * nh + kvh * group) * splits + split;
+    if (begin >= end) return;  // phase 2 reads only the splits this context reaches
+    float* q = smem;                       // [group, hd]
+    float* scores = q + group * hd;        // [group, partition]
+    float* red = scores + group * partition;  // [DECODE_WARPS, group, hd]
+    int q_dim = nh * hd, width = q_dim + 2 * nkv * hd;
+    const float* qrow = qkv + (long long)s * width + kvh * group * hd;
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q[i] = qrow[i] * scale;
+    __syncthreads();
+    const int* table = block_tables + (long long)s * max_blocks;
+    int kv_dim = nkv * hd;
+    int per_lane = hd / WARP;  // hd is a multiple of 32
+    // Scores: one warp per position, each lane a slice of head_dim.
+    for (int p = begin + warp; p < end; p += DECODE_WARPS) {
+        long long slot = (long long)table[p / block_size] * block_size + p % block_size;
+        const bf16* k = k_cache + slot * kv_dim + kvh * hd + lane * per_lane;
+        float kf[MAX_HEAD_DIM / WARP];
+        for (int e = 0; e < per_lane; e++) kf[e] = __bfloat162float(k[e]);
+        for (int g = 0; g < group; g++) {
+            float d = 0.f;
+            for (int e = 0; e < per_lane; e++) d += q[g * hd + lane * per_lane + e] * kf[e];
+            d = warp_sum(d);
+            if (lane == 0) scores[g * partition + (p - begin)] = d;
+        }
+    }
+    __syncthreads();
+    // Softmax statistics per head: warp g handles head g (and g + warps, ...).
+    int n = end - begin;
+    for (int g = warp; g < group; g += DECODE_WARPS) {
+        float m = -INFINITY;
+        for (int i = lane; i < n; i += WARP) m = fmaxf(m, scores[g * partition + i]);
+        m = warp_max(m);
+        float sum = 0.f;
+        for (int i = lane; i < n; i += WARP) {
+            float e = __expf(scores[g * partition + i] - m);
+            scores[g * partition + i] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            part_max[part_base + (long long)g * splits] = m;
+            part_sum[part_base + (long long)g * splits] = sum;
+        }
+    }
+    __syncthreads();
+    // Weighted V: warps split the positions, lanes the head dimension.
+    float acc[MAX_GROUP][MAX_HEAD_DIM / WARP];
+    for (int g = 0; g < group; g++)
+        for (int e = 0; e < per_lane; e++) acc[g][e] = 0.f;
+    for (int p = begin + warp; p < end; p += DECODE_WARPS) {
+        long long slot = (long long)table[p / block_size] * block_size + p % block_size;
+        const bf16* v = v_cache + slot * kv_dim + kvh * hd + lane * per_lane;
+        float vf[MAX_HEAD_DIM / WARP];
+        for (int e = 0; e < per_lane; e++) vf[e] = __bfloat162float(v[e]);
+        for (int g = 0; g < group; g++) {
+            float w = scores[g * partition + (p - begin)];
+            for (int e = 0; e < per_lane; e++) acc[g][e] += w * vf[e];
+        }
+    }
+    for (int g = 0; g < group; g++)
+        for (int e = 0; e < per_lane; e++) red[(warp * group + g) * hd + lane * per_lane + e] = acc[g][e];
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+        float o = 0.f;
+        for (int w = 0; w < DECODE_WARPS; w++) o += red[w * group * hd + i];
+        int g = i / hd, d = i % hd;
+        part_out[(part_base + (long long)g * splits) * hd + d] = o;
+    }
+}
+
+// Flash-decoding, phase 2: combines the splits of each (seq, head) into
+// out[s, head, :] (bf16). Grid (seqs, heads), hd threads.
+__global__ void decode_attention_reduce(bf16* out, const int* positions, const float* part_max,
+                                        const float* part_sum, const float* part_out, int nh, int hd,
+                                        int partition, int splits) {
+    int s = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    int ctx = positions[s] + 1;
+    int used = min(splits, (ctx + partition - 1) / partition);
+    long long base = ((long long)s * nh + h) * splits;
+    float m = -INFINITY;
+    for (int i = 0; i < used; i++) m = fmaxf(m, part_max[base + i]);
+    float sum = 0.f, o = 0.f;
+    for (int i = 0; i < used; i++) {
+        float w = __expf(part_max[base + i] - m);
+        sum += w * part_sum[base + i];
+        o += w * part_out[(base + i) * hd + d];
+    }
+    if (d < hd) out[((long long)s * nh + h) * hd + d] = __float2bfloat16(used > 0 ? o / sum : 0.f);
+}
+
+#define PF_Q 16
+#define PF_K 32
+
+// Causal attention for prefill chunks (and mixed batches), flash style over
+// the paged cache. Grid (tiles, heads); tile i covers rows tile_row0[i] ..
+// + tile_rows[i] (at most PF_Q, all of sequence tile_seq[i]); row r attends
+// to positions 0 ..= positions[r]. 128 threads: thread (qi, part) = (tid / 8,
+// tid % 8) owns query row qi and head_dim slice part.
+__global__ void prefill_attention(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                                  const int* block_tables, const int* positions, const int* tile_seq,
+                                  const int* tile_row0, const int* tile_rows, int nh, int nkv, int hd,
+                                  int block_size, int max_blocks, float scale) {
+    extern __shared__ float smem[];
+    int tile = blockIdx.x, h = blockIdx.y;
+    int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
+    int group = nh / nkv, kvh = h / group;
+    int q_dim = nh * hd, kv_dim = nkv * hd, width = q_dim + 2 * kv_dim;
+    float* q = smem;                   // [PF_Q, hd]
+    float* ks = q + PF_Q * hd;         // [PF_K, hd + 1]
+    float* vs = ks + PF_K * (hd + 1);  // [PF_K, hd]
+    float* p = vs + PF_K * hd;         // [PF_Q, PF_K]
+    int tid = threadIdx.x;
+    int qi = tid / 8, part = tid % 8;
+    for (int i = tid; i < PF_Q * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd;
+        q[i] = r < nrows ? qkv[(long long)(row0 + r) * width + h * hd + d] * scale : 0.f;
+    }
+    const int* table = block_tables + (long long)s * max_blocks;
+    int my_pos = qi < nrows ? positions[row0 + qi] : -1;
+    int last_pos = positions[row0 + nrows - 1];
+    int dims = hd / 8;  // head_dim slice per thread (hd is a multiple of 32)
+    float acc[MAX_HEAD_DIM / 8];
+    for (int e = 0; e < dims; e++) acc[e] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    for (int k0 = 0; k0 <= last_pos; k0 += PF_K) {
+        __syncthreads();
+        for (int i = tid; i < PF_K * hd; i += blockDim.x) {
+            int j = i / hd, d = i % hd, pos = k0 + j;
+            float kv = 0.f, vv = 0.f;
+            if (pos <= last_pos) {
+                long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
+                kv = __bfloat162float(k_cache[slot * kv_dim + kvh * hd + d]);
+                vv = __bfloat162float(v_cache[slot * kv_dim + kvh * hd + d]);
+            }
+            ks[j * (hd + 1) + d] = kv;
+            vs[j * hd + d] = vv;
+        }
+        __syncthreads();
+        // Scores: thread (qi, part) computes keys part, part + 8, ... for row qi.
+        for (int j = part; j < PF_K; j += 8) {
+            float d = 0.f;
+            for (int e = 0; e < hd; e++) d += q[qi * hd + e] * ks[j * (hd + 1) + e];
+            p[qi * PF_K + j] = (k0 + j <= my_pos) ? d : -INFINITY;
+        }
+        __syncthreads();
+        // Online softmax for row qi; the 8 threads of a row compute it redundantly.
+        float tile_max = -INFINITY;
+        for (int j = 0; j < PF_K; j++) tile_max = fmaxf(tile_max, p[qi * PF_K + j]);
+        float new_m = fmaxf(m, tile_max);
+        if (new_m == -INFINITY) continue;  // row fully masked so far (padding row)
+        float corr = __expf(m - new_m);
+        l *= corr;
+        for (int e = 0; e < dims; e++) acc[e] *= corr;
+        for (int j = 0; j < PF_K; j++) {
+            float w = __expf(p[qi * PF_K + j] - new_m);
+            l += w;
+            for (int e = 0; e < dims; e++) acc[e] += w * vs[j * hd + part * dims + e];
+        }
+        m = new_m;
+    }
+    if (qi < nrows) {
+        bf16* o = out + (long long)(row0 + qi) * q_dim + h * hd + part * dims;
+        for (int e = 0; e < dims; e++) o[e] = __float2bfloat16(acc[e] / l);
+    }
+}
+
+}  // extern "C"
+
+// Two f32 as the bf16 pair of one mma operand register (first in the low half).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) {
+    __nv_bfloat162 v = __halves2bfloat162(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// c += a (16x16 bf16, row) * b (16x8 bf16, col), f32 accumulators, in the
+// m16n8k16 fragment layouts of the PTX ISA.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
+// style: one block per (64-row query tile, head), 4 warps of 16 query rows.
+// Key tiles of 64 positions are gathered from the paged cache into shared
+// memory; Q, the scores, the probabilities and the output stay in registers
+// (fragment layouts of mma.m16n8k16: thread (group g = lane / 4, t = lane % 4)
+// holds rows g and g + 8). Same arguments as prefill_attention, tiles of up to
+// TC_Q rows.
+#define TC_Q 64
+#define TC_K 64
+
+template <int HD>
+__device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                                     const int* block_tables, const int* positions, const int* tile_seq,
+                                     const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
+                                     int max_blocks, float scale) {
+    constexpr int LD = HD + 8;  // bf16 per shared row: keeps fragment loads conflict-free
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* ks = reinterpret_cast<bf16*>(smem_raw);
+    bf16* vs = ks + TC_K * LD;
+
+    int tile = blockIdx.x, h = blockIdx.y;
+    int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
+    int group = nh / nkv, kvh = h / group;
+    int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
+    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int g = lane >> 2, t4 = lane & 3;
+    const int* table = block_tables + (long long)s * max_blocks;
+
+    int ra = warp * 16 + g, rb = ra + 8;
+    int pos_a = ra < nrows ? positions[row0 + ra] : -1;
+    int pos_b = rb < nrows ? positions[row0 + rb] : -1;
+    int warp_last = max(pos_a, pos_b);
+    for (int o = 16; o > 0; o >>= 1) warp_last = max(warp_last, __shfl_xor_sync(0xffffffff, warp_last, o));
+    int last_pos = positions[row0 + nrows - 1];
+
+    unsigned qa[HD / 16][4];
+    {
+        const float* qa_row = qkv + (long long)(row0 + ra) * width + h * HD;
+        const float* qb_row = qkv + (long long)(row0 + rb) * width + h * HD;
+        bool va = ra < nrows, vb = rb < nrows;
+#pragma unroll
+        for (int kd = 0; kd < HD / 16; kd++) {
+            int c = kd * 16 + t4 * 2;
+            qa[kd][0] = va ? pack_bf16(qa_row[c] * scale, qa_row[c + 1] * scale) : 0u;
+            qa[kd][1] = vb ? pack_bf16(qb_row[c] * scale, qb_row[c + 1] * scale) : 0u;
+            qa[kd][2] = va ? pack_bf16(qa_row[c + 8] * scale, qa_row[c + 9] * scale) : 0u;
+            qa[kd][3] = vb ? pack_bf16(qb_row[c + 8] * scale, qb_row[c + 9] * scale) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+
+    for (int k0 = 0; k0 <= last_pos; k0 += TC_K) {
+        __syncthreads();  // the previous tile's K and V are consumed
+        constexpr int VEC = HD / 8;  // 16-byte vectors per row
+        for (int i = tid; i < TC_K * VEC; i += blockDim.x) {
+            int j = i / VEC, c = (i % VEC) * 8, pos = k0 + j;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (pos <= last_pos) {
+                long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
+                kv4 = *reinterpret_cast<const uint4*>(k_cache + slot * kv_dim + kvh * HD + c);
+                vv4 = *reinterpret_cast<const uint4*>(v_cache + slot * kv_dim + kvh * HD + c);
+            }
+            *reinterpret_cast<uint4*>(ks + j * LD + c) = kv4;
+            *reinterpret_cast<uint4*>(vs + j * LD + c) = vv4;
+        }
+        __syncthreads();
+        if (k0 > warp_last) continue;  // every row of this warp is masked here
+
+        float sc[TC_K / 8][4];
+#pragma unroll
+        for (int j = 0; j < TC_K / 8; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+            const bf16* krow = ks + (j * 8 + g) * LD + t4 * 2;
+#pragma unroll
+            for (int kd = 0; kd < HD / 16; kd++) {
+                unsigned b[2] = {*reinterpret_cast<const unsigned*>(krow + kd * 16),
+                                 *reinterpret_cast<const unsigned*>(krow + kd * 16 + 8)};
+                mma_bf16(sc[j], qa[kd], b);
+            }
+        }
+        float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < TC_K / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = k0 + j * 8 + t4 * 2 + e;
+                if (key > pos_a) sc[j][e] = -INFINITY;
+                if (key > pos_b) sc[j][2 + e] = -INFINITY;
+                mx_a = fmaxf(mx_a, sc[j][e]);
+                mx_b = fmaxf(mx_b, sc[j][2 + e]);
+            }
+        for (int x = 1; x <= 2; x <<= 1) {
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
+        }
+        float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
+        float corr_a = nm_a == -INFINITY ? 1.f : __expf(m_a - nm_a);
+        float corr_b = nm_b == -INFINITY ? 1.f : __expf(m_b - nm_b);
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int j = 0; j < TC_K / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float pa = sc[j][e] == -INFINITY ? 0.f : __expf(sc[j][e] - nm_a);
+                float pb = sc[j][2 + e] == -INFINITY ? 0.f : __expf(sc[j][2 + e] - nm_b);
+                sc[j][e] = pa;
+                sc[j][2 + e] = pb;
+                sum_a += pa;
+                sum_b += pb;
+            }
+        l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
+        l_b = l_b * corr_b + sum_b;
+        m_a = nm_a;
+        m_b = nm_b;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            o[j][0] *= corr_a;
+            o[j][1] *= corr_a;
+            o[j][2] *= corr_b;
+            o[j][3] *= corr_b;
+        }
+#pragma unroll
+        for (int kk = 0; kk < TC_K / 16; kk++) {
+            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const bf16* v0 = vs + (kk * 16 + t4 * 2) * LD + g;
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                const bf16* v = v0 + j * 8;
+                unsigned b[2] = {pack_bf16(v[0], v[LD]), pack_bf16(v[8 * LD], v[9 * LD])};
+                mma_bf16(o[j], pa, b);
+            }
+        }
+    }
+    for (int x = 1; x <= 2; x <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffff, l_a, x);
+        l_b += __shfl_xor_sync(0xffffffff, l_b, x);
+    }
+    if (ra < nrows) {
+        bf16* dst = out + (long long)(row0 + ra) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_a;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][0] * inv, o[j][1] * inv);
+    }
+    if (rb < nrows) {
+        bf16* dst = out + (long long)(row0 + rb) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_b;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][2] * inv, o[j][3] * inv);
+    }
+}
+
+extern "C" __global__ void prefill_attention_tc64(bf16* out, const float* qkv, const bf16* k_cache,
+                                                  const bf16* v_cache, const int* block_tables,
+                                                  const int* positions, const int* tile_seq, const int* tile_row0,
+                                                  const int* tile_rows, int nh, int nkv, int hd, int block_size,
+                                                  int max_blocks, float scale) {
+    prefill_attention_tc<64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows, nh,
+                             nkv, block_size, max_blocks, scale);
+}
+
+extern "C" __global__ void prefill_attention_tc128(bf16* out, const float* qkv, const bf16* k_cache,
+                                                   const bf16* v_cache, const int* block_tables,
+                                                   const int* positions, const int* tile_seq, const int* tile_row0,
+                                                   const int* tile_rows, int nh, int nkv, int hd, int block_size,
+                                                   int max_blocks, float scale) {
+    prefill_attention_tc<128>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows,
+                              nh, nkv, block_size, max_blocks, scale);
+}
+
+extern "C" {
+
+// out[r] = argmax of logits row r (lowest index on ties). One block per row.
+__global__ void argmax_rows(int* out, const float* logits, int vocab) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (long long)blockIdx.x * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, bv, o);
+        int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int warps = (blockDim.x + WARP - 1) / WARP;
+        for (int w = 1; w < warps; w++)
+            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) {
+                bv = best_v[w];
+                bi = best_i[w];
+            }
+        out[blockIdx.x] = bi;
+    }
+}
+
+// Gathers K and V of `num_tokens` positions (through a block table) from one
+// layer's cache into f32 [num_tokens, kv_dim] each: KV export.
+__global__ void kv_gather(float* k_out, float* v_out, const bf16* k_cache, const bf16* v_cache, const int* table,
+                          int num_tokens, int kv_dim, int block_size) {
+    int t = blockIdx.x;
+    long long slot = (long long)table[t / block_size] * block_size + t % block_size;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        k_out[(long long)t * kv_dim + i] = __bfloat162float(k_cache[slot * kv_dim + i]);
+        v_out[(long long)t * kv_dim + i] = __bfloat162float(v_cache[slot * kv_dim + i]);
+    }
+}
+
+// The inverse: writes f32 K and V of positions start_pos .. into the cache.
+__global__ void kv_scatter(bf16* k_cache, bf16* v_cache, const float* k_in, const float* v_in, const int* table,
+                           int start_pos, int kv_dim, int block_size) {
+    int t = blockIdx.x, pos = start_pos + t;
+    long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        k_cache[slot * kv_dim + i] = __float2bfloat16(k_in[(long long)t * kv_dim + i]);
+        v_cache[slot * kv_dim + i] = __float2bfloat16(v_in[(long long)t * kv_dim + i]);
+    }
+}
+
+}  // extern "C"

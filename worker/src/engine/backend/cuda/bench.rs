@@ -1,0 +1,197 @@
+//! GPU benchmarks of the CUDA backend with dummy weights (`tandem gpu bench`):
+//! decode ms/token against the memory-bandwidth floor, prefill time and MFU.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{CudaBackend, CudaOptions};
+use crate::engine::backend::{BackendError, ComputeBackend, SeqInput};
+use crate::model::{dummy, ModelConfig};
+
+/// Memory bandwidth the decode floor assumes (H100 SXM device copies measured
+/// at about 3.0 TB/s).
+pub const FLOOR_BANDWIDTH: f64 = 3.0e12;
+/// Dense bf16 GEMM throughput measured with cuBLAS on the H100 (8192³).
+pub const MEASURED_PEAK_FLOPS: f64 = 790e12;
+
+const BLOCK: usize = 16;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    pub shape: String,
+    pub batch: usize,
+    pub context: usize,
+    pub steps: usize,
+    /// Median wall time of one step (host and device, token ids copied back).
+    pub ms_per_step: f64,
+    /// (weights + KV read per step) / FLOOR_BANDWIDTH.
+    pub floor_ms: f64,
+    /// floor_ms / ms_per_step.
+    pub fraction_of_floor: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillResult {
+    pub shape: String,
+    pub tokens: usize,
+    pub ms: f64,
+    /// Model FLOPs (2 x params x tokens + causal attention) per second over
+    /// MEASURED_PEAK_FLOPS.
+    pub mfu_vs_790: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A dummy-weight backend of a named shape, sized for the benchmarks.
+pub fn backend(
+    ordinal: usize,
+    shape: &str,
+    max_batch_tokens: usize,
+    max_num_seqs: usize,
+    num_blocks: usize,
+) -> Result<CudaBackend, String> {
+    let cfg = dummy::config(shape).map_err(|e| e.to_string())?;
+    let opts = CudaOptions {
+        max_batch_tokens,
+        max_num_seqs,
+        max_model_len: 8192,
+        gpu_memory_utilization: 0.95,
+        cuda_graphs: true,
+    };
+    let mut b = CudaBackend::new_dummy(ordinal, cfg, 1, opts).map_err(|e| e.to_string())?;
+    b.init_kv_cache(BLOCK, num_blocks)
+        .map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+/// Bytes a decode step must read: every weight except the embedding table
+/// (only the batch's rows; unless it doubles as the output head), plus the
+/// KV cache of every sequence's context.
+fn decode_bytes(cfg: &ModelConfig, weight_bytes: usize, kv_tokens: usize) -> f64 {
+    let embed = if cfg.tie_word_embeddings {
+        0
+    } else {
+        cfg.vocab_size * cfg.hidden_size * 2
+    };
+    (weight_bytes - embed) as f64 + (kv_tokens * cfg.kv_bytes_per_token(2)) as f64
+}
+
+fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
+        .collect()
+}
+
+/// Decode `steps` tokens for `batch` sequences after a `context`-token
+/// prompt each; greedy on the device, each step's tokens fed back.
+pub fn decode(
+    b: &mut CudaBackend,
+    shape: &str,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> Result<DecodeResult, BackendError> {
+    let cfg = b.config().clone();
+    let warmup = 8;
+    let total = context + warmup + steps;
+    let blocks_per_seq = total.div_ceil(BLOCK);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|s| pseudo_tokens(context, cfg.vocab_size, s))
+        .collect();
+    // Prefill in groups that fit a step.
+    let per_step = (4096 / context).max(1);
+    let mut next: Vec<u32> = Vec::with_capacity(batch);
+    for group in (0..batch).collect::<Vec<_>>().chunks(per_step) {
+        let inputs: Vec<SeqInput<'_>> = group
+            .iter()
+            .map(|&s| SeqInput {
+                tokens: &prompts[s],
+                start_pos: 0,
+                block_table: &tables[s],
+                need_logits: true,
+            })
+            .collect();
+        next.extend(b.forward_greedy(&inputs)?);
+    }
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let pos = context + i;
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let inputs: Vec<SeqInput<'_>> = (0..batch)
+            .map(|s| SeqInput {
+                tokens: &toks[s],
+                start_pos: pos,
+                block_table: &tables[s],
+                need_logits: true,
+            })
+            .collect();
+        let started = Instant::now();
+        next = b.forward_greedy(&inputs)?;
+        if i >= warmup {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = median(times);
+    // The median step reads the context at its middle.
+    let kv_tokens = batch * (context + warmup + steps / 2);
+    let floor_ms = decode_bytes(&cfg, b.weight_bytes(), kv_tokens) / FLOOR_BANDWIDTH * 1e3;
+    Ok(DecodeResult {
+        shape: shape.to_string(),
+        batch,
+        context,
+        steps,
+        ms_per_step: ms,
+        floor_ms,
+        fraction_of_floor: floor_ms / ms,
+        tokens_per_s: batch as f64 / ms * 1e3,
+    })
+}
+
+/// One sequence of `tokens` prompt tokens, computed in one step (median of
+/// `reps` after a warm-up run).
+pub fn prefill(
+    b: &mut CudaBackend,
+    shape: &str,
+    tokens: usize,
+    reps: usize,
+) -> Result<PrefillResult, BackendError> {
+    let cfg = b.config().clone();
+    let prompt = pseudo_tokens(tokens, cfg.vocab_size, 99);
+    let table: Vec<u32> = (0..tokens.div_ceil(BLOCK) as u32).collect();
+    let mut logits = Vec::new();
+    let mut times = Vec::new();
+    for i in 0..reps + 1 {
+        let started = Instant::now();
+        b.forward(
+            &[SeqInput {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &table,
+                need_logits: true,
+            }],
+            &mut logits,
+            None,
+        )?;
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms = median(times);
+    let t = tokens as f64;
+    let flops = 2.0 * cfg.num_parameters() as f64 * t
+        + 4.0 * cfg.num_layers as f64 * t * t * cfg.hidden_size as f64 / 2.0;
+    Ok(PrefillResult {
+        shape: shape.to_string(),
+        tokens,
+        ms,
+        mfu_vs_790: flops / (ms * 1e-3) / MEASURED_PEAK_FLOPS,
+    })
+}

@@ -1,0 +1,637 @@
+//! Correctness of the CUDA backend against the CPU backend, runnable on a GPU
+//! machine from the release binary (`tandem gpu check`) and from the ignored
+//! tests below.
+//!
+//! Tolerance: the CUDA backend rounds weights, the KV cache and GEMM inputs to
+//! bf16 (8 significant bits, relative rounding error up to 2^-9 ≈ 0.2%) while
+//! the CPU backend stays f32. The reference CPU run therefore uses the same
+//! bf16-rounded weights, and the remaining difference comes from rounding
+//! activations and KV a few times per layer; [`LOGITS_TOLERANCE`] bounds the
+//! relative L2 error of a logits row.
+
+use std::path::Path;
+
+use half::bf16;
+
+use super::{CudaBackend, CudaOptions};
+use crate::engine::backend::{
+    BackendError, ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage,
+};
+use crate::model::{testing, Architecture, ModelConfig, Weights};
+
+/// Largest accepted `||cuda - cpu|| / ||cpu||` of a logits row.
+pub const LOGITS_TOLERANCE: f64 = 3e-2;
+
+/// Greedy tokens compared per prompt on the default model.
+pub const GREEDY_TOKENS: usize = 32;
+
+/// One check's outcome, printed as a table row.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+fn result(name: &str, passed: bool, detail: String) -> CheckResult {
+    CheckResult {
+        name: name.to_string(),
+        passed,
+        detail,
+    }
+}
+
+/// Relative L2 error of `got` against `want`.
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += ((g - w) as f64).powi(2);
+        norm += (*w as f64).powi(2);
+    }
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// `w` with every matrix rounded to bf16, as the CUDA backend stores it.
+pub fn bf16_rounded(w: &Weights) -> Weights {
+    w.map_matrices(|t| {
+        let mut t = t.clone();
+        for v in &mut t.data {
+            *v = bf16::from_f32(*v).to_f32();
+        }
+        t
+    })
+}
+
+/// A model small enough to check quickly that still exercises GQA, several
+/// decode splits and prefill tiles, and (for Qwen2) the QKV bias. The Llama
+/// one has head_dim 64 (tensor-core prefill attention), the Qwen2 one 32 (the
+/// scalar kernel).
+pub fn check_config(arch: Architecture) -> ModelConfig {
+    let head_dim = if arch == Architecture::Qwen2 { 32 } else { 64 };
+    ModelConfig {
+        vocab_size: 300,
+        hidden_size: 4 * head_dim,
+        intermediate_size: 256,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim,
+        max_position_embeddings: 1024,
+        ..testing::tiny_config(arch)
+    }
+}
+
+/// Collects streamed KV per (layer, sequence).
+#[derive(Default)]
+struct Collect {
+    layers: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl KvLayerSink for Collect {
+    fn layer_computed(&mut self, layer: usize, seq: usize, k: &[f32], v: &[f32]) {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, Vec::new());
+        }
+        let l = &mut self.layers[layer];
+        if l.len() <= seq {
+            l.resize(seq + 1, (Vec::new(), Vec::new()));
+        }
+        l[seq].0.extend_from_slice(k);
+        l[seq].1.extend_from_slice(v);
+    }
+}
+
+/// A sequence's tokens and its (deliberately scattered) physical blocks.
+struct Seq {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+}
+
+fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
+        .collect()
+}
+
+/// Runs the same schedule on both backends and returns the worst relative
+/// logits error and the number of argmax disagreements: two sequences,
+/// prefilled in uneven chunks side by side (a mixed batch), then decoded
+/// together.
+fn compare_schedule(
+    cuda: &mut dyn ComputeBackend,
+    cpu: &mut dyn ComputeBackend,
+    vocab: usize,
+    decode_steps: usize,
+) -> Result<(f64, usize, usize), BackendError> {
+    // Sequence 0: 150 tokens in chunks 37 + 113; sequence 1: 61 tokens in one
+    // chunk, joining in the second step. Blocks interleaved and reversed.
+    let seqs = [
+        Seq {
+            tokens: pseudo_tokens(150 + decode_steps, vocab, 1),
+            blocks: (0..16).map(|i| 40 - 2 * i).collect(),
+        },
+        Seq {
+            tokens: pseudo_tokens(61 + decode_steps, vocab, 2),
+            blocks: (0..16).map(|i| 41 - 2 * i).collect(),
+        },
+    ];
+    let mut worst = 0f64;
+    let mut disagree = 0;
+    let mut rows = 0;
+    let mut step = |batch: &[SeqInput<'_>]| -> Result<(), BackendError> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        cuda.forward(batch, &mut a, None)?;
+        cpu.forward(batch, &mut b, None)?;
+        for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+            worst = worst.max(relative_error(ra, rb));
+            disagree += usize::from(argmax(ra) != argmax(rb));
+            rows += 1;
+        }
+        Ok(())
+    };
+    step(&[SeqInput {
+        tokens: &seqs[0].tokens[..37],
+        start_pos: 0,
+        block_table: &seqs[0].blocks,
+        need_logits: true,
+    }])?;
+    step(&[
+        SeqInput {
+            tokens: &seqs[0].tokens[37..150],
+            start_pos: 37,
+            block_table: &seqs[0].blocks,
+            need_logits: true,
+        },
+        SeqInput {
+            tokens: &seqs[1].tokens[..61],
+            start_pos: 0,
+            block_table: &seqs[1].blocks,
+            need_logits: true,
+        },
+    ])?;
+    for d in 0..decode_steps {
+        let (p0, p1) = (150 + d, 61 + d);
+        step(&[
+            SeqInput {
+                tokens: &seqs[0].tokens[p0..p0 + 1],
+                start_pos: p0,
+                block_table: &seqs[0].blocks,
+                need_logits: true,
+            },
+            SeqInput {
+                tokens: &seqs[1].tokens[p1..p1 + 1],
+                start_pos: p1,
+                block_table: &seqs[1].blocks,
+                need_logits: true,
+            },
+        ])?;
+    }
+    Ok((worst, disagree, rows))
+}
+
+fn options(max_model_len: usize) -> CudaOptions {
+    CudaOptions {
+        max_batch_tokens: 1024,
+        max_num_seqs: 8,
+        max_model_len,
+        gpu_memory_utilization: 0.9,
+        cuda_graphs: true,
+    }
+}
+
+/// CUDA vs CPU logits on random models (Llama and Qwen2 flavours), prefill
+/// chunks, a mixed batch and decode steps (CUDA-graph replays).
+pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
+    let mut out = Vec::new();
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let cfg = check_config(arch);
+        let weights = bf16_rounded(&testing::random_weights(&cfg, 7));
+        let mut cuda = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
+        let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)?;
+        cuda.init_kv_cache(16, 64)?;
+        cpu.init_kv_cache(16, 64)?;
+        let (worst, disagree, rows) = compare_schedule(&mut cuda, &mut cpu, cfg.vocab_size, 20)?;
+        out.push(result(
+            &format!("random {arch} model: logits vs CPU"),
+            worst <= LOGITS_TOLERANCE && disagree == 0,
+            format!(
+                "{rows} rows, max rel err {worst:.2e} (limit {LOGITS_TOLERANCE:.0e}), argmax differs in {disagree}; {} graphs",
+                cuda.captured_graphs()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// KV export, import, streaming, block copies and disaggregation: all must
+/// reproduce what the backend computed itself, exactly.
+pub fn kv_paths(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
+    let cfg = check_config(Architecture::Llama);
+    let weights = testing::random_weights(&cfg, 11);
+    let vocab = cfg.vocab_size;
+    let mut a = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
+    let mut b = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
+    a.init_kv_cache(16, 32)?;
+    b.init_kv_cache(8, 64)?;
+    let prompt = pseudo_tokens(70, vocab, 3);
+    let blocks_a: Vec<u32> = vec![9, 3, 17, 5, 30];
+    let mut logits = Vec::new();
+    let mut streamed = Collect::default();
+    a.forward(
+        &[SeqInput {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &blocks_a,
+            need_logits: true,
+        }],
+        &mut logits,
+        Some(&mut streamed),
+    )?;
+    let export = a.read_kv(&blocks_a, prompt.len())?;
+    let mut out = Vec::new();
+    let stream_matches = export
+        .layers
+        .iter()
+        .zip(&streamed.layers)
+        .all(|((k, v), seqs)| seqs.len() == 1 && &seqs[0].0 == k && &seqs[0].1 == v);
+    out.push(result(
+        "KV streamed per layer equals read_kv",
+        stream_matches && streamed.layers.len() == cfg.num_layers,
+        format!("{} layers x {} tokens", streamed.layers.len(), prompt.len()),
+    ));
+
+    // Decode the next token on `a` (aggregated) and, after importing the
+    // export into `b` with another block size (disaggregated), on `b`.
+    let next = [prompt[0]];
+    let decode = |be: &mut CudaBackend, table: &[u32]| -> Result<Vec<f32>, BackendError> {
+        let mut l = Vec::new();
+        be.forward(
+            &[SeqInput {
+                tokens: &next,
+                start_pos: prompt.len(),
+                block_table: table,
+                need_logits: true,
+            }],
+            &mut l,
+            None,
+        )?;
+        Ok(l)
+    };
+    let here = decode(&mut a, &blocks_a)?;
+    let blocks_b: Vec<u32> = (0..9).map(|i| 60 - 3 * i).collect();
+    b.write_kv(&blocks_b, &export)?;
+    let there = decode(&mut b, &blocks_b)?;
+    out.push(result(
+        "disaggregated (export -> import) decode equals aggregated",
+        here == there,
+        format!("rel err {:.1e}", relative_error(&there, &here)),
+    ));
+
+    // copy_block: continue from a copy of the last, partly filled block (the
+    // engine's copy-on-write of a shared prefix).
+    let mut copied = blocks_a.clone();
+    a.copy_block(30, 1)?;
+    *copied.last_mut().unwrap() = 1;
+    let from_copy = decode(&mut a, &copied)?;
+    let from_orig = decode(&mut a, &blocks_a)?;
+    out.push(result(
+        "decode after copy_block equals decode from the original block",
+        from_copy == from_orig && from_orig == here,
+        format!("rel err {:.1e}", relative_error(&from_copy, &from_orig)),
+    ));
+
+    // Graph replay vs eager: the same decode without graphs.
+    let mut eager = CudaBackend::new(
+        ordinal,
+        cfg.clone(),
+        &weights,
+        CudaOptions {
+            cuda_graphs: false,
+            ..options(1024)
+        },
+    )?;
+    eager.init_kv_cache(16, 32)?;
+    eager.write_kv(&blocks_a, &export)?;
+    let eager_logits = decode(&mut eager, &blocks_a)?;
+    out.push(result(
+        "CUDA-graph decode equals eager decode",
+        eager_logits == here,
+        format!("rel err {:.1e}", relative_error(&eager_logits, &here)),
+    ));
+    Ok(out)
+}
+
+/// Greedy tokens of a request generated by `engine` to its end.
+async fn collect_tokens(mut stream: crate::infer::GenerateStream) -> Result<Vec<u32>, String> {
+    use crate::engine::types::GenerateEvent;
+    let mut out = Vec::new();
+    while let Some(event) = stream.next_event().await {
+        match event {
+            GenerateEvent::Token(t) => out.push(t.id),
+            GenerateEvent::Error(e) => return Err(e),
+            GenerateEvent::Finished(_) => break,
+            GenerateEvent::Started { .. } => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Through the engine (scheduler, block manager, sampler) on CUDA backends:
+/// an aggregated greedy generation equals a disaggregated one (prefill on one
+/// engine, its streamed KV imported by another), and equals the CPU engine's.
+pub fn engine_disaggregated(ordinal: usize) -> Result<Vec<CheckResult>, String> {
+    use crate::engine::types::{GenerateRequest, SamplingParams, StopParams};
+    use crate::engine::{Engine, EngineConfig};
+    use crate::infer::Infer;
+    let cfg = check_config(Architecture::Llama);
+    let weights = bf16_rounded(&testing::random_weights(&cfg, 5));
+    let e = |e: crate::engine::EngineError| e.to_string();
+    let engine_cfg = EngineConfig {
+        num_blocks: Some(64),
+        max_batch_tokens: 256,
+        max_num_seqs: 8,
+        ..EngineConfig::default()
+    };
+    let cuda_engine = |role: &'static str| -> Result<crate::engine::EngineHandle, String> {
+        let backend = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))
+            .map_err(|e| e.to_string())?;
+        Engine::start(Box::new(backend), engine_cfg.clone(), vec![], 1024, role).map_err(e)
+    };
+    let aggregated = cuda_engine("aggregated")?;
+    let prefill = cuda_engine("prefill")?;
+    let decode = cuda_engine("decode")?;
+    let cpu = Engine::start(
+        Box::new(
+            CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)
+                .map_err(|e| e.to_string())?,
+        ),
+        engine_cfg.clone(),
+        vec![],
+        1024,
+        "aggregated",
+    )
+    .map_err(e)?;
+    let prompt = pseudo_tokens(100, cfg.vocab_size, 4);
+    let request = || GenerateRequest {
+        id: "check".into(),
+        prompt: prompt.clone(),
+        sampling: SamplingParams::greedy(),
+        stop: StopParams {
+            max_tokens: 24,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+        },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let i = |e: crate::infer::InferError| e.to_string();
+    let (agg, disagg, on_cpu) = rt.block_on(async {
+        let agg = collect_tokens(aggregated.generate(request()).map_err(i)?).await?;
+        let out = prefill
+            .prefill_only(prompt.clone(), SamplingParams::greedy())
+            .await
+            .map_err(i)?;
+        let disagg = collect_tokens(
+            decode
+                .generate_with_kv(request(), out.kv, out.first_token)
+                .map_err(i)?,
+        )
+        .await?;
+        let on_cpu = collect_tokens(cpu.generate(request()).map_err(i)?).await?;
+        Ok::<_, String>((agg, disagg, on_cpu))
+    })?;
+    let same_prefix = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    Ok(vec![
+        result(
+            "engine: disaggregated on GPU equals aggregated on GPU",
+            agg == disagg && agg.len() == 24,
+            format!(
+                "{} tokens, equal prefix {}",
+                agg.len(),
+                same_prefix(&agg, &disagg)
+            ),
+        ),
+        result(
+            "engine: GPU greedy tokens equal CPU's (random model)",
+            agg == on_cpu,
+            format!(
+                "equal prefix {} of {}",
+                same_prefix(&agg, &on_cpu),
+                agg.len()
+            ),
+        ),
+    ])
+}
+
+/// The default model: last-token logits of each prompt vs the CPU backend,
+/// and the first [`GREEDY_TOKENS`] greedy tokens, CUDA (argmax on the device)
+/// vs CPU.
+pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, String> {
+    let model = crate::model::load(path).map_err(|e| e.to_string())?;
+    let cfg = model.config.clone();
+    let prompts = [
+        "The capital of France is",
+        "Write a haiku about the sea.",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village,",
+        "The three laws of thermodynamics are",
+        "Translate to German: Good morning, how are you?",
+        "List the planets of the solar system:",
+        "In 1969, Neil Armstrong",
+        "Q: What is 17 times 23?\nA:",
+        "The best way to learn a programming language is",
+    ];
+    let e = |e: BackendError| e.to_string();
+    let mut cuda =
+        CudaBackend::new(ordinal, cfg.clone(), &model.weights, options(1024)).map_err(e)?;
+    let mut cpu =
+        CpuBackend::new(cfg.clone(), &model.weights, WeightStorage::default()).map_err(e)?;
+    cuda.init_kv_cache(16, 64).map_err(e)?;
+    cpu.init_kv_cache(16, 64).map_err(e)?;
+    let table: Vec<u32> = (0..64).rev().collect();
+    let mut worst = 0f64;
+    let mut equal_prompts = 0;
+    let mut first_divergence = Vec::new();
+    for p in prompts {
+        let ids = model.tokenizer.encode(p).map_err(|e| e.to_string())?;
+        let mut seq_cuda = ids.clone();
+        let mut seq_cpu = ids.clone();
+        // Prefill: compare logits; then decode greedily on each backend.
+        let mut lc = Vec::new();
+        cpu.forward(
+            &[SeqInput {
+                tokens: &ids,
+                start_pos: 0,
+                block_table: &table,
+                need_logits: true,
+            }],
+            &mut lc,
+            None,
+        )
+        .map_err(e)?;
+        let mut lg = Vec::new();
+        cuda.forward(
+            &[SeqInput {
+                tokens: &ids,
+                start_pos: 0,
+                block_table: &table,
+                need_logits: true,
+            }],
+            &mut lg,
+            None,
+        )
+        .map_err(e)?;
+        worst = worst.max(relative_error(&lg, &lc));
+        seq_cpu.push(argmax(&lc) as u32);
+        let first = cuda
+            .forward_greedy(&[SeqInput {
+                tokens: &ids,
+                start_pos: 0,
+                block_table: &table,
+                need_logits: true,
+            }])
+            .map_err(e)?;
+        seq_cuda.push(first[0]);
+        for _ in 1..GREEDY_TOKENS {
+            let pos = seq_cpu.len() - 1;
+            cpu.forward(
+                &[SeqInput {
+                    tokens: &seq_cpu[pos..],
+                    start_pos: pos,
+                    block_table: &table,
+                    need_logits: true,
+                }],
+                &mut lc,
+                None,
+            )
+            .map_err(e)?;
+            seq_cpu.push(argmax(&lc) as u32);
+            let pos = seq_cuda.len() - 1;
+            let next = cuda
+                .forward_greedy(&[SeqInput {
+                    tokens: &seq_cuda[pos..],
+                    start_pos: pos,
+                    block_table: &table,
+                    need_logits: true,
+                }])
+                .map_err(e)?;
+            seq_cuda.push(next[0]);
+        }
+        if seq_cuda == seq_cpu {
+            equal_prompts += 1;
+        } else {
+            let at = seq_cuda
+                .iter()
+                .zip(&seq_cpu)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0)
+                - ids.len();
+            first_divergence.push(format!("{p:?} at token {at}"));
+        }
+    }
+    Ok(vec![
+        result(
+            "default model: prompt logits vs CPU",
+            worst <= LOGITS_TOLERANCE,
+            format!("10 prompts, max rel err {worst:.2e} (limit {LOGITS_TOLERANCE:.0e})"),
+        ),
+        result(
+            "default model: greedy 32 tokens equal to CPU",
+            equal_prompts == prompts.len(),
+            format!(
+                "{equal_prompts}/10 prompts equal{}",
+                if first_divergence.is_empty() {
+                    String::new()
+                } else {
+                    format!("; diverged: {}", first_divergence.join(", "))
+                }
+            ),
+        ),
+    ])
+}
+
+/// Every check; the default model's only when `model` is given.
+pub fn run_all(ordinal: usize, model: Option<&Path>) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let mut add = |name: &str, r: Result<Vec<CheckResult>, String>| match r {
+        Ok(v) => out.extend(v),
+        Err(e) => out.push(result(name, false, e)),
+    };
+    add(
+        "random models",
+        random_models(ordinal).map_err(|e| e.to_string()),
+    );
+    add("KV paths", kv_paths(ordinal).map_err(|e| e.to_string()));
+    add("engine", engine_disaggregated(ordinal));
+    if let Some(path) = model {
+        add("default model", default_model(ordinal, path));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU checks, or a clear skip where there is no CUDA driver or device.
+    fn gpu_or_skip() -> Option<usize> {
+        match super::super::device::Gpu::open(0) {
+            Ok(_) => Some(0),
+            Err(e) => {
+                eprintln!("skipping: no usable CUDA device here ({e})");
+                None
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU; runs on the device machine"]
+    fn cuda_matches_cpu_on_random_models_and_kv_paths_are_exact() {
+        let Some(ordinal) = gpu_or_skip() else { return };
+        let results = run_all(ordinal, None);
+        for r in &results {
+            eprintln!(
+                "{} {}: {}",
+                if r.passed { "PASS" } else { "FAIL" },
+                r.name,
+                r.detail
+            );
+        }
+        assert!(results.iter().all(|r| r.passed));
+    }
+
+    #[test]
+    fn relative_error_is_zero_for_equal_rows_and_scales_with_the_difference() {
+        let a = [1.0, -2.0, 3.0];
+        assert_eq!(relative_error(&a, &a), 0.0);
+        let b = [1.0, -2.0, 3.1];
+        let want = 0.1 / (14f64).sqrt();
+        assert!((relative_error(&b, &a) - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bf16_rounding_changes_matrices_but_not_norms() {
+        let cfg = check_config(Architecture::Llama);
+        let w = testing::random_weights(&cfg, 1);
+        let r = bf16_rounded(&w);
+        assert_ne!(r.layers[0].wq, w.layers[0].wq);
+        assert_eq!(r.layers[0].attn_norm, w.layers[0].attn_norm);
+        let err = relative_error(&r.layers[0].wq.data, &w.layers[0].wq.data);
+        assert!(err > 0.0 && err < 4e-3, "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The device side of the CUDA backend: context and stream, the NVRTC-compiled
+//! kernels (compiled once per process and architecture), raw device and pinned
+//! host buffers, and the cuBLAS GEMM the model's projections run on.
+//!
+//! Buffers are raw device pointers owned by RAII wrappers rather than
+//! `cudarc::CudaSlice`s: the forward pass addresses sub-ranges of a few large
+//! allocations (layer `l` of the KV pool, row `t` of a workspace), and the
+//! pointers must stay fixed for CUDA graph replay.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{result as drv, sys as drv_sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::CudaError;
+
+/// The kernels' CUDA C source, compiled by NVRTC at start.
+const KERNEL_SOURCE: &str = include_str!("../../../../kernels/llama.cu");
+
+/// Every kernel of `llama.cu`, loaded once per backend.
+pub(super) struct Kernels {
+    pub fill_uniform_bf16: CudaFunction,
+    pub fill_f32: CudaFunction,
+    pub embed_gather: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub rope_kv_write: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub decode_attention: CudaFunction,
+    pub decode_attention_reduce: CudaFunction,
+    pub prefill_attention: CudaFunction,
+    pub prefill_attention_tc64: CudaFunction,
+    pub prefill_attention_tc128: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    pub kv_gather: CudaFunction,
+    pub kv_scatter: CudaFunction,
+}
+
+/// Checks that the libraries the backend loads at run time are present, so a
+/// machine without them gets an error naming what is missing (cudarc would
+/// panic on first use).
+pub(super) fn check_libraries() -> Result<(), CudaError> {
+    // SAFETY: these only try to dlopen the libraries.
+    let present = unsafe {
+        [
+            ("CUDA driver", "libcuda.so", drv_sys::is_culib_present()),
+            (
+                "NVRTC",
+                "libnvrtc.so",
+                cudarc::nvrtc::sys::is_culib_present(),
+            ),
+            ("cuBLAS", "libcublas.so", cublas_sys::is_culib_present()),
+        ]
+    };
+    for (what, lib, ok) in present {
+        if !ok {
+            return Err(CudaError::NoLibrary(format!(
+                "no {what} found ({lib}): install the NVIDIA driver and CUDA 13 libraries, \
+                 or put them on LD_LIBRARY_PATH"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The directory holding `cuda_bf16.h`: `$TANDEM_CUDA_INCLUDE`, else
+/// `$CUDA_HOME/include`, `$CUDA_PATH/include`, else `/usr/local/cuda/include`.
+pub(super) fn cuda_include_dir() -> String {
+    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
+        return dir;
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(home) = std::env::var(var) {
+            return format!("{home}/include");
+        }
+    }
+    "/usr/local/cuda/include".to_string()
+}
+
+/// NVRTC's architecture flag for a compute capability.
+fn arch_flag(major: i32, minor: i32) -> Result<&'static str, CudaError> {
+    Ok(match (major, minor) {
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        _ => {
+            return Err(CudaError::Unsupported(format!(
+                "compute capability {major}.{minor}: the kernels need bf16 (8.0 or newer)"
+            )))
+        }
+    })
+}
+
+/// PTX per architecture, compiled once per process.
+fn compiled_ptx(arch: &'static str) -> Result<String, CudaError> {
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ptx) = cache.get(arch) {
+        return Ok(ptx.clone());
+    }
+    let started = std::time::Instant::now();
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![cuda_include_dir()],
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)
+        .map_err(|e| CudaError::Compile(format!("{e:?} (include path {})", cuda_include_dir())))?
+        .to_src();
+    tracing::info!(
+        arch,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "compiled CUDA kernels"
+    );
+    cache.insert(arch, ptx.clone());
+    Ok(ptx)
+}
+
+/// A device allocation, freed on drop.
+pub(super) struct DeviceBuffer {
+    ptr: CUdeviceptr,
+    bytes: usize,
+}
+
+// SAFETY: a device pointer is an address in the context's memory, usable from
+// any thread that binds the context (the backend binds it on every call).
+unsafe impl Send for DeviceBuffer {}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync and freed once; the backend
+            // synchronises its stream before dropping buffers.
+            unsafe {
+                let _ = drv::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+/// Page-locked host memory: device-to-host copies into it run at full PCIe
+/// speed and can be asynchronous.
+pub(super) struct PinnedBuffer {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn as_slice<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
+        assert!(len * std::mem::size_of::<T>() <= self.bytes);
+        // SAFETY: in bounds (checked), page-aligned allocation, Pod element type.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const T, len) }
+    }
+
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
+        assert!(len * std::mem::size_of::<T>() <= self.bytes);
+        // SAFETY: as above, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, len) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed once.
+        unsafe {
+            let _ = drv::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
+/// Element type of a GEMM operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dtype {
+    Bf16,
+    F32,
+}
+
+impl Dtype {
+    fn cuda(self) -> cublas_sys::cudaDataType {
+        match self {
+            Dtype::Bf16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+            Dtype::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+/// One GPU: context, the stream everything runs on, cuBLAS and the kernels.
+/// Fields drop in order: the workspace and handles before the context.
+pub(super) struct Gpu {
+    /// cuBLAS workspace, set explicitly so GEMMs can be captured in graphs.
+    _blas_workspace: DeviceBuffer,
+    pub blas: CudaBlas,
+    pub kernels: Kernels,
+    pub name: String,
+    pub arch: &'static str,
+    pub num_sms: u32,
+    pub stream: Arc<CudaStream>,
+    pub ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the backend is used from one thread at a time (the engine thread);
+// every entry point binds the context to the calling thread first.
+unsafe impl Send for Gpu {}
+
+/// Largest dynamic shared memory the attention kernels may ask for (Hopper
+/// and Ampere A100 give a block up to 227 and 163 KiB).
+pub(super) const MAX_ATTENTION_SMEM: u32 = 160 * 1024;
+
+impl Gpu {
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        check_libraries()?;
+        let count = CudaContext::device_count().map_err(|e| CudaError::Driver(e.to_string()))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoDevice(format!(
+                "cuda:{ordinal} asked for, but the driver sees {count} device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // The backend synchronises its single stream itself.
+        // SAFETY: no CudaSlice is shared between streams.
+        unsafe { ctx.disable_event_tracking() };
+        // Graph capture needs a stream other than the legacy default stream.
+        let stream = ctx.new_stream()?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = arch_flag(major, minor)?;
+        let name = ctx.name()?;
+        let num_sms = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32;
+        let module = ctx.load_module(Ptx::from_src(compiled_ptx(arch)?))?;
+        let f = |name: &str| module.load_function(name);
+        let kernels = Kernels {
+            fill_uniform_bf16: f("fill_uniform_bf16")?,
+            fill_f32: f("fill_f32")?,
+            embed_gather: f("embed_gather")?,
+            rms_norm: f("rms_norm")?,
+            rope_kv_write: f("rope_kv_write")?,
+            silu_mul: f("silu_mul")?,
+            decode_attention: f("decode_attention")?,
+            decode_attention_reduce: f("decode_attention_reduce")?,
+            prefill_attention: f("prefill_attention")?,
+            prefill_attention_tc64: f("prefill_attention_tc64")?,
+            prefill_attention_tc128: f("prefill_attention_tc128")?,
+            argmax_rows: f("argmax_rows")?,
+            kv_gather: f("kv_gather")?,
+            kv_scatter: f("kv_scatter")?,
+        };
+        for k in [
+            &kernels.decode_attention,
+            &kernels.prefill_attention,
+            &kernels.prefill_attention_tc64,
+            &kernels.prefill_attention_tc128,
+        ] {
+            k.set_attribute(
+                drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MAX_ATTENTION_SMEM as i32,
+            )?;
+        }
+        let blas = CudaBlas::new(stream.clone())?;
+        let workspace = alloc(32 << 20)?;
+        // SAFETY: the workspace outlives the handle (both live in `Gpu`).
+        unsafe {
+            let status = cublas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr() as *mut c_void,
+                workspace.bytes(),
+            );
+            if status != cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Blas(format!("cublasSetWorkspace: {status:?}")));
+            }
+        }
+        Ok(Self {
+            _blas_workspace: workspace,
+            blas,
+            kernels,
+            name,
+            arch,
+            num_sms,
+            stream,
+            ctx,
+        })
+    }
+
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread()?;
+        Ok(())
+    }
+
+    pub fn cu_stream(&self) -> drv_sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// `count` elements of `T` copied to the device (synchronously).
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer, CudaError> {
+        let buf = alloc(std::mem::size_of_val(data).max(1))?;
+        self.copy_to(&buf, 0, data)?;
+        self.synchronize()?;
+        Ok(buf)
+    }
+
+    /// Asynchronous host-to-device copy of `data` to `buf` at byte `offset`.
+    /// The host memory must stay unchanged until the stream passes the copy
+    /// (pinned memory), or the call is followed by a synchronisation.
+    pub fn copy_to<T: bytemuck::Pod>(
+        &self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        data: &[T],
+    ) -> Result<(), CudaError> {
+        assert!(offset + std::mem::size_of_val(data) <= buf.bytes);
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: destination range checked above.
+        unsafe { drv::memcpy_htod_async(buf.ptr + offset as u64, data, self.cu_stream())? };
+        Ok(())
+    }
+
+    /// Asynchronous device-to-host copy from device address `src`.
+    pub fn copy_from<T: bytemuck::Pod>(&self, src: u64, out: &mut [T]) -> Result<(), CudaError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: callers pass addresses inside live buffers of at least `out` bytes.
+        unsafe { drv::memcpy_dtoh_async(out, src, self.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn copy_device(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        // SAFETY: callers pass ranges inside live buffers.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn zero(&self, buf: &DeviceBuffer) -> Result<(), CudaError> {
+        // SAFETY: the whole buffer.
+        unsafe { drv::memset_d8_async(buf.ptr, 0, buf.bytes, self.cu_stream())? };
+        Ok(())
+    }
+
+    /// Row-major `C[m, n] = alpha * A[m, k] · B[n, k]^T + beta * C`: activations
+    /// times a weight matrix in HF `[out, in]` layout, accumulated in f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        a_type: Dtype,
+        b: u64,
+        c: u64,
+        c_type: Dtype,
+        beta: f32,
+    ) -> Result<(), CudaError> {
+        if m == 0 {
+            return Ok(());
+        }
+        let alpha = 1.0f32;
+        // Column-major view: C^T[n, m] = B[n, k] · A^T, i.e. op(B) = T on the
+        // k x n column-major buffer, op(A) = N.
+        // SAFETY: pointers address live buffers of the stated shapes.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                Dtype::Bf16.cuda(),
+                k as i32,
+                a as *const c_void,
+                a_type.cuda(),
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                c_type.cuda(),
+                n as i32,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Fills `n` bf16 at `ptr` with uniform values in `[-scale, scale]`.
+    pub fn fill_uniform(&self, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), CudaError> {
+        let n = n as u64;
+        let mut b = self.stream.launch_builder(&self.kernels.fill_uniform_bf16);
+        b.arg(&ptr).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: the kernel writes n bf16 at ptr, which the caller allocated.
+        unsafe { b.launch(grid_stride(self.num_sms))? };
+        Ok(())
+    }
+
+    pub fn fill_f32(&self, ptr: u64, n: usize, value: f32) -> Result<(), CudaError> {
+        let n = n as u64;
+        let mut b = self.stream.launch_builder(&self.kernels.fill_f32);
+        b.arg(&ptr).arg(&n).arg(&value);
+        // SAFETY: as above, n f32.
+        unsafe { b.launch(grid_stride(self.num_sms))? };
+        Ok(())
+    }
+}
+
+/// A grid-stride launch covering the whole device.
+pub(super) fn grid_stride(num_sms: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (num_sms * 8, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Allocates `bytes` of device memory (contents undefined).
+pub(super) fn alloc(bytes: usize) -> Result<DeviceBuffer, CudaError> {
+    // SAFETY: plain allocation of at least one byte.
+    let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }
+        .map_err(|e| CudaError::OutOfMemory(format!("allocating {} MiB: {e}", bytes >> 20)))?;
+    Ok(DeviceBuffer { ptr, bytes })
+}
+
+/// Allocates `bytes` of page-locked host memory.
+pub(super) fn alloc_pinned(bytes: usize) -> Result<PinnedBuffer, CudaError> {
+    // SAFETY: plain allocation.
+    let ptr = unsafe { drv::malloc_host(bytes.max(1), 0) }?;
+    Ok(PinnedBuffer {
+        ptr: ptr as *mut u8,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile for Hopper and Ampere wherever NVRTC is installed
+    /// (compiling needs no GPU); skipped with a message where it is not.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipping: no NVRTC library (libnvrtc.so) on this machine");
+            return;
+        }
+        for arch in ["sm_90", "sm_80"] {
+            let ptx = compiled_ptx(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            for name in [
+                "decode_attention",
+                "prefill_attention",
+                "rope_kv_write",
+                "silu_mul",
+            ] {
+                assert!(ptx.contains(name), "{arch} PTX lacks {name}");
+            }
+        }
+    }
+}

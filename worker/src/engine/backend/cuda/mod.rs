@@ -1,0 +1,1286 @@
+//! The CUDA backend: the engine's forward steps on an NVIDIA GPU.
+//!
+//! Weights and the paged KV cache are bf16 on the device; arithmetic is f32
+//! (cuBLAS GEMMs with f32 accumulation, f32 kernels), and the residual stream
+//! stays f32. Kernels are CUDA C (`worker/kernels/llama.cu`) compiled by NVRTC
+//! at start for the device's architecture. The residual adds are fused into
+//! the output and down projections (GEMMs with `beta = 1` into the f32
+//! residual), RoPE into the KV-cache write, the last-token gather into the
+//! final RMSNorm. Decode attention is flash-decoding over the paged cache
+//! (GQA-aware, split over the context); prefill attention is causal,
+//! flash-style, over the paged cache, so chunked prefill and prefix-cache hits
+//! need no special path.
+//!
+//! Decode steps (one token per sequence, no KV streaming) replay CUDA graphs
+//! captured per (batch-size bucket, context bucket): every pointer the step
+//! uses is fixed, and the step's inputs are copied to fixed device buffers
+//! before the replay. Everything runs on one stream; every public call binds
+//! the context to the calling thread first, so the backend can move to the
+//! engine thread.
+//!
+//! cudarc loads the CUDA libraries at run time (`dynamic-loading`), so this
+//! module builds and its host-side logic is tested on machines without CUDA;
+//! opening a device there fails with an error naming the missing library.
+
+pub mod bench;
+pub mod check;
+mod device;
+mod weights;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
+
+use super::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
+use crate::engine::types::{KvDtype, KvExport};
+use crate::model::{ModelConfig, Weights};
+use device::{alloc, alloc_pinned, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM};
+use weights::DeviceWeights;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A CUDA library is missing; the message names it.
+    #[error("{0}")]
+    NoLibrary(String),
+    #[error("no such CUDA device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("NVRTC could not compile the kernels: {0}")]
+    Compile(String),
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("step too large for the planned workspace: {0}")]
+    StepTooLarge(String),
+    #[error("invalid option: {0}")]
+    Option(String),
+}
+
+impl From<cudarc::driver::DriverError> for CudaError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaError::Driver(e.to_string())
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaError::Blas(format!("{e:?}"))
+    }
+}
+
+/// Where a backend computes: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device {s:?}: expected cpu, cuda or cuda:N (N a device ordinal)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// The model's files (GGUF or safetensors).
+    #[default]
+    Auto,
+    /// Random weights of a named shape (`llama3-8b`, `smollm2-135m`, ...),
+    /// generated on the device: benchmarks without downloads.
+    Dummy,
+}
+
+/// Command-line options choosing and sizing the compute device.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Where to compute: cpu, cuda (device 0) or cuda:N.
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// auto: load the model's weights; dummy: random weights of the shape the
+    /// model argument names (llama3-8b, llama3-70b, smollm2-135m, ...).
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// Fraction of the GPU's memory this worker may use (weights, activations
+    /// and the KV pool, which gets what is left).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_utilization)]
+    pub gpu_memory_utilization: f32,
+}
+
+fn parse_utilization(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside (0, 1]"))
+    }
+}
+
+/// How a CUDA backend plans its memory and runs steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaOptions {
+    /// Tokens per forward step at most (the engine's `max_batch_tokens`; a
+    /// single prefill of N tokens needs N).
+    pub max_batch_tokens: usize,
+    /// Sequences per step at most (the engine's `max_num_seqs`).
+    pub max_num_seqs: usize,
+    /// Longest sequence; sizes block tables and decode-attention splits.
+    pub max_model_len: usize,
+    /// Fraction of device memory for weights + workspace + KV pool.
+    pub gpu_memory_utilization: f32,
+    /// Replay CUDA graphs for decode steps.
+    pub cuda_graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 512,
+            max_num_seqs: 64,
+            max_model_len: 4096,
+            gpu_memory_utilization: 0.9,
+            cuda_graphs: true,
+        }
+    }
+}
+
+/// Launches kernel `$func` of `$gpu` with the arguments in order, in one
+/// expression so every argument temporary outlives the launch.
+///
+/// Safety: the caller's arguments must match the kernel's signature in
+/// llama.cu, and every pointer must address a live buffer of the size the
+/// kernel indexes for that launch geometry.
+macro_rules! launch {
+    ($gpu:expr, $func:ident, $cfg:expr; $($arg:expr),* $(,)?) => {
+        // SAFETY: see the macro's contract; every call site documents its sizes.
+        unsafe {
+            $gpu.stream
+                .launch_builder(&$gpu.kernels.$func)
+                $(.arg(&$arg))*
+                .launch($cfg)
+        }
+        .map(|_| ())
+        .map_err(CudaError::from)
+    };
+}
+
+/// Positions of one decode-attention split.
+const DECODE_PARTITION: usize = 128;
+/// Query rows per prefill-attention tile: `PF_Q` of the scalar kernel,
+/// `TC_Q` of the tensor-core one (head_dim 64 or 128) in llama.cu.
+const PREFILL_TILE: usize = 16;
+const PREFILL_TILE_TC: usize = 64;
+const PREFILL_KEYS: usize = 32;
+/// Threads per block of the prefill attention kernel (16 rows x 8).
+const PREFILL_THREADS: u32 = 128;
+
+/// Fixed device buffers of one step, sized for the largest step planned.
+struct Workspace {
+    x: DeviceBuffer,
+    normed: DeviceBuffer,
+    qkv: DeviceBuffer,
+    attn: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    act: DeviceBuffer,
+    kv_out: DeviceBuffer,
+    part_max: DeviceBuffer,
+    part_sum: DeviceBuffer,
+    part_out: DeviceBuffer,
+    logits: DeviceBuffer,
+    next_tokens: DeviceBuffer,
+}
+
+/// Offsets (in i32 elements) of the step inputs inside one device buffer,
+/// copied from pinned memory in one transfer per step.
+#[derive(Debug, Clone, Copy)]
+struct InputLayout {
+    max_tokens: usize,
+    max_seqs: usize,
+    max_tiles: usize,
+    /// Block-table entries per sequence.
+    max_blocks: usize,
+}
+
+impl InputLayout {
+    fn tokens(&self) -> usize {
+        0
+    }
+    fn positions(&self) -> usize {
+        self.max_tokens
+    }
+    fn slots(&self) -> usize {
+        2 * self.max_tokens
+    }
+    fn logit_rows(&self) -> usize {
+        3 * self.max_tokens
+    }
+    fn tile_seq(&self) -> usize {
+        self.logit_rows() + self.max_seqs
+    }
+    fn tile_row0(&self) -> usize {
+        self.tile_seq() + self.max_tiles
+    }
+    fn tile_rows(&self) -> usize {
+        self.tile_row0() + self.max_tiles
+    }
+    fn block_tables(&self) -> usize {
+        self.tile_rows() + self.max_tiles
+    }
+    fn len(&self) -> usize {
+        self.block_tables() + self.max_seqs * self.max_blocks
+    }
+}
+
+struct KvPool {
+    block_size: usize,
+    num_blocks: usize,
+    /// K and V of every layer: `[layer][k|v][num_blocks * block_size, kv_dim]`.
+    data: DeviceBuffer,
+    layout: InputLayout,
+    inputs: DeviceBuffer,
+    host_inputs: PinnedBuffer,
+}
+
+/// A decode graph, replayable while its pointers stay valid (until the KV
+/// pool is reallocated).
+struct DecodeGraph(CudaGraph);
+
+// SAFETY: a graph is used only by the thread that owns the backend, one call
+// at a time; CUDA allows using it from another thread with the context bound.
+unsafe impl Send for DecodeGraph {}
+
+/// What a step returns to the host.
+enum StepOutput<'a> {
+    Logits(&'a mut Vec<f32>),
+    Argmax(&'a mut Vec<u32>),
+}
+
+/// The host-side plan of one step, validated against the pool.
+struct StepPlan {
+    tokens: usize,
+    seqs: usize,
+    decode: bool,
+    /// Splits of decode attention (0 for prefill steps).
+    splits: usize,
+    logit_rows: Vec<usize>,
+    tiles: usize,
+    /// Row range of each sequence.
+    seq_rows: Vec<(usize, usize)>,
+}
+
+pub struct CudaBackend {
+    cfg: ModelConfig,
+    opts: CudaOptions,
+    // Field order is drop order: graphs and buffers go before the context.
+    graphs: HashMap<(usize, usize), DecodeGraph>,
+    kv: Option<KvPool>,
+    ws: Workspace,
+    inv_freq: DeviceBuffer,
+    host_logits: PinnedBuffer,
+    host_kv: Vec<PinnedBuffer>,
+    weights: DeviceWeights,
+    kv_budget: usize,
+    gpu: Gpu,
+}
+
+fn max_tiles(opts: &CudaOptions) -> usize {
+    opts.max_batch_tokens / PREFILL_TILE + opts.max_num_seqs
+}
+
+fn max_splits(opts: &CudaOptions) -> usize {
+    opts.max_model_len
+        .div_ceil(DECODE_PARTITION)
+        .next_power_of_two()
+}
+
+impl CudaBackend {
+    /// Opens `cuda:ordinal`, uploads `weights` (converted to bf16) and plans
+    /// the workspace for `opts`.
+    pub fn new(
+        ordinal: usize,
+        cfg: ModelConfig,
+        weights: &Weights,
+        opts: CudaOptions,
+    ) -> Result<Self, BackendError> {
+        weights::validate(&cfg, weights)?;
+        let gpu = Gpu::open(ordinal)?;
+        let w = DeviceWeights::upload(&gpu, &cfg, weights)?;
+        Self::assemble(gpu, cfg, w, opts)
+    }
+
+    /// Opens `cuda:ordinal` with random weights of `cfg`'s shape generated on
+    /// the device from `seed` (`--load-format dummy`).
+    pub fn new_dummy(
+        ordinal: usize,
+        cfg: ModelConfig,
+        seed: u64,
+        opts: CudaOptions,
+    ) -> Result<Self, BackendError> {
+        let gpu = Gpu::open(ordinal)?;
+        let w = DeviceWeights::random(&gpu, &cfg, seed)?;
+        Self::assemble(gpu, cfg, w, opts)
+    }
+
+    fn assemble(
+        gpu: Gpu,
+        cfg: ModelConfig,
+        weights: DeviceWeights,
+        mut opts: CudaOptions,
+    ) -> Result<Self, BackendError> {
+        check_geometry(&cfg)?;
+        if opts.max_num_seqs == 0 || opts.max_batch_tokens == 0 || opts.max_model_len == 0 {
+            return Err(CudaError::Option(format!("{opts:?}: sizes must be positive")).into());
+        }
+        opts.max_batch_tokens = opts.max_batch_tokens.max(opts.max_num_seqs);
+        let (m, s) = (opts.max_batch_tokens, opts.max_num_seqs);
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+        );
+        let (q_dim, kv_dim, f) = (nh * hd, nkv * hd, cfg.intermediate_size);
+        let splits = max_splits(&opts);
+        let ws = Workspace {
+            x: alloc(m * h * 4)?,
+            normed: alloc(m * h * 2)?,
+            qkv: alloc(m * (q_dim + 2 * kv_dim) * 4)?,
+            attn: alloc(m * q_dim * 2)?,
+            gate_up: alloc(m * 2 * f * 2)?,
+            act: alloc(m * f * 2)?,
+            kv_out: alloc(m * 2 * kv_dim * 4)?,
+            part_max: alloc(s * nh * splits * 4)?,
+            part_sum: alloc(s * nh * splits * 4)?,
+            part_out: alloc(s * nh * splits * hd * 4)?,
+            logits: alloc(s * cfg.vocab_size * 4)?,
+            next_tokens: alloc(s * 4)?,
+        };
+        let inv_freq = gpu.upload(&super::cpu::rope_inv_freq(&cfg))?;
+        let host_logits = alloc_pinned(s * cfg.vocab_size * 4)?;
+        let (free, total) = gpu.memory()?;
+        // The KV pool gets what the utilisation leaves after weights and
+        // workspace; a little is held back for cuBLAS and graph resources.
+        let reserve = 256 << 20;
+        let allowed_used = (total as f64 * opts.gpu_memory_utilization as f64) as usize;
+        let used = total - free;
+        let kv_budget = allowed_used.saturating_sub(used + reserve);
+        tracing::info!(
+            device = %gpu.name,
+            arch = gpu.arch,
+            weights_mib = weights.bytes() >> 20,
+            kv_budget_mib = kv_budget >> 20,
+            "CUDA backend ready"
+        );
+        Ok(Self {
+            cfg,
+            opts,
+            graphs: HashMap::new(),
+            kv: None,
+            ws,
+            inv_freq,
+            host_logits,
+            host_kv: Vec::new(),
+            weights,
+            kv_budget,
+            gpu,
+        })
+    }
+
+    /// The GPU's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn device_name(&self) -> &str {
+        &self.gpu.name
+    }
+
+    /// Bytes of device memory the weights occupy.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    /// Device memory left for the KV pool under `--gpu-memory-utilization`.
+    pub fn kv_budget_bytes(&self) -> usize {
+        self.kv_budget
+    }
+
+    /// Runs one step like [`ComputeBackend::forward`], but picks each
+    /// sequence's next token on the device (greedy) and copies back only the
+    /// token ids, one per sequence with `need_logits`, in batch order.
+    pub fn forward_greedy(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<u32>, BackendError> {
+        let mut out = Vec::new();
+        self.step(batch, StepOutput::Argmax(&mut out), None)?;
+        Ok(out)
+    }
+
+    /// Number of CUDA graphs captured so far (one per decode bucket seen).
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    fn pool(&self) -> Result<&KvPool, BackendError> {
+        self.kv.as_ref().ok_or(BackendError::KvCacheNotInitialised)
+    }
+
+    fn layer_cache(&self, pool: &KvPool, layer: usize) -> (u64, u64) {
+        let per =
+            (pool.num_blocks * pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 2)
+                as u64;
+        let base = pool.data.ptr() + 2 * layer as u64 * per;
+        (base, base + per)
+    }
+
+    /// Validates the batch and writes its inputs to the pinned staging area.
+    fn plan(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        allow_graph: bool,
+    ) -> Result<(StepPlan, Option<usize>), BackendError> {
+        let cfg = &self.cfg;
+        let opts = &self.opts;
+        let pool = self
+            .kv
+            .as_mut()
+            .ok_or(BackendError::KvCacheNotInitialised)?;
+        let layout = pool.layout;
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let decode = !batch.is_empty() && batch.iter().all(|s| s.tokens.len() == 1);
+        let tile_len = prefill_tile(cfg.head_dim);
+        let tiles: usize = batch
+            .iter()
+            .map(|s| s.tokens.len().div_ceil(tile_len))
+            .sum();
+        if tokens > layout.max_tokens || batch.len() > layout.max_seqs || tiles > layout.max_tiles {
+            return Err(CudaError::StepTooLarge(format!(
+                "{tokens} tokens in {} sequences; planned for {} tokens and {} sequences",
+                batch.len(),
+                layout.max_tokens,
+                layout.max_seqs
+            ))
+            .into());
+        }
+        let max_ctx = batch
+            .iter()
+            .map(|s| s.start_pos + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        if max_ctx > opts.max_model_len {
+            return Err(CudaError::StepTooLarge(format!(
+                "a context of {max_ctx} tokens; planned for {}",
+                opts.max_model_len
+            ))
+            .into());
+        }
+        let bucket = (allow_graph && decode && opts.cuda_graphs)
+            .then(|| graph_bucket(batch.len(), layout.max_seqs));
+        let rows = bucket.unwrap_or(tokens);
+        let splits = if decode {
+            max_ctx
+                .div_ceil(DECODE_PARTITION)
+                .next_power_of_two()
+                .min(max_splits(opts))
+        } else {
+            0
+        };
+        let host: &mut [i32] = pool.host_inputs.as_mut_slice(layout.len());
+        let mut seq_rows = Vec::with_capacity(batch.len());
+        let mut logit_rows = Vec::new();
+        let mut row = 0;
+        let mut tile = 0;
+        for (si, seq) in batch.iter().enumerate() {
+            let ctx = seq.start_pos + seq.tokens.len();
+            let needed = ctx.div_ceil(pool.block_size);
+            if seq.block_table.len() < needed {
+                return Err(BackendError::BlockTableTooShort {
+                    blocks: seq.block_table.len(),
+                    tokens: ctx,
+                    block_size: pool.block_size,
+                });
+            }
+            let bt =
+                &mut host[layout.block_tables() + si * layout.max_blocks..][..layout.max_blocks];
+            bt.fill(0);
+            for (dst, &b) in bt.iter_mut().zip(&seq.block_table[..needed]) {
+                if b as usize >= pool.num_blocks {
+                    return Err(BackendError::BlockOutOfRange {
+                        block: b,
+                        num_blocks: pool.num_blocks,
+                    });
+                }
+                *dst = b as i32;
+            }
+            for (i, &tok) in seq.tokens.iter().enumerate() {
+                if tok as usize >= cfg.vocab_size {
+                    return Err(BackendError::TokenOutOfRange {
+                        token: tok,
+                        vocab: cfg.vocab_size,
+                    });
+                }
+                let pos = seq.start_pos + i;
+                let block = seq.block_table[pos / pool.block_size] as usize;
+                host[layout.tokens() + row + i] = tok as i32;
+                host[layout.positions() + row + i] = pos as i32;
+                host[layout.slots() + row + i] =
+                    (block * pool.block_size + pos % pool.block_size) as i32;
+            }
+            let n = seq.tokens.len();
+            for t0 in (0..n).step_by(tile_len) {
+                host[layout.tile_seq() + tile] = si as i32;
+                host[layout.tile_row0() + tile] = (row + t0) as i32;
+                host[layout.tile_rows() + tile] = tile_len.min(n - t0) as i32;
+                tile += 1;
+            }
+            if seq.need_logits && n > 0 {
+                logit_rows.push(row + n - 1);
+            }
+            seq_rows.push((row, n));
+            row += n;
+        }
+        // Padding rows of a graph bucket: token 0 at position 0, no cache write.
+        for r in tokens..rows {
+            host[layout.tokens() + r] = 0;
+            host[layout.positions() + r] = 0;
+            host[layout.slots() + r] = -1;
+            host[layout.block_tables() + r * layout.max_blocks..][..layout.max_blocks].fill(0);
+        }
+        let n_logits = if bucket.is_some() {
+            rows
+        } else {
+            logit_rows.len()
+        };
+        for i in 0..n_logits {
+            host[layout.logit_rows() + i] = if bucket.is_some() {
+                i as i32
+            } else {
+                logit_rows[i] as i32
+            };
+        }
+        let plan = StepPlan {
+            tokens: rows,
+            seqs: if bucket.is_some() { rows } else { batch.len() },
+            decode,
+            splits,
+            logit_rows,
+            tiles: tile,
+            seq_rows,
+        };
+        Ok((plan, bucket))
+    }
+
+    /// Copies the staged inputs of a step with `seqs` sequences to the device.
+    fn upload_inputs(&self, seqs: usize) -> Result<(), BackendError> {
+        let pool = self.pool()?;
+        let n = pool.layout.block_tables() + seqs * pool.layout.max_blocks;
+        let host: &[i32] = pool.host_inputs.as_slice(n);
+        self.gpu.copy_to(&pool.inputs, 0, host)?;
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        out: StepOutput<'_>,
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<(), BackendError> {
+        self.gpu.bind()?;
+        let (plan, bucket) = self.plan(batch, sink.is_none())?;
+        if plan.tokens == 0 {
+            match out {
+                StepOutput::Logits(l) => l.clear(),
+                StepOutput::Argmax(t) => t.clear(),
+            }
+            return Ok(());
+        }
+        self.upload_inputs(plan.seqs)?;
+        // Rows of the output head: all bucket rows under a graph, else the
+        // last token of each sequence that asked for logits.
+        let head_rows = if bucket.is_some() {
+            plan.tokens
+        } else {
+            plan.logit_rows.len()
+        };
+        match bucket {
+            Some(b) => {
+                let key = (b, plan.splits);
+                if !self.graphs.contains_key(&key) {
+                    // An eager run first: cuBLAS picks and initialises its
+                    // kernels outside the capture.
+                    self.enqueue(&plan, head_rows, None)?;
+                    self.gpu.synchronize()?;
+                    let graph = self.capture(&plan, head_rows)?;
+                    self.graphs.insert(key, graph);
+                }
+                self.graphs[&key].0.launch().map_err(CudaError::from)?;
+            }
+            None => self.enqueue(&plan, head_rows, sink)?,
+        }
+        // Rows of the head output that belong to sequences wanting logits.
+        let wanted: Vec<usize> = if bucket.is_some() {
+            plan.logit_rows
+                .iter()
+                .map(|&r| {
+                    plan.seq_rows
+                        .iter()
+                        .position(|&(start, n)| start + n - 1 == r)
+                        .expect("logit row belongs to a sequence")
+                })
+                .collect()
+        } else {
+            (0..head_rows).collect()
+        };
+        let vocab = self.cfg.vocab_size;
+        match out {
+            StepOutput::Logits(logits) => {
+                let n = wanted.last().map_or(0, |&r| r + 1);
+                let host: &mut [f32] = self.host_logits.as_mut_slice(n * vocab);
+                self.gpu.copy_from(self.ws.logits.ptr(), host)?;
+                self.gpu.synchronize()?;
+                logits.clear();
+                logits.reserve(wanted.len() * vocab);
+                let host: &[f32] = self.host_logits.as_slice(n * vocab);
+                for &r in &wanted {
+                    logits.extend_from_slice(&host[r * vocab..(r + 1) * vocab]);
+                }
+            }
+            StepOutput::Argmax(tokens) => {
+                let n = wanted.last().map_or(0, |&r| r + 1);
+                let mut ids = vec![0i32; n];
+                self.gpu.copy_from(self.ws.next_tokens.ptr(), &mut ids)?;
+                self.gpu.synchronize()?;
+                tokens.clear();
+                tokens.extend(wanted.iter().map(|&r| ids[r] as u32));
+            }
+        }
+        Ok(())
+    }
+
+    fn capture(&mut self, plan: &StepPlan, head_rows: usize) -> Result<DecodeGraph, BackendError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags_enum, CUstreamCaptureMode_enum};
+        self.gpu
+            .stream
+            .begin_capture(CUstreamCaptureMode_enum::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(CudaError::from)?;
+        let enqueued = self.enqueue(plan, head_rows, None);
+        let ended = self
+            .gpu
+            .stream
+            .end_capture(CUgraphInstantiate_flags_enum(0));
+        enqueued?;
+        let graph = ended
+            .map_err(CudaError::from)?
+            .ok_or_else(|| CudaError::Driver("graph capture produced no graph".into()))?;
+        Ok(DecodeGraph(graph))
+    }
+
+    /// Enqueues the whole forward pass of a planned step on the stream. With
+    /// a sink, each layer's new K and V are copied to pinned memory and
+    /// handed over while the next layer computes.
+    fn enqueue(
+        &mut self,
+        plan: &StepPlan,
+        head_rows: usize,
+        mut sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<(), BackendError> {
+        let cfg = &self.cfg;
+        let gpu = &self.gpu;
+        let pool = self
+            .kv
+            .as_ref()
+            .ok_or(BackendError::KvCacheNotInitialised)?;
+        let layout = pool.layout;
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size as i32,
+            cfg.head_dim as i32,
+            cfg.num_heads as i32,
+            cfg.num_kv_heads as i32,
+        );
+        let (q_dim, kv_dim, f) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        );
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let t = plan.tokens;
+        let ws = &self.ws;
+        let inputs = pool.inputs.ptr();
+        let at = |off: usize| inputs + 4 * off as u64;
+        let (tokens_p, positions_p, slots_p, logit_rows_p) = (
+            at(layout.tokens()),
+            at(layout.positions()),
+            at(layout.slots()),
+            at(layout.logit_rows()),
+        );
+        let (tile_seq_p, tile_row0_p, tile_rows_p, tables_p) = (
+            at(layout.tile_seq()),
+            at(layout.tile_row0()),
+            at(layout.tile_rows()),
+            at(layout.block_tables()),
+        );
+        let eps = cfg.rms_norm_eps;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let (block_size, max_blocks) = (pool.block_size as i32, layout.max_blocks as i32);
+        let null: u64 = 0;
+        let rows_cfg = |rows: usize, threads: u32| LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let norm_threads = (cfg.hidden_size.div_ceil(32) as u32 * 32).clamp(32, 1024);
+
+        let x = ws.x.ptr();
+        launch!(gpu, embed_gather, rows_cfg(t, 256); x, self.weights.embed.ptr(), tokens_p, h)?;
+
+        let kv_out = if sink.is_some() {
+            ws.kv_out.ptr()
+        } else {
+            null
+        };
+        let mut pending: Option<(usize, cudarc::driver::CudaEvent)> = None;
+        for (li, layer) in self.weights.layers.iter().enumerate() {
+            let normed = ws.normed.ptr();
+            launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
+            let qkv = ws.qkv.ptr();
+            gpu.gemm(
+                t,
+                qkv_dim,
+                cfg.hidden_size,
+                normed,
+                Dtype::Bf16,
+                layer.wqkv.ptr(),
+                qkv,
+                Dtype::F32,
+                0.0,
+            )?;
+            let (k_cache, v_cache) = self.layer_cache(pool, li);
+            let bias = layer.bqkv.as_ref().map_or(0, |b| b.ptr());
+            launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, self.inv_freq.ptr(), positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
+
+            let attn = ws.attn.ptr();
+            if plan.decode {
+                let group = cfg.num_heads / cfg.num_kv_heads;
+                let smem = 4
+                    * (group * cfg.head_dim + group * DECODE_PARTITION + 4 * group * cfg.head_dim);
+                let (partition, splits) = (DECODE_PARTITION as i32, plan.splits as i32);
+                let (pm, ps, po) = (ws.part_max.ptr(), ws.part_sum.ptr(), ws.part_out.ptr());
+                let launch = LaunchConfig {
+                    grid_dim: (plan.seqs as u32, nkv as u32, plan.splits as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                launch!(gpu, decode_attention, launch; qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, nh, nkv, hd, block_size, max_blocks, partition, splits, scale)?;
+                let launch = LaunchConfig {
+                    grid_dim: (plan.seqs as u32, nh as u32, 1),
+                    block_dim: (hd as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(gpu, decode_attention_reduce, launch; attn, positions_p, pm, ps, po, nh, hd, partition, splits)?;
+            } else {
+                let (kernel, threads) = match cfg.head_dim {
+                    64 => (&gpu.kernels.prefill_attention_tc64, 128),
+                    128 => (&gpu.kernels.prefill_attention_tc128, 128),
+                    _ => (&gpu.kernels.prefill_attention, PREFILL_THREADS),
+                };
+                let launch = LaunchConfig {
+                    grid_dim: (plan.tiles as u32, nh as u32, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: prefill_smem(cfg.head_dim) as u32,
+                };
+                // SAFETY: as for the other launches; both prefill kernels
+                // take the same arguments.
+                unsafe {
+                    gpu.stream
+                        .launch_builder(kernel)
+                        .arg(&attn)
+                        .arg(&qkv)
+                        .arg(&k_cache)
+                        .arg(&v_cache)
+                        .arg(&tables_p)
+                        .arg(&positions_p)
+                        .arg(&tile_seq_p)
+                        .arg(&tile_row0_p)
+                        .arg(&tile_rows_p)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&block_size)
+                        .arg(&max_blocks)
+                        .arg(&scale)
+                        .launch(launch)
+                }
+                .map_err(CudaError::from)?;
+            }
+            // x += attn · wo^T
+            gpu.gemm(
+                t,
+                cfg.hidden_size,
+                q_dim,
+                attn,
+                Dtype::Bf16,
+                layer.wo.ptr(),
+                x,
+                Dtype::F32,
+                1.0,
+            )?;
+            launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.ffn_norm.ptr(), null, h, eps)?;
+            let gu = ws.gate_up.ptr();
+            gpu.gemm(
+                t,
+                2 * f,
+                cfg.hidden_size,
+                normed,
+                Dtype::Bf16,
+                layer.w_gate_up.ptr(),
+                gu,
+                Dtype::Bf16,
+                0.0,
+            )?;
+            let act = ws.act.ptr();
+            let (ti, fi) = (t as i32, f as i32);
+            let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
+            launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            // x += act · w_down^T
+            gpu.gemm(
+                t,
+                cfg.hidden_size,
+                f,
+                act,
+                Dtype::Bf16,
+                layer.w_down.ptr(),
+                x,
+                Dtype::F32,
+                1.0,
+            )?;
+
+            if let Some(sink) = sink.as_deref_mut() {
+                // Copy this layer's K|V rows out, then hand the previous
+                // layer's to the sink while this one's copy runs.
+                let n = t * 2 * kv_dim;
+                let slot = li % 2;
+                let host: &mut [f32] = self.host_kv[slot].as_mut_slice(n);
+                gpu.copy_from(ws.kv_out.ptr(), host)?;
+                let event = gpu.stream.record_event(None).map_err(CudaError::from)?;
+                if let Some((prev, ev)) = pending.take() {
+                    ev.synchronize().map_err(CudaError::from)?;
+                    deliver(&self.host_kv[prev % 2], prev, plan, kv_dim, sink);
+                }
+                pending = Some((li, event));
+            }
+        }
+        if let (Some(sink), Some((prev, ev))) = (sink, pending.take()) {
+            ev.synchronize().map_err(CudaError::from)?;
+            deliver(&self.host_kv[prev % 2], prev, plan, kv_dim, sink);
+        }
+
+        if head_rows > 0 {
+            let normed = ws.normed.ptr();
+            launch!(gpu, rms_norm, rows_cfg(head_rows, norm_threads); normed, x, self.weights.final_norm.ptr(), logit_rows_p, h, eps)?;
+            let logits = ws.logits.ptr();
+            gpu.gemm(
+                head_rows,
+                cfg.vocab_size,
+                cfg.hidden_size,
+                normed,
+                Dtype::Bf16,
+                self.weights.output().ptr(),
+                logits,
+                Dtype::F32,
+                0.0,
+            )?;
+            let vocab = cfg.vocab_size as i32;
+            let next = ws.next_tokens.ptr();
+            launch!(gpu, argmax_rows, rows_cfg(head_rows, 1024); next, logits, vocab)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads a block table for the KV import/export kernels.
+    fn table_for(
+        &self,
+        block_ids: &[u32],
+        num_positions: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let pool = self.pool()?;
+        let needed = num_positions.div_ceil(pool.block_size);
+        if block_ids.len() < needed {
+            return Err(BackendError::BlockTableTooShort {
+                blocks: block_ids.len(),
+                tokens: num_positions,
+                block_size: pool.block_size,
+            });
+        }
+        if let Some(&b) = block_ids[..needed]
+            .iter()
+            .find(|&&b| b as usize >= pool.num_blocks)
+        {
+            return Err(BackendError::BlockOutOfRange {
+                block: b,
+                num_blocks: pool.num_blocks,
+            });
+        }
+        Ok(self.gpu.upload(&block_ids[..needed])?)
+    }
+}
+
+/// Hands one layer's K and V rows (staged as `[rows, K | V]`) to the sink,
+/// per sequence.
+fn deliver(
+    staged: &PinnedBuffer,
+    layer: usize,
+    plan: &StepPlan,
+    kv_dim: usize,
+    sink: &mut dyn KvLayerSink,
+) {
+    let rows: &[f32] = staged.as_slice(plan.tokens * 2 * kv_dim);
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    for (si, &(start, n)) in plan.seq_rows.iter().enumerate() {
+        k.clear();
+        v.clear();
+        for r in start..start + n {
+            let row = &rows[r * 2 * kv_dim..(r + 1) * 2 * kv_dim];
+            k.extend_from_slice(&row[..kv_dim]);
+            v.extend_from_slice(&row[kv_dim..]);
+        }
+        sink.layer_computed(layer, si, &k, &v);
+    }
+}
+
+/// The batch size a decode step of `seqs` sequences is padded to: powers of
+/// two up to the planned maximum, so a handful of graphs serve every size.
+fn graph_bucket(seqs: usize, max_seqs: usize) -> usize {
+    seqs.next_power_of_two().min(max_seqs)
+}
+
+/// Query rows per prefill-attention tile for a head size.
+fn prefill_tile(head_dim: usize) -> usize {
+    if matches!(head_dim, 64 | 128) {
+        PREFILL_TILE_TC
+    } else {
+        PREFILL_TILE
+    }
+}
+
+/// Dynamic shared memory of the prefill-attention kernel for a head size
+/// (the layouts in llama.cu).
+fn prefill_smem(hd: usize) -> usize {
+    if prefill_tile(hd) == PREFILL_TILE_TC {
+        let (q, k) = (PREFILL_TILE_TC, 64);
+        2 * (q + 2 * k) * (hd + 8)
+            + 4 * 4 * 16 * (k + 4)
+            + 2 * 4 * 16 * (k + 8)
+            + 4 * 4 * 16 * (hd + 4)
+    } else {
+        4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
+    }
+}
+
+fn check_geometry(cfg: &ModelConfig) -> Result<(), CudaError> {
+    let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+    if cfg.num_kv_heads == 0
+        || cfg.num_heads % cfg.num_kv_heads != 0
+        || group > 8
+        || cfg.head_dim % 32 != 0
+        || cfg.head_dim > 256
+        || cfg.intermediate_size % 8 != 0
+    {
+        return Err(CudaError::Unsupported(format!(
+            "attention geometry {} heads / {} kv heads / head_dim {} with intermediate {}: \
+             the kernels need head_dim a multiple of 32 up to 256, at most 8 query heads \
+             per KV head and an intermediate size divisible by 8",
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        )));
+    }
+    let smem = prefill_smem(cfg.head_dim);
+    if smem > MAX_ATTENTION_SMEM as usize {
+        return Err(CudaError::Unsupported(format!(
+            "head_dim {} needs {smem} bytes of shared memory",
+            cfg.head_dim
+        )));
+    }
+    Ok(())
+}
+
+impl ComputeBackend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.cfg.kv_bytes_per_token(2)
+    }
+
+    fn kv_cache_budget_bytes(&self) -> Option<usize> {
+        Some(self.kv_budget)
+    }
+
+    fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
+        if block_size == 0 || num_blocks == 0 {
+            return Err(BackendError::KvGeometry(format!(
+                "block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
+            )));
+        }
+        self.gpu.bind()?;
+        self.gpu.synchronize()?;
+        // Graphs point into the old pool.
+        self.graphs.clear();
+        self.kv = None;
+        let bytes = self.cfg.kv_bytes_per_token(2) * block_size * num_blocks;
+        let data = alloc(bytes)?;
+        self.gpu.zero(&data)?;
+        let layout = InputLayout {
+            max_tokens: self.opts.max_batch_tokens,
+            max_seqs: self.opts.max_num_seqs,
+            max_tiles: max_tiles(&self.opts),
+            max_blocks: self.opts.max_model_len.div_ceil(block_size),
+        };
+        let inputs = alloc(layout.len() * 4)?;
+        let host_inputs = alloc_pinned(layout.len() * 4)?;
+        self.gpu.synchronize()?;
+        self.kv = Some(KvPool {
+            block_size,
+            num_blocks,
+            data,
+            layout,
+            inputs,
+            host_inputs,
+        });
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        logits: &mut Vec<f32>,
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<(), BackendError> {
+        if sink.is_some() && self.host_kv.is_empty() {
+            let bytes =
+                self.opts.max_batch_tokens * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 4;
+            self.gpu.bind()?;
+            self.host_kv = vec![alloc_pinned(bytes)?, alloc_pinned(bytes)?];
+        }
+        self.step(batch, StepOutput::Logits(logits), sink)
+    }
+
+    fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
+        self.gpu.bind()?;
+        let pool = self.pool()?;
+        let kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim;
+        let mut layers = Vec::with_capacity(self.cfg.num_layers);
+        if num_tokens > 0 {
+            let table = self.table_for(block_ids, num_tokens)?;
+            let k_out = alloc(num_tokens * kv_dim * 4)?;
+            let v_out = alloc(num_tokens * kv_dim * 4)?;
+            for layer in 0..self.cfg.num_layers {
+                let (kc, vc) = self.layer_cache(pool, layer);
+                let (n, w, bs) = (num_tokens as i32, kv_dim as i32, pool.block_size as i32);
+                let launch = LaunchConfig {
+                    grid_dim: (num_tokens as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self.gpu, kv_gather, launch; k_out.ptr(), v_out.ptr(), kc, vc, table.ptr(), n, w, bs)?;
+                let mut k = vec![0f32; num_tokens * kv_dim];
+                let mut v = vec![0f32; num_tokens * kv_dim];
+                self.gpu.copy_from(k_out.ptr(), &mut k)?;
+                self.gpu.copy_from(v_out.ptr(), &mut v)?;
+                self.gpu.synchronize()?;
+                layers.push((k, v));
+            }
+        } else {
+            layers.resize(self.cfg.num_layers, (Vec::new(), Vec::new()));
+        }
+        Ok(KvExport {
+            dtype: KvDtype::F32,
+            num_tokens,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            layers,
+        })
+    }
+
+    fn write_kv_layer(
+        &mut self,
+        block_ids: &[u32],
+        start_pos: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), BackendError> {
+        let w = self.cfg.num_kv_heads * self.cfg.head_dim;
+        if layer >= self.cfg.num_layers || k.len() != v.len() || k.len() % w != 0 {
+            return Err(BackendError::KvShapeMismatch(format!(
+                "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
+                k.len(),
+                v.len(),
+                self.cfg.num_layers
+            )));
+        }
+        let tokens = k.len() / w;
+        if tokens == 0 {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let table = self.table_for(block_ids, start_pos + tokens)?;
+        let pool = self.pool()?;
+        let (kc, vc) = self.layer_cache(pool, layer);
+        let k_in = self.gpu.upload(k)?;
+        let v_in = self.gpu.upload(v)?;
+        let (sp, wi, bs) = (start_pos as i32, w as i32, pool.block_size as i32);
+        let launch = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self.gpu, kv_scatter, launch; kc, vc, k_in.ptr(), v_in.ptr(), table.ptr(), sp, wi, bs)?;
+        self.gpu.synchronize()?;
+        Ok(())
+    }
+
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
+        self.gpu.bind()?;
+        let pool = self.pool()?;
+        for b in [src, dst] {
+            if b as usize >= pool.num_blocks {
+                return Err(BackendError::BlockOutOfRange {
+                    block: b,
+                    num_blocks: pool.num_blocks,
+                });
+            }
+        }
+        let bytes = pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
+        for layer in 0..self.cfg.num_layers {
+            let (kc, vc) = self.layer_cache(pool, layer);
+            for base in [kc, vc] {
+                self.gpu.copy_device(
+                    base + (dst as usize * bytes) as u64,
+                    base + (src as usize * bytes) as u64,
+                    bytes,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_parses_cpu_cuda_and_ordinals_and_names_bad_input() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CUDA"] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("cuda:N"), "{err}");
+        }
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(
+            DeviceSpec::Cuda(2).to_string().parse::<DeviceSpec>(),
+            Ok(DeviceSpec::Cuda(2))
+        );
+    }
+
+    /// Without a CUDA driver (CI, laptops) asking for the GPU is a clear error
+    /// naming the library, not a panic; with one, a device that does not exist
+    /// is named.
+    #[test]
+    fn a_missing_driver_or_device_is_a_clear_error() {
+        let cfg = crate::model::dummy::config("smollm2-135m").unwrap();
+        let err = match CudaBackend::new_dummy(999, cfg, 1, CudaOptions::default()) {
+            Ok(_) => panic!("cuda:999 does not exist"),
+            Err(e) => e.to_string(),
+        };
+        // SAFETY: only tries to dlopen the library.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            assert!(err.contains("cuda:999"), "{err}");
+        } else {
+            assert!(
+                err.starts_with("no CUDA driver found (libcuda.so)"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn utilization_must_be_a_fraction() {
+        assert_eq!(parse_utilization("0.85"), Ok(0.85));
+        assert!(parse_utilization("0").is_err());
+        assert!(parse_utilization("1.5").unwrap_err().contains("outside"));
+        assert!(parse_utilization("most")
+            .unwrap_err()
+            .contains("not a number"));
+    }
+
+    #[test]
+    fn graph_buckets_are_powers_of_two_capped_at_the_planned_maximum() {
+        assert_eq!(graph_bucket(1, 64), 1);
+        assert_eq!(graph_bucket(3, 64), 4);
+        assert_eq!(graph_bucket(33, 64), 64);
+        assert_eq!(graph_bucket(40, 48), 48);
+    }
+
+    #[test]
+    fn input_sections_do_not_overlap() {
+        let l = InputLayout {
+            max_tokens: 100,
+            max_seqs: 7,
+            max_tiles: 13,
+            max_blocks: 5,
+        };
+        let starts = [
+            (l.tokens(), l.max_tokens),
+            (l.positions(), l.max_tokens),
+            (l.slots(), l.max_tokens),
+            (l.logit_rows(), l.max_seqs),
+            (l.tile_seq(), l.max_tiles),
+            (l.tile_row0(), l.max_tiles),
+            (l.tile_rows(), l.max_tiles),
+            (l.block_tables(), l.max_seqs * l.max_blocks),
+        ];
+        for w in starts.windows(2) {
+            assert_eq!(w[0].0 + w[0].1, w[1].0);
+        }
+        assert_eq!(l.len(), l.block_tables() + 35);
+    }
+
+    #[test]
+    fn unsupported_geometries_are_refused_with_the_reason() {
+        let mut cfg = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
+        cfg.head_dim = 48;
+        let err = check_geometry(&cfg).unwrap_err().to_string();
+        assert!(err.contains("head_dim 48"), "{err}");
+    }
+}

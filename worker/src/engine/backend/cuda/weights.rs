@@ -1,0 +1,218 @@
+//! Model weights on the device: matrices bf16 (Q, K, V fused into one matrix,
+//! gate and up into another, so each layer runs four GEMMs), norms and biases
+//! f32 (they are tiny and f32 keeps the CPU backend's numerics there).
+
+use half::bf16;
+
+use super::device::{alloc, DeviceBuffer, Gpu};
+use super::CudaError;
+use crate::engine::backend::BackendError;
+use crate::model::{ModelConfig, Tensor, Weights};
+
+pub(super) struct DeviceLayer {
+    pub attn_norm: DeviceBuffer,
+    /// `[q_dim + 2 * kv_dim, hidden]`.
+    pub wqkv: DeviceBuffer,
+    /// `[q_dim + 2 * kv_dim]`, f32.
+    pub bqkv: Option<DeviceBuffer>,
+    /// `[hidden, q_dim]`.
+    pub wo: DeviceBuffer,
+    pub ffn_norm: DeviceBuffer,
+    /// `[2 * intermediate, hidden]`: gate rows, then up rows.
+    pub w_gate_up: DeviceBuffer,
+    /// `[hidden, intermediate]`.
+    pub w_down: DeviceBuffer,
+}
+
+pub(super) struct DeviceWeights {
+    pub embed: DeviceBuffer,
+    pub lm_head: Option<DeviceBuffer>,
+    pub final_norm: DeviceBuffer,
+    pub layers: Vec<DeviceLayer>,
+}
+
+fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<(), BackendError> {
+    if t.shape != shape {
+        return Err(BackendError::Weights(format!(
+            "{name} has shape {:?}, the config implies {shape:?}",
+            t.shape
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every tensor's shape against the config.
+pub(super) fn validate(cfg: &ModelConfig, w: &Weights) -> Result<(), BackendError> {
+    let h = cfg.hidden_size;
+    let q_dim = cfg.num_heads * cfg.head_dim;
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let f = cfg.intermediate_size;
+    if w.layers.len() != cfg.num_layers {
+        return Err(BackendError::Weights(format!(
+            "{} layers of weights for a {}-layer config",
+            w.layers.len(),
+            cfg.num_layers
+        )));
+    }
+    check_shape("embed_tokens", &w.embed_tokens, &[cfg.vocab_size, h])?;
+    check_shape("final_norm", &w.final_norm, &[h])?;
+    if let Some(head) = &w.lm_head {
+        check_shape("lm_head", head, &[cfg.vocab_size, h])?;
+    }
+    for (i, l) in w.layers.iter().enumerate() {
+        let name = |n: &str| format!("layer {i} {n}");
+        check_shape(&name("attn_norm"), &l.attn_norm, &[h])?;
+        check_shape(&name("wq"), &l.wq, &[q_dim, h])?;
+        check_shape(&name("wk"), &l.wk, &[kv_dim, h])?;
+        check_shape(&name("wv"), &l.wv, &[kv_dim, h])?;
+        check_shape(&name("wo"), &l.wo, &[h, q_dim])?;
+        check_shape(&name("ffn_norm"), &l.ffn_norm, &[h])?;
+        check_shape(&name("w_gate"), &l.w_gate, &[f, h])?;
+        check_shape(&name("w_up"), &l.w_up, &[f, h])?;
+        check_shape(&name("w_down"), &l.w_down, &[h, f])?;
+        match (&l.bq, &l.bk, &l.bv) {
+            (Some(bq), Some(bk), Some(bv)) => {
+                check_shape(&name("bq"), bq, &[q_dim])?;
+                check_shape(&name("bk"), bk, &[kv_dim])?;
+                check_shape(&name("bv"), bv, &[kv_dim])?;
+            }
+            (None, None, None) => {}
+            _ => {
+                return Err(BackendError::Weights(format!(
+                    "layer {i} has some but not all of the q/k/v biases"
+                )))
+            }
+        }
+        if l.bq.is_some() != cfg.attention_bias {
+            return Err(BackendError::Weights(format!(
+                "layer {i}: attention_bias is {} but biases are {}",
+                cfg.attention_bias,
+                if l.bq.is_some() { "present" } else { "absent" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// f32 values rounded to bf16 (round to nearest even), concatenated, as the
+/// bit patterns the device reads.
+fn to_bf16_bits(parts: &[&[f32]]) -> Vec<u16> {
+    parts
+        .iter()
+        .flat_map(|p| p.iter().map(|&v| bf16::from_f32(v).to_bits()))
+        .collect()
+}
+
+impl DeviceWeights {
+    /// Converts host weights (validated) to bf16 and copies them to the device.
+    pub fn upload(gpu: &Gpu, cfg: &ModelConfig, w: &Weights) -> Result<Self, CudaError> {
+        let matrix = |parts: &[&[f32]]| gpu.upload(&to_bf16_bits(parts));
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in &w.layers {
+            let bqkv = match (&l.bq, &l.bk, &l.bv) {
+                (Some(q), Some(k), Some(v)) => {
+                    Some(gpu.upload(&[&q.data[..], &k.data, &v.data].concat())?)
+                }
+                _ => None,
+            };
+            layers.push(DeviceLayer {
+                attn_norm: gpu.upload(&l.attn_norm.data)?,
+                wqkv: matrix(&[&l.wq.data, &l.wk.data, &l.wv.data])?,
+                bqkv,
+                wo: matrix(&[&l.wo.data])?,
+                ffn_norm: gpu.upload(&l.ffn_norm.data)?,
+                w_gate_up: matrix(&[&l.w_gate.data, &l.w_up.data])?,
+                w_down: matrix(&[&l.w_down.data])?,
+            });
+        }
+        Ok(Self {
+            embed: matrix(&[&w.embed_tokens.data])?,
+            lm_head: w.lm_head.as_ref().map(|t| matrix(&[&t.data])).transpose()?,
+            final_norm: gpu.upload(&w.final_norm.data)?,
+            layers,
+        })
+    }
+
+    /// Random weights of `cfg`'s shape, generated on the device: matrices
+    /// uniform with variance 1 / fan_in (so activations keep their scale
+    /// through the layers), the embedding uniform in [-1, 1], norms 1, biases
+    /// small.
+    pub fn random(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self, CudaError> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+        let f = cfg.intermediate_size;
+        let mut stream_id = 0u64;
+        let mut matrix =
+            |rows: usize, cols: usize, scale: f32| -> Result<DeviceBuffer, CudaError> {
+                let buf = alloc(rows * cols * 2)?;
+                stream_id += 1;
+                let sub_seed = seed ^ stream_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                gpu.fill_uniform(buf.ptr(), rows * cols, sub_seed, scale)?;
+                Ok(buf)
+            };
+        let linear = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        let ones = |n: usize| -> Result<DeviceBuffer, CudaError> {
+            let buf = alloc(n * 4)?;
+            gpu.fill_f32(buf.ptr(), n, 1.0)?;
+            Ok(buf)
+        };
+        for _ in 0..cfg.num_layers {
+            let bqkv = if cfg.attention_bias {
+                let buf = alloc((q_dim + 2 * kv_dim) * 4)?;
+                gpu.fill_f32(buf.ptr(), q_dim + 2 * kv_dim, 0.01)?;
+                Some(buf)
+            } else {
+                None
+            };
+            layers.push(DeviceLayer {
+                attn_norm: ones(h)?,
+                wqkv: matrix(q_dim + 2 * kv_dim, h, linear(h))?,
+                bqkv,
+                wo: matrix(h, q_dim, linear(q_dim))?,
+                ffn_norm: ones(h)?,
+                w_gate_up: matrix(2 * f, h, linear(h))?,
+                w_down: matrix(h, f, linear(f))?,
+            });
+        }
+        let embed = matrix(cfg.vocab_size, h, 1.0)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(matrix(cfg.vocab_size, h, linear(h))?)
+        };
+        let final_norm = ones(h)?;
+        gpu.synchronize()?;
+        Ok(Self {
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+        })
+    }
+
+    pub fn output(&self) -> &DeviceBuffer {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.bytes()
+                    + l.wqkv.bytes()
+                    + l.bqkv.as_ref().map_or(0, |b| b.bytes())
+                    + l.wo.bytes()
+                    + l.ffn_norm.bytes()
+                    + l.w_gate_up.bytes()
+                    + l.w_down.bytes()
+            })
+            .sum();
+        layers
+            + self.embed.bytes()
+            + self.lm_head.as_ref().map_or(0, |b| b.bytes())
+            + self.final_norm.bytes()
+    }
+}
