@@ -1,5 +1,6 @@
 //! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
-//! model loading, the OpenAI server, the router, and (later) KV transfer.
+//! model loading, the OpenAI server, the router, KV transfer and the
+//! disaggregated roles.
 
 pub mod bench;
 pub mod cli;
@@ -7,6 +8,7 @@ pub mod engine;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod roles;
 pub mod router;
 pub mod server;
 pub mod transfer;
