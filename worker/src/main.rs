@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Decode(a) => cli::worker::run_decode(a),
         Command::Model(c) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
+        Command::Gpu(c) => cli::gpu::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::engine::backend::{CpuBackend, WeightStorage};
+use crate::engine::backend::{self, CudaOptions, DeviceArgs, LoadFormat, WeightsSource};
 use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::model::{self, ChatTemplate, ModelInfo, Tokenizer};
 use crate::server::{self, ServerConfig};
@@ -145,7 +145,9 @@ pub struct EngineArgs {
     /// Compute threads; 0 uses one per core.
     #[arg(long, env = "TANDEM_THREADS", default_value_t = EngineConfig::default().threads)]
     pub threads: usize,
-    // DeviceArgs goes here
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 impl EngineArgs {
@@ -186,12 +188,45 @@ pub fn load_engine(
         chat_template,
         ..
     } = model::load(path)?;
-    let backend = CpuBackend::new(config, &weights, WeightStorage::default())?;
-    // The backend keeps its own (compact) copy; the f32 weights go now.
+    let device = &args.device;
+    let (config, source) = match device.load_format {
+        LoadFormat::Auto if device.dummy_shape.is_some() => {
+            anyhow::bail!("--dummy-shape needs --load-format dummy")
+        }
+        LoadFormat::Auto => (config, WeightsSource::Host(&weights)),
+        LoadFormat::Dummy => {
+            let shape = match &device.dummy_shape {
+                Some(name) => model::dummy::config(name)?,
+                None => config,
+            };
+            (shape, WeightsSource::Dummy { seed: 0 })
+        }
+    };
+    anyhow::ensure!(
+        tokenizer.vocab_size() <= config.vocab_size,
+        "the tokenizer has {} tokens but the dummy shape's vocabulary only {}",
+        tokenizer.vocab_size(),
+        config.vocab_size
+    );
+    let cuda_options = CudaOptions {
+        max_batch_tokens: args.max_batch_tokens,
+        max_num_seqs: args.max_num_seqs,
+        max_model_len,
+        gpu_memory_utilization: device.gpu_memory_utilization,
+        cuda_graphs: true,
+    };
+    let backend = backend::create(&device.device, config, source, &cuda_options)?;
+    // The backend keeps its own (compact or device) copy; the f32 weights go now.
     drop(weights);
+    let mut engine_config = args.engine_config()?;
+    // A GPU's KV pool gets what --gpu-memory-utilization leaves, unless the
+    // block count is given.
+    if let (None, Some(budget)) = (engine_config.num_blocks, backend.kv_cache_budget_bytes()) {
+        engine_config.kv_cache_bytes = budget;
+    }
     let engine = Engine::start(
-        Box::new(backend),
-        args.engine_config()?,
+        backend,
+        engine_config,
         tokenizer.eos_token_ids().to_vec(),
         max_model_len,
         role,

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod common;
 pub mod discovery_args;
 pub mod frontend;
+pub mod gpu;
 pub mod model;
 pub mod serve;
 pub mod worker;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// The CUDA backend on this machine's GPU: correctness checks, benchmarks.
+    #[command(subcommand)]
+    Gpu(gpu::GpuCommand),
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

@@ -31,7 +31,8 @@ pub(super) struct Kernels {
     pub rms_norm: CudaFunction,
     pub rope_kv_write: CudaFunction,
     pub silu_mul: CudaFunction,
-    pub decode_attention: CudaFunction,
+    /// Indexed by head_dim / 32 - 1.
+    pub decode_attention: Vec<CudaFunction>,
     pub decode_attention_reduce: CudaFunction,
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
@@ -260,7 +261,9 @@ impl Gpu {
             rms_norm: f("rms_norm")?,
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
-            decode_attention: f("decode_attention")?,
+            decode_attention: (1..=8)
+                .map(|pl| f(&format!("decode_attention_{pl}")))
+                .collect::<Result<_, _>>()?,
             decode_attention_reduce: f("decode_attention_reduce")?,
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
@@ -269,12 +272,11 @@ impl Gpu {
             kv_gather: f("kv_gather")?,
             kv_scatter: f("kv_scatter")?,
         };
-        for k in [
-            &kernels.decode_attention,
+        for k in kernels.decode_attention.iter().chain([
             &kernels.prefill_attention,
             &kernels.prefill_attention_tc64,
             &kernels.prefill_attention_tc128,
-        ] {
+        ]) {
             k.set_attribute(
                 drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 MAX_ATTENTION_SMEM as i32,
@@ -483,7 +485,7 @@ mod tests {
         for arch in ["sm_90", "sm_80"] {
             let ptx = compiled_ptx(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
             for name in [
-                "decode_attention",
+                "decode_attention_4",
                 "prefill_attention",
                 "rope_kv_write",
                 "silu_mul",

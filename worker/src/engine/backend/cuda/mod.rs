@@ -124,13 +124,19 @@ pub struct DeviceArgs {
     /// Where to compute: cpu, cuda (device 0) or cuda:N.
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
-    /// auto: load the model's weights; dummy: random weights of the shape the
-    /// model argument names (llama3-8b, llama3-70b, smollm2-135m, ...).
-    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    /// auto: the model's weights; dummy: random weights (generated on the
+    /// GPU) of the model's shape or of `--dummy-shape`, with the model's
+    /// tokenizer: benchmarks without downloading big checkpoints.
+    #[arg(long, env = "TANDEM_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Auto)]
     pub load_format: LoadFormat,
-    /// Fraction of the GPU's memory this worker may use (weights, activations
-    /// and the KV pool, which gets what is left).
-    #[arg(long, default_value_t = 0.9, value_parser = parse_utilization)]
+    /// Named shape for `--load-format dummy`: smollm2-135m, llama3-8b,
+    /// llama3-70b, qwen2-7b.
+    #[arg(long, env = "TANDEM_DUMMY_SHAPE")]
+    pub dummy_shape: Option<String>,
+    /// Fraction of the GPU's memory this worker may use: weights and
+    /// activations first, the KV pool gets the rest (unless --num-blocks is
+    /// given; --kv-cache-memory applies to the CPU only).
+    #[arg(long, env = "TANDEM_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_utilization)]
     pub gpu_memory_utilization: f32,
 }
 
@@ -437,6 +443,11 @@ impl CudaBackend {
         let mut out = Vec::new();
         self.step(batch, StepOutput::Argmax(&mut out), None)?;
         Ok(out)
+    }
+
+    /// Turns decode CUDA graphs on or off (for measuring what they save).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.opts.cuda_graphs = on;
     }
 
     /// Number of CUDA graphs captured so far (one per decode bucket seen).
@@ -793,7 +804,29 @@ impl CudaBackend {
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                launch!(gpu, decode_attention, launch; qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, nh, nkv, hd, block_size, max_blocks, partition, splits, scale)?;
+                // SAFETY: as for the other launches.
+                unsafe {
+                    gpu.stream
+                        .launch_builder(&gpu.kernels.decode_attention[cfg.head_dim / 32 - 1])
+                        .arg(&qkv)
+                        .arg(&k_cache)
+                        .arg(&v_cache)
+                        .arg(&tables_p)
+                        .arg(&positions_p)
+                        .arg(&pm)
+                        .arg(&ps)
+                        .arg(&po)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&block_size)
+                        .arg(&max_blocks)
+                        .arg(&partition)
+                        .arg(&splits)
+                        .arg(&scale)
+                        .launch(launch)
+                }
+                .map_err(CudaError::from)?;
                 let launch = LaunchConfig {
                     grid_dim: (plan.seqs as u32, nh as u32, 1),
                     block_dim: (hd as u32, 1, 1),

@@ -1,0 +1,135 @@
+//! `tandem gpu`: the CUDA backend's correctness checks and benchmarks, run
+//! from the release binary on a GPU machine (which has no Rust toolchain).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use crate::engine::backend::cuda::{bench, check};
+use crate::engine::backend::DeviceSpec;
+
+#[derive(Debug, Subcommand)]
+pub enum GpuCommand {
+    /// CUDA vs CPU: logits on random models and the default model, greedy
+    /// tokens, KV export/import/streaming, graphs vs eager. Exits non-zero if
+    /// any check fails.
+    Check(CheckArgs),
+    /// Decode and prefill timings with dummy weights (8B and SmolLM2 shapes).
+    Bench(GpuBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The GPU to check.
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceSpec,
+    /// A GGUF or HF model to compare too (the default model in CI's docs).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GpuBenchArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceSpec,
+    /// Decode batch sizes of the 8B shape.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    pub batches: Vec<usize>,
+    /// Prompt tokens before the timed decode steps.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Timed decode steps (after 8 warm-up steps).
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Prefill lengths of the 8B shape.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    pub prefill: Vec<usize>,
+    /// Shape of the big model (see --load-format dummy).
+    #[arg(long, default_value = "llama3-8b")]
+    pub shape: String,
+    /// Write the results as JSON lines here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn ordinal(device: DeviceSpec) -> anyhow::Result<usize> {
+    match device {
+        DeviceSpec::Cuda(n) => Ok(n),
+        DeviceSpec::Cpu => bail!("tandem gpu needs --device cuda or cuda:N"),
+    }
+}
+
+pub fn run(command: GpuCommand) -> anyhow::Result<()> {
+    match command {
+        GpuCommand::Check(a) => run_check(a),
+        GpuCommand::Bench(a) => run_bench(a),
+    }
+}
+
+fn run_check(a: CheckArgs) -> anyhow::Result<()> {
+    let results = check::run_all(ordinal(a.device)?, a.model.as_deref());
+    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    for r in &results {
+        println!(
+            "{}  {:width$}  {}",
+            if r.passed { "PASS" } else { "FAIL" },
+            r.name,
+            r.detail
+        );
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    if failed > 0 {
+        bail!("{failed} of {} GPU checks failed", results.len());
+    }
+    println!("all {} GPU checks passed", results.len());
+    Ok(())
+}
+
+fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
+    let ordinal = ordinal(a.device)?;
+    let mut lines: Vec<String> = Vec::new();
+    let mut emit = |v: serde_json::Value| {
+        println!("{v}");
+        lines.push(v.to_string());
+    };
+    let max_batch = a.batches.iter().copied().max().unwrap_or(1);
+    let max_prefill = a.prefill.iter().copied().max().unwrap_or(0);
+    {
+        let tokens_per_seq = a.context + 8 + a.steps;
+        let blocks = (max_batch * tokens_per_seq.div_ceil(16)).max(max_prefill.div_ceil(16)) + 16;
+        let mut b = bench::backend(ordinal, &a.shape, max_prefill.max(4096), max_batch, blocks)
+            .map_err(anyhow::Error::msg)?;
+        emit(serde_json::json!({
+            "device": b.device_name(),
+            "shape": a.shape,
+            "weight_gib": b.weight_bytes() as f64 / (1u64 << 30) as f64,
+        }));
+        for &t in &a.prefill {
+            let r = bench::prefill(&mut b, &a.shape, t, 5).context("prefill bench")?;
+            emit(serde_json::to_value(r)?);
+        }
+        for &batch in &a.batches {
+            let r = bench::decode(&mut b, &a.shape, batch, a.context, a.steps)
+                .context("decode bench")?;
+            emit(serde_json::to_value(r)?);
+        }
+    }
+    {
+        let shape = "smollm2-135m";
+        let blocks = (a.context + 8 + 128).div_ceil(16) + 16;
+        let mut b = bench::backend(ordinal, shape, 4096, 1, blocks).map_err(anyhow::Error::msg)?;
+        let r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
+        emit(serde_json::to_value(r)?);
+        // The same without CUDA graphs: what launching each kernel costs.
+        b.set_cuda_graphs(false);
+        let mut r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
+        r.shape = format!("{shape} (no CUDA graphs)");
+        emit(serde_json::to_value(r)?);
+    }
+    if let Some(path) = a.json {
+        std::fs::write(&path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
