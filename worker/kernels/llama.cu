@@ -167,61 +167,89 @@ __global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
 
 #define MAX_GROUP 8
 #define MAX_HEAD_DIM 256
-#define DECODE_WARPS 4
+#define DECODE_WARPS 8
+#define DECODE_PARTITION 64
+
+}  // extern "C"
 
 // Flash-decoding, phase 1: one query token per sequence. Grid (seqs, kv_heads,
-// splits); each block takes `partition` positions of one sequence's context for
-// the `group` query heads sharing one KV head (GQA: K and V are read once for
-// the group). Writes, per (seq, head, split), the partial softmax max, sum and
-// unnormalised output. Sequence s's query is row s of qkv; its context is
-// positions[s] + 1 tokens.
-__global__ void decode_attention(const float* qkv, const bf16* k_cache, const bf16* v_cache,
-                                 const int* block_tables, const int* positions, float* part_max,
-                                 float* part_sum, float* part_out, int nh, int nkv, int hd, int block_size,
-                                 int max_blocks, int partition, int splits, float scale) {
-    extern __shared__ float smem[];
+// splits); each block takes DECODE_PARTITION positions of one sequence's
+// context for the `group` query heads sharing one KV head (GQA: K and V are
+// read once for the group). Writes, per (seq, head, split), the partial
+// softmax max, sum and unnormalised output. Sequence s's query is row s of
+// qkv; its context is positions[s] + 1 tokens. Each warp takes a run of
+// DECODE_PER_WARP positions and issues all their loads before using them
+// (decode attention is bound by memory latency, not bandwidth, at small
+// batch). PL = head_dim / 32 elements per lane, a template parameter so the
+// per-lane arrays stay in registers.
+#define DECODE_PER_WARP (DECODE_PARTITION / DECODE_WARPS)
+
+template <int PL>
+__device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                                      const int* block_tables, const int* positions, float* part_max,
+                                      float* part_sum, float* part_out, int nh, int nkv, int block_size,
+                                      int max_blocks, int splits, float scale) {
+    constexpr int hd = PL * WARP;
+    extern __shared__ float decode_smem[];
     int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     int group = nh / nkv;
     int ctx = positions[s] + 1;
-    int begin = split * partition;
-    int end = min(begin + partition, ctx);
+    int begin = split * DECODE_PARTITION;
+    int end = min(begin + DECODE_PARTITION, ctx);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     long long part_base = ((long long)s * nh + kvh * group) * splits + split;
     if (begin >= end) return;  // phase 2 reads only the splits this context reaches
-    float* q = smem;                       // [group, hd]
-    float* scores = q + group * hd;        // [group, partition]
-    float* red = scores + group * partition;  // [DECODE_WARPS, group, hd]
+    float* q = decode_smem;                        // [group, hd]
+    float* scores = q + group * hd;                // [group, DECODE_PARTITION]
+    float* red = scores + group * DECODE_PARTITION;  // [DECODE_WARPS, group, hd]
     int q_dim = nh * hd, width = q_dim + 2 * nkv * hd;
     const float* qrow = qkv + (long long)s * width + kvh * group * hd;
     for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q[i] = qrow[i] * scale;
-    __syncthreads();
     const int* table = block_tables + (long long)s * max_blocks;
     int kv_dim = nkv * hd;
-    int per_lane = hd / WARP;  // hd is a multiple of 32
-    // Scores: one warp per position, each lane a slice of head_dim.
-    for (int p = begin + warp; p < end; p += DECODE_WARPS) {
-        long long slot = (long long)table[p / block_size] * block_size + p % block_size;
-        const bf16* k = k_cache + slot * kv_dim + kvh * hd + lane * per_lane;
-        float kf[MAX_HEAD_DIM / WARP];
-        for (int e = 0; e < per_lane; e++) kf[e] = __bfloat162float(k[e]);
-        for (int g = 0; g < group; g++) {
-            float d = 0.f;
-            for (int e = 0; e < per_lane; e++) d += q[g * hd + lane * per_lane + e] * kf[e];
-            d = warp_sum(d);
-            if (lane == 0) scores[g * partition + (p - begin)] = d;
+    int first = begin + warp * DECODE_PER_WARP;
+    long long offs[DECODE_PER_WARP];
+#pragma unroll
+    for (int i = 0; i < DECODE_PER_WARP; i++) {
+        int p = min(first + i, end - 1);
+        offs[i] = ((long long)table[p / block_size] * block_size + p % block_size) * kv_dim + kvh * hd + lane * PL;
+    }
+    float kf[DECODE_PER_WARP][PL];
+#pragma unroll
+    for (int i = 0; i < DECODE_PER_WARP; i++)
+#pragma unroll
+        for (int e = 0; e < PL; e++) kf[i][e] = __bfloat162float(k_cache[offs[i] + e]);
+    __syncthreads();  // q staged
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int i = 0; i < DECODE_PER_WARP; i++) {
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < PL; e++) d += q[g * hd + lane * PL + e] * kf[i][e];
+                d = warp_sum(d);
+                if (lane == 0 && first + i < end) scores[g * DECODE_PARTITION + (first + i - begin)] = d;
+            }
         }
     }
+    // V loads overlap the softmax below.
+    float vf[DECODE_PER_WARP][PL];
+#pragma unroll
+    for (int i = 0; i < DECODE_PER_WARP; i++)
+#pragma unroll
+        for (int e = 0; e < PL; e++) vf[i][e] = __bfloat162float(v_cache[offs[i] + e]);
     __syncthreads();
-    // Softmax statistics per head: warp g handles head g (and g + warps, ...).
+    // Softmax statistics per head: warp w handles heads w, w + DECODE_WARPS, ...
     int n = end - begin;
     for (int g = warp; g < group; g += DECODE_WARPS) {
         float m = -INFINITY;
-        for (int i = lane; i < n; i += WARP) m = fmaxf(m, scores[g * partition + i]);
+        for (int i = lane; i < n; i += WARP) m = fmaxf(m, scores[g * DECODE_PARTITION + i]);
         m = warp_max(m);
         float sum = 0.f;
         for (int i = lane; i < n; i += WARP) {
-            float e = __expf(scores[g * partition + i] - m);
-            scores[g * partition + i] = e;
+            float e = __expf(scores[g * DECODE_PARTITION + i] - m);
+            scores[g * DECODE_PARTITION + i] = e;
             sum += e;
         }
         sum = warp_sum(sum);
@@ -231,39 +259,59 @@ __global__ void decode_attention(const float* qkv, const bf16* k_cache, const bf
         }
     }
     __syncthreads();
-    // Weighted V: warps split the positions, lanes the head dimension.
-    float acc[MAX_GROUP][MAX_HEAD_DIM / WARP];
-    for (int g = 0; g < group; g++)
-        for (int e = 0; e < per_lane; e++) acc[g][e] = 0.f;
-    for (int p = begin + warp; p < end; p += DECODE_WARPS) {
-        long long slot = (long long)table[p / block_size] * block_size + p % block_size;
-        const bf16* v = v_cache + slot * kv_dim + kvh * hd + lane * per_lane;
-        float vf[MAX_HEAD_DIM / WARP];
-        for (int e = 0; e < per_lane; e++) vf[e] = __bfloat162float(v[e]);
-        for (int g = 0; g < group; g++) {
-            float w = scores[g * partition + (p - begin)];
-            for (int e = 0; e < per_lane; e++) acc[g][e] += w * vf[e];
+    // Weighted V: each warp its positions, lanes the head dimension.
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (g < group) {
+            float acc[PL];
+#pragma unroll
+            for (int e = 0; e < PL; e++) acc[e] = 0.f;
+#pragma unroll
+            for (int i = 0; i < DECODE_PER_WARP; i++) {
+                float w = first + i < end ? scores[g * DECODE_PARTITION + (first + i - begin)] : 0.f;
+#pragma unroll
+                for (int e = 0; e < PL; e++) acc[e] += w * vf[i][e];
+            }
+#pragma unroll
+            for (int e = 0; e < PL; e++) red[(warp * group + g) * hd + lane * PL + e] = acc[e];
         }
     }
-    for (int g = 0; g < group; g++)
-        for (int e = 0; e < per_lane; e++) red[(warp * group + g) * hd + lane * per_lane + e] = acc[g][e];
     __syncthreads();
     for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
         float o = 0.f;
+#pragma unroll
         for (int w = 0; w < DECODE_WARPS; w++) o += red[w * group * hd + i];
         int g = i / hd, d = i % hd;
         part_out[(part_base + (long long)g * splits) * hd + d] = o;
     }
 }
 
+#define DECODE_ATTENTION(PL)                                                                                      \
+    extern "C" __global__ void decode_attention_##PL(                                                            \
+        const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* block_tables, const int* positions, \
+        float* part_max, float* part_sum, float* part_out, int nh, int nkv, int hd, int block_size,               \
+        int max_blocks, int splits, float scale) {                                                                \
+        decode_attention_impl<PL>(qkv, k_cache, v_cache, block_tables, positions, part_max, part_sum, part_out,   \
+                                  nh, nkv, block_size, max_blocks, splits, scale);                                \
+    }
+DECODE_ATTENTION(1)
+DECODE_ATTENTION(2)
+DECODE_ATTENTION(3)
+DECODE_ATTENTION(4)
+DECODE_ATTENTION(5)
+DECODE_ATTENTION(6)
+DECODE_ATTENTION(7)
+DECODE_ATTENTION(8)
+
+extern "C" {
+
 // Flash-decoding, phase 2: combines the splits of each (seq, head) into
 // out[s, head, :] (bf16). Grid (seqs, heads), hd threads.
 __global__ void decode_attention_reduce(bf16* out, const int* positions, const float* part_max,
-                                        const float* part_sum, const float* part_out, int nh, int hd,
-                                        int partition, int splits) {
+                                        const float* part_sum, const float* part_out, int nh, int hd, int splits) {
     int s = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
     int ctx = positions[s] + 1;
-    int used = min(splits, (ctx + partition - 1) / partition);
+    int used = min(splits, (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION);
     long long base = ((long long)s * nh + h) * splits;
     float m = -INFINITY;
     for (int i = 0; i < used; i++) m = fmaxf(m, part_max[base + i]);
@@ -375,14 +423,21 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    int src_size = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+}
+
 // Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
-// style: one block per (64-row query tile, head), 4 warps of 16 query rows.
+// style. One block per (query tile, KV head): the `group` query heads sharing
+// that KV head run in the same block, so each K/V tile is loaded once for all
+// of them. Warp w takes head kvh * group + w / (rows / 16) and 16 query rows.
 // Key tiles of 64 positions are gathered from the paged cache into shared
-// memory; Q, the scores, the probabilities and the output stay in registers
-// (fragment layouts of mma.m16n8k16: thread (group g = lane / 4, t = lane % 4)
-// holds rows g and g + 8). Same arguments as prefill_attention, tiles of up to
-// TC_Q rows.
-#define TC_Q 64
+// memory with cp.async, double-buffered so the next tile loads while this one
+// computes. Q, scores, probabilities and the output stay in registers
+// (fragment layouts of mma.m16n8k16: thread (g = lane / 4, t = lane % 4) holds
+// rows g and g + 8). `rows` = query rows per tile (16 * max(1, 8 / group)).
 #define TC_K 64
 
 template <int HD>
@@ -392,23 +447,41 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                                      int max_blocks, float scale) {
     constexpr int LD = HD + 8;  // bf16 per shared row: keeps fragment loads conflict-free
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* ks = reinterpret_cast<bf16*>(smem_raw);
-    bf16* vs = ks + TC_K * LD;
+    bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TC_K][LD]
+    bf16* vbuf = kbuf + 2 * TC_K * LD;                // [2][TC_K][LD]
 
-    int tile = blockIdx.x, h = blockIdx.y;
+    int tile = blockIdx.x, kvh = blockIdx.y;
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
-    int group = nh / nkv, kvh = h / group;
+    int group = nh / nkv;
+    int warps_per_head = blockDim.x / WARP / group;
     int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int h = kvh * group + warp / warps_per_head;
     int g = lane >> 2, t4 = lane & 3;
     const int* table = block_tables + (long long)s * max_blocks;
 
-    int ra = warp * 16 + g, rb = ra + 8;
+    int ra = (warp % warps_per_head) * 16 + g, rb = ra + 8;
     int pos_a = ra < nrows ? positions[row0 + ra] : -1;
     int pos_b = rb < nrows ? positions[row0 + rb] : -1;
     int warp_last = max(pos_a, pos_b);
     for (int o = 16; o > 0; o >>= 1) warp_last = max(warp_last, __shfl_xor_sync(0xffffffff, warp_last, o));
     int last_pos = positions[row0 + nrows - 1];
+    int ntiles = last_pos / TC_K + 1;
+
+    auto load_tile = [&](int it, int stage) {
+        constexpr int VEC = HD / 8;  // 16-byte vectors per row
+        int k0 = it * TC_K;
+        for (int i = tid; i < TC_K * VEC; i += blockDim.x) {
+            int j = i / VEC, c = (i % VEC) * 8, pos = k0 + j;
+            bool valid = pos <= last_pos;
+            long long slot = valid ? (long long)table[pos / block_size] * block_size + pos % block_size : 0;
+            long long off = slot * kv_dim + kvh * HD + c;
+            cp_async16(kbuf + (stage * TC_K + j) * LD + c, k_cache + off, valid);
+            cp_async16(vbuf + (stage * TC_K + j) * LD + c, v_cache + off, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load_tile(0, 0);
 
     unsigned qa[HD / 16][4];
     {
@@ -429,89 +502,86 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
 
-    for (int k0 = 0; k0 <= last_pos; k0 += TC_K) {
-        __syncthreads();  // the previous tile's K and V are consumed
-        constexpr int VEC = HD / 8;  // 16-byte vectors per row
-        for (int i = tid; i < TC_K * VEC; i += blockDim.x) {
-            int j = i / VEC, c = (i % VEC) * 8, pos = k0 + j;
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (pos <= last_pos) {
-                long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
-                kv4 = *reinterpret_cast<const uint4*>(k_cache + slot * kv_dim + kvh * HD + c);
-                vv4 = *reinterpret_cast<const uint4*>(v_cache + slot * kv_dim + kvh * HD + c);
-            }
-            *reinterpret_cast<uint4*>(ks + j * LD + c) = kv4;
-            *reinterpret_cast<uint4*>(vs + j * LD + c) = vv4;
+    for (int it = 0; it < ntiles; it++) {
+        if (it + 1 < ntiles) {
+            load_tile(it + 1, (it + 1) & 1);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
         }
         __syncthreads();
-        if (k0 > warp_last) continue;  // every row of this warp is masked here
-
-        float sc[TC_K / 8][4];
+        int k0 = it * TC_K;
+        const bf16* ks = kbuf + (it & 1) * TC_K * LD;
+        const bf16* vs = vbuf + (it & 1) * TC_K * LD;
+        if (k0 <= warp_last) {
+            float sc[TC_K / 8][4];
 #pragma unroll
-        for (int j = 0; j < TC_K / 8; j++) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-            const bf16* krow = ks + (j * 8 + g) * LD + t4 * 2;
+            for (int j = 0; j < TC_K / 8; j++) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+                const bf16* krow = ks + (j * 8 + g) * LD + t4 * 2;
 #pragma unroll
-            for (int kd = 0; kd < HD / 16; kd++) {
-                unsigned b[2] = {*reinterpret_cast<const unsigned*>(krow + kd * 16),
-                                 *reinterpret_cast<const unsigned*>(krow + kd * 16 + 8)};
-                mma_bf16(sc[j], qa[kd], b);
+                for (int kd = 0; kd < HD / 16; kd++) {
+                    unsigned b[2] = {*reinterpret_cast<const unsigned*>(krow + kd * 16),
+                                     *reinterpret_cast<const unsigned*>(krow + kd * 16 + 8)};
+                    mma_bf16(sc[j], qa[kd], b);
+                }
             }
-        }
-        float mx_a = -INFINITY, mx_b = -INFINITY;
+            float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < TC_K / 8; j++)
+            for (int j = 0; j < TC_K / 8; j++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int key = k0 + j * 8 + t4 * 2 + e;
-                if (key > pos_a) sc[j][e] = -INFINITY;
-                if (key > pos_b) sc[j][2 + e] = -INFINITY;
-                mx_a = fmaxf(mx_a, sc[j][e]);
-                mx_b = fmaxf(mx_b, sc[j][2 + e]);
+                for (int e = 0; e < 2; e++) {
+                    int key = k0 + j * 8 + t4 * 2 + e;
+                    if (key > pos_a) sc[j][e] = -INFINITY;
+                    if (key > pos_b) sc[j][2 + e] = -INFINITY;
+                    mx_a = fmaxf(mx_a, sc[j][e]);
+                    mx_b = fmaxf(mx_b, sc[j][2 + e]);
+                }
+            for (int x = 1; x <= 2; x <<= 1) {
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
             }
-        for (int x = 1; x <= 2; x <<= 1) {
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-        }
-        float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
-        float corr_a = nm_a == -INFINITY ? 1.f : __expf(m_a - nm_a);
-        float corr_b = nm_b == -INFINITY ? 1.f : __expf(m_b - nm_b);
-        float sum_a = 0.f, sum_b = 0.f;
+            float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
+            float corr_a = nm_a == -INFINITY ? 1.f : __expf(m_a - nm_a);
+            float corr_b = nm_b == -INFINITY ? 1.f : __expf(m_b - nm_b);
+            float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
-        for (int j = 0; j < TC_K / 8; j++)
+            for (int j = 0; j < TC_K / 8; j++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                float pa = sc[j][e] == -INFINITY ? 0.f : __expf(sc[j][e] - nm_a);
-                float pb = sc[j][2 + e] == -INFINITY ? 0.f : __expf(sc[j][2 + e] - nm_b);
-                sc[j][e] = pa;
-                sc[j][2 + e] = pb;
-                sum_a += pa;
-                sum_b += pb;
-            }
-        l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
-        l_b = l_b * corr_b + sum_b;
-        m_a = nm_a;
-        m_b = nm_b;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            o[j][0] *= corr_a;
-            o[j][1] *= corr_a;
-            o[j][2] *= corr_b;
-            o[j][3] *= corr_b;
-        }
-#pragma unroll
-        for (int kk = 0; kk < TC_K / 16; kk++) {
-            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-            const bf16* v0 = vs + (kk * 16 + t4 * 2) * LD + g;
+                for (int e = 0; e < 2; e++) {
+                    float pa = sc[j][e] == -INFINITY ? 0.f : __expf(sc[j][e] - nm_a);
+                    float pb = sc[j][2 + e] == -INFINITY ? 0.f : __expf(sc[j][2 + e] - nm_b);
+                    sc[j][e] = pa;
+                    sc[j][2 + e] = pb;
+                    sum_a += pa;
+                    sum_b += pb;
+                }
+            l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
+            l_b = l_b * corr_b + sum_b;
+            m_a = nm_a;
+            m_b = nm_b;
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
-                const bf16* v = v0 + j * 8;
-                unsigned b[2] = {pack_bf16(v[0], v[LD]), pack_bf16(v[8 * LD], v[9 * LD])};
-                mma_bf16(o[j], pa, b);
+                o[j][0] *= corr_a;
+                o[j][1] *= corr_a;
+                o[j][2] *= corr_b;
+                o[j][3] *= corr_b;
+            }
+#pragma unroll
+            for (int kk = 0; kk < TC_K / 16; kk++) {
+                unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                  pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                  pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+                const bf16* v0 = vs + (kk * 16 + t4 * 2) * LD + g;
+#pragma unroll
+                for (int j = 0; j < HD / 8; j++) {
+                    const bf16* v = v0 + j * 8;
+                    unsigned b[2] = {pack_bf16(v[0], v[LD]), pack_bf16(v[8 * LD], v[9 * LD])};
+                    mma_bf16(o[j], pa, b);
+                }
             }
         }
+        __syncthreads();  // this stage is free for the load two tiles ahead
     }
     for (int x = 1; x <= 2; x <<= 1) {
         l_a += __shfl_xor_sync(0xffffffff, l_a, x);

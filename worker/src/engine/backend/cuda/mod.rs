@@ -199,12 +199,14 @@ macro_rules! launch {
     };
 }
 
-/// Positions of one decode-attention split.
-const DECODE_PARTITION: usize = 128;
-/// Query rows per prefill-attention tile: `PF_Q` of the scalar kernel,
-/// `TC_Q` of the tensor-core one (head_dim 64 or 128) in llama.cu.
+/// Positions of one decode-attention split (`DECODE_PARTITION` in llama.cu)
+/// and the warps of one decode-attention block (`DECODE_WARPS`).
+const DECODE_PARTITION: usize = 64;
+const DECODE_WARPS: usize = 8;
+/// Query rows per tile of the scalar prefill-attention kernel (`PF_Q` in
+/// llama.cu); the tensor-core kernel's tiles depend on the GQA group, see
+/// [`prefill_tile`].
 const PREFILL_TILE: usize = 16;
-const PREFILL_TILE_TC: usize = 64;
 const PREFILL_KEYS: usize = 32;
 /// Threads per block of the prefill attention kernel (16 rows x 8).
 const PREFILL_THREADS: u32 = 128;
@@ -482,7 +484,7 @@ impl CudaBackend {
         let layout = pool.layout;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let decode = !batch.is_empty() && batch.iter().all(|s| s.tokens.len() == 1);
-        let tile_len = prefill_tile(cfg.head_dim);
+        let tile_len = prefill_tile(cfg);
         let tiles: usize = batch
             .iter()
             .map(|s| s.tokens.len().div_ceil(tile_len))
@@ -796,12 +798,14 @@ impl CudaBackend {
             if plan.decode {
                 let group = cfg.num_heads / cfg.num_kv_heads;
                 let smem = 4
-                    * (group * cfg.head_dim + group * DECODE_PARTITION + 4 * group * cfg.head_dim);
-                let (partition, splits) = (DECODE_PARTITION as i32, plan.splits as i32);
+                    * (group * cfg.head_dim
+                        + group * DECODE_PARTITION
+                        + DECODE_WARPS * group * cfg.head_dim);
+                let splits = plan.splits as i32;
                 let (pm, ps, po) = (ws.part_max.ptr(), ws.part_sum.ptr(), ws.part_out.ptr());
                 let launch = LaunchConfig {
                     grid_dim: (plan.seqs as u32, nkv as u32, plan.splits as u32),
-                    block_dim: (128, 1, 1),
+                    block_dim: (32 * DECODE_WARPS as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
                 // SAFETY: as for the other launches.
@@ -821,7 +825,6 @@ impl CudaBackend {
                         .arg(&hd)
                         .arg(&block_size)
                         .arg(&max_blocks)
-                        .arg(&partition)
                         .arg(&splits)
                         .arg(&scale)
                         .launch(launch)
@@ -832,17 +835,26 @@ impl CudaBackend {
                     block_dim: (hd as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                launch!(gpu, decode_attention_reduce, launch; attn, positions_p, pm, ps, po, nh, hd, partition, splits)?;
+                launch!(gpu, decode_attention_reduce, launch; attn, positions_p, pm, ps, po, nh, hd, splits)?;
             } else {
-                let (kernel, threads) = match cfg.head_dim {
-                    64 => (&gpu.kernels.prefill_attention_tc64, 128),
-                    128 => (&gpu.kernels.prefill_attention_tc128, 128),
-                    _ => (&gpu.kernels.prefill_attention, PREFILL_THREADS),
+                let group = cfg.num_heads / cfg.num_kv_heads;
+                let (kernel, threads, heads_in_grid) = match cfg.head_dim {
+                    64 if tensor_core_prefill(cfg) => (
+                        &gpu.kernels.prefill_attention_tc64,
+                        (2 * group * prefill_tile(cfg)) as u32,
+                        nkv,
+                    ),
+                    128 if tensor_core_prefill(cfg) => (
+                        &gpu.kernels.prefill_attention_tc128,
+                        (2 * group * prefill_tile(cfg)) as u32,
+                        nkv,
+                    ),
+                    _ => (&gpu.kernels.prefill_attention, PREFILL_THREADS, nh),
                 };
                 let launch = LaunchConfig {
-                    grid_dim: (plan.tiles as u32, nh as u32, 1),
+                    grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
                     block_dim: (threads, 1, 1),
-                    shared_mem_bytes: prefill_smem(cfg.head_dim) as u32,
+                    shared_mem_bytes: prefill_smem(cfg) as u32,
                 };
                 // SAFETY: as for the other launches; both prefill kernels
                 // take the same arguments.
@@ -1010,24 +1022,29 @@ fn graph_bucket(seqs: usize, max_seqs: usize) -> usize {
     seqs.next_power_of_two().min(max_seqs)
 }
 
-/// Query rows per prefill-attention tile for a head size.
-fn prefill_tile(head_dim: usize) -> usize {
-    if matches!(head_dim, 64 | 128) {
-        PREFILL_TILE_TC
+/// Whether prefill attention runs on tensor cores (head_dim 64 or 128).
+fn tensor_core_prefill(cfg: &ModelConfig) -> bool {
+    matches!(cfg.head_dim, 64 | 128)
+}
+
+/// Query rows per prefill-attention tile: the tensor-core kernel puts the
+/// `group` query heads of one KV head in one block of at most 8 warps of 16
+/// rows; the scalar kernel takes 16 rows of one head.
+fn prefill_tile(cfg: &ModelConfig) -> usize {
+    if tensor_core_prefill(cfg) {
+        16 * (8 / (cfg.num_heads / cfg.num_kv_heads)).max(1)
     } else {
         PREFILL_TILE
     }
 }
 
-/// Dynamic shared memory of the prefill-attention kernel for a head size
-/// (the layouts in llama.cu).
-fn prefill_smem(hd: usize) -> usize {
-    if prefill_tile(hd) == PREFILL_TILE_TC {
-        let (q, k) = (PREFILL_TILE_TC, 64);
-        2 * (q + 2 * k) * (hd + 8)
-            + 4 * 4 * 16 * (k + 4)
-            + 2 * 4 * 16 * (k + 8)
-            + 4 * 4 * 16 * (hd + 4)
+/// Dynamic shared memory of the prefill-attention kernel (the layouts in
+/// llama.cu).
+fn prefill_smem(cfg: &ModelConfig) -> usize {
+    let hd = cfg.head_dim;
+    if tensor_core_prefill(cfg) {
+        // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8.
+        2 * 2 * 64 * (hd + 8) * 2
     } else {
         4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
     }
@@ -1049,7 +1066,7 @@ fn check_geometry(cfg: &ModelConfig) -> Result<(), CudaError> {
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         )));
     }
-    let smem = prefill_smem(cfg.head_dim);
+    let smem = prefill_smem(cfg);
     if smem > MAX_ATTENTION_SMEM as usize {
         return Err(CudaError::Unsupported(format!(
             "head_dim {} needs {smem} bytes of shared memory",
