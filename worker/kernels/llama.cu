@@ -623,6 +623,115 @@ extern "C" __global__ void prefill_attention_tc128(bf16* out, const float* qkv, 
 
 extern "C" {
 
+}  // extern "C"
+
+// Small-batch matrix-vector products with the neighbouring element-wise work
+// fused in (decode steps of up to GEMV_MAX_T tokens, where cuBLAS launches
+// separate kernels and each costs more than its work):
+//   y[t, n] = sum_k W[n, k] * x'[t, k],  W: [N, K] bf16, K % 8 == 0
+// x' (staged in shared memory as f32, rounded to bf16 as the GEMM path does):
+//   PRO_NORM: rmsnorm(xf[t]) * norm_w     (xf: f32 [T, K])
+//   PRO_SILU: silu(gu[t, k]) * gu[t, K + k] (gu: bf16 [T, 2K])
+//   PRO_BF16: xb[t, k]                     (xb: bf16 [T, K])
+// y goes to: EPI_STORE_F32 outf[t, n] = y; EPI_ADD_F32 outf[t, n] += y;
+//   EPI_STORE_BF16 outb[t, n] = y.
+// Each warp computes GEMV_ROWS consecutive rows; a block has 8 warps.
+#define GEMV_MAX_T 4
+#define GEMV_ROWS 2
+#define PRO_NORM 0
+#define PRO_SILU 1
+#define PRO_BF16 2
+#define EPI_STORE_F32 0
+#define EPI_ADD_F32 1
+#define EPI_STORE_BF16 2
+
+template <int T>
+__device__ void gemv_impl(const bf16* W, int N, int K, int prologue, const float* xf, const float* norm_w, float eps,
+                          const bf16* xb, int epilogue, float* outf, bf16* outb) {
+    extern __shared__ float gemv_x[];  // [T, K]
+    __shared__ float scratch[32];
+    for (int t = 0; t < T; t++) {
+        float inv = 1.f;
+        if (prologue == PRO_NORM) {
+            float ss = 0.f;
+            for (int k = threadIdx.x; k < K; k += blockDim.x) {
+                float v = xf[(long long)t * K + k];
+                ss += v * v;
+            }
+            ss = block_sum(ss, scratch);
+            inv = rsqrtf(ss / K + eps);
+        }
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            float v;
+            if (prologue == PRO_NORM) {
+                v = xf[(long long)t * K + k] * inv * norm_w[k];
+            } else if (prologue == PRO_SILU) {
+                float gv = __bfloat162float(xb[(long long)t * 2 * K + k]);
+                v = gv / (1.f + __expf(-gv)) * __bfloat162float(xb[(long long)t * 2 * K + K + k]);
+            } else {
+                v = __bfloat162float(xb[(long long)t * K + k]);
+            }
+            gemv_x[t * K + k] = __bfloat162float(__float2bfloat16(v));
+        }
+    }
+    __syncthreads();
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int n0 = (blockIdx.x * (blockDim.x / WARP) + warp) * GEMV_ROWS;
+    const uint4* w4 = reinterpret_cast<const uint4*>(W);
+    int k8s = K / 8;
+    float acc[GEMV_ROWS][T];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < T; t++) acc[r][t] = 0.f;
+#pragma unroll 4
+    for (int k8 = lane; k8 < k8s; k8 += WARP) {
+        uint4 wv[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            wv[r] = n0 + r < N ? w4[(long long)(n0 + r) * k8s + k8] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            const float4* xs = reinterpret_cast<const float4*>(gemv_x + t * K + k8 * 8);
+            float4 xa = xs[0], xc = xs[1];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
+                float2 f0 = __bfloat1622float2(w2[0]), f1 = __bfloat1622float2(w2[1]);
+                float2 f2 = __bfloat1622float2(w2[2]), f3 = __bfloat1622float2(w2[3]);
+                acc[r][t] += f0.x * xa.x + f0.y * xa.y + f1.x * xa.z + f1.y * xa.w + f2.x * xc.x + f2.y * xc.y +
+                             f3.x * xc.z + f3.y * xc.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            float y = warp_sum(acc[r][t]);
+            int n = n0 + r;
+            if (lane == 0 && n < N) {
+                long long i = (long long)t * N + n;
+                if (epilogue == EPI_STORE_F32) outf[i] = y;
+                else if (epilogue == EPI_ADD_F32) outf[i] += y;
+                else outb[i] = __float2bfloat16(y);
+            }
+        }
+}
+
+#define GEMV(T)                                                                                                   \
+    extern "C" __global__ void gemv_##T(const bf16* W, int N, int K, int prologue, const float* xf,                \
+                                        const float* norm_w, float eps, const bf16* xb, int epilogue, float* outf, \
+                                        bf16* outb) {                                                              \
+        gemv_impl<T>(W, N, K, prologue, xf, norm_w, eps, xb, epilogue, outf, outb);                                 \
+    }
+GEMV(1)
+GEMV(2)
+GEMV(3)
+GEMV(4)
+
+extern "C" {
+
 // out[r] = argmax of logits row r (lowest index on ties). One block per row.
 __global__ void argmax_rows(int* out, const float* logits, int vocab) {
     __shared__ float best_v[32];
