@@ -214,7 +214,6 @@ pub fn load_engine(
         max_model_len,
         gpu_memory_utilization: device.gpu_memory_utilization,
         cuda_graphs: true,
-        small_batch_gemv: true,
     };
     let backend = backend::create(&device.device, config, source, &cuda_options)?;
     // The backend keeps its own (compact or device) copy; the f32 weights go now.

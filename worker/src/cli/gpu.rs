@@ -114,12 +114,6 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
                 .context("decode bench")?;
             emit(serde_json::to_value(r)?);
         }
-        // Batch 1 with cuBLAS instead of the fused small-batch GEMV.
-        b.set_small_batch_gemv(false);
-        let mut r =
-            bench::decode(&mut b, &a.shape, 1, a.context, a.steps).context("decode bench")?;
-        r.shape = format!("{} (cuBLAS GEMV)", a.shape);
-        emit(serde_json::to_value(r)?);
     }
     {
         let shape = "smollm2-135m";
@@ -127,12 +121,7 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
         let mut b = bench::backend(ordinal, shape, 4096, 1, blocks).map_err(anyhow::Error::msg)?;
         let r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
         emit(serde_json::to_value(r)?);
-        // Without the fused GEMV, then without CUDA graphs: what each saves.
-        b.set_small_batch_gemv(false);
-        let mut r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
-        r.shape = format!("{shape} (cuBLAS GEMV)");
-        emit(serde_json::to_value(r)?);
-        b.set_small_batch_gemv(true);
+        // The same without CUDA graphs: what launching each kernel costs.
         b.set_cuda_graphs(false);
         let mut r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
         r.shape = format!("{shape} (no CUDA graphs)");

@@ -224,7 +224,6 @@ fn options(max_model_len: usize) -> CudaOptions {
         max_model_len,
         gpu_memory_utilization: 0.9,
         cuda_graphs: true,
-        small_batch_gemv: true,
     }
 }
 

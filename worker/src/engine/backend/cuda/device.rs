@@ -37,8 +37,6 @@ pub(super) struct Kernels {
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
-    /// Indexed by tokens - 1 (1 ..= GEMV_MAX_T).
-    pub gemv: Vec<CudaFunction>,
     pub argmax_rows: CudaFunction,
     pub kv_gather: CudaFunction,
     pub kv_scatter: CudaFunction,
@@ -229,31 +227,6 @@ pub(super) struct Gpu {
 // every entry point binds the context to the calling thread first.
 unsafe impl Send for Gpu {}
 
-/// Most tokens the fused small-batch GEMV handles (`GEMV_MAX_T`).
-pub(super) const GEMV_MAX_T: usize = 4;
-/// Rows per warp and warps per block of the GEMV kernel.
-const GEMV_ROWS_PER_BLOCK: usize = 2 * 8;
-
-/// Where a fused GEMV's input vector comes from (the prologue in llama.cu).
-#[derive(Debug, Clone, Copy)]
-pub(super) enum GemvInput {
-    /// RMSNorm of f32 rows `x` with weight `w`.
-    Norm { x: u64, w: u64, eps: f32 },
-    /// silu(gate) * up of bf16 rows `[gate | up]`.
-    Silu { gate_up: u64 },
-    /// bf16 rows as they are.
-    Bf16 { x: u64 },
-}
-
-/// Where a fused GEMV's result goes (the epilogue).
-#[derive(Debug, Clone, Copy)]
-pub(super) enum GemvOutput {
-    StoreF32(u64),
-    /// Added to f32 rows: the residual stream.
-    AddF32(u64),
-    StoreBf16(u64),
-}
-
 /// Largest dynamic shared memory the attention kernels may ask for (Hopper
 /// and Ampere A100 give a block up to 227 and 163 KiB).
 pub(super) const MAX_ATTENTION_SMEM: u32 = 160 * 1024;
@@ -295,23 +268,15 @@ impl Gpu {
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
             prefill_attention_tc128: f("prefill_attention_tc128")?,
-            gemv: (1..=GEMV_MAX_T)
-                .map(|t| f(&format!("gemv_{t}")))
-                .collect::<Result<_, _>>()?,
             argmax_rows: f("argmax_rows")?,
             kv_gather: f("kv_gather")?,
             kv_scatter: f("kv_scatter")?,
         };
-        for k in kernels
-            .decode_attention
-            .iter()
-            .chain([
-                &kernels.prefill_attention,
-                &kernels.prefill_attention_tc64,
-                &kernels.prefill_attention_tc128,
-            ])
-            .chain(&kernels.gemv)
-        {
+        for k in kernels.decode_attention.iter().chain([
+            &kernels.prefill_attention,
+            &kernels.prefill_attention_tc64,
+            &kernels.prefill_attention_tc128,
+        ]) {
             k.set_attribute(
                 drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 MAX_ATTENTION_SMEM as i32,
@@ -454,66 +419,6 @@ impl Gpu {
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )?;
         }
-        Ok(())
-    }
-
-    /// Whether [`Gpu::gemv`] takes `tokens` rows of width `k`: few tokens, and
-    /// their f32 copy fits in shared memory.
-    pub fn gemv_fits(tokens: usize, k: usize) -> bool {
-        (1..=GEMV_MAX_T).contains(&tokens)
-            && tokens * k * 4 <= MAX_ATTENTION_SMEM as usize
-            && k % 8 == 0
-    }
-
-    /// `out[t, n] (+)= W[n, :] · in[t, :]` for `tokens` rows through the fused
-    /// small-batch kernel; see [`Gpu::gemv_fits`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(
-        &self,
-        tokens: usize,
-        n: usize,
-        k: usize,
-        w: u64,
-        input: GemvInput,
-        output: GemvOutput,
-    ) -> Result<(), CudaError> {
-        debug_assert!(Self::gemv_fits(tokens, k));
-        let null = 0u64;
-        let (prologue, xf, norm_w, eps, xb) = match input {
-            GemvInput::Norm { x, w, eps } => (0i32, x, w, eps, null),
-            GemvInput::Silu { gate_up } => (1, null, null, 0.0f32, gate_up),
-            GemvInput::Bf16 { x } => (2, null, null, 0.0, x),
-        };
-        let (epilogue, outf, outb) = match output {
-            GemvOutput::StoreF32(p) => (0i32, p, null),
-            GemvOutput::AddF32(p) => (1, p, null),
-            GemvOutput::StoreBf16(p) => (2, null, p),
-        };
-        let (ni, ki) = (n as i32, k as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (tokens * k * 4) as u32,
-        };
-        // SAFETY: W is [n, k] bf16; the inputs hold `tokens` rows of k (2k for
-        // Silu) and the output `tokens` rows of n, as the caller's buffers are
-        // sized; the argument list matches gemv_T in llama.cu.
-        unsafe {
-            self.stream
-                .launch_builder(&self.kernels.gemv[tokens - 1])
-                .arg(&w)
-                .arg(&ni)
-                .arg(&ki)
-                .arg(&prologue)
-                .arg(&xf)
-                .arg(&norm_w)
-                .arg(&eps)
-                .arg(&xb)
-                .arg(&epilogue)
-                .arg(&outf)
-                .arg(&outb)
-                .launch(cfg)
-        }?;
         Ok(())
     }
 

@@ -35,10 +35,7 @@ use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 use super::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Weights};
-use device::{
-    alloc, alloc_pinned, DeviceBuffer, Dtype, GemvInput, GemvOutput, Gpu, PinnedBuffer,
-    MAX_ATTENTION_SMEM,
-};
+use device::{alloc, alloc_pinned, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM};
 use weights::DeviceWeights;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,9 +165,6 @@ pub struct CudaOptions {
     pub gpu_memory_utilization: f32,
     /// Replay CUDA graphs for decode steps.
     pub cuda_graphs: bool,
-    /// Steps of up to 4 tokens use fused GEMV kernels (norm, SiLU and
-    /// residual add folded in) instead of cuBLAS.
-    pub small_batch_gemv: bool,
 }
 
 impl Default for CudaOptions {
@@ -181,7 +175,6 @@ impl Default for CudaOptions {
             max_model_len: 4096,
             gpu_memory_utilization: 0.9,
             cuda_graphs: true,
-            small_batch_gemv: true,
         }
     }
 }
@@ -457,13 +450,6 @@ impl CudaBackend {
     /// Turns decode CUDA graphs on or off (for measuring what they save).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.opts.cuda_graphs = on;
-    }
-
-    /// Turns the fused small-batch GEMV kernels on or off (for measuring
-    /// them against cuBLAS). Drops captured graphs, which hold the old path.
-    pub fn set_small_batch_gemv(&mut self, on: bool) {
-        self.opts.small_batch_gemv = on;
-        self.graphs.clear();
     }
 
     /// Number of CUDA graphs captured so far (one per decode bucket seen).
@@ -791,30 +777,19 @@ impl CudaBackend {
         let mut pending: Option<(usize, cudarc::driver::CudaEvent)> = None;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let normed = ws.normed.ptr();
+            launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
             let qkv = ws.qkv.ptr();
-            let gemv = |k: usize| self.opts.small_batch_gemv && Gpu::gemv_fits(t, k);
-            if gemv(cfg.hidden_size) {
-                let input = GemvInput::Norm {
-                    x,
-                    w: layer.attn_norm.ptr(),
-                    eps,
-                };
-                let out = GemvOutput::StoreF32(qkv);
-                gpu.gemv(t, qkv_dim, cfg.hidden_size, layer.wqkv.ptr(), input, out)?;
-            } else {
-                launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
-                gpu.gemm(
-                    t,
-                    qkv_dim,
-                    cfg.hidden_size,
-                    normed,
-                    Dtype::Bf16,
-                    layer.wqkv.ptr(),
-                    qkv,
-                    Dtype::F32,
-                    0.0,
-                )?;
-            }
+            gpu.gemm(
+                t,
+                qkv_dim,
+                cfg.hidden_size,
+                normed,
+                Dtype::Bf16,
+                layer.wqkv.ptr(),
+                qkv,
+                Dtype::F32,
+                0.0,
+            )?;
             let (k_cache, v_cache) = self.layer_cache(pool, li);
             let bias = layer.bqkv.as_ref().map_or(0, |b| b.ptr());
             launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, self.inv_freq.ptr(), positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
@@ -906,80 +881,46 @@ impl CudaBackend {
                 .map_err(CudaError::from)?;
             }
             // x += attn · wo^T
-            if gemv(q_dim) {
-                let input = GemvInput::Bf16 { x: attn };
-                gpu.gemv(
-                    t,
-                    cfg.hidden_size,
-                    q_dim,
-                    layer.wo.ptr(),
-                    input,
-                    GemvOutput::AddF32(x),
-                )?;
-            } else {
-                gpu.gemm(
-                    t,
-                    cfg.hidden_size,
-                    q_dim,
-                    attn,
-                    Dtype::Bf16,
-                    layer.wo.ptr(),
-                    x,
-                    Dtype::F32,
-                    1.0,
-                )?;
-            }
+            gpu.gemm(
+                t,
+                cfg.hidden_size,
+                q_dim,
+                attn,
+                Dtype::Bf16,
+                layer.wo.ptr(),
+                x,
+                Dtype::F32,
+                1.0,
+            )?;
+            launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.ffn_norm.ptr(), null, h, eps)?;
             let gu = ws.gate_up.ptr();
-            if gemv(cfg.hidden_size) {
-                let input = GemvInput::Norm {
-                    x,
-                    w: layer.ffn_norm.ptr(),
-                    eps,
-                };
-                let out = GemvOutput::StoreBf16(gu);
-                gpu.gemv(t, 2 * f, cfg.hidden_size, layer.w_gate_up.ptr(), input, out)?;
-            } else {
-                launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.ffn_norm.ptr(), null, h, eps)?;
-                gpu.gemm(
-                    t,
-                    2 * f,
-                    cfg.hidden_size,
-                    normed,
-                    Dtype::Bf16,
-                    layer.w_gate_up.ptr(),
-                    gu,
-                    Dtype::Bf16,
-                    0.0,
-                )?;
-            }
-            // x += silu(gate) * up · w_down^T
-            if gemv(f) {
-                let input = GemvInput::Silu { gate_up: gu };
-                gpu.gemv(
-                    t,
-                    cfg.hidden_size,
-                    f,
-                    layer.w_down.ptr(),
-                    input,
-                    GemvOutput::AddF32(x),
-                )?;
-            } else {
-                let act = ws.act.ptr();
-                let (ti, fi) = (t as i32, f as i32);
-                let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
-                launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
-                gpu.gemm(
-                    t,
-                    cfg.hidden_size,
-                    f,
-                    act,
-                    Dtype::Bf16,
-                    layer.w_down.ptr(),
-                    x,
-                    Dtype::F32,
-                    1.0,
-                )?;
-            }
+            gpu.gemm(
+                t,
+                2 * f,
+                cfg.hidden_size,
+                normed,
+                Dtype::Bf16,
+                layer.w_gate_up.ptr(),
+                gu,
+                Dtype::Bf16,
+                0.0,
+            )?;
+            let act = ws.act.ptr();
+            let (ti, fi) = (t as i32, f as i32);
+            let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
+            launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            // x += act · w_down^T
+            gpu.gemm(
+                t,
+                cfg.hidden_size,
+                f,
+                act,
+                Dtype::Bf16,
+                layer.w_down.ptr(),
+                x,
+                Dtype::F32,
+                1.0,
+            )?;
 
             if let Some(sink) = sink.as_deref_mut() {
                 // Copy this layer's K|V rows out, then hand the previous
