@@ -172,11 +172,13 @@ __global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
 
 }  // extern "C"
 
-// Flash-decoding, phase 1: one query token per sequence. Grid (seqs, kv_heads,
+// Flash-decoding: one query token per sequence. Grid (seqs, kv_heads,
 // splits); each block takes DECODE_PARTITION positions of one sequence's
 // context for the `group` query heads sharing one KV head (GQA: K and V are
 // read once for the group). Writes, per (seq, head, split), the partial
-// softmax max, sum and unnormalised output. Sequence s's query is row s of
+// softmax max, sum and unnormalised output; the last split of a (sequence, KV
+// head) to finish combines them into out[s, head, :] (bf16), counting
+// finished splits in `counters`. Sequence s's query is row s of
 // qkv; its context is positions[s] + 1 tokens. Each warp takes a run of
 // DECODE_PER_WARP positions and issues all their loads before using them
 // (decode attention is bound by memory latency, not bandwidth, at small
@@ -187,8 +189,8 @@ __global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
 template <int PL>
 __device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, const bf16* v_cache,
                                       const int* block_tables, const int* positions, float* part_max,
-                                      float* part_sum, float* part_out, int nh, int nkv, int block_size,
-                                      int max_blocks, int splits, float scale) {
+                                      float* part_sum, float* part_out, int* counters, bf16* out, int nh, int nkv,
+                                      int block_size, int max_blocks, int splits, float scale) {
     constexpr int hd = PL * WARP;
     extern __shared__ float decode_smem[];
     int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -284,15 +286,43 @@ __device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, con
         int g = i / hd, d = i % hd;
         part_out[(part_base + (long long)g * splits) * hd + d] = o;
     }
+    // The last split of this (sequence, KV head) to finish combines all of
+    // them into `out` (phase 2 without another launch); it resets the counter
+    // for the next step (graph replays reuse it).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    int used = min(splits, (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION);
+    if (threadIdx.x == 0) {
+        int* counter = counters + s * nkv + kvh;
+        last = atomicAdd(counter, 1) == used - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+        int g = i / hd, d = i % hd;
+        long long base = ((long long)s * nh + kvh * group + g) * splits;
+        float m = -INFINITY;
+        for (int j = 0; j < used; j++) m = fmaxf(m, __ldcg(part_max + base + j));
+        float sum = 0.f, o = 0.f;
+        for (int j = 0; j < used; j++) {
+            float w = __expf(__ldcg(part_max + base + j) - m);
+            sum += w * __ldcg(part_sum + base + j);
+            o += w * __ldcg(part_out + (base + j) * hd + d);
+        }
+        out[((long long)s * nh + kvh * group + g) * hd + d] = __float2bfloat16(o / sum);
+    }
 }
 
 #define DECODE_ATTENTION(PL)                                                                                      \
     extern "C" __global__ void decode_attention_##PL(                                                            \
         const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* block_tables, const int* positions, \
-        float* part_max, float* part_sum, float* part_out, int nh, int nkv, int hd, int block_size,               \
-        int max_blocks, int splits, float scale) {                                                                \
+        float* part_max, float* part_sum, float* part_out, int* counters, bf16* out, int nh, int nkv, int hd,     \
+        int block_size, int max_blocks, int splits, float scale) {                                                \
         decode_attention_impl<PL>(qkv, k_cache, v_cache, block_tables, positions, part_max, part_sum, part_out,   \
-                                  nh, nkv, block_size, max_blocks, splits, scale);                                \
+                                  counters, out, nh, nkv, block_size, max_blocks, splits, scale);                 \
     }
 DECODE_ATTENTION(1)
 DECODE_ATTENTION(2)
@@ -304,25 +334,6 @@ DECODE_ATTENTION(7)
 DECODE_ATTENTION(8)
 
 extern "C" {
-
-// Flash-decoding, phase 2: combines the splits of each (seq, head) into
-// out[s, head, :] (bf16). Grid (seqs, heads), hd threads.
-__global__ void decode_attention_reduce(bf16* out, const int* positions, const float* part_max,
-                                        const float* part_sum, const float* part_out, int nh, int hd, int splits) {
-    int s = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-    int ctx = positions[s] + 1;
-    int used = min(splits, (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION);
-    long long base = ((long long)s * nh + h) * splits;
-    float m = -INFINITY;
-    for (int i = 0; i < used; i++) m = fmaxf(m, part_max[base + i]);
-    float sum = 0.f, o = 0.f;
-    for (int i = 0; i < used; i++) {
-        float w = __expf(part_max[base + i] - m);
-        sum += w * part_sum[base + i];
-        o += w * part_out[(base + i) * hd + d];
-    }
-    if (d < hd) out[((long long)s * nh + h) * hd + d] = __float2bfloat16(used > 0 ? o / sum : 0.f);
-}
 
 #define PF_Q 16
 #define PF_K 32

@@ -510,6 +510,18 @@ fn greedy_cuda(
     Ok(seq[ids.len()..].to_vec())
 }
 
+/// Where a greedy continuation first differed from the reference's.
+struct Divergence {
+    prompt: &'static str,
+    /// Generated-token index of the first difference.
+    at: usize,
+    /// The reference's best minus second-best logit there.
+    gap: f32,
+    /// Whether [`same_choice`] accepts the GPU's logits there: a flip within
+    /// the row's rounding noise.
+    near_tie: bool,
+}
+
 /// The prompts of the default-model checks.
 pub const PROMPTS: [&str; 10] = [
     "The capital of France is",
@@ -527,7 +539,9 @@ pub const PROMPTS: [&str; 10] = [
 /// The default model: last-token logits of each prompt vs the CPU backend,
 /// and the first [`GREEDY_TOKENS`] greedy tokens, CUDA (argmax on the device)
 /// vs the CPU backend as it serves (f32 weights) and vs the CPU backend with
-/// the weights rounded to bf16 as the GPU stores them.
+/// the weights rounded to bf16 as the GPU stores them. The greedy checks fail
+/// on any divergence that is not a near-tie by [`same_choice`]; the detail
+/// line reports how many prompts matched exactly.
 pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, String> {
     let model = crate::model::load(path).map_err(|e| e.to_string())?;
     let cfg = model.config.clone();
@@ -571,25 +585,56 @@ pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, St
             (&mut cpu_bf16, &mut equal_bf16, &mut diverged_bf16),
         ] {
             let (want, gaps) = greedy_host(reference, &ids, &table, GREEDY_TOKENS).map_err(e)?;
-            match on_gpu.iter().zip(&want).position(|(a, b)| a != b) {
-                None => *equal += 1,
-                Some(at) => diverged.push(format!(
-                    "{p:?} at token {at} (CPU's top-2 logit gap there {:.3})",
-                    gaps[at]
-                )),
-            }
+            let Some(at) = on_gpu.iter().zip(&want).position(|(a, b)| a != b) else {
+                *equal += 1;
+                continue;
+            };
+            // Both backends' logits after the common prefix: is the flip
+            // within the rounding noise of that very row?
+            let prefix = [&ids[..], &want[..at]].concat();
+            let input = [SeqInput {
+                tokens: &prefix,
+                start_pos: 0,
+                block_table: &table,
+                need_logits: true,
+            }];
+            reference.forward(&input, &mut lc, None).map_err(e)?;
+            cuda.forward(&input, &mut lg, None).map_err(e)?;
+            diverged.push(Divergence {
+                prompt: p,
+                at,
+                gap: gaps[at],
+                near_tie: same_choice(&lg, &lc),
+            });
         }
     }
-    let detail = |equal: usize, diverged: &[String]| {
+    let detail = |equal: usize, diverged: &[Divergence]| {
+        let list: Vec<String> = diverged
+            .iter()
+            .map(|d| {
+                format!(
+                    "{:?} at token {} (CPU's top-2 logit gap {:.3}: {})",
+                    d.prompt,
+                    d.at,
+                    d.gap,
+                    if d.near_tie {
+                        "a near-tie within rounding noise"
+                    } else {
+                        "NOT explained by rounding"
+                    }
+                )
+            })
+            .collect();
         format!(
             "{equal}/10 prompts equal{}",
-            if diverged.is_empty() {
+            if list.is_empty() {
                 String::new()
             } else {
-                format!("; diverged: {}", diverged.join(", "))
+                format!("; diverged: {}", list.join(", "))
             }
         )
     };
+    let explained = |d: &[Divergence]| d.iter().all(|d| d.near_tie);
     Ok(vec![
         result(
             "default model: prompt logits vs CPU",
@@ -597,13 +642,13 @@ pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, St
             format!("10 prompts, max rel err {worst:.2e} (limit {LOGITS_TOLERANCE:.0e})"),
         ),
         result(
-            "default model: greedy 32 tokens equal to CPU (f32 weights)",
-            equal_f32 == PROMPTS.len(),
+            "default model: greedy 32 tokens vs CPU (f32 weights)",
+            explained(&diverged_f32),
             detail(equal_f32, &diverged_f32),
         ),
         result(
-            "default model: greedy 32 tokens equal to CPU (bf16 weights)",
-            equal_bf16 == PROMPTS.len(),
+            "default model: greedy 32 tokens vs CPU (bf16 weights)",
+            explained(&diverged_bf16),
             detail(equal_bf16, &diverged_bf16),
         ),
     ])

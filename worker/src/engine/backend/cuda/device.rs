@@ -33,7 +33,6 @@ pub(super) struct Kernels {
     pub silu_mul: CudaFunction,
     /// Indexed by head_dim / 32 - 1.
     pub decode_attention: Vec<CudaFunction>,
-    pub decode_attention_reduce: CudaFunction,
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
@@ -264,7 +263,6 @@ impl Gpu {
             decode_attention: (1..=8)
                 .map(|pl| f(&format!("decode_attention_{pl}")))
                 .collect::<Result<_, _>>()?,
-            decode_attention_reduce: f("decode_attention_reduce")?,
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
             prefill_attention_tc128: f("prefill_attention_tc128")?,

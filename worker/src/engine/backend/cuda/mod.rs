@@ -223,6 +223,9 @@ struct Workspace {
     part_max: DeviceBuffer,
     part_sum: DeviceBuffer,
     part_out: DeviceBuffer,
+    /// Finished decode-attention splits per (sequence, KV head); zero
+    /// between steps (the last split resets its counter).
+    split_counters: DeviceBuffer,
     logits: DeviceBuffer,
     next_tokens: DeviceBuffer,
 }
@@ -389,9 +392,11 @@ impl CudaBackend {
             part_max: alloc(s * nh * splits * 4)?,
             part_sum: alloc(s * nh * splits * 4)?,
             part_out: alloc(s * nh * splits * hd * 4)?,
+            split_counters: alloc(s * nkv * 4)?,
             logits: alloc(s * cfg.vocab_size * 4)?,
             next_tokens: alloc(s * 4)?,
         };
+        gpu.zero(&ws.split_counters)?;
         let inv_freq = gpu.upload(&super::cpu::rope_inv_freq(&cfg))?;
         let host_logits = alloc_pinned(s * cfg.vocab_size * 4)?;
         let (free, total) = gpu.memory()?;
@@ -803,6 +808,7 @@ impl CudaBackend {
                         + DECODE_WARPS * group * cfg.head_dim);
                 let splits = plan.splits as i32;
                 let (pm, ps, po) = (ws.part_max.ptr(), ws.part_sum.ptr(), ws.part_out.ptr());
+                let counters = ws.split_counters.ptr();
                 let launch = LaunchConfig {
                     grid_dim: (plan.seqs as u32, nkv as u32, plan.splits as u32),
                     block_dim: (32 * DECODE_WARPS as u32, 1, 1),
@@ -820,6 +826,8 @@ impl CudaBackend {
                         .arg(&pm)
                         .arg(&ps)
                         .arg(&po)
+                        .arg(&counters)
+                        .arg(&attn)
                         .arg(&nh)
                         .arg(&nkv)
                         .arg(&hd)
@@ -830,12 +838,6 @@ impl CudaBackend {
                         .launch(launch)
                 }
                 .map_err(CudaError::from)?;
-                let launch = LaunchConfig {
-                    grid_dim: (plan.seqs as u32, nh as u32, 1),
-                    block_dim: (hd as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(gpu, decode_attention_reduce, launch; attn, positions_p, pm, ps, po, nh, hd, splits)?;
             } else {
                 let group = cfg.num_heads / cfg.num_kv_heads;
                 let (kernel, threads, heads_in_grid) = match cfg.head_dim {
