@@ -1,27 +1,36 @@
 # The CUDA backend on a GPU machine. The GPU machine has no Rust toolchain, so
-# these targets build a release binary here, stage it in $(GPU_DIR) (ignored by
-# git, carried to the GPU machine) and print the one command to run there.
+# these targets build a release binary here, stage it in .device/ (ignored by
+# git; carried to the GPU machine) and print what to run there. The default
+# model (94 MiB) does not fit one call's 64 MiB carry limit next to the binary:
+# its first 60 MiB go in .device/gpu-model, sent in a call of its own just
+# before (the machine keeps it while warm).
 
-GPU_DIR ?= .device
+GPU_STAGE := .device/gpu
+GPU_MODEL_STAGE := .device/gpu-model
 GPU_TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 DEFAULT_GGUF ?= $(HOME)/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf
 TORCH_BASELINE ?= ../shared/bench/torch_baseline.py
+GPU_MODEL_SPLIT := 62914560
 
 .PHONY: gpu-stage gpu-check bench-gpu
 
 gpu-stage:
 	$(CARGO) build --release -p tandem
-	mkdir -p $(GPU_DIR)
-	strip -o $(GPU_DIR)/tandem $(GPU_TARGET_DIR)/release/tandem
-	@du -sh $(GPU_DIR)
+	mkdir -p $(GPU_STAGE) $(GPU_MODEL_STAGE)
+	strip -o $(GPU_STAGE)/tandem $(GPU_TARGET_DIR)/release/tandem
+	gzip -9 -f $(GPU_STAGE)/tandem
+	cp bench/gpu/run.sh $(GPU_STAGE)/run.sh
+	head -c $(GPU_MODEL_SPLIT) $(DEFAULT_GGUF) > $(GPU_MODEL_STAGE)/default.gguf.part-a
+	tail -c +$$(($(GPU_MODEL_SPLIT) + 1)) $(DEFAULT_GGUF) > $(GPU_STAGE)/default.gguf.part-b
+	@du -sh $(GPU_STAGE) $(GPU_MODEL_STAGE)
 
-gpu-check: gpu-stage ## Build and stage the binary for the GPU checks; prints the command to run there
-	cp $(DEFAULT_GGUF) $(GPU_DIR)/default.gguf
-	@echo "On the GPU machine (carry $(GPU_DIR); the default model is ~94 MiB: if the"
-	@echo "carry limit is lower, send $(GPU_DIR)/default.gguf ahead in a separate call):"
-	@echo "  $(GPU_DIR)/tandem gpu check --model $(GPU_DIR)/default.gguf"
+gpu-check: gpu-stage ## Build and stage the GPU correctness checks; prints the device commands
+	@echo "1. device call, carry [\"$(GPU_MODEL_STAGE)\"]: true"
+	@echo "2. at once (within 30 s), carry [\"$(GPU_STAGE)\"]:"
+	@echo "   bash $(GPU_STAGE)/run.sh check"
 
-bench-gpu: gpu-stage ## Build and stage the binary and the PyTorch baseline; prints the benchmark command
-	cp $(TORCH_BASELINE) $(GPU_DIR)/torch_baseline.py
-	@echo "On the GPU machine (carry $(GPU_DIR)), Tandem and the PyTorch peer in one call:"
-	@echo '  $(GPU_DIR)/tandem gpu bench --json $$OUT/tandem_gpu_bench.json && python3 $(GPU_DIR)/torch_baseline.py'
+bench-gpu: gpu-stage ## Build and stage the GPU benchmarks and the PyTorch peer; prints the device commands
+	cp $(TORCH_BASELINE) $(GPU_STAGE)/torch_baseline.py
+	@echo "1. device call, carry [\"$(GPU_MODEL_STAGE)\"]: true"
+	@echo "2. at once (within 30 s), carry [\"$(GPU_STAGE)\"]:"
+	@echo "   bash $(GPU_STAGE)/run.sh all    # checks, Tandem bench, PyTorch peer; logs in \$$OUT"
