@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-use crate::engine::backend::cuda::{bench, check};
+use crate::engine::backend::cuda::{bench, check, CudaBackend};
 use crate::engine::backend::DeviceSpec;
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +51,30 @@ pub struct GpuBenchArgs {
     /// Write the results as JSON lines here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also time each operation of some steps (eager, with CUDA events): where
+    /// a step's GPU time goes.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// Runs `f` with per-operation profiling on and returns it as a JSON line.
+fn profiled<T>(
+    b: &mut CudaBackend,
+    label: String,
+    f: impl FnOnce(&mut CudaBackend) -> anyhow::Result<T>,
+) -> anyhow::Result<serde_json::Value> {
+    b.start_profile();
+    let result = f(b);
+    let ops = b.take_profile();
+    result?;
+    let total: f64 = ops.iter().map(|(_, ms)| ms).sum();
+    let ops: serde_json::Map<String, serde_json::Value> = ops
+        .into_iter()
+        .map(|(name, ms)| (name, serde_json::json!((ms * 1000.0).round() / 1000.0)))
+        .collect();
+    Ok(
+        serde_json::json!({"profile": label, "gpu_ms_per_step": (total * 1000.0).round() / 1000.0, "ops": ops}),
+    )
 }
 
 fn ordinal(device: DeviceSpec) -> anyhow::Result<usize> {
@@ -114,6 +138,20 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
                 .context("decode bench")?;
             emit(serde_json::to_value(r)?);
         }
+        if a.profile {
+            for &batch in &[1, max_batch] {
+                let label = format!("{} decode batch {batch}", a.shape);
+                emit(profiled(&mut b, label, |b| {
+                    Ok(bench::decode(b, &a.shape, batch, a.context, 16)?)
+                })?);
+            }
+            if max_prefill > 0 {
+                let label = format!("{} prefill {max_prefill}", a.shape);
+                emit(profiled(&mut b, label, |b| {
+                    Ok(bench::prefill(b, &a.shape, max_prefill, 2)?)
+                })?);
+            }
+        }
     }
     {
         let shape = "smollm2-135m";
@@ -121,6 +159,12 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
         let mut b = bench::backend(ordinal, shape, 4096, 1, blocks).map_err(anyhow::Error::msg)?;
         let r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
         emit(serde_json::to_value(r)?);
+        if a.profile {
+            let label = format!("{shape} decode batch 1");
+            emit(profiled(&mut b, label, |b| {
+                Ok(bench::decode(b, shape, 1, a.context, 32)?)
+            })?);
+        }
         // The same without CUDA graphs: what launching each kernel costs.
         b.set_cuda_graphs(false);
         let mut r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;

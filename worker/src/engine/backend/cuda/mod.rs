@@ -199,6 +199,15 @@ macro_rules! launch {
     };
 }
 
+/// Records a profiling mark named `$name` after the operations enqueued so far.
+macro_rules! mark {
+    ($self:ident, $name:expr) => {
+        if let Some(p) = $self.profiler.as_mut() {
+            p.mark($name, &$self.gpu)?;
+        }
+    };
+}
+
 /// Positions of one decode-attention split (`DECODE_PARTITION` in llama.cu)
 /// and the warps of one decode-attention block (`DECODE_WARPS`).
 const DECODE_PARTITION: usize = 64;
@@ -320,7 +329,43 @@ pub struct CudaBackend {
     host_kv: Vec<PinnedBuffer>,
     weights: DeviceWeights,
     kv_budget: usize,
+    /// Per-operation GPU time, when profiling (eager steps only).
+    profiler: Option<Profiler>,
     gpu: Gpu,
+}
+
+/// Times the operations of eager steps with CUDA events: an event after each
+/// operation; the time between two events is charged to the later one's name.
+struct Profiler {
+    marks: Vec<(&'static str, cudarc::driver::CudaEvent)>,
+    totals: Vec<(&'static str, f64)>,
+    steps: usize,
+    graphs_were_on: bool,
+}
+
+impl Profiler {
+    fn mark(&mut self, name: &'static str, gpu: &Gpu) -> Result<(), CudaError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let event = gpu
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        self.marks.push((name, event));
+        Ok(())
+    }
+
+    /// Adds up a finished step's marks (the stream has been synchronised).
+    fn collect(&mut self) -> Result<(), CudaError> {
+        for pair in self.marks.windows(2) {
+            let ms = pair[0].1.elapsed_ms(&pair[1].1)? as f64;
+            match self.totals.iter_mut().find(|(n, _)| *n == pair[1].0) {
+                Some((_, t)) => *t += ms,
+                None => self.totals.push((pair[1].0, ms)),
+            }
+        }
+        self.marks.clear();
+        self.steps += 1;
+        Ok(())
+    }
 }
 
 fn max_tiles(opts: &CudaOptions) -> usize {
@@ -424,6 +469,7 @@ impl CudaBackend {
             host_kv: Vec::new(),
             weights,
             kv_budget,
+            profiler: None,
             gpu,
         })
     }
@@ -455,6 +501,35 @@ impl CudaBackend {
     /// Turns decode CUDA graphs on or off (for measuring what they save).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.opts.cuda_graphs = on;
+    }
+
+    /// Starts timing each operation of the following steps (run eagerly,
+    /// without CUDA graphs, while profiling).
+    pub fn start_profile(&mut self) {
+        self.profiler = Some(Profiler {
+            marks: Vec::new(),
+            totals: Vec::new(),
+            steps: 0,
+            graphs_were_on: self.opts.cuda_graphs,
+        });
+        self.opts.cuda_graphs = false;
+    }
+
+    /// Stops profiling: GPU milliseconds per step of each operation, largest
+    /// first (the gap before an operation's kernels, such as waiting for the
+    /// host to launch them, counts as that operation's).
+    pub fn take_profile(&mut self) -> Vec<(String, f64)> {
+        let Some(p) = self.profiler.take() else {
+            return Vec::new();
+        };
+        self.opts.cuda_graphs = p.graphs_were_on;
+        let mut out: Vec<(String, f64)> = p
+            .totals
+            .iter()
+            .map(|(n, t)| (n.to_string(), t / p.steps.max(1) as f64))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
     }
 
     /// Number of CUDA graphs captured so far (one per decode bucket seen).
@@ -672,6 +747,10 @@ impl CudaBackend {
         } else {
             (0..head_rows).collect()
         };
+        if let Some(p) = self.profiler.as_mut() {
+            self.gpu.synchronize()?;
+            p.collect()?;
+        }
         let vocab = self.cfg.vocab_size;
         match out {
             StepOutput::Logits(logits) => {
@@ -732,6 +811,7 @@ impl CudaBackend {
             .as_ref()
             .ok_or(BackendError::KvCacheNotInitialised)?;
         let layout = pool.layout;
+        mark!(self, "start");
         let (h, hd, nh, nkv) = (
             cfg.hidden_size as i32,
             cfg.head_dim as i32,
@@ -773,6 +853,7 @@ impl CudaBackend {
 
         let x = ws.x.ptr();
         launch!(gpu, embed_gather, rows_cfg(t, 256); x, self.weights.embed.ptr(), tokens_p, h)?;
+        mark!(self, "embed");
 
         let kv_out = if sink.is_some() {
             ws.kv_out.ptr()
@@ -783,6 +864,7 @@ impl CudaBackend {
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let normed = ws.normed.ptr();
             launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
+            mark!(self, "norm");
             let qkv = ws.qkv.ptr();
             gpu.gemm(
                 t,
@@ -795,9 +877,11 @@ impl CudaBackend {
                 Dtype::F32,
                 0.0,
             )?;
+            mark!(self, "qkv_gemm");
             let (k_cache, v_cache) = self.layer_cache(pool, li);
             let bias = layer.bqkv.as_ref().map_or(0, |b| b.ptr());
             launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, self.inv_freq.ptr(), positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
+            mark!(self, "rope_kv_write");
 
             let attn = ws.attn.ptr();
             if plan.decode {
@@ -882,6 +966,7 @@ impl CudaBackend {
                 }
                 .map_err(CudaError::from)?;
             }
+            mark!(self, "attention");
             // x += attn · wo^T
             gpu.gemm(
                 t,
@@ -894,7 +979,9 @@ impl CudaBackend {
                 Dtype::F32,
                 1.0,
             )?;
+            mark!(self, "o_gemm");
             launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.ffn_norm.ptr(), null, h, eps)?;
+            mark!(self, "norm");
             let gu = ws.gate_up.ptr();
             gpu.gemm(
                 t,
@@ -907,10 +994,12 @@ impl CudaBackend {
                 Dtype::Bf16,
                 0.0,
             )?;
+            mark!(self, "gate_up_gemm");
             let act = ws.act.ptr();
             let (ti, fi) = (t as i32, f as i32);
             let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
             launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            mark!(self, "silu");
             // x += act · w_down^T
             gpu.gemm(
                 t,
@@ -923,6 +1012,7 @@ impl CudaBackend {
                 Dtype::F32,
                 1.0,
             )?;
+            mark!(self, "down_gemm");
 
             if let Some(sink) = sink.as_deref_mut() {
                 // Copy this layer's K|V rows out, then hand the previous
@@ -962,6 +1052,7 @@ impl CudaBackend {
             let vocab = cfg.vocab_size as i32;
             let next = ws.next_tokens.ptr();
             launch!(gpu, argmax_rows, rows_cfg(head_rows, 1024); next, logits, vocab)?;
+            mark!(self, "output_head");
         }
         Ok(())
     }
