@@ -434,6 +434,16 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Four 8x8 bf16 matrices from shared memory, transposed: the B operands of
+// two m16n8k16 products over a row-major [key][dim] tile (lanes 0-7 / 8-15 /
+// 16-23 / 24-31 address the rows of matrices 0 / 1 / 2 / 3).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const bf16* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
     unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
     int src_size = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros
@@ -583,12 +593,16 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                 unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
                                   pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
                                   pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-                const bf16* v0 = vs + (kk * 16 + t4 * 2) * LD + g;
+                // B fragments of V for two 8-wide column blocks at once:
+                // ldmatrix.x4.trans, lane l addressing key row kk*16 + l % 16
+                // of column block j + l / 16.
+                const bf16* vrow = vs + (kk * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
 #pragma unroll
-                for (int j = 0; j < HD / 8; j++) {
-                    const bf16* v = v0 + j * 8;
-                    unsigned b[2] = {pack_bf16(v[0], v[LD]), pack_bf16(v[8 * LD], v[9 * LD])};
+                for (int j = 0; j < HD / 8; j += 2) {
+                    unsigned b[4];
+                    ldmatrix_x4_trans(b, vrow + j * 8);
                     mma_bf16(o[j], pa, b);
+                    mma_bf16(o[j + 1], pa, b + 2);
                 }
             }
         }
