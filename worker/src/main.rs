@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cli::serve::run(a),
         Command::Model(c) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
+        Command::Local(a) => cli::local::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Subcommands of the `tandem` binary. `main.rs` only dispatches here.
 
 pub mod bench;
+pub mod local;
 pub mod model;
 pub mod serve;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// One process, aggregated: the OpenAI API and the engine together.
     Serve(serve::ServeArgs),
+    // The help text is `LocalArgs`' doc comment.
+    Local(local::LocalArgs),
     // The help text is `BenchArgs`' doc comment.
     Bench(Box<bench::BenchArgs>),
     /// Fetch, list and inspect models.

@@ -221,7 +221,7 @@ fn load(path: &Path, args: &ServeArgs, max_model_len: usize) -> anyhow::Result<S
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let interrupt = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!("cannot listen for SIGINT: {e}");
