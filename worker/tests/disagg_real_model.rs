@@ -158,7 +158,7 @@ fn prompts() -> Vec<(String, usize)> {
     }
     // Near the context limit: max_tokens is set from the reference run so that
     // prompt + generated = the limit.
-    p.push(("The sea. ".repeat(120), 0));
+    p.push(("The sea. ".repeat(160), 0));
     assert_eq!(p.len(), 20);
     p
 }
@@ -193,15 +193,17 @@ async fn answers(
 
 /// Tokens of the near-limit prompt, from the server's usage.
 async fn prompt_tokens(base: &str, prompt: &str) -> usize {
-    let v: Value = reqwest::Client::new()
+    let bytes = reqwest::Client::new()
         .post(format!("{base}/v1/completions"))
-        .json(&greedy_body(prompt, 1))
+        .header("content-type", "application/json")
+        .body(greedy_body(prompt, 1).to_string())
         .send()
         .await
         .unwrap()
-        .json()
+        .bytes()
         .await
         .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
     v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize
 }
 
@@ -352,7 +354,8 @@ async fn stream_text(
     body["stream"] = json!(true);
     let r = client
         .post(format!("{base}/v1/completions"))
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -487,7 +490,8 @@ async fn client_disconnect_frees_decode_and_prefill() {
     body["stream"] = json!(true);
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", cluster.base()))
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .unwrap();

@@ -183,12 +183,14 @@ pub async fn complete(
 ) -> Result<(String, Vec<String>), String> {
     let r = client
         .post(format!("{base}/v1/completions"))
-        .json(body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .map_err(|e| e.to_string())?;
     let status = r.status();
-    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&r.bytes().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("{status}: {v}"));
     }
