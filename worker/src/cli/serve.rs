@@ -96,6 +96,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineConfig;
+    use std::time::Duration;
     use clap::Parser;
 
     #[test]
