@@ -11,19 +11,24 @@ use serde_json::Value;
 use tandem_operator::build::build;
 use tandem_operator::validate::validate;
 
-/// Roles the operator renders that the worker's CLI does not have yet: they are built by the
-/// disaggregation issue (`tandem frontend`, `tandem prefill`, `tandem decode`). The test asserts
-/// each is still absent, so it fails the day a role lands until it is removed from this list
-/// and its flags get checked like every other role's.
-const ROLES_PENDING_IN_WORKER: &[&str] = &["frontend", "prefill", "decode"];
+/// Roles the operator renders that the worker's CLI does not have yet. The test asserts each
+/// is still absent, so it fails the day a role lands until it is removed from this list and
+/// its flags get checked like every other role's. (Empty since `frontend`, `prefill` and
+/// `decode` landed.)
+const ROLES_PENDING_IN_WORKER: &[&str] = &[];
 
 /// Flags rendered for subcommands the worker has, which the worker does not accept yet. Each is
 /// asserted to be still rejected, so the list must shrink as the worker grows.
-/// - `serve`: `--device` arrives with the CUDA backend issue (the CPU engine has no choice to make).
+/// - `serve`, `prefill`, `decode`: `--device` arrives with the CUDA backend issue (the CPU engine
+///   has no choice to make).
 /// - `model fetch`: takes the model as its positional argument today (only the default model);
 ///   fetching an `hf://` repository into a chosen directory (`--output`) is still to come.
-const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] =
-    &[("serve", "--device"), ("model fetch", "--output")];
+const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[
+    ("serve", "--device"),
+    ("prefill", "--device"),
+    ("decode", "--device"),
+    ("model fetch", "--output"),
+];
 
 fn golden_path(stem: &str) -> std::path::PathBuf {
     common::repo_root()

@@ -1,6 +1,6 @@
 //! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
-//! model loading, the OpenAI server, the router, KV transfer, worker discovery
-//! and the local supervisor.
+//! model loading, the OpenAI server, the router, KV transfer, the
+//! disaggregated roles, worker discovery and the local supervisor.
 
 pub mod bench;
 pub mod cli;
@@ -10,6 +10,7 @@ pub mod infer;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod roles;
 pub mod router;
 pub mod server;
 pub mod transfer;

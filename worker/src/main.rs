@@ -9,6 +9,9 @@ fn main() -> ExitCode {
     let args = Cli::parse();
     let result = match args.command {
         Command::Serve(a) => cli::serve::run(a),
+        Command::Frontend(a) => cli::frontend::run(a),
+        Command::Prefill(a) => cli::worker::run_prefill(a),
+        Command::Decode(a) => cli::worker::run_decode(a),
         Command::Model(c) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
         Command::Local(a) => cli::local::run(a),

@@ -33,6 +33,10 @@ pub struct Metrics {
     // KV transfer (disaggregation).
     pub kv_transfer_bytes: IntCounterVec,
     pub kv_transfer_seconds: HistogramVec,
+    pub prefills: IntCounterVec,
+    pub remote_prefill_tokens: IntCounterVec,
+    pub remote_prefill_failures: IntCounterVec,
+    pub migrations: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -165,6 +169,26 @@ impl Metrics {
                 "Duration of one prompt's KV transfer.",
                 latency_buckets(),
                 &["role", "direction"],
+            ),
+            prefills: counter(
+                "tandem_worker_prefills_total",
+                "Prompts a decode worker had prefilled, by location (remote: on a prefill worker; local: by its own engine).",
+                &["role", "location"],
+            ),
+            remote_prefill_tokens: counter(
+                "tandem_worker_remote_prefill_tokens_total",
+                "Prompt tokens whose KV a decode worker received from prefill workers.",
+                &["role"],
+            ),
+            remote_prefill_failures: counter(
+                "tandem_worker_remote_prefill_failures_total",
+                "Remote prefill attempts that failed or stalled (the prompt was then prefilled elsewhere).",
+                &["role"],
+            ),
+            migrations: counter(
+                "tandem_frontend_migrations_total",
+                "Requests re-issued to another decode worker after theirs failed mid-request.",
+                &["model"],
             ),
             registry,
         }

@@ -112,12 +112,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the log directory {}", dir.display()))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(local::run(config, super::serve::shutdown_signal()))?;
+    super::common::runtime()?.block_on(local::run(config, super::common::shutdown_signal()))?;
     Ok(())
 }
 

@@ -1,9 +1,13 @@
 //! Subcommands of the `tandem` binary. `main.rs` only dispatches here.
 
 pub mod bench;
+pub mod common;
+pub mod discovery_args;
+pub mod frontend;
 pub mod local;
 pub mod model;
 pub mod serve;
+pub mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +26,14 @@ pub struct Cli {
 pub enum Command {
     /// One process, aggregated: the OpenAI API and the engine together.
     Serve(serve::ServeArgs),
+    /// The OpenAI API in front of decode workers: tokenizes, routes (KV-aware),
+    /// migrates requests off failed workers. Loads no weights.
+    Frontend(frontend::FrontendArgs),
+    /// A prefill worker: runs prompts and streams their KV to decode workers.
+    Prefill(worker::PrefillArgs),
+    /// A decode worker: generates tokens; prefills long uncached prompts on
+    /// prefill workers, short ones itself.
+    Decode(worker::DecodeArgs),
     // The help text is `LocalArgs`' doc comment.
     Local(local::LocalArgs),
     // The help text is `BenchArgs`' doc comment.

@@ -308,6 +308,26 @@ impl EngineHandle {
         (l.num_layers, l.kv_heads, l.head_dim)
     }
 
+    /// Tokens per KV block (routers hash prompts with it).
+    pub fn block_size(&self) -> usize {
+        self.limits.block_size
+    }
+
+    /// Requests that may wait for admission before new ones are refused.
+    pub fn max_queue(&self) -> usize {
+        self.limits.max_queue
+    }
+
+    /// Checks a request as `generate` would, without submitting it: lets a
+    /// decode worker refuse a prompt before asking a prefill worker for it.
+    pub fn check_request(&self, request: &GenerateRequest) -> Result<(), InferError> {
+        self.validate_prompt(&request.prompt)?;
+        if request.stop.max_tokens == 0 {
+            return Err(InferError::Invalid("max_tokens must be at least 1".into()));
+        }
+        Ok(())
+    }
+
     fn validate_prompt(&self, prompt: &[u32]) -> Result<(), InferError> {
         let l = &self.limits;
         if prompt.is_empty() {

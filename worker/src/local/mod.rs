@@ -669,11 +669,8 @@ impl Supervisor {
                 }
                 slot.phase = Phase::Up;
                 if !during_start_up {
-                    eprintln!(
-                        "tandem local: {} is up (pid {:?})",
-                        slot_name(key),
-                        slot.pid
-                    );
+                    let pid = slot.pid.map(|p| p.to_string()).unwrap_or_default();
+                    eprintln!("tandem local: {} is up (pid {pid})", slot_name(key));
                 }
             }
             Event::Exited {

@@ -396,6 +396,35 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     })
 }
 
+/// The text side of a model: what a frontend needs (tokenizer, chat template)
+/// without loading any weights.
+pub struct ModelText {
+    pub info: ModelInfo,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// Reads only a model's metadata, tokenizer and chat template: milliseconds
+/// instead of a weight load, for `tandem frontend`.
+pub fn load_text(path: &Path) -> Result<ModelText, ModelError> {
+    let info = inspect(path)?;
+    let (tokenizer, template) = if is_gguf(path) {
+        let f = GgufFile::open(path)?;
+        (
+            gguf_model::tokenizer(&f)?,
+            gguf_model::chat_template_source(&f),
+        )
+    } else {
+        hf::tokenizer_and_template(path)?
+    };
+    let chat_template = compile_template(path, template, &tokenizer)?;
+    Ok(ModelText {
+        info,
+        tokenizer,
+        chat_template,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,12 +182,30 @@ async fn send_parts(
     }
 }
 
-fn status_of(e: &InferError) -> Status {
+pub fn status_of(e: &InferError) -> Status {
     match e {
         InferError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
         InferError::Invalid(_) => Status::invalid_argument(e.to_string()),
         InferError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
+}
+
+/// A tonic endpoint for a worker at `addr` (`http://host:port`) with the
+/// transfer's flow-control windows, `TCP_NODELAY`, and HTTP/2 keep-alives so
+/// a peer that vanished without closing its socket is noticed.
+pub fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint, TransferError> {
+    Ok(Endpoint::from_shared(addr.to_string())
+        .map_err(|e| TransferError::Connection {
+            peer: addr.to_string(),
+            reason: format!("bad address: {e}"),
+        })?
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_timeout(connect_timeout))
 }
 
 /// The decode side: asks one prefill worker over gRPC.
@@ -204,22 +222,18 @@ impl GrpcTransport {
     /// when no message arrives for `message_timeout`. Call it inside a Tokio
     /// runtime (the channel spawns its connection task there).
     pub fn new(addr: &str, message_timeout: Duration) -> Result<Self, TransferError> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| TransferError::Connection {
-                peer: addr.to_string(),
-                reason: format!("bad address: {e}"),
-            })?
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .tcp_nodelay(true)
-            .connect_timeout(message_timeout);
-        let client = PrefillClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self {
-            client,
-            peer: addr.to_string(),
+        let channel = endpoint(addr, message_timeout)?.connect_lazy();
+        Ok(Self::with_channel(channel, addr, message_timeout))
+    }
+
+    /// A client on an existing channel (e.g. one a worker pool also uses for
+    /// the peer's `Worker` service).
+    pub fn with_channel(channel: Channel, peer: &str, message_timeout: Duration) -> Self {
+        Self {
+            client: PrefillClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            peer: peer.to_string(),
             message_timeout,
-        })
+        }
     }
 
     fn status_error(&self, status: Status) -> TransferError {

@@ -1,0 +1,304 @@
+//! The decode worker's `Decode.Generate`: admits a request, has its prompt
+//! prefilled remotely or locally, and streams the tokens back.
+//!
+//! Conditional disaggregation (DESIGN.md "Request flow", step 3): the prompt
+//! goes to a prefill worker only when at least `remote_prefill_min_tokens` of
+//! it are not in this worker's prefix cache and some prefill worker has room
+//! (fewer than `prefill_max_queue` requests waiting). A remote prefill that
+//! fails or stalls is retried on another prefill worker, then done locally:
+//! the request succeeds either way. A caller that goes away cancels the
+//! prefill (remote or local) and the decode, and frees their blocks.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::pool::{PoolConfig, WorkerPool};
+use super::{event_to_pb, request_from_pb};
+use crate::engine::types::GenerateRequest;
+use crate::engine::EngineHandle;
+use crate::infer::{GenerateStream, Infer, InferError};
+use crate::metrics::metrics;
+use crate::router::{PrefixIndex, Router, RouterConfig, WorkerId};
+use crate::transfer::grpc::{status_of, GrpcTransport};
+use crate::transfer::pb;
+use crate::transfer::{RemotePrefillRequest, Transport};
+
+/// The `role` label of the decode worker's metrics.
+pub const ROLE: &str = "decode";
+
+/// When and where a decode worker prefills.
+#[derive(Debug, Clone)]
+pub struct DecodeConfig {
+    /// Prompts with fewer uncached tokens are prefilled locally.
+    pub remote_prefill_min_tokens: usize,
+    /// A prefill worker with this many requests waiting has no room.
+    pub prefill_max_queue: usize,
+    /// Prefill workers tried for one prompt before prefilling locally.
+    pub prefill_attempts: usize,
+    /// A transfer with no message for this long is abandoned.
+    pub transfer_timeout: Duration,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            remote_prefill_min_tokens: DEFAULT_REMOTE_PREFILL_MIN_TOKENS,
+            prefill_max_queue: 4,
+            prefill_attempts: 2,
+            transfer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// See `docs/benchmarks.md` ("Remote prefill threshold") for the measurement
+/// behind it.
+pub const DEFAULT_REMOTE_PREFILL_MIN_TOKENS: usize = 256;
+
+/// Where a prompt was prefilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillLocation {
+    Remote,
+    Local,
+}
+
+impl PrefillLocation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefillLocation::Remote => "remote",
+            PrefillLocation::Local => "local",
+        }
+    }
+}
+
+/// A decode worker: its engine, its prefill workers, its own prefix index.
+pub struct DecodeWorker {
+    engine: EngineHandle,
+    config: DecodeConfig,
+    prefill: Arc<WorkerPool<GrpcTransport>>,
+    /// Which blocks this worker's engine holds (from its own KV events): how
+    /// much of a prompt is already cached here.
+    local_cache: Arc<Mutex<PrefixIndex>>,
+}
+
+const SELF: &str = "self";
+
+impl DecodeWorker {
+    /// Starts following the prefill workers in `prefill_workers` and this
+    /// engine's own KV events. Call inside a Tokio runtime.
+    pub fn start(
+        engine: EngineHandle,
+        config: DecodeConfig,
+        prefill_workers: watch::Receiver<BTreeSet<String>>,
+    ) -> Result<Arc<Self>, anyhow::Error> {
+        let block_size = engine.block_size();
+        let picker = Router::new_prefill_picker(RouterConfig::new(block_size))?;
+        let timeout = config.transfer_timeout;
+        let prefill = WorkerPool::start(
+            PoolConfig::new("prefill"),
+            picker,
+            prefill_workers,
+            move |address, channel| GrpcTransport::with_channel(channel, address, timeout),
+        );
+        let local_cache = Arc::new(Mutex::new(PrefixIndex::new(block_size)?));
+        tokio::spawn(follow_own_cache(
+            engine.subscribe_kv_events(),
+            Arc::downgrade(&local_cache),
+        ));
+        Ok(Arc::new(Self {
+            engine,
+            config,
+            prefill,
+            local_cache,
+        }))
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    pub fn prefill_pool(&self) -> &Arc<WorkerPool<GrpcTransport>> {
+        &self.prefill
+    }
+
+    /// Prompt tokens this worker's prefix cache holds (whole blocks).
+    pub fn cached_tokens(&self, prompt: &[u32]) -> usize {
+        let index = self.local_cache.lock().expect("cache index lock");
+        let hashes = index.prompt_hashes(prompt);
+        let blocks = index
+            .overlaps(&hashes)
+            .get(&WorkerId::from(SELF))
+            .copied()
+            .unwrap_or(0);
+        blocks * index.block_size()
+    }
+
+    /// Admits `request`, prefilling it where the policy says.
+    pub async fn start_request(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(GenerateStream, PrefillLocation), InferError> {
+        self.engine.check_request(&request)?;
+        let uncached = request
+            .prompt
+            .len()
+            .saturating_sub(self.cached_tokens(&request.prompt));
+        let m = metrics();
+        if uncached >= self.config.remote_prefill_min_tokens {
+            if let Some(stream) = self.try_remote(&request).await? {
+                m.prefills.with_label_values(&[ROLE, "remote"]).inc();
+                return Ok((stream, PrefillLocation::Remote));
+            }
+        }
+        let stream = self.engine.generate(request)?;
+        m.prefills.with_label_values(&[ROLE, "local"]).inc();
+        Ok((stream, PrefillLocation::Local))
+    }
+
+    /// `Ok(None)`: no prefill worker had room or every attempt failed;
+    /// prefill locally.
+    async fn try_remote(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<GenerateStream>, InferError> {
+        let max_queue = self.config.prefill_max_queue as u32;
+        let mut tried: Vec<WorkerId> = Vec::new();
+        for _ in 0..self.config.prefill_attempts {
+            let routed = self
+                .prefill
+                .route(&request.prompt, &tried, |load| load.queue_depth < max_queue);
+            let Ok((route, transport)) = routed else {
+                return Ok(None);
+            };
+            let result = transport
+                .prefill(RemotePrefillRequest {
+                    request_id: request.id.clone(),
+                    prompt: request.prompt.clone(),
+                    sampling: request.sampling.clone(),
+                })
+                .await;
+            let worker = route.worker.clone();
+            self.prefill.finish(route.ticket);
+            match result {
+                Ok(remote) => {
+                    metrics()
+                        .remote_prefill_tokens
+                        .with_label_values(&[ROLE])
+                        .inc_by(request.prompt.len() as u64);
+                    tracing::debug!(
+                        request = %request.id,
+                        prefill_worker = %worker,
+                        bytes = remote.bytes,
+                        cached_tokens = remote.cached_tokens,
+                        "prompt prefilled remotely"
+                    );
+                    return self
+                        .engine
+                        .generate_with_kv(request.clone(), remote.kv, remote.first_token)
+                        .map(Some);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        request = %request.id,
+                        prefill_worker = %worker,
+                        "remote prefill failed, trying elsewhere: {e}"
+                    );
+                    metrics()
+                        .remote_prefill_failures
+                        .with_label_values(&[ROLE])
+                        .inc();
+                    tried.push(worker);
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+async fn follow_own_cache(
+    mut events: broadcast::Receiver<crate::engine::block_manager::KvEvent>,
+    index: std::sync::Weak<Mutex<PrefixIndex>>,
+) {
+    let me = WorkerId::from(SELF);
+    loop {
+        let event = events.recv().await;
+        let Some(index) = index.upgrade() else { return };
+        let mut index = index.lock().expect("cache index lock");
+        match event {
+            Ok(event) => index.apply(&me, &event),
+            // Missed events: forget rather than believe stale blocks cached.
+            Err(broadcast::error::RecvError::Lagged(_)) => index.clear_worker(&me),
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// The `Decode` gRPC service.
+pub struct DecodeService {
+    worker: Arc<DecodeWorker>,
+}
+
+impl DecodeService {
+    pub fn server(worker: Arc<DecodeWorker>) -> pb::decode_server::DecodeServer<Self> {
+        pb::decode_server::DecodeServer::new(Self { worker })
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::decode_server::Decode for DecodeService {
+    type GenerateStream = ResponseStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let request = request_from_pb(request.into_inner())?;
+        // Refuse what the engine would refuse before any prefill work.
+        self.worker
+            .engine
+            .check_request(&request)
+            .map_err(|e| status_of(&e))?;
+        let (tx, rx) = mpsc::channel(64);
+        let worker = self.worker.clone();
+        tokio::spawn(async move {
+            // The caller hanging up drops `rx`: stop whatever is under way
+            // (dropping the prefill future or the stream cancels it).
+            let started = tokio::select! {
+                started = worker.start_request(request) => started,
+                () = tx.closed() => return,
+            };
+            let mut stream = match started {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    let _ = tx.send(Err(status_of(&e))).await;
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    event = stream.next_event() => {
+                        let Some(event) = event else { return };
+                        let last = matches!(
+                            event,
+                            crate::engine::types::GenerateEvent::Finished(_)
+                                | crate::engine::types::GenerateEvent::Error(_)
+                        );
+                        if tx.send(Ok(event_to_pb(&event))).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
