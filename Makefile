@@ -23,8 +23,8 @@ build: ## Build the tandem binary (release)
 model: build ## Fetch the default model (SmolLM2-135M-Instruct) into the cache, once
 	$(TANDEM) model fetch
 
-run: model ## Serve the default model on http://127.0.0.1:$(PORT) (OpenAI API)
-	$(TANDEM) serve --port $(PORT)
+run: model ## Serve the default model disaggregated (1 prefill + 1 decode) on http://127.0.0.1:$(PORT) (OpenAI API)
+	$(TANDEM) local --prefill 1 --decode 1 --port $(PORT)
 
 venv: $(VENV)/.installed ## Python venv with the official openai client and pytest
 $(VENV)/.installed: tests/python/requirements.txt

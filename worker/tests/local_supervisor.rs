@@ -2,8 +2,8 @@
 //! (`fixtures/fake_worker.py`: serves `/health` and echoes its arguments), so
 //! these run in seconds without a model: start order and readiness, the
 //! endpoints file, the arguments each role gets, restart after `kill -9`,
-//! scaling through the control endpoint, SIGKILL after the grace period, and
-//! a start-up failure reported and cleaned up. The real roles with the real
+//! scaling through the control endpoint, SIGKILL after the grace period, log
+//! files, and a start-up failure reported and cleaned up. The real roles with the real
 //! model are in `local_real_model.rs`.
 
 use std::net::TcpListener;
@@ -349,6 +349,9 @@ async fn a_process_ignoring_sigterm_is_killed_after_the_grace() {
     let mut config = config(dir.path(), 0, 1);
     config.decode_args = vec!["--fake-ignore-sigterm".into()];
     config.shutdown_grace = Duration::from_secs(1);
+    // Output to per-process files this time (the directory is created).
+    let logs = dir.path().join("logs");
+    config.log_dir = Some(logs.clone());
     let running = Running::start(config);
     let file = running.all_up(2).await;
     let decode = entry(&file, Role::Decode, 0).pid.unwrap();
@@ -360,6 +363,10 @@ async fn a_process_ignoring_sigterm_is_killed_after_the_grace() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(10),
         "stopping took {took:?}: the grace, then SIGKILL"
     );
+    let log = std::fs::read_to_string(logs.join("decode-0.log")).unwrap();
+    assert!(log.contains("fake decode listening"), "{log}");
+    let log = std::fs::read_to_string(logs.join("frontend-0.log")).unwrap();
+    assert!(log.contains("fake frontend listening"), "{log}");
 }
 
 #[tokio::test]

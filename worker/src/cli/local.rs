@@ -108,10 +108,6 @@ pub struct LocalArgs {
 pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding the tandem binary to start")?;
     let config = config(&args, program)?;
-    if let Some(dir) = &config.log_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the log directory {}", dir.display()))?;
-    }
     super::common::runtime()?.block_on(local::run(config, super::common::shutdown_signal()))?;
     Ok(())
 }

@@ -88,7 +88,7 @@ pub enum LocalError {
         "not ready after {seconds} s: {waiting} (raise --ready-timeout-secs if the model is large)"
     )]
     ReadyTimeout { seconds: u64, waiting: String },
-    #[error("cannot open the log file {path}: {source}")]
+    #[error("cannot create the log file or directory {path}: {source}")]
     LogFile {
         path: PathBuf,
         source: std::io::Error,
@@ -244,12 +244,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LocalError> {
     config.validate()?;
+    if let Some(dir) = &config.log_dir {
+        std::fs::create_dir_all(dir).map_err(|source| LocalError::LogFile {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut supervisor = Supervisor {
         config,
         slots: BTreeMap::new(),
         events_tx,
         ports_taken: Vec::new(),
+        control_addr: None,
     };
     let mut shutdown = std::pin::pin!(shutdown);
 
@@ -307,6 +314,8 @@ struct Supervisor {
     events_tx: mpsc::UnboundedSender<Event>,
     /// Ports handed out in this run, so two slots never get the same one.
     ports_taken: Vec<u16>,
+    /// Where the control endpoint listens, once it does.
+    control_addr: Option<SocketAddr>,
 }
 
 impl Supervisor {
@@ -411,7 +420,7 @@ impl Supervisor {
         let bound = listener.local_addr().unwrap_or(addr);
         let (tx, rx) = mpsc::channel(16);
         let task = tokio::spawn(control::serve(listener, tx));
-        eprintln!("tandem local: control endpoint on http://{bound}/tiers");
+        self.control_addr = Some(bound);
         Ok(Some((rx, task)))
     }
 
@@ -832,6 +841,9 @@ impl Supervisor {
         }
         if let Some(frontend) = self.slots.get(&(Role::Frontend, 0)) {
             let _ = writeln!(out, "OpenAI API: http://{}/v1", frontend.http);
+        }
+        if let Some(control) = self.control_addr {
+            let _ = writeln!(out, "control:    http://{control}/tiers");
         }
         let _ = write!(
             out,
