@@ -287,6 +287,10 @@ async fn the_control_endpoint_scales_tiers() {
         get(&tiers).await.1["decode"],
         json!({"replicas": 2, "ready": 2})
     );
+    assert_eq!(
+        get(&format!("{tiers}/decode")).await,
+        (200, json!({"replicas": 2, "ready": 2}))
+    );
 
     // Down: the highest index stops (gracefully) and leaves the file.
     let prefill_pid = entry(&file, Role::Prefill, 0).pid.unwrap();
