@@ -97,8 +97,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::engine::EngineConfig;
-    use std::time::Duration;
     use clap::Parser;
+    use std::time::Duration;
 
     #[test]
     fn flags_parse_and_names_default_to_the_model_plus_alias() {
