@@ -32,6 +32,9 @@ pub const DEFAULT_GRPC_PORT: u16 = 9000;
 /// KV transports a worker can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvTransfer {
+    /// The fastest transport both sides support. Today that is always gRPC;
+    /// with the CUDA backend, `cuda-ipc` when prefill and decode share a node.
+    Auto,
     /// Streamed gRPC messages: works between any two hosts.
     Grpc,
 }
@@ -50,7 +53,7 @@ pub struct WorkerArgs {
     pub grpc_port: u16,
 
     /// How prompt KV travels from prefill to decode workers.
-    #[arg(long, env = "TANDEM_KV_TRANSFER", value_enum, default_value = "grpc")]
+    #[arg(long, env = "TANDEM_KV_TRANSFER", value_enum, default_value = "auto")]
     pub kv_transfer: KvTransfer,
 }
 
@@ -212,7 +215,11 @@ async fn run_worker(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped()),
     );
     health.set_engine(Arc::new(engine));
-    tracing::info!(role, http = %http_local, grpc = %grpc_local, max_model_len, "ready");
+    // Both settings resolve to gRPC until a second transport exists.
+    let kv_transfer = match args.kv_transfer {
+        KvTransfer::Auto | KvTransfer::Grpc => "grpc",
+    };
+    tracing::info!(role, http = %http_local, grpc = %grpc_local, max_model_len, kv_transfer, "ready");
 
     stopped().await;
     let grace = Duration::from_secs(args.http.shutdown_grace_secs);
