@@ -6,7 +6,6 @@
 //! `/health` turns 200. SIGTERM/SIGINT: `/health` turns 503, in-flight calls
 //! get up to `--shutdown-grace-secs` to finish, then the process exits 0.
 
-use std::collections::BTreeSet;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,20 +125,6 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
         })
         .await
     })
-}
-
-/// Static membership: a fixed set of addresses.
-pub fn static_membership(addresses: &[String]) -> watch::Receiver<BTreeSet<String>> {
-    let set = addresses
-        .iter()
-        .map(|a| a.trim().to_string())
-        .filter(|a| !a.is_empty())
-        .collect();
-    let (tx, rx) = watch::channel(set);
-    // Keep the sender alive forever: the set never changes, and a closed
-    // channel would read as "discovery ended".
-    std::mem::forget(tx);
-    rx
 }
 
 async fn run_worker(
