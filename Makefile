@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= never
 # Per-area targets (operator, e2e, ...) live in mk/*.mk.
 include $(wildcard mk/*.mk)
 
-.PHONY: help run build model venv test test-rust test-python lint bench bench-planner
+.PHONY: help run build model venv test test-rust test-python lint bench bench-cpu bench-disagg bench-transfer bench-planner
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -23,8 +23,8 @@ build: ## Build the tandem binary (release)
 model: build ## Fetch the default model (SmolLM2-135M-Instruct) into the cache, once
 	$(TANDEM) model fetch
 
-run: model ## Serve the default model on http://127.0.0.1:$(PORT) (OpenAI API)
-	$(TANDEM) serve --port $(PORT)
+run: model ## Serve the default model disaggregated (1 prefill + 1 decode) on http://127.0.0.1:$(PORT) (OpenAI API)
+	$(TANDEM) local --prefill 1 --decode 1 --port $(PORT)
 
 venv: $(VENV)/.installed ## Python venv with the official openai client and pytest
 $(VENV)/.installed: tests/python/requirements.txt
@@ -49,12 +49,20 @@ LLAMA_CPP_WHEELS := $(HOME)/.cache/tandem/wheels
 # llama.cpp's AMX path crashed on this model's multi-token prompts here: build without it.
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=ON
 
-bench: model venv ## CPU benchmark vs llama.cpp on the same GGUF; writes docs/benchmarks.md
+bench: bench-cpu bench-transfer bench-disagg bench-planner ## Every CPU benchmark; results in docs/benchmarks.md
+
+bench-cpu: model venv ## Engine vs llama.cpp on the same GGUF; writes docs/benchmarks.md
 	mkdir -p $(LLAMA_CPP_WHEELS)
 	$(VENV)/bin/python -c 'import llama_cpp' 2>/dev/null || { \
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(VENV)/bin/pip wheel --no-deps -w $(LLAMA_CPP_WHEELS) --find-links $(LLAMA_CPP_WHEELS) llama-cpp-python==0.3.36 && \
 	  $(VENV)/bin/pip install --find-links $(LLAMA_CPP_WHEELS) llama-cpp-python==0.3.36; }
 	$(VENV)/bin/python bench/cpu_bench.py --tandem $(TANDEM) --out docs/benchmarks.md
+
+bench-transfer: ## KV transfer GB/s over loopback gRPC, 8B-shaped KV (table on stdout)
+	$(CARGO) test --release -p tandem --test transfer_throughput -- --ignored --nocapture
+
+bench-disagg: model ## TTFT of 1 prefill + 1 decode vs tandem serve, remote-prefill overhead; writes docs/benchmarks.md
+	$(PYTHON) bench/disagg_bench.py --tandem $(TANDEM) --out docs/benchmarks.md
 
 bench-planner: ## Planner vs the best static allocation on simulated traces (table on stdout)
 	$(CARGO) run --release -p tandem-operator --bin planner-sim

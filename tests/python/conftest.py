@@ -1,5 +1,8 @@
-"""Starts `tandem serve` (the binary in $TANDEM_BIN) on a free loopback port for the
-tests in this directory, waits until /health says ready, and stops it at the end."""
+"""Starts the server under test (the binary in $TANDEM_BIN) on a free loopback port,
+waits until /health says ready, and stops it at the end. Every test that uses the
+`server` fixture runs twice: against `tandem serve` (aggregated) and against
+`tandem local --prefill 1 --decode 1` (the frontend in front of a prefill and a decode
+worker, with prompts of 16 tokens or more prefilled remotely)."""
 import os
 import signal
 import socket
@@ -30,18 +33,20 @@ def tandem_bin():
 
 
 class Server:
-    """A running `tandem serve` process."""
+    """A running `tandem serve` or `tandem local` process."""
 
-    def __init__(self, *extra_args):
+    def __init__(self, kind="serve"):
+        self.kind = kind
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # The server's output, shown when it fails to start; deleted on close.
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            [tandem_bin(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        if kind == "serve":
+            args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            args = ["local", "--prefill", "1", "--decode", "1", "--port", str(self.port),
+                    "--remote-prefill-min-tokens", "16"]
+        self.proc = subprocess.Popen([tandem_bin(), *args], stdout=self.log, stderr=subprocess.STDOUT)
 
     def log_tail(self, lines=40):
         self.log.flush()
@@ -52,7 +57,7 @@ class Server:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                pytest.fail(f"tandem serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                pytest.fail(f"tandem {self.kind} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if requests.get(f"{self.base}/health", timeout=2).status_code == 200:
                     return
@@ -60,7 +65,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        pytest.fail(f"tandem serve not ready after {READY_TIMEOUT_S}s:\n{self.log_tail()}")
+        pytest.fail(f"tandem {self.kind} not ready after {READY_TIMEOUT_S}s:\n{self.log_tail()}")
 
     def stop(self, timeout=60):
         """SIGTERM, then wait; returns the exit status."""
@@ -75,9 +80,9 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server():
-    s = Server()
+@pytest.fixture(scope="session", params=["serve", "local"])
+def server(request):
+    s = Server(request.param)
     s.wait_ready()
     yield s
     s.stop()

@@ -103,7 +103,8 @@ def test_errors_map_to_client_exceptions(client, model, server):
     assert requests.get(f"{server.base}/health").status_code == 200
 
 
-def test_sigterm_exits_zero():
-    s = Server()
+@pytest.mark.parametrize("kind", ["serve", "local"])
+def test_sigterm_exits_zero(kind):
+    s = Server(kind)
     s.wait_ready()
     assert s.stop() == 0

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
         Command::Gpu(c) => cli::gpu::run(c),
+        Command::Local(a) => cli::local::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

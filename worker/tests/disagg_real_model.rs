@@ -1,5 +1,5 @@
 //! Disaggregated serving with real processes on loopback and the real default
-//! model: `tandem frontend` + `tandem prefill` + `tandem decode` give the same
+//! model: `tandem local` (frontend + prefill + decode workers) gives the same
 //! greedy answers as `tandem serve`, ship exactly the KV they should, survive
 //! `kill -9` of a prefill or a decode worker, spread a shared prefix over the
 //! decode workers, and free everything when a client hangs up.
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use process_support::{complete, greedy_body, Proc};
 use serde_json::{json, Value};
+use tandem::discovery::Role;
 
 /// One deployment at a time: they would fight over the two cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -38,80 +39,117 @@ async fn start_serve() -> Proc {
     p
 }
 
+/// A process of a `tandem local` deployment, from its endpoints file.
+struct Member {
+    name: String,
+    http_port: u16,
+    pid: u32,
+}
+
+impl Member {
+    async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        process_support::metric_at(self.http_port, name, labels).await
+    }
+
+    /// SIGKILL (`tandem local` restarts it after a back-off).
+    fn kill9(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-9", &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -9 {} ({})", self.pid, self.name);
+    }
+}
+
+/// `tandem local --prefill P --decode M`: the deployment a user starts.
 struct Cluster {
-    prefill: Vec<Proc>,
-    decode: Vec<Proc>,
-    frontend: Proc,
+    prefill: Vec<Member>,
+    decode: Vec<Member>,
+    frontend: Member,
+    _local: Proc,
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     async fn start(prefill: usize, decode: usize) -> Self {
-        let len = max_len();
-        let mut prefills: Vec<Proc> = (0..prefill)
-            .map(|i| {
-                Proc::spawn(
-                    &format!("prefill-{i}"),
-                    "prefill",
-                    &["--max-model-len", &len, "--threads", "1"],
-                    true,
-                )
-            })
-            .collect();
-        let prefill_list = prefills
-            .iter()
-            .map(Proc::grpc_addr)
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut decodes: Vec<Proc> = (0..decode)
-            .map(|i| {
-                let mut args = vec![
-                    "--max-model-len",
-                    &len,
-                    "--threads",
-                    "1",
-                    "--remote-prefill-min-tokens",
-                    REMOTE_MIN_TOKENS,
-                ];
-                if !prefill_list.is_empty() {
-                    args.extend(["--prefill-workers", &prefill_list]);
-                }
-                Proc::spawn(&format!("decode-{i}"), "decode", &args, true)
-            })
-            .collect();
-        let decode_list = decodes
-            .iter()
-            .map(Proc::grpc_addr)
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut frontend = Proc::spawn(
-            "frontend",
-            "frontend",
-            &["--max-model-len", &len, "--decode-workers", &decode_list],
-            false,
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("endpoints.json");
+        let port = process_support::free_port();
+        let (p, d, port_s, len) = (
+            prefill.to_string(),
+            decode.to_string(),
+            port.to_string(),
+            max_len(),
         );
-        for p in prefills.iter_mut().chain(decodes.iter_mut()) {
-            p.wait_healthy(READY).await;
-        }
-        frontend.wait_healthy(READY).await;
+        let mut local = Proc::spawn_raw(
+            "tandem local",
+            &[
+                "local",
+                "--prefill",
+                &p,
+                "--decode",
+                &d,
+                "--port",
+                &port_s,
+                "--max-model-len",
+                &len,
+                "--remote-prefill-min-tokens",
+                REMOTE_MIN_TOKENS,
+                "--worker-arg",
+                "--threads 1",
+                "--endpoints-file",
+                file.to_str().unwrap(),
+            ],
+            port,
+        );
+        local.wait_healthy(READY).await;
+        // The frontend answers before the supervisor has written it up.
+        let expected = prefill + decode + 1;
+        let started = std::time::Instant::now();
+        let endpoints = loop {
+            let e = tandem::discovery::EndpointsFile::read(&file).unwrap();
+            if e.processes.iter().filter(|p| p.up).count() == expected {
+                break e;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "not every process is up in the endpoints file: {e:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let member = |role: Role, index: usize| {
+            let e = endpoints
+                .processes
+                .iter()
+                .find(|e| e.role == role && e.index == index)
+                .unwrap_or_else(|| panic!("{role}-{index} in {endpoints:?}"));
+            assert!(e.up, "{role}-{index} is not up: {e:?}");
+            Member {
+                name: format!("{role}-{index}"),
+                http_port: e.http.rsplit_once(':').unwrap().1.parse().unwrap(),
+                pid: e.pid.expect("a running process has a pid"),
+            }
+        };
+        let cluster = Self {
+            prefill: (0..prefill).map(|i| member(Role::Prefill, i)).collect(),
+            decode: (0..decode).map(|i| member(Role::Decode, i)).collect(),
+            frontend: member(Role::Frontend, 0),
+            _local: local,
+            _dir: dir,
+        };
         // Give the decode workers a moment to see their prefill workers' load.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        Self {
-            prefill: prefills,
-            decode: decodes,
-            frontend,
-        }
+        cluster
     }
 
     fn base(&self) -> String {
-        self.frontend.http_url("")
+        format!("http://127.0.0.1:{}", self.frontend.http_port)
     }
 
     async fn decode_sum(&self, name: &str, labels: &[&str]) -> f64 {
         let mut total = 0.0;
         for d in &self.decode {
-            if d.child.is_some() {
-                total += d.metric(name, labels).await;
-            }
+            total += d.metric(name, labels).await;
         }
         total
     }
@@ -158,7 +196,7 @@ fn prompts() -> Vec<(String, usize)> {
     }
     // Near the context limit: max_tokens is set from the reference run so that
     // prompt + generated = the limit.
-    p.push(("The sea. ".repeat(120), 0));
+    p.push(("The sea. ".repeat(160), 0));
     assert_eq!(p.len(), 20);
     p
 }
@@ -193,15 +231,17 @@ async fn answers(
 
 /// Tokens of the near-limit prompt, from the server's usage.
 async fn prompt_tokens(base: &str, prompt: &str) -> usize {
-    let v: Value = reqwest::Client::new()
+    let bytes = reqwest::Client::new()
         .post(format!("{base}/v1/completions"))
-        .json(&greedy_body(prompt, 1))
+        .header("content-type", "application/json")
+        .body(greedy_body(prompt, 1).to_string())
         .send()
         .await
         .unwrap()
-        .json()
+        .bytes()
         .await
         .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
     v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize
 }
 
@@ -296,7 +336,7 @@ async fn killing_a_prefill_worker_under_load_loses_no_request() {
     let reference = answers(&serve.http_url(""), &prompts, 0).await;
     drop(serve);
 
-    let mut cluster = Cluster::start(2, 1).await;
+    let cluster = Cluster::start(2, 1).await;
     let base = cluster.base();
     let client = reqwest::Client::new();
     let load = tokio::spawn({
@@ -352,7 +392,8 @@ async fn stream_text(
     body["stream"] = json!(true);
     let r = client
         .post(format!("{base}/v1/completions"))
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -403,7 +444,7 @@ async fn killing_a_decode_worker_mid_stream_migrates_every_stream() {
     let reference = answers(&serve.http_url(""), &prompts, 0).await;
     drop(serve);
 
-    let mut cluster = Cluster::start(1, 2).await;
+    let cluster = Cluster::start(1, 2).await;
     let base = cluster.base();
     let client = reqwest::Client::new();
     let streams: Vec<_> = prompts
@@ -487,7 +528,8 @@ async fn client_disconnect_frees_decode_and_prefill() {
     body["stream"] = json!(true);
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", cluster.base()))
-        .json(&body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .unwrap();

@@ -6,16 +6,10 @@ use std::path::PathBuf;
 
 use tokio::sync::watch;
 
+use crate::discovery::{self, DiscoveryConfig, DiscoveryFlags, Role};
+
 /// Where the addresses of the other tier come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DiscoveryKind {
-    /// The fixed list given on the command line.
-    Static,
-    /// The endpoints file `tandem local` keeps current.
-    File,
-    /// The EndpointSlices of the tier's headless Service (in-cluster).
-    Kubernetes,
-}
+pub use crate::discovery::DiscoveryMode as DiscoveryKind;
 
 /// How a decode worker finds prefill workers.
 #[derive(Debug, Clone, clap::Args)]
@@ -56,7 +50,14 @@ impl PrefillDiscoveryArgs {
         &self,
         static_list: &[String],
     ) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
-        membership(self.discovery, static_list)
+        membership(DiscoveryFlags {
+            mode: Some(self.discovery),
+            workers: static_list.to_vec(),
+            service: self.prefill_service.clone(),
+            endpoints_file: self.endpoints_file.clone(),
+            ..DiscoveryFlags::new(Role::Prefill)
+        })
+        .await
     }
 }
 
@@ -65,16 +66,18 @@ impl DecodeDiscoveryArgs {
         &self,
         static_list: &[String],
     ) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
-        membership(self.discovery, static_list)
+        membership(DiscoveryFlags {
+            mode: Some(self.discovery),
+            workers: static_list.to_vec(),
+            service: self.decode_service.clone(),
+            endpoints_file: self.endpoints_file.clone(),
+            ..DiscoveryFlags::new(Role::Decode)
+        })
+        .await
     }
 }
 
-fn membership(
-    kind: DiscoveryKind,
-    static_list: &[String],
-) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
-    match kind {
-        DiscoveryKind::Static => Ok(super::worker::static_membership(static_list)),
-        other => anyhow::bail!("--discovery {other:?} is being merged; use static for now"),
-    }
+async fn membership(flags: DiscoveryFlags) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
+    let config = DiscoveryConfig::from_flags(flags)?;
+    Ok(discovery::start(config).await?)
 }

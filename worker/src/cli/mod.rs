@@ -5,6 +5,7 @@ pub mod common;
 pub mod discovery_args;
 pub mod frontend;
 pub mod gpu;
+pub mod local;
 pub mod model;
 pub mod serve;
 pub mod worker;
@@ -34,6 +35,8 @@ pub enum Command {
     /// A decode worker: generates tokens; prefills long uncached prompts on
     /// prefill workers, short ones itself.
     Decode(worker::DecodeArgs),
+    // The help text is `LocalArgs`' doc comment.
+    Local(local::LocalArgs),
     // The help text is `BenchArgs`' doc comment.
     Bench(Box<bench::BenchArgs>),
     /// Fetch, list and inspect models.

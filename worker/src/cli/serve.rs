@@ -96,10 +96,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineConfig;
     use clap::Parser;
     use std::time::Duration;
-
-    use crate::engine::EngineConfig;
 
     #[test]
     fn flags_parse_and_names_default_to_the_model_plus_alias() {

@@ -6,7 +6,6 @@
 //! `/health` turns 200. SIGTERM/SIGINT: `/health` turns 503, in-flight calls
 //! get up to `--shutdown-grace-secs` to finish, then the process exits 0.
 
-use std::collections::BTreeSet;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +31,9 @@ pub const DEFAULT_GRPC_PORT: u16 = 9000;
 /// KV transports a worker can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvTransfer {
+    /// The fastest transport both sides support. Today that is always gRPC;
+    /// with the CUDA backend, `cuda-ipc` when prefill and decode share a node.
+    Auto,
     /// Streamed gRPC messages: works between any two hosts.
     Grpc,
 }
@@ -50,7 +52,7 @@ pub struct WorkerArgs {
     pub grpc_port: u16,
 
     /// How prompt KV travels from prefill to decode workers.
-    #[arg(long, env = "TANDEM_KV_TRANSFER", value_enum, default_value = "grpc")]
+    #[arg(long, env = "TANDEM_KV_TRANSFER", value_enum, default_value = "auto")]
     pub kv_transfer: KvTransfer,
 }
 
@@ -123,20 +125,6 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
         })
         .await
     })
-}
-
-/// Static membership: a fixed set of addresses.
-pub fn static_membership(addresses: &[String]) -> watch::Receiver<BTreeSet<String>> {
-    let set = addresses
-        .iter()
-        .map(|a| a.trim().to_string())
-        .filter(|a| !a.is_empty())
-        .collect();
-    let (tx, rx) = watch::channel(set);
-    // Keep the sender alive forever: the set never changes, and a closed
-    // channel would read as "discovery ended".
-    std::mem::forget(tx);
-    rx
 }
 
 async fn run_worker(
@@ -212,7 +200,11 @@ async fn run_worker(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped()),
     );
     health.set_engine(Arc::new(engine));
-    tracing::info!(role, http = %http_local, grpc = %grpc_local, max_model_len, "ready");
+    // Both settings resolve to gRPC until a second transport exists.
+    let kv_transfer = match args.kv_transfer {
+        KvTransfer::Auto | KvTransfer::Grpc => "grpc",
+    };
+    tracing::info!(role, http = %http_local, grpc = %grpc_local, max_model_len, kv_transfer, "ready");
 
     stopped().await;
     let grace = Duration::from_secs(args.http.shutdown_grace_secs);

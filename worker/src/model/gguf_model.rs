@@ -277,7 +277,7 @@ fn reorder_rows(
     map: impl Fn(usize, usize) -> (usize, usize),
 ) -> Vec<f32> {
     assert_eq!(data.len(), n_head * head_dim * cols, "Q/K shape mismatch");
-    assert!(head_dim % 2 == 0, "RoPE needs an even head_dim");
+    assert!(head_dim.is_multiple_of(2), "RoPE needs an even head_dim");
     let mut out = vec![0f32; data.len()];
     for h in 0..n_head {
         let base = h * head_dim;

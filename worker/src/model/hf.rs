@@ -121,14 +121,14 @@ pub fn config(dir: &Path) -> Result<ModelConfig, ModelError> {
         }
     };
     let num_heads = hf.num_attention_heads;
-    if num_heads == 0 || (hf.head_dim.is_none() && hf.hidden_size % num_heads != 0) {
+    if num_heads == 0 || (hf.head_dim.is_none() && !hf.hidden_size.is_multiple_of(num_heads)) {
         return Err(invalid(
             &path,
             "num_attention_heads must divide hidden_size",
         ));
     }
     let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(invalid(
             &path,
             "num_key_value_heads must divide num_attention_heads",

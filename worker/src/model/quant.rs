@@ -103,7 +103,7 @@ impl GgmlType {
     /// Bytes that `elements` values of this type occupy.
     pub fn byte_size(self, elements: usize) -> Result<usize, QuantError> {
         let (block, bytes) = self.block_layout().ok_or(QuantError::Unsupported(self))?;
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(QuantError::PartialBlock {
                 ty: self,
                 elements,

@@ -200,7 +200,7 @@ impl KvSplitter {
         v: &Bytes,
     ) -> Result<Vec<pb::KvChunk>, TransferError> {
         let row = self.row_bytes;
-        if k.len() != v.len() || k.len() % row != 0 {
+        if k.len() != v.len() || !k.len().is_multiple_of(row) {
             return Err(TransferError::Protocol(format!(
                 "layer {layer} from position {start_pos}: K has {} and V {} bytes, \
                  not the same whole number of {row}-byte rows",

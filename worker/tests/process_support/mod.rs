@@ -36,6 +36,19 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `tandem <role> <args> --host 127.0.0.1 --port P [--grpc-port G]`.
+    /// Starts `tandem <args>` as is; `http_port` is where its `/health` answers.
+    pub fn spawn_raw(name: &str, args: &[&str], http_port: u16) -> Self {
+        let mut p = Self {
+            name: name.to_string(),
+            child: None,
+            http_port,
+            grpc_port: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        p.start();
+        p
+    }
+
     pub fn spawn(name: &str, role: &str, args: &[&str], grpc: bool) -> Self {
         let http_port = free_port();
         let grpc_port = grpc.then(free_port);
@@ -109,32 +122,12 @@ impl Proc {
 
     /// The process's `/metrics`: `name{labels}` → value.
     pub async fn metrics(&self) -> Vec<(String, f64)> {
-        let text = reqwest::get(self.http_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
+        metrics_at(self.http_port).await
     }
 
     /// Sum of the series of `name` whose label text contains every `labels` part.
     pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        self.metrics()
-            .await
-            .into_iter()
-            .filter(|(k, _)| {
-                (k == name || k.starts_with(&format!("{name}{{")))
-                    && labels.iter().all(|l| k.contains(l))
-            })
-            .map(|(_, v)| v)
-            .sum()
+        metric_at(self.http_port, name, labels).await
     }
 
     /// SIGKILL: the process dies without cleaning up.
@@ -183,12 +176,14 @@ pub async fn complete(
 ) -> Result<(String, Vec<String>), String> {
     let r = client
         .post(format!("{base}/v1/completions"))
-        .json(body)
+        .header("content-type", "application/json")
+        .body(body.to_string())
         .send()
         .await
         .map_err(|e| e.to_string())?;
     let status = r.status();
-    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&r.bytes().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("{status}: {v}"));
     }
@@ -198,4 +193,34 @@ pub async fn complete(
         .map(|a| a.iter().map(|t| t.as_str().unwrap().to_string()).collect())
         .unwrap_or_default();
     Ok((choice["text"].as_str().unwrap().to_string(), tokens))
+}
+
+/// `/metrics` of the process whose HTTP port is `port`: `name{labels}` → value.
+pub async fn metrics_at(port: u16) -> Vec<(String, f64)> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the series of `name` whose label text contains every `labels` part.
+pub async fn metric_at(port: u16, name: &str, labels: &[&str]) -> f64 {
+    metrics_at(port)
+        .await
+        .into_iter()
+        .filter(|(k, _)| {
+            (k == name || k.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|l| k.contains(l))
+        })
+        .map(|(_, v)| v)
+        .sum()
 }

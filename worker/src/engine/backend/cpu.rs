@@ -166,7 +166,7 @@ enum Matrix {
 impl Matrix {
     fn new(rows: usize, cols: usize, data: &[f32], storage: WeightStorage) -> Self {
         assert_eq!(rows * cols, data.len());
-        if storage == WeightStorage::F32 || cols % Q8_BLOCK != 0 {
+        if storage == WeightStorage::F32 || !cols.is_multiple_of(Q8_BLOCK) {
             return Matrix::F32 {
                 rows,
                 cols,
@@ -861,10 +861,10 @@ impl CpuBackend {
         let q_dim = cfg.num_heads * cfg.head_dim;
         let kv_dim = cfg.num_kv_heads * cfg.head_dim;
         let f = cfg.intermediate_size;
-        if cfg.head_dim % 2 != 0
+        if !cfg.head_dim.is_multiple_of(2)
             || cfg.head_dim > 512
             || cfg.num_kv_heads == 0
-            || cfg.num_heads % cfg.num_kv_heads != 0
+            || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
         {
             return Err(BackendError::Weights(format!(
                 "unsupported attention geometry: {} heads, {} kv heads, head_dim {}",
@@ -1352,7 +1352,7 @@ impl ComputeBackend for CpuBackend {
         v: &[f32],
     ) -> Result<(), BackendError> {
         let w = self.cfg.num_kv_heads * self.cfg.head_dim;
-        if layer >= self.cfg.num_layers || k.len() != v.len() || k.len() % w != 0 {
+        if layer >= self.cfg.num_layers || k.len() != v.len() || !k.len().is_multiple_of(w) {
             return Err(BackendError::KvShapeMismatch(format!(
                 "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
                 k.len(),

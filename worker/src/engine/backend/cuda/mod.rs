@@ -1146,11 +1146,11 @@ fn prefill_smem(cfg: &ModelConfig) -> usize {
 fn check_geometry(cfg: &ModelConfig) -> Result<(), CudaError> {
     let group = cfg.num_heads / cfg.num_kv_heads.max(1);
     if cfg.num_kv_heads == 0
-        || cfg.num_heads % cfg.num_kv_heads != 0
+        || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
         || group > 8
-        || cfg.head_dim % 32 != 0
+        || !cfg.head_dim.is_multiple_of(32)
         || cfg.head_dim > 256
-        || cfg.intermediate_size % 8 != 0
+        || !cfg.intermediate_size.is_multiple_of(8)
     {
         return Err(CudaError::Unsupported(format!(
             "attention geometry {} heads / {} kv heads / head_dim {} with intermediate {}: \
@@ -1281,7 +1281,7 @@ impl ComputeBackend for CudaBackend {
         v: &[f32],
     ) -> Result<(), BackendError> {
         let w = self.cfg.num_kv_heads * self.cfg.head_dim;
-        if layer >= self.cfg.num_layers || k.len() != v.len() || k.len() % w != 0 {
+        if layer >= self.cfg.num_layers || k.len() != v.len() || !k.len().is_multiple_of(w) {
             return Err(BackendError::KvShapeMismatch(format!(
                 "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
                 k.len(),
