@@ -113,8 +113,9 @@ pub enum LoadFormat {
     /// The model's files (GGUF or safetensors).
     #[default]
     Auto,
-    /// Random weights of a named shape (`llama3-8b`, `smollm2-135m`, ...),
-    /// generated on the device: benchmarks without downloads.
+    /// Random weights (of the model's shape or a named one, see
+    /// `--dummy-shape`), generated on the GPU (on the host for `--device
+    /// cpu`): benchmarks without downloads.
     Dummy,
 }
 
@@ -124,9 +125,9 @@ pub struct DeviceArgs {
     /// Where to compute: cpu, cuda (device 0) or cuda:N.
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
-    /// auto: the model's weights; dummy: random weights (generated on the
-    /// GPU) of the model's shape or of `--dummy-shape`, with the model's
-    /// tokenizer: benchmarks without downloading big checkpoints.
+    /// auto: the model's weights; dummy: random weights of the model's shape
+    /// or of `--dummy-shape`, with the model's tokenizer: benchmarks without
+    /// downloading big checkpoints.
     #[arg(long, env = "TANDEM_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Auto)]
     pub load_format: LoadFormat,
     /// Named shape for `--load-format dummy`: smollm2-135m, llama3-8b,
