@@ -57,4 +57,4 @@ bench: model venv ## CPU benchmark vs llama.cpp on the same GGUF; writes docs/be
 	$(VENV)/bin/python bench/cpu_bench.py --tandem $(TANDEM) --out docs/benchmarks.md
 
 bench-planner: ## Planner vs the best static allocation on simulated traces (table on stdout)
-	$(CARGO) run --release -p tandem-operator --bin planner-sim
+	$(CARGO) run --release -p tandem-operator --bin planner-sim -- --seeds 7,1,2,3

@@ -34,7 +34,6 @@
 //!    `max(1, ceil(max_step_down_fraction × current))` down.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 
 use super::model::{DecodeModel, PrefillModel};
 use super::target::Tier;
@@ -315,6 +314,8 @@ pub struct Decision {
     pub desired: TierCounts,
     /// One line per tier saying why.
     pub reason: String,
+    /// Why, per tier (the parts of `reason`), for each tier's status.
+    pub tier_reasons: TierReasons,
     /// Set when the planner refused to act.
     pub refusal: Option<Refusal>,
 }
@@ -382,6 +383,7 @@ pub fn decide(
         return Decision {
             desired: current,
             reason: format!("no action: {}", refusal.message),
+            tier_reasons: TierReasons::default(),
             refusal: Some(refusal),
         };
     }
@@ -466,7 +468,12 @@ pub fn decide(
             current,
             now_s,
             [rate * input, input, output],
-            measured_prefill_capacity.or(prefill_capacity[1]),
+            // A breach ceiling alone is an upper bound on capacity, not an estimate: without a
+            // measurement or a fitted curve, the breach feedback sizes the step instead.
+            measured_prefill_capacity.or(state
+                .prefill_model
+                .capacity_at(config.slo.ttft_p90_s)
+                .and(prefill_capacity[1])),
             decode_capacity[0],
         )
     };
@@ -526,6 +533,7 @@ pub fn decide(
 
     let mut desired = current;
     let mut reason = String::new();
+    let mut tier_reasons = TierReasons::default();
     for tier in [Tier::Prefill, Tier::Decode] {
         let bounds = config.bounds(tier);
         let clamped = recommended.get(tier).clamp(bounds.min, bounds.max);
@@ -542,24 +550,25 @@ pub fn decide(
         if next != now_count {
             state.history(tier).last_change = Some((now_s, next > now_count));
         }
-        let _ = write!(
-            reason,
-            "{}{tier} {now_count}->{next}: {}{}",
-            if reason.is_empty() { "" } else { "; " },
-            why.get(tier),
-            note
-        );
+        let line = format!("{tier} {now_count}->{next}: {}{note}", why.get(tier));
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str(&line);
+        tier_reasons.set(tier, line);
     }
     state.surged_last = surge.is_some();
     Decision {
         desired,
         reason,
+        tier_reasons,
         refusal: None,
     }
 }
 
-#[derive(Default)]
-struct TierReasons {
+/// A line per tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierReasons {
     prefill: String,
     decode: String,
 }
@@ -572,7 +581,7 @@ impl TierReasons {
         }
     }
 
-    fn get(&self, tier: Tier) -> &str {
+    pub fn get(&self, tier: Tier) -> &str {
         match tier {
             Tier::Prefill => &self.prefill,
             Tier::Decode => &self.decode,
@@ -581,6 +590,14 @@ impl TierReasons {
 }
 
 fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Option<Refusal> {
+    if !observation.timestamp_s.is_finite() {
+        return Some(Refusal {
+            reason: "MetricsMissing",
+            message: "no successful scrape of this deployment's pods in Prometheus (are they \
+                      scraped, with `namespace` and `deployment` labels?)"
+                .to_string(),
+        });
+    }
     let age = now_s - observation.timestamp_s;
     if age > config.max_staleness_s {
         return Some(Refusal {
