@@ -108,7 +108,8 @@ pub struct PlannerConfig {
     /// Scale down only while the p90 is under this fraction of the SLO. Default 0.7.
     pub scale_down_below: f64,
     /// Seconds ahead the rising demand trend is projected for scale-up: about the replica
-    /// startup time plus one interval, the soonest a new replica can help. Default 90.
+    /// startup time plus two intervals (the soonest a new replica can help, and the interval
+    /// it then has to catch up). Default 120.
     pub lookahead_s: f64,
     /// EWMA weight of a new model sample. Default 0.3.
     pub model_alpha: f64,
@@ -166,7 +167,7 @@ impl PlannerConfig {
             scale_up_min_step: 4,
             target_latency_fraction: 0.8,
             scale_down_below: 0.7,
-            lookahead_s: 90.0,
+            lookahead_s: 120.0,
             model_alpha: 0.3,
             prefill_per_decode: None,
             kv_saturation: 0.95,
@@ -661,7 +662,13 @@ fn learn(
         return;
     }
     let ready = observation.ready;
-    if ready.prefill > 0 && ready.prefill >= current.prefill {
+    // A load per replica is only meaningful over an interval the ready count held through.
+    let held = |tier: Tier| {
+        state
+            .last_ready
+            .is_none_or(|last| last.get(tier) == ready.get(tier))
+    };
+    if ready.prefill > 0 && ready.prefill >= current.prefill && held(Tier::Prefill) {
         if let Some(ttft) = observation.ttft_p90_s {
             let load = rate * input / f64::from(ready.prefill);
             if ttft <= config.slo.ttft_p90_s {
@@ -687,7 +694,7 @@ fn learn(
         prefill_keeps_up.then_some(rate * output)
     });
     if let (true, Some(served)) = (
-        ready.decode > 0 && ready.decode >= current.decode,
+        ready.decode > 0 && ready.decode >= current.decode && held(Tier::Decode),
         decode_served,
     ) {
         if let Some(itl) = observation.itl_p90_s {
@@ -887,6 +894,7 @@ fn recommend(
         Some(count) if count > current && breach_predicted => {
             (count, format!("{observed}, predicted breach; {model_says}"))
         }
+
         Some(_) if latency < config.scale_down_below * slo && count_down < current => (
             count_down,
             format!("{observed}, comfortably under; {model_says}"),
