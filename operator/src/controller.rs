@@ -297,7 +297,7 @@ async fn autoscale(
         ctx.planners.forget(dd);
         return (view, None);
     };
-    let interval = Duration::from_secs(autoscaling.interval_seconds.max(1) as u64);
+    let interval_s = f64::from(autoscaling.interval_seconds.max(1));
     if validate(dd).is_err() {
         return (view, None);
     }
@@ -307,7 +307,10 @@ async fn autoscale(
         }
     }
     ctx.planners.overlay_latest(&mut view);
-    (view, Some(interval))
+    // A reconcile between steps (a child changed) requeues for the step still due, not for a
+    // whole interval from now.
+    let next_step_s = ctx.planners.due_in(dd, interval_s, unix_now_s()).max(1.0);
+    (view, Some(Duration::from_secs_f64(next_step_s)))
 }
 
 /// Writes one planner step into `view`'s status and the planner metrics; returns the Events to

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, Patch, PatchParams};
@@ -291,9 +291,4 @@ async fn run_step(
         .await
         .map_err(PlannerError::from);
     outcome
-}
-
-/// Requeue delay that brings the next planner step on time.
-pub fn next_step_after(interval_seconds: i32) -> Duration {
-    Duration::from_secs(interval_seconds.max(1) as u64)
 }
