@@ -168,7 +168,7 @@ fn settled_excludes_startup_and_two_intervals_after_each_change() {
 }
 
 #[test]
-#[ignore = "full benchmark (minutes in debug); `make bench` runs the planner-sim binary instead"]
+#[ignore = "full benchmark (minutes in debug); `make bench-planner` runs the planner-sim binary instead"]
 fn full_benchmark_meets_every_target() {
     let params = ClusterParams::default();
     let config = benchmark_config();
