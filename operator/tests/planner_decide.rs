@@ -34,6 +34,7 @@ fn observation(t: f64, rate: f64, ttft: f64, itl: f64, ready: TierCounts) -> Obs
         prefill_queue_depth: Some(0.0),
         decode_kv_utilization: Some(0.3),
         ready,
+        ..Default::default()
     }
 }
 
@@ -377,4 +378,65 @@ fn plan_step_applies_only_the_tiers_that_change() {
             .unwrap();
     assert_eq!(decision.desired, counts(3, 2));
     assert_eq!(target.calls, vec![(Tier::Prefill, 3)]);
+}
+
+#[test]
+fn a_backlog_surges_past_the_step_bound_and_the_surge_leaves_with_the_queue() {
+    let config = config();
+    let mut state = PlannerState::default();
+    let overloaded = |t: f64, ready: TierCounts, queue: f64, ttft: f64| Observation {
+        prefill_queue_depth: Some(queue),
+        // Two saturated prefill replicas serve 8000 prompt tokens/s each.
+        prefill_tokens_per_s: Some(16_000.0),
+        decode_tokens_per_s: Some(1_600.0),
+        ..observation(t, 20.0, ttft, 0.020, ready)
+    };
+    // First interval of the overload: no capacity model yet, so the breach feedback steps.
+    let first = decide(
+        &config,
+        &mut state,
+        &overloaded(30.0, counts(2, 2), 100.0, 3.0),
+        counts(2, 2),
+        30.0,
+    );
+    assert_eq!(first.desired.prefill, 6, "{}", first.reason);
+    // 3000 prompts queued while the new replicas start: the measured 8000 tokens/s per replica
+    // sizes prefill to drain them, past the step bound (6 + 6), and decode to carry the output.
+    let surge = decide(
+        &config,
+        &mut state,
+        &overloaded(60.0, counts(2, 2), 3000.0, 10.0),
+        first.desired,
+        60.0,
+    );
+    assert_eq!(surge.desired.prefill, 16, "{}", surge.reason);
+    assert!(surge.desired.decode >= 10, "{}", surge.reason);
+    assert!(surge.reason.contains("backlog surge"), "{}", surge.reason);
+    // The queue is gone: once the cooldown has passed the surge leaves, without waiting out
+    // the 300 s scale-down window.
+    let calm = |t: f64, ready: TierCounts| Observation {
+        prefill_tokens_per_s: Some(20_000.0),
+        decode_tokens_per_s: Some(2_000.0),
+        ..observation(t, 20.0, 0.2, 0.012, ready)
+    };
+    let held = decide(
+        &config,
+        &mut state,
+        &calm(90.0, surge.desired),
+        surge.desired,
+        90.0,
+    );
+    let after = decide(
+        &config,
+        &mut state,
+        &calm(150.0, held.desired),
+        held.desired,
+        150.0,
+    );
+    assert!(after.desired.prefill < 16, "{}", after.reason);
+    assert!(
+        after.desired.decode < surge.desired.decode,
+        "{}",
+        after.reason
+    );
 }

@@ -116,7 +116,9 @@ fn best_static_is_the_cheapest_pair_that_meets_the_slo() {
 fn constant_load_is_held_within_slo_near_the_static_cost_without_oscillation() {
     let params = ClusterParams::default();
     let config = benchmark_config();
-    let trace = Trace::constant(24.0, 900.0);
+    // The benchmark's constant trace (30 min): over a shorter one a static pair may get away with
+    // one bad interval in twenty that the planner, holding headroom, does not risk.
+    let trace = Trace::constant(24.0, 1800.0);
     let score = score_trace(&params, &trace, &config, SEED);
     println!("{}", table(std::slice::from_ref(&score)));
     assert_targets(&score, &trace);
@@ -166,7 +168,7 @@ fn settled_excludes_startup_and_two_intervals_after_each_change() {
 }
 
 #[test]
-#[ignore = "full benchmark (minutes in debug); `make bench` runs the planner-sim binary instead"]
+#[ignore = "full benchmark (minutes in debug); `make bench-planner` runs the planner-sim binary instead"]
 fn full_benchmark_meets_every_target() {
     let params = ClusterParams::default();
     let config = benchmark_config();

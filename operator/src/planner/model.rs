@@ -20,6 +20,9 @@ pub struct PrefillModel {
     pub mean_input_tokens: Option<f64>,
     /// Samples absorbed so far.
     pub samples: u64,
+    /// Raw capacity of one replica measured while it was saturated (prompts always queued),
+    /// tokens/s, smoothed: a hard ceiling on any load per replica.
+    pub measured_capacity: Option<f64>,
 }
 
 impl PrefillModel {
@@ -40,10 +43,29 @@ impl PrefillModel {
         self.samples += 1;
     }
 
+    /// Absorbs a measured ceiling: a replica with prompts always queued served
+    /// `tokens_per_s_per_replica`, so no load per replica above it is sustainable. It caps the
+    /// curve's extrapolation (fitted at light load, `C` can come out far above the real
+    /// capacity) without moving the curve off the points it was fitted to, and gives a first
+    /// estimate (`C` = the measurement) before any interval met the SLO.
+    pub fn observe_saturated(&mut self, tokens_per_s_per_replica: f64, mean_input_tokens: f64) {
+        if !(tokens_per_s_per_replica > 0.0 && mean_input_tokens > 0.0) {
+            return;
+        }
+        self.measured_capacity = Some(ewma(self.measured_capacity, tokens_per_s_per_replica, 0.5));
+        self.mean_input_tokens.get_or_insert(mean_input_tokens);
+    }
+
     /// Load per replica (input tokens/s) at which the model predicts `ttft_p90_s`; `None` before
     /// any sample or when even an idle replica would miss it.
     pub fn capacity_at(&self, ttft_p90_s: f64) -> Option<f64> {
-        let capacity = self.raw_capacity? - self.mean_input_tokens? / ttft_p90_s;
+        let input = self.mean_input_tokens?;
+        let capacity = match (self.raw_capacity, self.measured_capacity) {
+            (Some(curve), Some(measured)) => (curve - input / ttft_p90_s).min(measured),
+            (Some(curve), None) => curve - input / ttft_p90_s,
+            (None, Some(measured)) => measured - input / ttft_p90_s,
+            (None, None) => return None,
+        };
         (capacity > 0.0).then_some(capacity)
     }
 }
@@ -77,9 +99,9 @@ pub struct DecodeModel {
 /// slope; the fallback prior is used instead.
 const MIN_RELATIVE_SPREAD: f64 = 0.25;
 /// Weight kept by old points at each new sample.
-const FORGETTING: f64 = 0.9;
+const FORGETTING: f64 = 0.98;
 /// Fraction of the lowest ITL seen that the fallback assumes to be the fixed step cost.
-const PRIOR_FIXED_FRACTION: f64 = 0.3;
+const PRIOR_FIXED_FRACTION: f64 = 0.5;
 
 impl DecodeModel {
     /// Absorbs one interval: load per replica (output tokens/s), ITL p90 (s), KV utilization.
