@@ -19,16 +19,9 @@ const ROLES_PENDING_IN_WORKER: &[&str] = &[];
 
 /// Flags rendered for subcommands the worker has, which the worker does not accept yet. Each is
 /// asserted to be still rejected, so the list must shrink as the worker grows.
-/// - `serve`, `prefill`, `decode`: `--device` arrives with the CUDA backend issue (the CPU engine
-///   has no choice to make).
 /// - `model fetch`: takes the model as its positional argument today (only the default model);
 ///   fetching an `hf://` repository into a chosen directory (`--output`) is still to come.
-const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[
-    ("serve", "--device"),
-    ("prefill", "--device"),
-    ("decode", "--device"),
-    ("model fetch", "--output"),
-];
+const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[("model fetch", "--output")];
 
 fn golden_path(stem: &str) -> std::path::PathBuf {
     common::repo_root()
