@@ -9,6 +9,9 @@ pub mod types {
     pub const PROGRESSING: &str = "Progressing";
     /// The deployment cannot reach its declared state without a change (bad spec, failed apply).
     pub const DEGRADED: &str = "Degraded";
+    /// With `autoscaling.enabled`: whether the planner acted on its last interval (False says
+    /// why not: metrics missing or stale, Prometheus or the StatefulSets unreachable).
+    pub const SCALING_ACTIVE: &str = "ScalingActive";
 }
 
 /// `reason` values (CamelCase, as Kubernetes requires).
@@ -21,4 +24,8 @@ pub mod reasons {
     pub const MALFORMED_OBJECT: &str = "MalformedObject";
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const RECONCILED: &str = "Reconciled";
+    /// The planner decided on fresh metrics (the message says what and why).
+    pub const PLANNING: &str = "Planning";
+    /// The planner changed a tier's replicas (Event reason).
+    pub const SCALED: &str = "Scaled";
 }

@@ -27,6 +27,7 @@ use crate::build::{self, names, Children};
 use crate::conditions::{reasons, types};
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier, TierStatus, HTTP_PORT};
 use crate::metrics::Metrics;
+use crate::planner::runner::{unix_now_s, Planners, StepOutcome};
 use crate::validate::{validate, ValidationError};
 use crate::FIELD_MANAGER;
 
@@ -67,6 +68,8 @@ pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
     pub metrics: Metrics,
+    /// The planner of every deployment with autoscaling on.
+    pub planners: Planners,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -77,6 +80,7 @@ impl Context {
             client,
             reporter,
             metrics,
+            planners: Planners::default(),
             failures: Mutex::default(),
         }
     }
@@ -212,6 +216,10 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = dd.object_ref(&());
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    // The planner runs first on a valid spec: its decision goes into the status that `build`
+    // reads, so this very reconcile applies it.
+    let (planned, planner_interval) = autoscale(dd, ctx, &recorder, &reference, &now).await;
+    let dd = &planned;
     let valid = match validate(dd) {
         Ok(v) => v,
         Err(e) => {
@@ -268,7 +276,156 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
         info!(reason, note, "applied children");
         publish(&recorder, &reference, EventType::Normal, reason, &note).await;
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(
+        planner_interval.map_or(RESYNC, |i| i.min(RESYNC)),
+    ))
+}
+
+/// With autoscaling on and a planner step due: runs it and returns the deployment as the rest
+/// of the reconcile should see it (the decision in `status.<tier>.desiredReplicas`,
+/// `lastScaleTime`, `lastScaleReason` and the `ScalingActive` condition), with the interval to
+/// requeue after. Records an Event per change and when the planner stops acting.
+async fn autoscale(
+    dd: &DisaggDeployment,
+    ctx: &Context,
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    now: &Time,
+) -> (DisaggDeployment, Option<Duration>) {
+    let mut view = dd.clone();
+    let Some(autoscaling) = dd.spec.autoscaling.as_ref().filter(|a| a.enabled) else {
+        ctx.planners.forget(dd);
+        return (view, None);
+    };
+    let interval = Duration::from_secs(autoscaling.interval_seconds.max(1) as u64);
+    if validate(dd).is_err() {
+        return (view, None);
+    }
+    if let Some(outcome) = ctx.planners.step(&ctx.client, dd, unix_now_s()).await {
+        for (type_, reason, note) in record_step(&mut view, &outcome, &ctx.metrics, now) {
+            publish(recorder, reference, type_, reason, &note).await;
+        }
+    }
+    ctx.planners.overlay_latest(&mut view);
+    (view, Some(interval))
+}
+
+/// Writes one planner step into `view`'s status and the planner metrics; returns the Events to
+/// record. Pure but for the metrics.
+pub fn record_step(
+    view: &mut DisaggDeployment,
+    outcome: &StepOutcome,
+    metrics: &Metrics,
+    now: &Time,
+) -> Vec<(EventType, &'static str, String)> {
+    use crate::planner::Tier as PlannerTier;
+    let namespace = view.namespace().unwrap_or_default();
+    let name = view.name_any();
+    let previous = view
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == types::SCALING_ACTIVE)
+        })
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    let mut events = Vec::new();
+    let (active, reason, message, label) = match &outcome.result {
+        Ok(decision) => match &decision.refusal {
+            Some(refusal) => (
+                false,
+                refusal.reason,
+                refusal.message.clone(),
+                if refusal.reason == "MetricsStale" {
+                    "metrics_stale"
+                } else {
+                    "metrics_missing"
+                },
+            ),
+            None => {
+                let (up, down) = [PlannerTier::Prefill, PlannerTier::Decode].iter().fold(
+                    (false, false),
+                    |(up, down), tier| {
+                        let (before, after) =
+                            (outcome.before.get(*tier), decision.desired.get(*tier));
+                        (up || after > before, down || after < before)
+                    },
+                );
+                let label = match (up, down) {
+                    (true, _) => "scale_up",
+                    (false, true) => "scale_down",
+                    _ => "hold",
+                };
+                (true, reasons::PLANNING, decision.reason.clone(), label)
+            }
+        },
+        Err(e) => (
+            false,
+            e.reason(),
+            e.to_string(),
+            match e.reason() {
+                "PrometheusUnavailable" => "prometheus_unavailable",
+                "ScaleTargetUnavailable" => "scale_target_unavailable",
+                _ => "invalid_autoscaling",
+            },
+        ),
+    };
+    metrics
+        .planner_decisions
+        .with_label_values(&[namespace.as_str(), name.as_str(), label])
+        .inc();
+    for (metric, value) in [
+        ("ttft", outcome.observed_p90_s.0),
+        ("itl", outcome.observed_p90_s.1),
+    ] {
+        if let Some(value) = value {
+            metrics
+                .planner_observed_p90
+                .with_label_values(&[namespace.as_str(), name.as_str(), metric])
+                .set(value);
+        }
+    }
+    let status_flips = previous.as_ref().is_none_or(|(status, old_reason)| {
+        status != if active { "True" } else { "False" } || old_reason != reason
+    });
+    if !active && status_flips {
+        events.push((EventType::Warning, reason, message.clone()));
+    }
+    let condition = Condition {
+        type_: types::SCALING_ACTIVE.into(),
+        status: if active { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.chars().take(1000).collect(),
+        observed_generation: view.metadata.generation,
+        last_transition_time: now.clone(),
+    };
+    let status = view.status.get_or_insert_with(Default::default);
+    set_condition(&mut status.conditions, condition);
+    if let Ok(decision) = &outcome.result {
+        for tier in [PlannerTier::Prefill, PlannerTier::Decode] {
+            let (before, after) = (outcome.before.get(tier), decision.desired.get(tier));
+            let tier_name = tier.to_string();
+            metrics
+                .planner_desired
+                .with_label_values(&[namespace.as_str(), name.as_str(), tier_name.as_str()])
+                .set(f64::from(after));
+            if before == after {
+                continue;
+            }
+            let why = decision.tier_reasons.get(tier).to_string();
+            let slot = match tier {
+                PlannerTier::Prefill => &mut status.prefill,
+                PlannerTier::Decode => &mut status.decode,
+            };
+            let tier_status = slot.get_or_insert_with(Default::default);
+            tier_status.desired_replicas = after as i32;
+            tier_status.last_scale_time = Some(now.clone());
+            tier_status.last_scale_reason = Some(why.chars().take(1000).collect());
+            events.push((EventType::Normal, reasons::SCALED, why));
+        }
+    }
+    events
 }
 
 /// Events are best effort: failing to record one must not fail the reconcile.

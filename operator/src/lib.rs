@@ -11,6 +11,7 @@ pub mod docs;
 pub mod leader;
 pub mod metrics;
 pub mod planner;
+pub mod prometheus;
 pub mod validate;
 
 /// The one server-side-apply field manager for children and status.

@@ -1,6 +1,6 @@
 //! The operator's Prometheus metrics (`tandem_operator_*`), in one registry.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 /// Reconcile counters and durations, labelled so dashboards can split them.
 #[derive(Clone)]
@@ -12,6 +12,15 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// `tandem_operator_reconcile_duration_seconds`.
     pub duration: HistogramVec,
+    /// `tandem_planner_desired_replicas{namespace,deployment,tier}`: the planner's last decision.
+    pub planner_desired: GaugeVec,
+    /// `tandem_planner_decisions_total{namespace,deployment,reason}`: `scale_up`, `scale_down`,
+    /// `hold`, or why it did not act (`metrics_missing`, `metrics_stale`,
+    /// `prometheus_unavailable`, `scale_target_unavailable`, `invalid_autoscaling`).
+    pub planner_decisions: IntCounterVec,
+    /// `tandem_planner_observed_p90_seconds{namespace,deployment,metric}`: the TTFT and ITL p90
+    /// the last decision saw (`metric` is `ttft` or `itl`).
+    pub planner_observed_p90: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -50,6 +59,37 @@ impl Metrics {
             &[],
         )
         .expect("valid metric");
+        let planner_desired = GaugeVec::new(
+            Opts::new(
+                "tandem_planner_desired_replicas",
+                "Replicas the planner last decided per tier",
+            ),
+            &["namespace", "deployment", "tier"],
+        )
+        .expect("valid metric");
+        let planner_decisions = IntCounterVec::new(
+            Opts::new(
+                "tandem_planner_decisions_total",
+                "Planner decisions by outcome, or by why it did not act",
+            ),
+            &["namespace", "deployment", "reason"],
+        )
+        .expect("valid metric");
+        let planner_observed_p90 = GaugeVec::new(
+            Opts::new(
+                "tandem_planner_observed_p90_seconds",
+                "TTFT and ITL p90 the planner's last decision read from Prometheus",
+            ),
+            &["namespace", "deployment", "metric"],
+        )
+        .expect("valid metric");
+        for planner_metric in [
+            Box::new(planner_desired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(planner_decisions.clone()),
+            Box::new(planner_observed_p90.clone()),
+        ] {
+            registry.register(planner_metric).expect("registered once");
+        }
         registry
             .register(Box::new(reconciles.clone()))
             .expect("registered once");
@@ -64,6 +104,9 @@ impl Metrics {
             reconciles,
             errors,
             duration,
+            planner_desired,
+            planner_decisions,
+            planner_observed_p90,
         }
     }
 

@@ -34,6 +34,7 @@ fn observation(t: f64, rate: f64, ttft: f64, itl: f64, ready: TierCounts) -> Obs
         prefill_queue_depth: Some(0.0),
         decode_kv_utilization: Some(0.3),
         ready,
+        ..Default::default()
     }
 }
 

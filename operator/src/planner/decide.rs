@@ -34,7 +34,6 @@
 //!    `max(1, ceil(max_step_down_fraction × current))` down.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 
 use super::model::{DecodeModel, PrefillModel};
 use super::target::Tier;
@@ -121,6 +120,15 @@ pub struct PlannerConfig {
     /// `L × target_latency_fraction` per replica; that ceiling rises by this fraction each
     /// interval without a breach, so an old breach is forgotten over time. Default 0.02.
     pub breach_ceiling_relax: f64,
+    /// Seconds from asking for a replica to it serving (scheduling, image, weights). The backlog
+    /// surge counts the queue that builds meanwhile. Default 60.
+    pub replica_startup_s: f64,
+    /// Seconds in which a prefill backlog should be gone once the replicas asked for are ready.
+    /// While TTFT breaches with prompts queued, prefill is sized to carry the demand *and* drain
+    /// the backlog projected to the moment new replicas serve within this time, and decode to
+    /// carry what that prefill will emit (the surge). Surge replicas bypass the step bound and
+    /// the stabilization window both ways: they leave as soon as the queue is gone. Default 20.
+    pub backlog_drain_s: f64,
 }
 
 /// A configuration the planner cannot run with.
@@ -163,6 +171,8 @@ impl PlannerConfig {
             prefill_per_decode: None,
             kv_saturation: 0.95,
             breach_ceiling_relax: 0.02,
+            replica_startup_s: 60.0,
+            backlog_drain_s: 20.0,
         }
     }
 
@@ -224,6 +234,8 @@ impl PlannerConfig {
                 self.breach_ceiling_relax,
                 non_negative,
             ),
+            ("replica_startup_s", self.replica_startup_s, non_negative),
+            ("backlog_drain_s", self.backlog_drain_s, positive),
         ];
         for (name, value, expected) in knobs {
             let ok = match expected {
@@ -277,6 +289,12 @@ pub struct Observation {
     pub prefill_queue_depth: Option<f64>,
     /// Fraction of decode KV blocks in use, 0..=1.
     pub decode_kv_utilization: Option<f64>,
+    /// Prompt tokens the prefill tier computed per second (served, not offered: a backlogged
+    /// tier serves less than arrives).
+    pub prefill_tokens_per_s: Option<f64>,
+    /// Tokens the decode tier generated per second (served). The decode model learns from this
+    /// when present: while prefill is backlogged, decode sees less than the arrival rate.
+    pub decode_tokens_per_s: Option<f64>,
     /// Ready replicas per tier.
     pub ready: TierCounts,
 }
@@ -296,6 +314,8 @@ pub struct Decision {
     pub desired: TierCounts,
     /// One line per tier saying why.
     pub reason: String,
+    /// Why, per tier (the parts of `reason`), for each tier's status.
+    pub tier_reasons: TierReasons,
     /// Set when the planner refused to act.
     pub refusal: Option<Refusal>,
 }
@@ -309,7 +329,13 @@ pub struct PlannerState {
     decode: TierHistory,
     /// Last request rate and when it was seen, for the demand trend.
     last_rate: Option<(f64, f64)>,
-    /// Smoothed rate of change of the request rate, requests/s per second.
+    /// Ready replicas at the previous observation: a throughput measured over an interval in
+    /// which the ready count changed cannot be split per replica.
+    last_ready: Option<TierCounts>,
+    /// Whether the last decision surged (see `backlog_drain_s`): its replicas are not a level
+    /// to hold, and the interval after a surge still carries the drained backlog.
+    surged_last: bool,
+    /// Smoothed rate of change of the request rate, requests/s per second; reset by a step.
     rate_slope: f64,
 }
 
@@ -357,6 +383,7 @@ pub fn decide(
         return Decision {
             desired: current,
             reason: format!("no action: {}", refusal.message),
+            tier_reasons: TierReasons::default(),
             refusal: Some(refusal),
         };
     }
@@ -392,21 +419,22 @@ pub fn decide(
                 current.decode,
             ),
     ];
+    let measured_prefill_capacity = state
+        .last_ready
+        .is_some_and(|last| last.prefill == observation.ready.prefill)
+        .then(|| saturated_prefill_per_replica(config, observation))
+        .flatten();
     learn(
         config,
         state,
         observation,
         current,
         blame_decode,
+        measured_prefill_capacity,
         [rate, input, output],
     );
 
     let projected_rate = rate + state.rate_slope.max(0.0) * config.lookahead_s;
-    let backlog_tokens_per_s = if config.lookahead_s > 0.0 {
-        observation.prefill_queue_depth.unwrap_or(0.0) * input / config.lookahead_s
-    } else {
-        0.0
-    };
 
     // Capacity per replica: the model's, capped by the breach ceiling; at the planning target
     // (`target_latency_fraction × SLO`) and at the SLO itself.
@@ -420,29 +448,60 @@ pub fn decide(
     };
     let prefill_ceiling = ceiling(&state.prefill);
     let decode_ceiling = ceiling(&state.decode);
+    let prefill_capacity = [fraction, 1.0, config.scale_down_below].map(|share| {
+        let model = state
+            .prefill_model
+            .capacity_at(share * config.slo.ttft_p90_s);
+        capped(model, prefill_ceiling.map(|c| c * share))
+    });
+    let decode_capacity = [fraction, 1.0, config.scale_down_below].map(|share| {
+        let model = state.decode_model.capacity_at(share * config.slo.itl_p90_s);
+        capped(model, decode_ceiling.map(|c| c * share))
+    });
+    let surge = if blame_decode {
+        None
+    } else {
+        backlog_surge(
+            config,
+            state,
+            observation,
+            current,
+            now_s,
+            [rate * input, input, output],
+            // A breach ceiling alone is an upper bound on capacity, not an estimate: without a
+            // measurement or a fitted curve, the breach feedback sizes the step instead.
+            measured_prefill_capacity.or(state
+                .prefill_model
+                .capacity_at(config.slo.ttft_p90_s)
+                .and(prefill_capacity[1])),
+            decode_capacity[0],
+        )
+    };
+    let decode_saturated_now = observation
+        .decode_kv_utilization
+        .is_some_and(|u| u >= config.kv_saturation);
     let mut recommended = TierCounts::default();
     let mut why = TierReasons::default();
     for tier in [Tier::Prefill, Tier::Decode] {
-        let slo = config.slo_s(tier);
         let (capacity, demand, latency) = match tier {
             Tier::Prefill => (
-                [fraction, 1.0, config.scale_down_below].map(|share| {
-                    let model = state.prefill_model.capacity_at(share * slo);
-                    capped(model, prefill_ceiling.map(|c| c * share))
-                }),
-                projected_rate * input + backlog_tokens_per_s,
+                prefill_capacity,
+                projected_rate * input,
                 observation.ttft_p90_s,
             ),
             Tier::Decode => (
-                [fraction, 1.0, config.scale_down_below].map(|share| {
-                    let model = state.decode_model.capacity_at(share * slo);
-                    capped(model, decode_ceiling.map(|c| c * share))
-                }),
+                decode_capacity,
                 projected_rate * output,
                 observation.itl_p90_s,
             ),
         };
-        let blame_decode = tier == Tier::Prefill && blame_decode;
+        let surging = surge.is_some() || state.surged_last;
+        let explained = match tier {
+            Tier::Prefill if blame_decode => Some(Explained::DecodeBackpressure),
+            _ if surging => Some(Explained::Backlog),
+            Tier::Decode if decode_saturated_now => Some(Explained::Saturated),
+            _ => None,
+        };
         let (count, reason) = recommend(
             config,
             tier,
@@ -452,7 +511,7 @@ pub fn decide(
             demand,
             capacity,
             latency,
-            blame_decode,
+            explained,
             unexplained_breach_possible[tier as usize],
         );
         recommended.set(tier, count);
@@ -474,32 +533,42 @@ pub fn decide(
 
     let mut desired = current;
     let mut reason = String::new();
+    let mut tier_reasons = TierReasons::default();
     for tier in [Tier::Prefill, Tier::Decode] {
         let bounds = config.bounds(tier);
         let clamped = recommended.get(tier).clamp(bounds.min, bounds.max);
         let now_count = current.get(tier);
-        let (next, note) = settle(config, state.history(tier), now_count, clamped, now_s);
+        let (mut next, mut note) = settle(config, state.history(tier), now_count, clamped, now_s);
+        if let Some((counts, why_surge)) = &surge {
+            let surge_count = counts.get(tier).clamp(bounds.min, bounds.max);
+            if surge_count > next {
+                next = surge_count;
+                note = format!(" (backlog surge: {why_surge})");
+            }
+        }
         desired.set(tier, next);
         if next != now_count {
             state.history(tier).last_change = Some((now_s, next > now_count));
         }
-        let _ = write!(
-            reason,
-            "{}{tier} {now_count}->{next}: {}{}",
-            if reason.is_empty() { "" } else { "; " },
-            why.get(tier),
-            note
-        );
+        let line = format!("{tier} {now_count}->{next}: {}{note}", why.get(tier));
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str(&line);
+        tier_reasons.set(tier, line);
     }
+    state.surged_last = surge.is_some();
     Decision {
         desired,
         reason,
+        tier_reasons,
         refusal: None,
     }
 }
 
-#[derive(Default)]
-struct TierReasons {
+/// A line per tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierReasons {
     prefill: String,
     decode: String,
 }
@@ -512,7 +581,7 @@ impl TierReasons {
         }
     }
 
-    fn get(&self, tier: Tier) -> &str {
+    pub fn get(&self, tier: Tier) -> &str {
         match tier {
             Tier::Prefill => &self.prefill,
             Tier::Decode => &self.decode,
@@ -521,6 +590,14 @@ impl TierReasons {
 }
 
 fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Option<Refusal> {
+    if !observation.timestamp_s.is_finite() {
+        return Some(Refusal {
+            reason: "MetricsMissing",
+            message: "no successful scrape of this deployment's pods in Prometheus (are they \
+                      scraped, with `namespace` and `deployment` labels?)"
+                .to_string(),
+        });
+    }
     let age = now_s - observation.timestamp_s;
     if age > config.max_staleness_s {
         return Some(Refusal {
@@ -556,19 +633,27 @@ fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Opt
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn learn(
     config: &PlannerConfig,
     state: &mut PlannerState,
     observation: &Observation,
     current: TierCounts,
     prefill_blamed_on_decode: bool,
+    measured_prefill_capacity: Option<f64>,
     [rate, input, output]: [f64; 3],
 ) {
     let now = observation.timestamp_s;
     if let Some((then, last_rate)) = state.last_rate {
         if now > then {
             let slope = (rate - last_rate) / (now - then);
-            state.rate_slope += config.model_alpha * (slope - state.rate_slope);
+            // A jump of more than a quarter of the rate in one interval is a step, not a trend:
+            // projecting it forward would size for a load that is not coming.
+            state.rate_slope = if (rate - last_rate).abs() > STEP_FRACTION * last_rate.max(rate) {
+                0.0
+            } else {
+                state.rate_slope + config.model_alpha * (slope - state.rate_slope)
+            };
         }
     }
     state.last_rate = Some((now, rate));
@@ -584,14 +669,29 @@ fn learn(
                     .prefill_model
                     .observe(load, input, ttft, config.model_alpha);
             }
+            if let Some(per_replica) = measured_prefill_capacity {
+                state.prefill_model.observe_saturated(per_replica, input);
+            }
             // A breach caused by decode backpressure says nothing about prefill capacity.
             let breached = ttft > config.slo.ttft_p90_s && !prefill_blamed_on_decode;
             record_ceiling(config, &mut state.prefill, load, breached);
         }
     }
-    if ready.decode > 0 && ready.decode >= current.decode {
+    // Decode's load is what it served; without that measurement, the arrival rate stands for
+    // it only while prefill keeps up (a backlogged prefill hands decode less than arrives).
+    let decode_served = observation.decode_tokens_per_s.or_else(|| {
+        let prefill_keeps_up = observation
+            .ttft_p90_s
+            .is_none_or(|ttft| ttft <= config.slo.ttft_p90_s)
+            || prefill_blamed_on_decode;
+        prefill_keeps_up.then_some(rate * output)
+    });
+    if let (true, Some(served)) = (
+        ready.decode > 0 && ready.decode >= current.decode,
+        decode_served,
+    ) {
         if let Some(itl) = observation.itl_p90_s {
-            let load = rate * output / f64::from(ready.decode);
+            let load = served / f64::from(ready.decode);
             if itl <= config.slo.itl_p90_s {
                 let kv = observation.decode_kv_utilization;
                 state
@@ -601,6 +701,18 @@ fn learn(
             record_ceiling(config, &mut state.decode, load, itl > config.slo.itl_p90_s);
         }
     }
+    state.last_ready = Some(ready);
+}
+
+/// Prompt tokens per second one ready prefill replica served while a backlog built (TTFT over
+/// the SLO and more prompts queued than replicas at the interval's end): its raw capacity,
+/// measured. A short queue under the SLO is ordinary queueing, not saturation.
+fn saturated_prefill_per_replica(config: &PlannerConfig, observation: &Observation) -> Option<f64> {
+    let ready = f64::from(observation.ready.prefill);
+    let queued = observation.prefill_queue_depth?;
+    let served = observation.prefill_tokens_per_s?;
+    let breached = observation.ttft_p90_s? > config.slo.ttft_p90_s;
+    (breached && ready > 0.0 && queued > ready && served > 0.0).then(|| served / ready)
 }
 
 fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, breached: bool) {
@@ -618,10 +730,79 @@ fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, 
     history.breaching = breached;
 }
 
+/// A change of the request rate by more than this fraction within one interval is a step.
+const STEP_FRACTION: f64 = 0.25;
+
 /// A breach up to this multiple of the SLO, in one interval, while the model says the current
 /// replicas carry the demand at the SLO, is treated as noise until the next interval confirms it
 /// (p90s of one interval scatter; reacting to each would oscillate under constant load).
 const MILD_BREACH: f64 = 1.5;
+
+/// What, other than the tier's own capacity, accounts for a breach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Explained {
+    /// Prefill's TTFT breach comes from decode not taking prefilled prompts.
+    DecodeBackpressure,
+    /// A backlog surge is on or just ended: the tier's latency and its current (surged) count
+    /// say nothing about the steady demand, which the model sizes alone.
+    Backlog,
+    /// Decode's KV is full.
+    Saturated,
+}
+
+/// The backlog surge: replicas per tier that carry the demand *and* drain the prefill queue
+/// within `backlog_drain_s` of new replicas serving, and why; `None` unless TTFT breaches with
+/// more prompts queued than prefill replicas, or before the models can size it.
+///
+/// The backlog is projected to the moment a replica asked for now serves (`replica_startup_s`):
+/// the queue now, plus what the ready replicas fall short of the demand until then, minus what
+/// replicas already starting will serve once ready. Prefill drains at its capacity at the SLO;
+/// decode must carry what prefill then emits, at its planning capacity.
+#[allow(clippy::too_many_arguments)]
+fn backlog_surge(
+    config: &PlannerConfig,
+    state: &PlannerState,
+    observation: &Observation,
+    current: TierCounts,
+    now_s: f64,
+    [demand, input, output]: [f64; 3],
+    prefill_per_replica: Option<f64>,
+    decode_per_replica: Option<f64>,
+) -> Option<(TierCounts, String)> {
+    // `prefill_per_replica` is the measured saturated throughput when there is one (draining
+    // runs the replicas flat out), else the model's capacity at the SLO.
+    let ttft = observation.ttft_p90_s?;
+    let queue = observation.prefill_queue_depth?;
+    let ready = observation.ready.prefill;
+    if ttft <= config.slo.ttft_p90_s || queue <= f64::from(ready) || input <= 0.0 {
+        return None;
+    }
+    let per_replica = prefill_per_replica?;
+    let startup = config.replica_startup_s;
+    let starting = f64::from(current.prefill.saturating_sub(ready));
+    let starting_serve_in = match state.prefill.last_change {
+        Some((at, true)) => (at + startup - now_s).clamp(0.0, startup),
+        _ => startup,
+    };
+    let shortfall = (demand - f64::from(ready) * per_replica).max(0.0);
+    let backlog = (queue * input + shortfall * startup
+        - starting * per_replica * (startup - starting_serve_in))
+        .max(0.0);
+    let throughput = demand + backlog / config.backlog_drain_s;
+    let prefill = (throughput / per_replica).ceil() as u32;
+    let decode = match decode_per_replica {
+        Some(capacity) if output > 0.0 => ((throughput / input * output) / capacity).ceil() as u32,
+        _ => current.decode,
+    };
+    Some((
+        TierCounts { prefill, decode },
+        format!(
+            "{queue:.0} prompts queued, {:.0}k tokens projected in {startup:.0}s, drained in {:.0}s",
+            backlog / 1e3,
+            config.backlog_drain_s
+        ),
+    ))
+}
 
 /// The raw recommendation of one tier and why.
 #[allow(clippy::too_many_arguments)]
@@ -634,7 +815,7 @@ fn recommend(
     demand: f64,
     [capacity, capacity_at_slo, capacity_down]: [Option<f64>; 3],
     latency: Option<f64>,
-    blame_decode: bool,
+    explained: Option<Explained>,
     model_carries_demand: bool,
 ) -> (u32, String) {
     let slo = config.slo_s(tier);
@@ -661,20 +842,33 @@ fn recommend(
         (Some(count), Some(capacity)) => format!("model {count} at {capacity:.0} tok/s/replica"),
         _ => "no model yet".to_string(),
     };
-    if latency > slo && blame_decode {
-        return (
-            current.max(modelled.unwrap_or(0)),
-            format!("{observed}, blamed on saturated decode; {model_says}"),
-        );
+    match explained {
+        Some(Explained::DecodeBackpressure) if latency > slo => {
+            return (
+                current.max(modelled.unwrap_or(0)),
+                format!("{observed}, blamed on saturated decode; {model_says}"),
+            );
+        }
+        // The surge drains the queue; what stays afterwards is what the demand needs.
+        Some(Explained::Backlog) => {
+            return (
+                modelled.unwrap_or(current),
+                format!("{observed}, prompts queued; {model_says}"),
+            );
+        }
+        _ => {}
     }
-    if latency > slo && latency <= MILD_BREACH * slo && model_carries_demand {
+    let saturated = explained == Some(Explained::Saturated);
+    if latency > slo && latency <= MILD_BREACH * slo && model_carries_demand && !saturated {
         return (
             current,
             format!("{observed}, a first mild breach the model does not explain: confirming; {model_says}"),
         );
     }
     if latency > slo {
-        let step = if latency > 2.0 * slo {
+        // Far over the SLO, or out of KV (its latency then stops rising with the load, so
+        // its size says nothing about how far short the tier is): the largest step.
+        let step = if latency > 2.0 * slo || saturated {
             up_step(config, current)
         } else {
             1

@@ -11,12 +11,15 @@
 
 mod decide;
 mod model;
+pub mod runner;
 pub mod sim;
+mod spec;
 mod target;
 
 pub use decide::{
     decide, ConfigError, Decision, Observation, PlannerConfig, PlannerState, Refusal, Slo,
-    TierBounds, TierCounts,
+    TierBounds, TierCounts, TierReasons,
 };
 pub use model::{DecodeModel, PrefillModel};
+pub use spec::planner_config;
 pub use target::{plan_step, PlanStepError, ScaleTarget, Tier, TierReplicas};

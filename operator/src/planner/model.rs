@@ -40,6 +40,20 @@ impl PrefillModel {
         self.samples += 1;
     }
 
+    /// Absorbs a measured ceiling: a replica with prompts always queued served
+    /// `tokens_per_s_per_replica`, so its raw capacity is no higher. This corrects the curve's
+    /// extrapolation (fitted at light load, `C` tends to come out above the real capacity) and
+    /// gives a first estimate before any interval met the SLO.
+    pub fn observe_saturated(&mut self, tokens_per_s_per_replica: f64, mean_input_tokens: f64) {
+        if !(tokens_per_s_per_replica > 0.0 && mean_input_tokens > 0.0) {
+            return;
+        }
+        self.raw_capacity = Some(self.raw_capacity.map_or(tokens_per_s_per_replica, |c| {
+            c.min(tokens_per_s_per_replica)
+        }));
+        self.mean_input_tokens.get_or_insert(mean_input_tokens);
+    }
+
     /// Load per replica (input tokens/s) at which the model predicts `ttft_p90_s`; `None` before
     /// any sample or when even an idle replica would miss it.
     pub fn capacity_at(&self, ttft_p90_s: f64) -> Option<f64> {
@@ -77,9 +91,9 @@ pub struct DecodeModel {
 /// slope; the fallback prior is used instead.
 const MIN_RELATIVE_SPREAD: f64 = 0.25;
 /// Weight kept by old points at each new sample.
-const FORGETTING: f64 = 0.9;
+const FORGETTING: f64 = 0.98;
 /// Fraction of the lowest ITL seen that the fallback assumes to be the fixed step cost.
-const PRIOR_FIXED_FRACTION: f64 = 0.3;
+const PRIOR_FIXED_FRACTION: f64 = 0.5;
 
 impl DecodeModel {
     /// Absorbs one interval: load per replica (output tokens/s), ITL p90 (s), KV utilization.

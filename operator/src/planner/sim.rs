@@ -496,6 +496,8 @@ struct Sim {
     arrivals: u64,
     input_sum: f64,
     output_sum: f64,
+    prefill_tokens: f64,
+    decode_tokens: f64,
     ttft: Vec<f64>,
     itl: ItlHistogram,
 }
@@ -518,6 +520,8 @@ impl Sim {
             arrivals: 0,
             input_sum: 0.0,
             output_sum: 0.0,
+            prefill_tokens: 0.0,
+            decode_tokens: 0.0,
             ttft: Vec::new(),
             itl: ItlHistogram::new(),
         }
@@ -621,6 +625,8 @@ impl Sim {
             decode_kv_utilization: (ready_decode > 0).then(|| {
                 in_decode as f64 / (f64::from(ready_decode) * self.params.max_batch as f64)
             }),
+            prefill_tokens_per_s: Some(self.prefill_tokens / interval_s),
+            decode_tokens_per_s: Some(self.decode_tokens / interval_s),
             ready: TierCounts {
                 prefill: self.ready(Tier::Prefill),
                 decode: ready_decode,
@@ -629,6 +635,8 @@ impl Sim {
         self.arrivals = 0;
         self.input_sum = 0.0;
         self.output_sum = 0.0;
+        self.prefill_tokens = 0.0;
+        self.decode_tokens = 0.0;
         self.ttft.clear();
         self.itl.clear();
         observation
@@ -661,6 +669,7 @@ impl Sim {
                     replica.life = Life::Gone;
                 }
                 self.ttft.push(self.now - request.arrival_s);
+                self.prefill_tokens += f64::from(request.input);
                 if request.output > 1 {
                     self.decode_queue.push_back(Sequence {
                         remaining: request.output - 1,
@@ -676,6 +685,7 @@ impl Sim {
                 let now = self.now;
                 let replica = &mut self.decode[index];
                 let mut finished = 0;
+                self.decode_tokens += replica.batch.len() as f64;
                 for sequence in &mut replica.batch {
                     self.itl.record(now - sequence.last_token_s);
                     sequence.last_token_s = now;
@@ -927,6 +937,24 @@ pub fn score_trace(
     config: &PlannerConfig,
     seed: u64,
 ) -> TraceScore {
+    let mut score = score_planner(params, trace, config, seed);
+    let max = TierCounts {
+        prefill: config.prefill_bounds.max,
+        decode: config.decode_bounds.max,
+    };
+    score.best_static = best_static(params, trace, &config.slo, max, config.interval_s, seed)
+        .map(|(counts, report)| (counts, report.gpu_seconds));
+    score
+}
+
+/// Runs the planner on `trace` from its minimum replicas, without the (costly) search for the
+/// best static allocation: `best_static` is `None`.
+pub fn score_planner(
+    params: &ClusterParams,
+    trace: &Trace,
+    config: &PlannerConfig,
+    seed: u64,
+) -> TraceScore {
     let initial = TierCounts {
         prefill: config.prefill_bounds.min.max(1),
         decode: config.decode_bounds.min.max(1),
@@ -941,12 +969,6 @@ pub fn score_trace(
         config.interval_s,
         seed,
     );
-    let max = TierCounts {
-        prefill: config.prefill_bounds.max,
-        decode: config.decode_bounds.max,
-    };
-    let best_static = best_static(params, trace, &config.slo, max, config.interval_s, seed)
-        .map(|(counts, report)| (counts, report.gpu_seconds));
     TraceScore {
         trace: trace.name.clone(),
         settled_attainment: planner.attainment(&config.slo, |i| {
@@ -954,7 +976,7 @@ pub fn score_trace(
         }),
         overall_attainment: planner.attainment(&config.slo, |_| true),
         planner_gpu_seconds: planner.gpu_seconds,
-        best_static,
+        best_static: None,
         scale_events: planner.scale_events.len(),
         planner,
     }

@@ -1,0 +1,235 @@
+//! What the planner reads from Prometheus: one [`Observation`] per DisaggDeployment per interval.
+//!
+//! The series are the metrics contract (`docs/metrics.md`) as the scrape job in
+//! `manifests/prometheus/scrape-config.yaml` labels them: every target of a Tandem pod carries
+//! `namespace`, `deployment` (the pod's `tandem.dev/deployment`) and `tier` (`tandem.dev/tier`).
+//! Frontend series are selected by deployment alone, so an aggregated deployment (decode pods
+//! running `tandem serve`, no frontend tier) is read the same way.
+//!
+//! The client is `prometheus-http-query` 0.8, the last release on reqwest 0.12 (the worker's
+//! reqwest; 0.9 moved to reqwest 0.13 and would put a second reqwest in the tree).
+
+use std::time::Duration;
+
+use prometheus_http_query::response::Data;
+use prometheus_http_query::Client;
+
+use crate::planner::{Observation, TierCounts};
+
+/// Why an observation could not be read. Missing or stale *series* are not errors: they come
+/// back as `None` fields and an old `timestamp_s`, and the planner refuses on them.
+#[derive(Debug, thiserror::Error)]
+pub enum PrometheusError {
+    #[error("Prometheus URL {url:?}: {source}")]
+    Url {
+        url: String,
+        source: prometheus_http_query::Error,
+    },
+    #[error("building the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("Prometheus query `{query}` failed: {source}")]
+    Query {
+        query: String,
+        source: prometheus_http_query::Error,
+    },
+    #[error("Prometheus query `{query}` returned a {kind}, not an instant vector")]
+    UnexpectedResult { query: String, kind: &'static str },
+}
+
+/// Longest a single query may take; a planner step never waits longer on Prometheus.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which deployment to observe and over what window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub namespace: String,
+    pub deployment: String,
+    /// Range of `rate()` and `histogram_quantile()`, in whole seconds. It should span at least
+    /// two scrapes; the operator uses twice the planner interval.
+    pub window_s: u64,
+}
+
+/// The PromQL of every [`Observation`] field, for one [`Scope`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queries {
+    pub ttft_p90: String,
+    pub itl_p90: String,
+    pub request_rate: String,
+    pub mean_input_tokens: String,
+    pub mean_output_tokens: String,
+    pub prefill_queue_depth: String,
+    pub decode_kv_utilization: String,
+    pub prefill_tokens_per_s: String,
+    pub decode_tokens_per_s: String,
+    /// Newest successful scrape of any of this deployment's targets (`up` is written on every
+    /// scrape, even of a process that has served nothing yet; `== 1` keeps the successful
+    /// ones): the observation's timestamp.
+    pub newest_scrape: String,
+}
+
+/// A label value inside a PromQL double-quoted string.
+fn quoted(value: &str) -> String {
+    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("\"{escaped}\"")
+}
+
+impl Queries {
+    pub fn new(scope: &Scope) -> Self {
+        let selector = format!(
+            "namespace={},deployment={}",
+            quoted(&scope.namespace),
+            quoted(&scope.deployment)
+        );
+        let window = format!("{}s", scope.window_s.max(1));
+        let p90 = |histogram: &str| {
+            format!(
+                "histogram_quantile(0.9, sum by (le) (rate({histogram}_bucket{{{selector}}}[{window}])))"
+            )
+        };
+        let mean = |histogram: &str| {
+            format!(
+                "sum(rate({histogram}_sum{{{selector}}}[{window}])) / sum(rate({histogram}_count{{{selector}}}[{window}]))"
+            )
+        };
+        Queries {
+            ttft_p90: p90("tandem_frontend_time_to_first_token_seconds"),
+            itl_p90: p90("tandem_frontend_inter_token_latency_seconds"),
+            request_rate: format!(
+                "sum(rate(tandem_frontend_requests_total{{{selector}}}[{window}]))"
+            ),
+            mean_input_tokens: mean("tandem_frontend_input_tokens"),
+            mean_output_tokens: mean("tandem_frontend_output_tokens"),
+            prefill_queue_depth: format!(
+                "sum(tandem_worker_queue_depth{{{selector},tier=\"prefill\"}})"
+            ),
+            decode_kv_utilization: format!(
+                "sum(tandem_worker_kv_blocks_used{{{selector},tier=\"decode\"}}) / sum(tandem_worker_kv_blocks_total{{{selector},tier=\"decode\"}})"
+            ),
+            prefill_tokens_per_s: format!(
+                "sum(rate(tandem_worker_prefill_tokens_total{{{selector},tier=\"prefill\"}}[{window}]))"
+            ),
+            decode_tokens_per_s: format!(
+                "sum(rate(tandem_worker_decode_tokens_total{{{selector},tier=\"decode\"}}[{window}]))"
+            ),
+            newest_scrape: format!("max(timestamp(up{{{selector}}} == 1))"),
+        }
+    }
+}
+
+/// A Prometheus server the planner queries.
+#[derive(Clone)]
+pub struct PrometheusSource {
+    client: Client,
+}
+
+impl std::fmt::Debug for PrometheusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrometheusSource")
+            .field("base_url", &self.client.base_url().as_str())
+            .finish()
+    }
+}
+
+impl PrometheusSource {
+    /// A client for the Prometheus at `url` (e.g. `http://prometheus.monitoring:9090`).
+    pub fn new(url: &str) -> Result<Self, PrometheusError> {
+        let http = reqwest::Client::builder().timeout(QUERY_TIMEOUT).build()?;
+        let client = Client::from(http, url).map_err(|source| PrometheusError::Url {
+            url: url.to_string(),
+            source,
+        })?;
+        Ok(PrometheusSource { client })
+    }
+
+    /// Reads one observation of `scope`. `ready` is left at zero: the scale target reports it.
+    ///
+    /// A deployment whose targets are scraped but whose frontend has answered no request yet has
+    /// no `tandem_frontend_requests_total` series (a labelled counter appears on its first
+    /// increment): that reads as a request rate of 0, not as missing data.
+    pub async fn observe(&self, scope: &Scope) -> Result<Observation, PrometheusError> {
+        let queries = Queries::new(scope);
+        let (ttft, itl, rate, input, output, queue, kv, served, newest) = futures::try_join!(
+            self.scalar(&queries.ttft_p90),
+            self.scalar(&queries.itl_p90),
+            self.scalar(&queries.request_rate),
+            self.scalar(&queries.mean_input_tokens),
+            self.scalar(&queries.mean_output_tokens),
+            self.scalar(&queries.prefill_queue_depth),
+            self.scalar(&queries.decode_kv_utilization),
+            async {
+                futures::try_join!(
+                    self.scalar(&queries.prefill_tokens_per_s),
+                    self.scalar(&queries.decode_tokens_per_s)
+                )
+            },
+            self.scalar(&queries.newest_scrape),
+        )?;
+        Ok(Observation {
+            // No scrape at all: as old as can be, so the planner calls it stale.
+            timestamp_s: newest.unwrap_or(f64::NEG_INFINITY),
+            ttft_p90_s: ttft,
+            itl_p90_s: itl,
+            request_rate: rate.or(newest.map(|_| 0.0)),
+            mean_input_tokens: input,
+            mean_output_tokens: output,
+            prefill_queue_depth: queue,
+            decode_kv_utilization: kv,
+            prefill_tokens_per_s: served.0,
+            decode_tokens_per_s: served.1,
+            ready: TierCounts::default(),
+        })
+    }
+
+    /// The value of a query that aggregates to at most one series; `None` when it returns no
+    /// series or a NaN (a quantile or ratio over an empty window).
+    async fn scalar(&self, query: &str) -> Result<Option<f64>, PrometheusError> {
+        let result =
+            self.client
+                .query(query)
+                .get()
+                .await
+                .map_err(|source| PrometheusError::Query {
+                    query: query.to_string(),
+                    source,
+                })?;
+        let value = match result.data() {
+            Data::Vector(series) => series.first().map(|s| s.sample().value()),
+            Data::Scalar(sample) => Some(sample.value()),
+            Data::Matrix(_) => {
+                return Err(PrometheusError::UnexpectedResult {
+                    query: query.to_string(),
+                    kind: "range vector",
+                })
+            }
+        };
+        Ok(value.filter(|v| v.is_finite()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_select_the_deployment_by_the_scrape_jobs_labels() {
+        let queries = Queries::new(&Scope {
+            namespace: "prod".into(),
+            deployment: "llama".into(),
+            window_s: 60,
+        });
+        assert_eq!(
+            queries.ttft_p90,
+            "histogram_quantile(0.9, sum by (le) (rate(tandem_frontend_time_to_first_token_seconds_bucket{namespace=\"prod\",deployment=\"llama\"}[60s])))"
+        );
+        assert_eq!(
+            queries.decode_kv_utilization,
+            "sum(tandem_worker_kv_blocks_used{namespace=\"prod\",deployment=\"llama\",tier=\"decode\"}) / sum(tandem_worker_kv_blocks_total{namespace=\"prod\",deployment=\"llama\",tier=\"decode\"})"
+        );
+        assert!(queries.prefill_queue_depth.contains("tier=\"prefill\""));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}
