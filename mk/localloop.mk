@@ -35,6 +35,6 @@ run-autoscaled: model prometheus-tool planner-local ## tandem local + Prometheus
 	echo "Prometheus: http://127.0.0.1:$(PROMETHEUS_PORT)  worker logs: $$dir/logs"; \
 	$(PLANNER_LOCAL) --prometheus http://127.0.0.1:$(PROMETHEUS_PORT) --control http://127.0.0.1:$(CONTROL_PORT) \
 	  --ttft-p90-ms $(TTFT_P90_MS) --itl-p90-ms $(ITL_P90_MS) --prefill-max $(PREFILL_MAX) --decode-max $(DECODE_MAX) \
-	  --interval-secs $(PLANNER_INTERVAL_SECS) --cooldown-secs 30 --scale-down-stabilization-secs 60 \
+	  --interval-secs $(PLANNER_INTERVAL_SECS) --window-secs 20 --cooldown-secs 30 --scale-down-stabilization-secs 60 \
 	  --replica-startup-secs 15 --lookahead-secs 30 $(PLANNER_ARGS) & pids+=($$!); \
 	wait -n "$${pids[@]}"

@@ -24,23 +24,32 @@ use tandem_operator::prometheus::{PrometheusSource, Scope};
 /// Seconds between planner decisions: short, so the test sees several within a load step.
 const INTERVAL_S: f64 = 3.0;
 
-/// The SLOs. This machine has two cores shared by other work, so the margins are wide:
-/// - TTFT 1.5 s: an idle 1P+1D deployment answers a 1000-token prompt's first token in about
-///   0.2-0.6 s (the single-request TTFT under whatever else the machine runs), well under; the
-///   load step keeps 12 such prompts in flight against one single-threaded prefill worker, so
-///   each waits for the ones ahead of it and the p90 goes to several seconds, far over (more than
-///   2 × SLO, which asks for the largest step at once).
-/// - ITL 2 s: decode generates 4 tokens per request at one or two requests at a time; its gaps
-///   stay in the tens to hundreds of milliseconds even while prefill runs flat out beside it, so
-///   the ITL SLO never breaks and decode is not the tier that limits the SLO.
-const TTFT_SLO_S: f64 = 1.5;
-const ITL_SLO_S: f64 = 2.0;
+/// The SLOs. This machine has two cores shared with other work, so the margins are wide
+/// (measured with this test's settings while the machine ran other builds, load average 6-20):
+/// - TTFT 2.5 s: an idle 1P+1D deployment gives a 200-token prompt its first token in about
+///   0.9 s (p90 of single requests), well under; the load step keeps 6 such prompts in flight
+///   against one single-threaded prefill worker, so each waits for the ones ahead of it and the
+///   p90 goes to 5-20 s (with the machine's other load), far over.
+/// - ITL 3 s: decode generates 4 tokens per request and prefills nothing itself (every prompt
+///   goes to the prefill tier, see below); its p90 gap stays around 0.1 s, so the ITL SLO does
+///   not break and decode is not the tier that limits the SLO.
+const TTFT_SLO_S: f64 = 2.5;
+const ITL_SLO_S: f64 = 3.0;
 
-/// The load step: `tandem bench` closed loop.
-const LOAD_CONCURRENCY: usize = 12;
-const LOAD_INPUT_TOKENS: usize = 1000;
+/// The load step: `tandem bench` closed loop. Prompts of 64 tokens or more are prefilled on the
+/// prefill tier (`--remote-prefill-min-tokens 64`; the default 256 would keep these on decode),
+/// and the decode worker waits for a prefill worker however long its queue
+/// (`--prefill-max-queue 64`; by default it prefills locally past 4 queued, and a 200-token
+/// prefill on decode's core stalls every running sequence's next token for a second or more).
+const LOAD_CONCURRENCY: usize = 6;
+const LOAD_INPUT_TOKENS: usize = 200;
 const LOAD_OUTPUT_TOKENS: usize = 4;
-const LOAD_SECONDS: u64 = 50;
+const LOAD_SECONDS: u64 = 40;
+
+/// Range of the planner's queries. The request rate counts *answered* requests, and under the
+/// load step each one takes several seconds, so the window must hold several answers (at 6
+/// in flight, 20 s holds about ten even when TTFT reaches 10 s).
+const WINDOW_S: u64 = 20;
 
 /// Longest the whole deployment may take to load the model and answer `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -284,6 +293,8 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
         .arg("--prometheus-sd-file")
         .arg(&targets)
         .args(["--deployment", "smol", "--shutdown-grace-secs", "5"])
+        .args(["--remote-prefill-min-tokens", "64"])
+        .args(["--decode-arg", "--prefill-max-queue 64"])
         // One compute thread per worker: the two cores are shared by prefill and decode.
         .args(["--worker-arg", "--threads 1"])
         .arg("--log-dir")
@@ -318,13 +329,14 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
     let scope = Scope {
         namespace: "local".into(),
         deployment: "smol".into(),
-        window_s: (2.0 * INTERVAL_S) as u64,
+        window_s: WINDOW_S,
     };
-    // Prometheus reads the targets file and scrapes within a few seconds of starting.
+    // Prometheus reads the targets file and scrapes within a few seconds of starting (a
+    // successful scrape of any of the deployment's processes gives the observation its time).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(seen) = source.observe(&scope).await {
-            if seen.timestamp_s.is_finite() && seen.decode_kv_utilization.is_some() {
+            if seen.timestamp_s.is_finite() {
                 break;
             }
         }
