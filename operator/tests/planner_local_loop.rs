@@ -244,6 +244,40 @@ async fn wait_tiers(
     }
 }
 
+/// Prefill workers Prometheus scrapes successfully now (found through the targets file).
+async fn scraped_prefill_workers(http: &reqwest::Client, prometheus: &str) -> usize {
+    let body = http
+        .get(format!("{prometheus}/api/v1/query"))
+        .query(&[("query", "up{deployment=\"smol\",tier=\"prefill\"} == 1")])
+        .send()
+        .await
+        .expect("Prometheus answers")
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+    v["data"]["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .len()
+}
+
+/// Waits until Prometheus scrapes `expected` prefill workers: the targets file followed the tier.
+async fn wait_scraped(http: &reqwest::Client, prometheus: &str, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let scraped = scraped_prefill_workers(http, prometheus).await;
+        if scraped == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus scrapes {scraped} prefill workers, not {expected}, 20 s after the change"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn planner_config() -> PlannerConfig {
     let mut config = PlannerConfig::new(
         Slo {
@@ -325,7 +359,8 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
         .collect();
     assert_eq!(tiers_scraped.len(), 3, "one target per process: {written}");
 
-    let source = PrometheusSource::new(&format!("http://127.0.0.1:{prometheus_port}")).unwrap();
+    let prometheus = format!("http://127.0.0.1:{prometheus_port}");
+    let source = PrometheusSource::new(&prometheus).unwrap();
     let scope = Scope {
         namespace: "local".into(),
         deployment: "smol".into(),
@@ -437,6 +472,7 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
         |(prefill, prefill_ready, ..)| prefill_ready >= 2 && prefill_ready == prefill,
     )
     .await;
+    wait_scraped(&http, &prometheus, 2).await;
     assert_eq!(
         (grown.2, ready.2),
         (1, 1),
@@ -475,6 +511,7 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
         |t| t == (1, 1, 1, 1),
     )
     .await;
+    wait_scraped(&http, &prometheus, 1).await;
     eprintln!(
         "[{:5.1}s] back to 1 prefill + 1 decode; tiers over time (s, (prefill, ready, decode, ready)): {timeline:?}",
         started.elapsed().as_secs_f64()
