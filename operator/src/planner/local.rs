@@ -240,12 +240,11 @@ impl LocalPlanner {
         })
     }
 
-    pub fn config(&self) -> &PlannerConfig {
-        &self.config
-    }
-
     /// One interval: read the tiers, observe, decide, apply.
     pub async fn step(&mut self) -> Result<LocalStep, LocalPlannerError> {
+        let mut observation = self.source.observe(&self.scope).await?;
+        // `plan_step` reads the tiers itself; this read is for the report (before → after, and
+        // the ready counts the decision saw, barring a worker becoming ready in between).
         let mut before = TierCounts::default();
         for tier in [Tier::Prefill, Tier::Decode] {
             let replicas = self
@@ -254,8 +253,8 @@ impl LocalPlanner {
                 .await
                 .map_err(|source| PlanStepError::Read { tier, source })?;
             before.set(tier, replicas.desired);
+            observation.ready.set(tier, replicas.ready);
         }
-        let mut observation = self.source.observe(&self.scope).await?;
         let at_s = unix_now_s();
         let decision = plan_step(
             &mut self.target,
@@ -265,12 +264,6 @@ impl LocalPlanner {
             at_s,
         )
         .await?;
-        // `plan_step` filled the ready counts into its copy; re-read them for the report.
-        for tier in [Tier::Prefill, Tier::Decode] {
-            if let Ok(replicas) = self.target.replicas(tier).await {
-                observation.ready.set(tier, replicas.ready);
-            }
-        }
         Ok(LocalStep {
             at_s,
             before,
