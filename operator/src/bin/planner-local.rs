@@ -45,12 +45,16 @@ struct Args {
     /// ITL p90 target in milliseconds (the decode tier's SLO).
     #[arg(long)]
     itl_p90_ms: f64,
+    /// Fewest prefill workers the planner runs.
     #[arg(long, default_value_t = 1)]
     prefill_min: u32,
+    /// Most prefill workers the planner runs.
     #[arg(long, default_value_t = 4)]
     prefill_max: u32,
+    /// Fewest decode workers the planner runs.
     #[arg(long, default_value_t = 1)]
     decode_min: u32,
+    /// Most decode workers the planner runs.
     #[arg(long, default_value_t = 4)]
     decode_max: u32,
 
