@@ -1,7 +1,7 @@
 //! The `tandem local` supervisor with stand-in children
 //! (`fixtures/fake_worker.py`: serves `/health` and echoes its arguments), so
 //! these run in seconds without a model: start order and readiness, the
-//! endpoints file, the arguments each role gets, restart after `kill -9`,
+//! endpoints file and the Prometheus targets file, the arguments each role gets, restart after `kill -9`,
 //! scaling through the control endpoint, SIGKILL after the grace period, log
 //! files, and a start-up failure reported and cleaned up. The real roles with the real
 //! model are in `local_real_model.rs`.
@@ -410,4 +410,89 @@ async fn bad_tier_sizes_are_refused_before_starting_anything() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("65 prefill replicas"), "{err}");
+}
+
+/// `(tier, pod, target)` of every group in the Prometheus targets file.
+fn scrape_targets(path: &Path) -> Vec<(String, String, String)> {
+    let groups: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            assert_eq!(g["labels"]["namespace"], "local", "{g}");
+            assert_eq!(g["labels"]["deployment"], "smol", "{g}");
+            (
+                g["labels"]["tier"].as_str().unwrap().to_string(),
+                g["labels"]["pod"].as_str().unwrap().to_string(),
+                g["targets"][0].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_prometheus_targets_follow_the_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1, 1);
+    let control_port = free_port();
+    config.control_port = Some(control_port);
+    let targets = dir.path().join("targets.json");
+    config.scrape_targets = Some(local::ScrapeTargets {
+        path: targets.clone(),
+        namespace: "local".into(),
+        deployment: "smol".into(),
+    });
+    let running = Running::start(config);
+    let file = running.all_up(3).await;
+    let expected = |file: &EndpointsFile| -> Vec<(String, String, String)> {
+        file.processes
+            .iter()
+            .filter(|p| p.up)
+            .map(|p| {
+                (
+                    p.role.to_string(),
+                    format!("{}-{}", p.role, p.index),
+                    p.http.clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(scrape_targets(&targets), expected(&file));
+    assert_eq!(scrape_targets(&targets).len(), 3);
+
+    // A worker the planner adds is scraped once it is up; one it removes leaves at once. The
+    // targets are written just before the endpoints file, so they are current here.
+    let tiers = format!("http://127.0.0.1:{control_port}/tiers");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reqwest::get(&tiers).await.is_err() {
+        assert!(Instant::now() < deadline, "no control endpoint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = put(&format!("{tiers}/prefill"), r#"{"replicas": 2}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let scaled = running.all_up(4).await;
+    assert_eq!(scrape_targets(&targets), expected(&scaled));
+    assert!(scrape_targets(&targets)
+        .iter()
+        .any(|(tier, pod, _)| tier == "prefill" && pod == "prefill-1"));
+    let (status, body) = put(&format!("{tiers}/prefill"), r#"{"replicas": 1}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let back = running
+        .wait_file("prefill-1 gone", |f| {
+            f.processes
+                .iter()
+                .filter(|p| p.role == Role::Prefill)
+                .count()
+                == 1
+        })
+        .await;
+    assert_eq!(scrape_targets(&targets), expected(&back));
+    assert_eq!(scrape_targets(&targets).len(), 3);
+
+    running.stop().await.unwrap();
+    assert!(
+        !targets.exists(),
+        "removed on exit, so Prometheus drops the targets"
+    );
 }

@@ -10,6 +10,7 @@
 //! over load traces and scores it against the best static allocation.
 
 mod decide;
+pub mod local;
 mod model;
 pub mod runner;
 pub mod sim;

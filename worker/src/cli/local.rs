@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::local::{self, LocalConfig};
+use crate::local::{self, LocalConfig, ScrapeTargets};
 use crate::router::RouterMode;
 
 /// A whole disaggregated deployment on this machine: a frontend, N prefill
@@ -96,6 +96,23 @@ pub struct LocalArgs {
     #[arg(long, env = "TANDEM_LOCAL_CONTROL_PORT")]
     pub control_port: Option<u16>,
 
+    /// Write a Prometheus file-based service discovery file here
+    /// (`file_sd_configs`): one target group per process that is up, labelled
+    /// `namespace`, `deployment` (the two flags below), `tier` and `pod`, as the
+    /// Kubernetes scrape job labels pods, so the planner (`planner-local`)
+    /// reads this deployment with its usual queries. Rewritten atomically as
+    /// processes come and go; removed on exit. Default: none.
+    #[arg(long, env = "TANDEM_LOCAL_PROMETHEUS_SD_FILE", value_name = "PATH")]
+    pub prometheus_sd_file: Option<PathBuf>,
+
+    /// `namespace` label of the scrape targets (--prometheus-sd-file).
+    #[arg(long, env = "TANDEM_LOCAL_NAMESPACE", default_value = "local")]
+    pub namespace: String,
+
+    /// `deployment` label of the scrape targets (--prometheus-sd-file).
+    #[arg(long, env = "TANDEM_LOCAL_DEPLOYMENT", default_value = "local")]
+    pub deployment: String,
+
     /// Seconds a stopped process may drain after SIGTERM before SIGKILL.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -158,6 +175,11 @@ fn config(args: &LocalArgs, program: PathBuf) -> anyhow::Result<LocalConfig> {
     config.frontend_args = frontend;
     config.log_dir = args.log_dir.clone();
     config.control_port = args.control_port;
+    config.scrape_targets = args.prometheus_sd_file.clone().map(|path| ScrapeTargets {
+        path,
+        namespace: args.namespace.clone(),
+        deployment: args.deployment.clone(),
+    });
     config.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
     config.ready_timeout = Duration::from_secs(args.ready_timeout_secs);
     Ok(config)
@@ -223,6 +245,26 @@ mod tests {
             ["--router-mode", "round-robin", "--migration-limit", "2"]
         );
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(config.scrape_targets, None);
+    }
+
+    #[test]
+    fn the_scrape_targets_file_carries_the_deployment_labels() {
+        let args = parse(&[
+            "--prometheus-sd-file",
+            "/tmp/t.json",
+            "--deployment",
+            "smol",
+        ]);
+        let config = config(&args, "/bin/tandem".into()).unwrap();
+        assert_eq!(
+            config.scrape_targets,
+            Some(ScrapeTargets {
+                path: "/tmp/t.json".into(),
+                namespace: "local".into(),
+                deployment: "smol".into(),
+            })
+        );
     }
 
     #[test]

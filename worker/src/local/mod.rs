@@ -29,6 +29,7 @@
 //! they get SIGTERM should the supervisor itself die.
 
 mod control;
+mod scrape_targets;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -45,6 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::discovery::{DiscoveryError, EndpointsFile, ProcessEntry, Role};
 pub use control::{ScaleRequest, TierStatus, Tiers};
+pub use scrape_targets::{ScrapeTargets, ScrapeTargetsError};
 
 /// Most replicas of one tier: a guard against a typo starting a thousand
 /// model servers on one machine.
@@ -95,6 +97,8 @@ pub enum LocalError {
     },
     #[error(transparent)]
     Endpoints(#[from] DiscoveryError),
+    #[error(transparent)]
+    ScrapeTargets(#[from] ScrapeTargetsError),
     #[error("the supervisor stopped")]
     Stopped,
 }
@@ -114,6 +118,9 @@ pub struct LocalConfig {
     pub frontend_port: u16,
     /// Written on every change; removed on shutdown.
     pub endpoints_file: PathBuf,
+    /// A Prometheus file-SD targets file written with the endpoints file (the
+    /// up processes, labelled for the planner); `None` writes none.
+    pub scrape_targets: Option<ScrapeTargets>,
     /// Arguments every role gets (e.g. `--model M`).
     pub common_args: Vec<String>,
     /// Arguments of one role only, after the ones the supervisor sets.
@@ -147,6 +154,7 @@ impl LocalConfig {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             frontend_port: 8000,
             endpoints_file,
+            scrape_targets: None,
             common_args: Vec::new(),
             prefill_args: Vec::new(),
             decode_args: Vec::new(),
@@ -797,11 +805,15 @@ impl Supervisor {
                 );
             }
         }
+        if let Some(targets) = &self.config.scrape_targets {
+            targets.remove();
+        }
         eprintln!("tandem local: stopped");
     }
 
+    /// Rewrites the endpoints file and, when asked for, the Prometheus targets.
     fn write_endpoints(&self) -> Result<(), LocalError> {
-        let processes = self
+        let processes: Vec<ProcessEntry> = self
             .slots
             .iter()
             .map(|(&(role, index), s)| ProcessEntry {
@@ -813,6 +825,9 @@ impl Supervisor {
                 up: s.phase == Phase::Up && !s.removing,
             })
             .collect();
+        if let Some(targets) = &self.config.scrape_targets {
+            targets.write(&processes)?;
+        }
         EndpointsFile { processes }.write_atomically(&self.config.endpoints_file)?;
         Ok(())
     }
@@ -844,6 +859,13 @@ impl Supervisor {
         }
         if let Some(control) = self.control_addr {
             let _ = writeln!(out, "control:    http://{control}/tiers");
+        }
+        if let Some(targets) = &self.config.scrape_targets {
+            let _ = writeln!(
+                out,
+                "scrape:     {} (Prometheus file_sd)",
+                targets.path.display()
+            );
         }
         let _ = write!(
             out,
