@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the e2e control plane (kube-apiserver, kube-controller-manager, kube-scheduler,
 # etcd, kwok) once and caches the binaries under ~/.cache/tandem/e2e/bin/<key>, where the key
-# hashes e2e/controlplane/go.{mod,sum}, the kwok version and the Go version: only the first
+# hashes e2e/controlplane/go.sum, the kwok version and the Go version: only the first
 # run (or a version bump) pays for the build, later runs print the directory at once. Go's
 # own build cache (~/.cache/go-build) makes a rebuild after a bump incremental.
 # Prints the binary directory on stdout; progress goes to stderr.
@@ -10,7 +10,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 module="$root/e2e/controlplane"
 kwok_version="v0.8.0"
-key="$( { cat "$module/go.mod" "$module/go.sum"; echo "kwok $kwok_version"; go version; } | sha256sum | cut -c1-16)"
+key="$( { cat "$module/go.sum"; echo "kwok $kwok_version"; go version; } | sha256sum | cut -c1-16)"
 out="${TANDEM_E2E_CACHE:-$HOME/.cache/tandem/e2e}/bin/$key"
 bins=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok)
 

@@ -149,6 +149,8 @@ EOF
 up() {
   local bin
   bin="$("$root/hack/e2e-build.sh")"
+  # A cluster starts empty: data of a stopped one is dropped.
+  running etcd || rm -rf "$dir/etcd"
   mkdir -p "$dir/logs" "$dir/etcd"
   pki
   write_kubeconfig
