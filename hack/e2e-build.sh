@@ -19,7 +19,23 @@ complete() {
   for b in "${bins[@]}"; do [[ -x "$out/$b" ]] || return 1; done
 }
 
+# kwok ships no default behaviour: its Stages (node initialize + lease heartbeat, pod
+# ready/complete/delete, the set kwokctl uses) come from its module's kustomize/ tree.
+stages() {
+  [[ -s "$out/kwok-stages.yaml" ]] && return 0
+  local dir f
+  dir="$(GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/kwok@$kwok_version" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+  mkdir -p "$out"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"
+    cat "$dir/kustomize/stage/$f"
+  done > "$out/kwok-stages.yaml.tmp"
+  mv "$out/kwok-stages.yaml.tmp" "$out/kwok-stages.yaml"
+}
+
 if complete; then
+  stages
   echo "$out"
   exit 0
 fi
@@ -29,6 +45,7 @@ mkdir -p "$out"
 exec 9>"$out.lock"
 flock 9
 if complete; then
+  stages
   echo "$out"
   exit 0
 fi
@@ -49,5 +66,6 @@ echo "e2e-build: control plane built in $((SECONDS - start))s; building kwok $kw
 # dependency graph (a newer client-go than the 1.35 control plane's).
 GOBIN="$staging" GOFLAGS=-mod=mod go install -ldflags="$ldflags" "sigs.k8s.io/kwok/cmd/kwok@$kwok_version"
 for b in "${bins[@]}"; do mv "$staging/$b" "$out/$b"; done
+stages
 echo "e2e-build: done in $((SECONDS - start))s" >&2
 echo "$out"

@@ -189,7 +189,7 @@ up() {
     --concurrent-statefulset-syncs 20 --concurrent-gc-syncs 50
   start kube-scheduler "$bin/kube-scheduler" "${common[@]}" --secure-port "$sched_port" \
     --kube-api-qps 300 --kube-api-burst 600
-  start kwok "$bin/kwok" --kubeconfig "$kubeconfig" \
+  start kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$bin/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --cidr 10.128.0.1/10 --node-ip 127.0.0.2
   wait_for kube-controller-manager 120 curl -skf "https://127.0.0.1:$kcm_port/healthz"
