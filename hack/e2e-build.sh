@@ -10,7 +10,15 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 module="$root/e2e/controlplane"
 kwok_version="v0.8.0"
-key="$( { cat "$module/go.sum"; echo "kwok $kwok_version"; go version; } | sha256sum | cut -c1-16)"
+kube_version="$(sed -n 's/^[[:space:]]*k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$module/go.mod")"
+[[ -n "$kube_version" ]] || { echo "e2e-build: no k8s.io/kubernetes version in $module/go.mod" >&2; exit 1; }
+# The version the binaries report: `go build` leaves Kubernetes' version unset (v0.0.0-master),
+# and clients that check it (helm's kubeVersion constraint) refuse such a cluster.
+major="${kube_version#v}"; major="${major%%.*}"
+minor="${kube_version#v*.}"; minor="${minor%%.*}"
+version_pkg="k8s.io/component-base/version"
+kube_ldflags="-s -w -X $version_pkg.gitVersion=$kube_version -X $version_pkg.gitMajor=$major -X $version_pkg.gitMinor=$minor -X $version_pkg.gitTreeState=clean -X $version_pkg.buildDate=1970-01-01T00:00:00Z"
+key="$( { cat "$module/go.sum"; echo "kwok $kwok_version"; echo "$kube_ldflags"; go version; } | sha256sum | cut -c1-16)"
 out="${TANDEM_E2E_CACHE:-$HOME/.cache/tandem/e2e}/bin/$key"
 bins=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok)
 
@@ -54,9 +62,10 @@ staging="$(mktemp -d "$out.build.XXXX")"
 trap 'rm -rf "$staging"' EXIT
 # -s -w: no symbol tables, a faster link; these binaries are never debugged here.
 ldflags="-s -w"
+
 start=$SECONDS
 echo "e2e-build: building kube-apiserver, kube-controller-manager, kube-scheduler, etcd into $out (first run: long)" >&2
-(cd "$module" && GOFLAGS=-mod=mod go build -ldflags="$ldflags" -o "$staging/" \
+(cd "$module" && GOFLAGS=-mod=mod go build -ldflags="$kube_ldflags" -o "$staging/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
