@@ -191,7 +191,7 @@ up() {
     --kube-api-qps 300 --kube-api-burst 600
   start kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$bin/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
-    --cidr 10.128.0.1/10 --node-ip 127.0.0.2
+    --cidr 10.128.0.1/10 --node-ip 127.0.0.2 --node-lease-duration-seconds 40
   wait_for kube-controller-manager 120 curl -skf "https://127.0.0.1:$kcm_port/healthz"
   wait_for kube-scheduler 120 curl -skf "https://127.0.0.1:$sched_port/healthz"
 

@@ -75,7 +75,7 @@ func TestE2E(t *testing.T) {
 
 	step(t, "helm install chart", func(t *testing.T) {
 		e.must(t, e.helm, "upgrade", "--install", "tandem", filepath.Join(e.root, "charts", "tandem-operator"),
-			"--namespace", e.opNS, "--create-namespace", "--wait=false")
+			"--namespace", e.opNS, "--create-namespace")
 		eventually(t, time.Minute, "CRD established", func() (bool, string) {
 			out, err := e.cmd(e.kubectl, "get", "crd", "disaggdeployments.tandem.dev",
 				"-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}")

@@ -40,7 +40,7 @@ func TestScale(t *testing.T) {
 	defer cancel()
 
 	e.must(t, e.helm, "upgrade", "--install", "tandem", filepath.Join(e.root, "charts", "tandem-operator"),
-		"--namespace", e.opNS, "--create-namespace", "--wait=false")
+		"--namespace", e.opNS, "--create-namespace")
 	deps, err := e.kube.AppsV1().Deployments(e.opNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/instance=tandem"})
 	if err != nil || len(deps.Items) != 1 {
 		t.Fatalf("the chart's operator Deployment: %v", err)
