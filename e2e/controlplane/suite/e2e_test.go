@@ -68,6 +68,7 @@ func (e *env) examples(t *testing.T) []example {
 
 func TestE2E(t *testing.T) {
 	e := newEnv(t)
+	defer e.stopAll()
 	ctx, cancel := context.WithTimeout(context.Background(), 14*time.Minute)
 	defer cancel()
 	examples := e.examples(t)

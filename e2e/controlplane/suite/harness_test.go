@@ -77,6 +77,18 @@ type env struct {
 	dyn        dynamic.Interface
 	opConfig   string // kubeconfig authenticated as the chart's ServiceAccount
 	saName     string
+	procsMu    sync.Mutex
+	procs      []*operatorProc // every operator started, killed by stopAll
+}
+
+// stopAll kills every operator the suite started (steps are subtests, so their own
+// t.Cleanup would end a process that later steps still use).
+func (e *env) stopAll() {
+	e.procsMu.Lock()
+	defer e.procsMu.Unlock()
+	for _, p := range e.procs {
+		_ = p.stop(syscall.SIGKILL)
+	}
 }
 
 func repoRoot() string {
@@ -224,7 +236,7 @@ func (e *env) startOperator(t *testing.T, holder string, port int) *operatorProc
 	// Only the ServiceAccount's kubeconfig: nothing of the admin identity leaks in.
 	c.Env = []string{
 		"KUBECONFIG=" + e.opConfig,
-		"RUST_LOG=info,kube=warn",
+		"RUST_LOG=" + getenv("E2E_OPERATOR_LOG", "info"),
 		"PATH=" + os.Getenv("PATH"),
 	}
 	c.Stdout, c.Stderr = f, f
@@ -237,7 +249,9 @@ func (e *env) startOperator(t *testing.T, holder string, port int) *operatorProc
 		f.Close()
 		close(p.done)
 	}()
-	t.Cleanup(func() { p.stop(syscall.SIGKILL) })
+	e.procsMu.Lock()
+	e.procs = append(e.procs, p)
+	e.procsMu.Unlock()
 	return p
 }
 
@@ -442,6 +456,10 @@ func subsetDiff(path string, want, live any) []string {
 		sort.Strings(keys)
 		for _, k := range keys {
 			lv, ok := l[k]
+			if !ok && w[k] == false {
+				// Go's API types drop a false bool (omitempty): absent and false are one value.
+				continue
+			}
 			if !ok {
 				diffs = append(diffs, fmt.Sprintf("%s.%s: missing live", path, k))
 				continue
@@ -589,8 +607,8 @@ func printTimings(w io.Writer) {
 	fmt.Fprintln(&b, "e2e: where the time goes")
 	for _, tm := range timings {
 		total += tm.took
-		fmt.Fprintf(&b, "  %-34s %7.1fs\n", tm.step, tm.took.Seconds())
+		fmt.Fprintf(&b, "  %-44s %7.1fs\n", tm.step, tm.took.Seconds())
 	}
-	fmt.Fprintf(&b, "  %-34s %7.1fs\n", "suite total", total.Seconds())
+	fmt.Fprintf(&b, "  %-44s %7.1fs\n", "suite total", total.Seconds())
 	_, _ = w.Write(b.Bytes())
 }

@@ -35,6 +35,7 @@ func TestScale(t *testing.T) {
 		t.Skip("E2E_SCALE unset: run `make e2e-scale`")
 	}
 	e := newEnv(t)
+	defer e.stopAll()
 	e.ns = getenv("E2E_SCALE_NAMESPACE", "tandem-scale")
 	ctx, cancel := context.WithTimeout(context.Background(), 38*time.Minute)
 	defer cancel()
