@@ -97,7 +97,7 @@ metadata:
 				time.Since(start).Seconds(), readyDDs, scaleDeployments, readyPods, scaleDeployments*scalePods, rssKiB(op, "VmRSS")/1024)
 			lastLog = time.Now()
 		}
-		time.Sleep(time.Second)
+		time.Sleep(4 * time.Second) // listing 5000 pods is itself load: poll gently
 		return readyDDs == scaleDeployments && readyPods == scaleDeployments*scalePods,
 			fmt.Sprintf("%d DDs, %d pods Ready", readyDDs, readyPods)
 	})
