@@ -110,6 +110,34 @@ metadata:
 	}
 	p50, p99, count := histogramQuantiles(body, "tandem_operator_reconcile_duration_seconds")
 	rss, peak := rssKiB(op, "VmRSS"), rssKiB(op, "VmHWM")
+	cpu := fmt.Sprintf("operator %.0f s", cpuSeconds(op.cmd.Process.Pid))
+	if dir := os.Getenv("E2E_DIR"); dir != "" {
+		for _, c := range []string{"kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok"} {
+			if pid, err := os.ReadFile(filepath.Join(dir, c+".pid")); err == nil {
+				if n, err := strconv.Atoi(strings.TrimSpace(string(pid))); err == nil {
+					cpu += fmt.Sprintf(", %s %.0f s", c, cpuSeconds(n))
+				}
+			}
+		}
+	}
+
+	// The API server's side of the operator's latency: time its requests queued in API
+	// Priority and Fairness (ServiceAccounts fall in the workload-low level) and the mean
+	// server-side apply latency.
+	apiSide := "n/a"
+	if raw, err := e.kube.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx); err == nil {
+		body := string(raw)
+		mean := func(name, match string) float64 {
+			n := sumMetric(body, name+"_count", match)
+			if n == 0 {
+				return math.NaN()
+			}
+			return sumMetric(body, name+"_sum", match) / n
+		}
+		apiSide = fmt.Sprintf("APF queue wait %s, server-side apply %s (means)",
+			fmtSeconds(mean("apiserver_flowcontrol_request_wait_duration_seconds", `flow_schema="service-accounts"`)),
+			fmtSeconds(mean("apiserver_request_duration_seconds", `verb="APPLY"`)))
+	}
 
 	// Steady state: nothing changes, so the operator must write nothing.
 	const quiet = 60 * time.Second
@@ -144,10 +172,12 @@ controller-manager, scheduler on loopback), kwok fake nodes, one operator replic
 | reconcile duration p50 / p99 (histogram bucket bounds, %d samples) | ≤ %s / ≤ %s |
 | operator memory: RSS when converged / peak | %.0f MiB / %.0f MiB |
 | steady state over %.0f s: objects written / reconciles | %d / %.0f |
+| CPU time until converged (where the time went) | %s |
+| API server side of the operator's requests | %s |
 `, time.Now().UTC().Format("2006-01-02"), scaleDeployments, scalePods, scalePrefill, scaleDecode,
 		scaleDeployments*scalePods, created.Seconds(), converged.Seconds(), reconciles, errors,
 		count, fmtSeconds(p50), fmtSeconds(p99), float64(rss)/1024, float64(peak)/1024,
-		quiet.Seconds(), len(writes), reconcilesAfter-reconcilesBefore)
+		quiet.Seconds(), len(writes), reconcilesAfter-reconcilesBefore, cpu, apiSide)
 	fmt.Fprintln(os.Stderr, section)
 	if err := writeBenchmarkSection(filepath.Join(e.root, "docs", "benchmarks.md"), section); err != nil {
 		t.Fatal(err)
@@ -223,6 +253,27 @@ func rssKiB(p *operatorProc, field string) int64 {
 		}
 	}
 	return 0
+}
+
+// cpuSeconds is the user+system CPU time a process has used, from /proc/<pid>/stat.
+func cpuSeconds(pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return math.NaN()
+	}
+	// Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+	rest := string(data)
+	if i := strings.LastIndexByte(rest, ')'); i >= 0 {
+		rest = rest[i+1:]
+	}
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		return math.NaN()
+	}
+	utime, _ := strconv.ParseFloat(f[11], 64)
+	stime, _ := strconv.ParseFloat(f[12], 64)
+	const clockTicks = 100 // USER_HZ on Linux
+	return (utime + stime) / clockTicks
 }
 
 var bucketRe = regexp.MustCompile(`le="([^"]+)"\}\s+(\S+)`)
