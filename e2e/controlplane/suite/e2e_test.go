@@ -101,7 +101,7 @@ func TestE2E(t *testing.T) {
 		if want := "system:serviceaccount:" + e.opNS + ":" + e.saName; out != want {
 			t.Fatalf("operator token authenticates as %q, want %q", out, want)
 		}
-		leader = e.startOperator(t, "e2e-a", 18081)
+		leader = e.startOperator(t, "e2e-a", metricsPort(0))
 		eventually(t, 30*time.Second, "operator e2e-a leads", func() (bool, string) {
 			if leader.exited() {
 				t.Fatalf("operator exited: %v\n%s", leader.err, leader.tail(30))
@@ -270,7 +270,7 @@ spec:
 		if h, err := e.leaseHolder(ctx); err != nil || h != "" {
 			t.Fatalf("Lease after graceful stop: holder %q (%v), want released", h, err)
 		}
-		leader = e.startOperator(t, "e2e-a", 18081)
+		leader = e.startOperator(t, "e2e-a", metricsPort(0))
 		eventually(t, time.Minute, "restarted operator reconciled every deployment", func() (bool, string) {
 			n, err := leader.metric("tandem_operator_reconcile_total", "")
 			return err == nil && n >= float64(len(examples)), fmt.Sprintf("%v reconciles, %v", n, err)
@@ -289,7 +289,7 @@ spec:
 	})
 
 	step(t, "two replicas: one leader, takeover", func(t *testing.T) {
-		standby = e.startOperator(t, "e2e-b", 18082)
+		standby = e.startOperator(t, "e2e-b", metricsPort(1))
 		eventually(t, 30*time.Second, "standby ready", func() (bool, string) {
 			code, body, err := standby.get("/readyz")
 			return err == nil && code == 200, fmt.Sprintf("%d %s %v", code, body, err)

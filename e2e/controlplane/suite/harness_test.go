@@ -218,6 +218,16 @@ type operatorProc struct {
 
 const leaseSeconds = 6
 
+// metricsPort is the /metrics port of the suite's n-th operator replica, from
+// $E2E_METRICS_PORT_BASE (18081) so that two runs on one machine can be kept apart.
+func metricsPort(n int) int {
+	base, err := strconv.Atoi(getenv("E2E_METRICS_PORT_BASE", "18081"))
+	if err != nil {
+		base = 18081
+	}
+	return base + n
+}
+
 func (e *env) startOperator(t *testing.T, holder string, port int) *operatorProc {
 	t.Helper()
 	logPath := filepath.Join(e.artifacts, "operator-"+holder+".log")

@@ -59,7 +59,7 @@ metadata:
 			"-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}")
 		return err == nil && out == "True", out
 	})
-	op := e.startOperator(t, "scale-a", 18091)
+	op := e.startOperator(t, "scale-a", metricsPort(10))
 	eventually(t, 30*time.Second, "operator leads", func() (bool, string) {
 		h, err := e.leaseHolder(ctx)
 		return err == nil && h == "scale-a", fmt.Sprintf("holder %q %v", h, err)
