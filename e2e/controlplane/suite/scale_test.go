@@ -21,10 +21,9 @@ import (
 
 // Scale shape: every DisaggDeployment runs 1 frontend + 8 prefill + 16 decode pods.
 const (
-	scaleDeployments = 200
-	scalePrefill     = 8
-	scaleDecode      = 16
-	scalePods        = 1 + scalePrefill + scaleDecode
+	scalePrefill = 8
+	scaleDecode  = 16
+	scalePods    = 1 + scalePrefill + scaleDecode
 )
 
 // TestScale (make e2e-scale): 200 DisaggDeployments of 25 pods each under kwok. Measures
@@ -37,6 +36,10 @@ func TestScale(t *testing.T) {
 	e := newEnv(t)
 	defer e.stopAll()
 	e.ns = getenv("E2E_SCALE_NAMESPACE", "tandem-scale")
+	scaleDeployments, err := strconv.Atoi(getenv("E2E_SCALE_DEPLOYMENTS", "200"))
+	if err != nil || scaleDeployments < 1 {
+		t.Fatalf("E2E_SCALE_DEPLOYMENTS=%q: want a positive count", os.Getenv("E2E_SCALE_DEPLOYMENTS"))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 38*time.Minute)
 	defer cancel()
 
@@ -109,6 +112,7 @@ metadata:
 		t.Fatal(err)
 	}
 	p50, p99, count := histogramQuantiles(body, "tandem_operator_reconcile_duration_seconds")
+	spread := histogramSpread(body, "tandem_operator_reconcile_duration_seconds")
 	rss, peak := rssKiB(op, "VmRSS"), rssKiB(op, "VmHWM")
 	cpu := fmt.Sprintf("operator %.0f s", cpuSeconds(op.cmd.Process.Pid))
 	if dir := os.Getenv("E2E_DIR"); dir != "" {
@@ -170,13 +174,14 @@ controller-manager, scheduler on loopback), kwok fake nodes, one operator replic
 | converged: every DisaggDeployment Ready, every pod Ready | %.0f s |
 | reconciles until converged | %.0f (%.0f errors) |
 | reconcile duration p50 / p99 (histogram bucket bounds, %d samples) | ≤ %s / ≤ %s |
+| reconciles per duration bucket | %s |
 | operator memory: RSS when converged / peak | %.0f MiB / %.0f MiB |
 | steady state over %.0f s: objects written / reconciles | %d / %.0f |
 | CPU time until converged (where the time went) | %s |
 | API server side of the operator's requests | %s |
 `, time.Now().UTC().Format("2006-01-02"), scaleDeployments, scalePods, scalePrefill, scaleDecode,
 		scaleDeployments*scalePods, created.Seconds(), converged.Seconds(), reconciles, errors,
-		count, fmtSeconds(p50), fmtSeconds(p99), float64(rss)/1024, float64(peak)/1024,
+		count, fmtSeconds(p50), fmtSeconds(p99), spread, float64(rss)/1024, float64(peak)/1024,
 		quiet.Seconds(), len(writes), reconcilesAfter-reconcilesBefore, cpu, apiSide)
 	fmt.Fprintln(os.Stderr, section)
 	if err := writeBenchmarkSection(filepath.Join(e.root, "docs", "benchmarks.md"), section); err != nil {
@@ -314,6 +319,37 @@ func histogramQuantiles(body, name string) (p50, p99 float64, count int64) {
 		return math.Inf(1)
 	}
 	return q(0.5), q(0.99), int64(total)
+}
+
+// histogramSpread renders a Prometheus histogram as "≤ bound: count" per non-empty bucket.
+func histogramSpread(body, name string) string {
+	var parts []string
+	prev := 0.0
+	type bucket struct{ le, n float64 }
+	var buckets []bucket
+	for _, line := range strings.Split(body, "\n") {
+		if !strings.HasPrefix(line, name+"_bucket") {
+			continue
+		}
+		if m := bucketRe.FindStringSubmatch(line); m != nil {
+			le, err := strconv.ParseFloat(m[1], 64)
+			if m[1] == "+Inf" {
+				le, err = math.Inf(1), nil
+			}
+			n, err2 := strconv.ParseFloat(m[2], 64)
+			if err == nil && err2 == nil {
+				buckets = append(buckets, bucket{le, n})
+			}
+		}
+	}
+	sort.Slice(buckets, func(i, j int) bool { return buckets[i].le < buckets[j].le })
+	for _, b := range buckets {
+		if b.n > prev {
+			parts = append(parts, fmt.Sprintf("≤ %s: %.0f", fmtSeconds(b.le), b.n-prev))
+		}
+		prev = b.n
+	}
+	return strings.Join(parts, ", ")
 }
 
 func fmtSeconds(s float64) string {
