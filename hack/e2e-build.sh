@@ -7,6 +7,10 @@
 # Prints the binary directory on stdout; progress goes to stderr.
 set -euo pipefail
 
+# Parsed whole before it runs (main, then exit on one line): editing this file during the long
+# first build cannot make bash read a half-changed script.
+main() {
+
 root="$(cd "$(dirname "$0")/.." && pwd)"
 module="$root/e2e/controlplane"
 kwok_version="v0.8.0"
@@ -78,3 +82,5 @@ for b in "${bins[@]}"; do mv "$staging/$b" "$out/$b"; done
 stages
 echo "e2e-build: done in $((SECONDS - start))s" >&2
 echo "$out"
+}
+main "$@"; exit

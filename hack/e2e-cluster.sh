@@ -186,7 +186,7 @@ up() {
   start kube-controller-manager "$bin/kube-controller-manager" "${common[@]}" --secure-port "$kcm_port" \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --controllers '*' --kube-api-qps 300 --kube-api-burst 600 \
-    --concurrent-statefulset-syncs 20 --concurrent-gc-syncs 50
+    --concurrent-statefulset-syncs 20 --concurrent-gc-syncs 50 --pvclaimbinder-sync-period 1s
   start kube-scheduler "$bin/kube-scheduler" "${common[@]}" --secure-port "$sched_port" \
     --kube-api-qps 300 --kube-api-burst 600
   start kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$bin/kwok-stages.yaml" \
@@ -201,6 +201,9 @@ up() {
   log "up in $((SECONDS - t0))s: export KUBECONFIG=$kubeconfig"
 }
 
+# The whole command is parsed before it runs (main, then exit on the same line), so editing
+# this file while a cluster starts cannot make bash read a half-changed script.
+main() {
 case "${1:-}" in
   up)
     "$root/hack/kube-tools.sh" >/dev/null
@@ -212,3 +215,5 @@ case "${1:-}" in
   env) echo "export KUBECONFIG=$kubeconfig" ;;
   *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
 esac
+}
+main "$@"; exit

@@ -29,6 +29,8 @@ report() {
   exit $rc
 }
 
+# Parsed whole before it runs: editing this file during a run cannot derail it.
+main() {
 rm -rf "$E2E_ARTIFACTS"
 mkdir -p "$E2E_ARTIFACTS"
 timed "control-plane binaries" "$root/hack/e2e-build.sh" >/dev/null
@@ -44,3 +46,5 @@ case "$mode" in
   scale) E2E_SCALE=1 timed "scale" "$E2E_DIR/e2e.test" -test.run '^TestScale$' -test.v -test.count=1 -test.timeout 40m ;;
   *) echo "usage: $0 [suite|scale]" >&2; exit 2 ;;
 esac
+}
+main "$@"; exit
