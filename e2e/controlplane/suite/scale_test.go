@@ -94,6 +94,9 @@ metadata:
 	var readyDDs, readyPods int
 	var lastLog time.Time
 	eventually(t, 35*time.Minute, fmt.Sprintf("%d DisaggDeployments Ready", scaleDeployments), func() (bool, string) {
+		if op.exited() {
+			t.Fatalf("the operator exited (%v) before convergence:\n%s", op.err, op.tail(20))
+		}
 		readyDDs, readyPods = e.scaleProgress(ctx)
 		if time.Since(lastLog) > 30*time.Second {
 			t.Logf("%5.0fs: %d/%d DisaggDeployments Ready, %d/%d pods Ready, operator RSS %d MiB",
