@@ -69,41 +69,54 @@ struct Args {
     #[arg(long)]
     max_staleness_secs: Option<f64>,
     /// A scale-up must be recommended for this long (the lowest recommendation wins).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = knob_defaults().scale_up_stabilization_s)]
     scale_up_stabilization_secs: f64,
     /// A scale-down must be recommended for this long (the highest recommendation wins).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = knob_defaults().scale_down_stabilization_s)]
     scale_down_stabilization_secs: f64,
     /// A tier that changed holds this long (a scale-up may still follow a scale-up).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = knob_defaults().cooldown_s)]
     cooldown_secs: f64,
     /// Largest increase per decision, as a fraction of the current replicas.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = knob_defaults().max_step_up_fraction)]
     max_step_up_fraction: f64,
     /// An increase of this many replicas is always allowed, whatever the fraction.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = knob_defaults().scale_up_min_step)]
     scale_up_min_step: u32,
     /// Largest decrease per decision, as a fraction of the current replicas.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = knob_defaults().max_step_down_fraction)]
     max_step_down_fraction: f64,
     /// Tiers are sized for their p90 at this fraction of the SLO (headroom).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = knob_defaults().target_latency_fraction)]
     target_latency_fraction: f64,
     /// Scale down only while the p90 is under this fraction of the SLO.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = knob_defaults().scale_down_below)]
     scale_down_below: f64,
     /// Seconds ahead a rising request rate is projected when scaling up.
-    #[arg(long, default_value_t = 90.0)]
+    #[arg(long, default_value_t = knob_defaults().lookahead_s)]
     lookahead_secs: f64,
     /// Seconds from asking for a replica to it serving (a local worker: loading the model).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = knob_defaults().replica_startup_s)]
     replica_startup_secs: f64,
     /// Seconds in which a prefill backlog should drain once new replicas serve.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = knob_defaults().backlog_drain_s)]
     backlog_drain_secs: f64,
     /// Keep prefill replicas per decode replica within LOW:HIGH (e.g. 0.5:2).
     #[arg(long, value_parser = parse_ratio)]
     prefill_per_decode: Option<(f64, f64)>,
+}
+
+/// The planner's own defaults for the knobs this binary does not change (the SLO and
+/// bounds passed here only fill the required fields).
+fn knob_defaults() -> PlannerConfig {
+    PlannerConfig::new(
+        Slo {
+            ttft_p90_s: 1.0,
+            itl_p90_s: 1.0,
+        },
+        TierBounds { min: 1, max: 1 },
+        TierBounds { min: 1, max: 1 },
+    )
 }
 
 fn parse_ratio(value: &str) -> Result<(f64, f64), String> {
