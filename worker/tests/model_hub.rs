@@ -170,6 +170,20 @@ fn hub_with(token: Option<&str>) -> (Arc<Hub>, String) {
     gguf_only.retain(|name, _| !name.ends_with(".safetensors"));
     gguf_only.insert("tiny.Q8_0.gguf".into(), vec![1; 32]);
     repos.insert("org/gguf-only".to_string(), gguf_only);
+    // An index naming the weights, beside a consolidated copy it does not name.
+    let mut indexed = tiny_repo();
+    let tensors = safetensors::SafeTensors::deserialize(&indexed["model.safetensors"])
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), "model.safetensors"))
+        .collect::<BTreeMap<_, _>>();
+    indexed.insert(
+        "model.safetensors.index.json".into(),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": tensors})).unwrap(),
+    );
+    indexed.insert("consolidated.safetensors".into(), vec![0; 128]);
+    repos.insert("org/indexed".to_string(), indexed);
     let hub = Arc::new(Hub {
         repos,
         token: token.map(String::from),
@@ -316,6 +330,22 @@ fn a_partial_download_is_resumed_and_an_oversized_one_replaced() {
     assert_eq!(
         (last.file.as_str(), last.range),
         ("model.safetensors", None)
+    );
+    tandem::model::load(&out).unwrap();
+}
+
+#[test]
+fn an_index_decides_which_weights_are_fetched() {
+    let (hub, endpoint) = hub_with(None);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    succeeded(&fetch(&endpoint, None, "hf://org/indexed", &out));
+    let fetched: Vec<String> = hub.file_requests().into_iter().map(|r| r.file).collect();
+    assert_eq!(fetched[0], "model.safetensors.index.json", "{fetched:?}");
+    assert!(fetched.contains(&"model.safetensors".to_string()));
+    assert!(
+        !out.join("consolidated.safetensors").exists(),
+        "{fetched:?}"
     );
     tandem::model::load(&out).unwrap();
 }
