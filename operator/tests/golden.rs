@@ -18,10 +18,9 @@ use tandem_operator::validate::validate;
 const ROLES_PENDING_IN_WORKER: &[&str] = &[];
 
 /// Flags rendered for subcommands the worker has, which the worker does not accept yet. Each is
-/// asserted to be still rejected, so the list must shrink as the worker grows.
-/// - `model fetch`: takes the model as its positional argument today (only the default model);
-///   fetching an `hf://` repository into a chosen directory (`--output`) is still to come.
-const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[("model fetch", "--output")];
+/// asserted to be still rejected, so the list must shrink as the worker grows. (Empty since
+/// `model fetch hf://… --output` landed.)
+const FLAGS_PENDING_IN_WORKER: &[(&str, &str)] = &[];
 
 fn golden_path(stem: &str) -> std::path::PathBuf {
     common::repo_root()

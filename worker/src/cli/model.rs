@@ -1,19 +1,30 @@
 //! `tandem model`: fetch the default model, list the cache, show a model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
+use crate::model::hub::{HubClient, HubRepo};
 use crate::model::{self, fetch, ModelInfo};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {
-    /// Download the default model into the cache (does nothing if it is there).
+    /// Download the default model into the cache (does nothing if it is there), or a
+    /// Hugging Face repository (`hf://ORG/REPO[@REVISION]`) into a directory.
+    ///
+    /// From the Hub it fetches config.json, the tokenizer files, generation_config.json
+    /// and the safetensors weights, sending HF_TOKEN as a bearer token when set, from
+    /// HF_ENDPOINT (default https://huggingface.co). Complete files are skipped and an
+    /// interrupted download is continued, so a restarted fetch resumes.
     Fetch {
-        /// Only the default model can be fetched; other models are used from a
-        /// path (a .gguf file or an HF directory).
+        /// The default model's name, or hf://ORG/REPO[@REVISION] (revision default: main).
         #[arg(default_value = model::DEFAULT_MODEL)]
         name: String,
+        /// Where to put the model. For hf:// the directory to fill (default: the
+        /// cache's ORG--REPO); for the default model its .gguf file is copied into
+        /// this directory after it is in the cache.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models).
     List {
@@ -32,13 +43,16 @@ pub enum ModelCommand {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
-        ModelCommand::Fetch { name } => fetch_cmd(&name),
+        ModelCommand::Fetch { name, output } => fetch_cmd(&name, output.as_deref()),
         ModelCommand::List { json } => list(json),
         ModelCommand::Show { model, json } => show(&model, json),
     }
 }
 
-fn fetch_cmd(name: &str) -> anyhow::Result<()> {
+fn fetch_cmd(name: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(repo) = HubRepo::parse(name)? {
+        return fetch_hub(&repo, output);
+    }
     let default = model::DEFAULT_MODEL;
     if !name.eq_ignore_ascii_case(default) {
         bail!(
@@ -53,6 +67,31 @@ fn fetch_cmd(name: &str) -> anyhow::Result<()> {
         }
         fetch::FetchOutcome::Fetched(p) => println!("fetched {default} to {}", p.display()),
     }
+    if let Some(dir) = output {
+        let copied = fetch::copy_into(&cache.join(fetch::DEFAULT_FILE), dir)?;
+        println!("copied {default} to {}", copied.display());
+    }
+    Ok(())
+}
+
+fn fetch_hub(repo: &HubRepo, output: Option<&Path>) -> anyhow::Result<()> {
+    let out = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| model::cache_dir().join(repo.cache_name()));
+    let client = HubClient::from_env()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(client.fetch(repo, &out))?;
+    println!(
+        "fetched {}@{} to {}: {} files downloaded ({}), {} already complete",
+        repo.repo,
+        repo.revision,
+        out.display(),
+        report.downloaded.len(),
+        human_bytes(report.bytes),
+        report.skipped.len()
+    );
     Ok(())
 }
 

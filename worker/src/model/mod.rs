@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod gguf_model;
 pub mod hf;
+pub mod hub;
 pub mod quant;
 pub mod testing;
 pub mod tokenizer;
