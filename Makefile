@@ -5,7 +5,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
-TANDEM := target/release/tandem
+# Cargo builds into $(CARGO_TARGET_DIR) when it is set (a shared build cache), else target/.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+TANDEM := $(TARGET_DIR)/release/tandem
 PORT ?= 8000
 export CARGO_TERM_COLOR ?= never
 

@@ -15,7 +15,7 @@ DECODE_MAX ?= 2
 PLANNER_INTERVAL_SECS ?= 5
 PLANNER_ARGS ?=
 LOCAL_ARGS ?= --worker-arg '--threads 1'
-PLANNER_LOCAL := target/release/planner-local
+PLANNER_LOCAL := $(TARGET_DIR)/release/planner-local
 
 .PHONY: run-autoscaled planner-local
 
