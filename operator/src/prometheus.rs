@@ -148,7 +148,10 @@ impl PrometheusSource {
     /// increment): that reads as a request rate of 0, not as missing data.
     pub async fn observe(&self, scope: &Scope) -> Result<Observation, PrometheusError> {
         let queries = Queries::new(scope);
-        let (ttft, itl, rate, input, output, queue, kv, served, newest) = futures::try_join!(
+        // All at once, but errors are reported in this fixed order: with try_join the error of
+        // whichever query failed first would win, and a condition message that changes from
+        // step to step (Prometheus down: any query may fail first) is a status write each time.
+        let (ttft, itl, rate, input, output, queue, kv, prefill_served, decode_served, newest) = futures::join!(
             self.scalar(&queries.ttft_p90),
             self.scalar(&queries.itl_p90),
             self.scalar(&queries.request_rate),
@@ -156,14 +159,13 @@ impl PrometheusSource {
             self.scalar(&queries.mean_output_tokens),
             self.scalar(&queries.prefill_queue_depth),
             self.scalar(&queries.decode_kv_utilization),
-            async {
-                futures::try_join!(
-                    self.scalar(&queries.prefill_tokens_per_s),
-                    self.scalar(&queries.decode_tokens_per_s)
-                )
-            },
+            self.scalar(&queries.prefill_tokens_per_s),
+            self.scalar(&queries.decode_tokens_per_s),
             self.scalar(&queries.newest_scrape),
-        )?;
+        );
+        let (newest, ttft, itl, rate, input, output, queue, kv) =
+            (newest?, ttft?, itl?, rate?, input?, output?, queue?, kv?);
+        let served = (prefill_served?, decode_served?);
         Ok(Observation {
             // No scrape at all: as old as can be, so the planner calls it stale.
             timestamp_s: newest.unwrap_or(f64::NEG_INFINITY),

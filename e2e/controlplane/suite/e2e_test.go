@@ -254,7 +254,21 @@ spec:
 		// Quiesce: every deployment Ready, then the versions of every child and of the
 		// DisaggDeployments themselves must survive a restart untouched.
 		for _, ex := range examples {
-			e.waitReady(t, ctx, ex.name, 2*time.Minute)
+			dd := e.waitReady(t, ctx, ex.name, 2*time.Minute)
+			if on, _, _ := unstructured.NestedBool(dd.Object, "spec", "autoscaling", "enabled"); on {
+				// The planner's first step must have landed too (it waits on Prometheus, which
+				// this cluster does not run: the step ends in ScalingActive=False,
+				// PrometheusUnavailable), or the restarted operator would rightly write it.
+				eventually(t, time.Minute, ex.name+" planner stepped", func() (bool, string) {
+					got, err := e.dyn.Resource(ddGVR).Namespace(e.ns).Get(ctx, ex.name, metav1.GetOptions{})
+					if err != nil {
+						return false, err.Error()
+					}
+					status, reason, msg, _ := condition(got, "ScalingActive")
+					return status == "False" && reason == "PrometheusUnavailable",
+						fmt.Sprintf("ScalingActive=%q (%s: %s)", status, reason, msg)
+				})
+			}
 		}
 		before, err := e.childVersions(ctx)
 		if err != nil {
