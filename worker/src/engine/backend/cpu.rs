@@ -16,7 +16,9 @@
 
 use rayon::prelude::*;
 
-use super::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
+use super::{
+    check_blocks_in_pool, check_kv_layer, BackendError, ComputeBackend, KvLayerSink, SeqInput,
+};
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Tensor, Weights};
 
@@ -1351,15 +1353,7 @@ impl ComputeBackend for CpuBackend {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), BackendError> {
-        let w = self.cfg.num_kv_heads * self.cfg.head_dim;
-        if layer >= self.cfg.num_layers || k.len() != v.len() || !k.len().is_multiple_of(w) {
-            return Err(BackendError::KvShapeMismatch(format!(
-                "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
-                k.len(),
-                v.len(),
-                self.cfg.num_layers
-            )));
-        }
+        let w = check_kv_layer(&self.cfg, layer, k, v)?;
         let pool = self
             .kv
             .as_mut()
@@ -1377,14 +1371,7 @@ impl ComputeBackend for CpuBackend {
             .kv
             .as_mut()
             .ok_or(BackendError::KvCacheNotInitialised)?;
-        for b in [src, dst] {
-            if b as usize >= pool.num_blocks {
-                return Err(BackendError::BlockOutOfRange {
-                    block: b,
-                    num_blocks: pool.num_blocks,
-                });
-            }
-        }
+        check_blocks_in_pool(&[src, dst], pool.num_blocks)?;
         let n = pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim;
         let (s, d) = (src as usize * n, dst as usize * n);
         for cache in pool.k.iter_mut().chain(pool.v.iter_mut()) {

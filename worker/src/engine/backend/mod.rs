@@ -37,6 +37,34 @@ pub enum BackendError {
     Cuda(#[from] cuda::CudaError),
 }
 
+/// Checks the shapes of a `write_kv_layer` call against the model: an existing
+/// layer, as many K as V values, whole tokens. Returns the values per token.
+pub(crate) fn check_kv_layer(
+    cfg: &ModelConfig,
+    layer: usize,
+    k: &[f32],
+    v: &[f32],
+) -> Result<usize, BackendError> {
+    let w = cfg.num_kv_heads * cfg.head_dim;
+    if layer >= cfg.num_layers || k.len() != v.len() || !k.len().is_multiple_of(w) {
+        return Err(BackendError::KvShapeMismatch(format!(
+            "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
+            k.len(),
+            v.len(),
+            cfg.num_layers
+        )));
+    }
+    Ok(w)
+}
+
+/// Checks that every block id is inside a pool of `num_blocks` blocks.
+pub(crate) fn check_blocks_in_pool(blocks: &[u32], num_blocks: usize) -> Result<(), BackendError> {
+    match blocks.iter().find(|&&b| b as usize >= num_blocks) {
+        Some(&block) => Err(BackendError::BlockOutOfRange { block, num_blocks }),
+        None => Ok(()),
+    }
+}
+
 /// One sequence's share of a forward step.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqInput<'a> {

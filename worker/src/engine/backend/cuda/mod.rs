@@ -32,7 +32,9 @@ use std::str::FromStr;
 
 use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 
-use super::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
+use super::{
+    check_blocks_in_pool, check_kv_layer, BackendError, ComputeBackend, KvLayerSink, SeqInput,
+};
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Weights};
 use device::{alloc, alloc_pinned, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM};
@@ -1281,15 +1283,7 @@ impl ComputeBackend for CudaBackend {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), BackendError> {
-        let w = self.cfg.num_kv_heads * self.cfg.head_dim;
-        if layer >= self.cfg.num_layers || k.len() != v.len() || !k.len().is_multiple_of(w) {
-            return Err(BackendError::KvShapeMismatch(format!(
-                "layer {layer} with {} K and {} V values; the model has {} layers and {w} values per token",
-                k.len(),
-                v.len(),
-                self.cfg.num_layers
-            )));
-        }
+        let w = check_kv_layer(&self.cfg, layer, k, v)?;
         let tokens = k.len() / w;
         if tokens == 0 {
             return Ok(());
@@ -1314,14 +1308,7 @@ impl ComputeBackend for CudaBackend {
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
         self.gpu.bind()?;
         let pool = self.pool()?;
-        for b in [src, dst] {
-            if b as usize >= pool.num_blocks {
-                return Err(BackendError::BlockOutOfRange {
-                    block: b,
-                    num_blocks: pool.num_blocks,
-                });
-            }
-        }
+        check_blocks_in_pool(&[src, dst], pool.num_blocks)?;
         let bytes = pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
         for layer in 0..self.cfg.num_layers {
             let (kc, vc) = self.layer_cache(pool, layer);
