@@ -42,4 +42,4 @@ for tool in helm kubectl; do
   mv "$work/$tool" "$bin/$tool"
 done
 "$bin/helm" version --short
-"$bin/kubectl" version --client 2>/dev/null | head -1
+"$bin/kubectl" version --client 2>/dev/null | sed -n 1p  # sed reads it all: head would SIGPIPE kubectl under pipefail
