@@ -17,7 +17,8 @@
 use rayon::prelude::*;
 
 use super::{
-    check_blocks_in_pool, check_kv_layer, BackendError, ComputeBackend, KvLayerSink, SeqInput,
+    check_blocks_in_pool, check_kv_layer, check_weights, BackendError, ComputeBackend, KvLayerSink,
+    SeqInput,
 };
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Tensor, Weights};
@@ -842,16 +843,6 @@ pub(crate) fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
         .collect()
 }
 
-fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<(), BackendError> {
-    if t.shape != shape {
-        return Err(BackendError::Weights(format!(
-            "{name} has shape {:?}, the config implies {shape:?}",
-            t.shape
-        )));
-    }
-    Ok(())
-}
-
 impl CpuBackend {
     /// Converts `weights` (HF layout, f32) to this backend's storage.
     pub fn new(
@@ -873,51 +864,13 @@ impl CpuBackend {
                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
             )));
         }
-        if weights.layers.len() != cfg.num_layers {
-            return Err(BackendError::Weights(format!(
-                "{} layers of weights for a {}-layer config",
-                weights.layers.len(),
-                cfg.num_layers
-            )));
-        }
-        check_shape("embed_tokens", &weights.embed_tokens, &[cfg.vocab_size, h])?;
-        check_shape("final_norm", &weights.final_norm, &[h])?;
-        if let Some(head) = &weights.lm_head {
-            check_shape("lm_head", head, &[cfg.vocab_size, h])?;
-        }
+        check_weights(&cfg, weights)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        for (i, l) in weights.layers.iter().enumerate() {
-            let name = |n: &str| format!("layer {i} {n}");
-            check_shape(&name("attn_norm"), &l.attn_norm, &[h])?;
-            check_shape(&name("wq"), &l.wq, &[q_dim, h])?;
-            check_shape(&name("wk"), &l.wk, &[kv_dim, h])?;
-            check_shape(&name("wv"), &l.wv, &[kv_dim, h])?;
-            check_shape(&name("wo"), &l.wo, &[h, q_dim])?;
-            check_shape(&name("ffn_norm"), &l.ffn_norm, &[h])?;
-            check_shape(&name("w_gate"), &l.w_gate, &[f, h])?;
-            check_shape(&name("w_up"), &l.w_up, &[f, h])?;
-            check_shape(&name("w_down"), &l.w_down, &[h, f])?;
+        for l in &weights.layers {
             let bqkv = match (&l.bq, &l.bk, &l.bv) {
-                (Some(bq), Some(bk), Some(bv)) => {
-                    check_shape(&name("bq"), bq, &[q_dim])?;
-                    check_shape(&name("bk"), bk, &[kv_dim])?;
-                    check_shape(&name("bv"), bv, &[kv_dim])?;
-                    Some([&bq.data[..], &bk.data, &bv.data].concat())
-                }
-                (None, None, None) => None,
-                _ => {
-                    return Err(BackendError::Weights(format!(
-                        "layer {i} has some but not all of the q/k/v biases"
-                    )))
-                }
+                (Some(bq), Some(bk), Some(bv)) => Some([&bq.data[..], &bk.data, &bv.data].concat()),
+                _ => None,
             };
-            if bqkv.is_some() != cfg.attention_bias {
-                return Err(BackendError::Weights(format!(
-                    "layer {i}: attention_bias is {} but biases are {}",
-                    cfg.attention_bias,
-                    if bqkv.is_some() { "present" } else { "absent" }
-                )));
-            }
             let qkv = [&l.wq.data[..], &l.wk.data, &l.wv.data].concat();
             let gate_up = [&l.w_gate.data[..], &l.w_up.data].concat();
             layers.push(CpuLayer {

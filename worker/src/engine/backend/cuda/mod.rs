@@ -390,7 +390,7 @@ impl CudaBackend {
         weights: &Weights,
         opts: CudaOptions,
     ) -> Result<Self, BackendError> {
-        weights::validate(&cfg, weights)?;
+        super::check_weights(&cfg, weights)?;
         let gpu = Gpu::open(ordinal)?;
         let w = DeviceWeights::upload(&gpu, &cfg, weights)?;
         Self::assemble(gpu, cfg, w, opts)

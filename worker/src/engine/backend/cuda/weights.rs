@@ -6,8 +6,7 @@ use half::bf16;
 
 use super::device::{alloc, DeviceBuffer, Gpu};
 use super::CudaError;
-use crate::engine::backend::BackendError;
-use crate::model::{ModelConfig, Tensor, Weights};
+use crate::model::{ModelConfig, Weights};
 
 pub(super) struct DeviceLayer {
     pub attn_norm: DeviceBuffer,
@@ -29,69 +28,6 @@ pub(super) struct DeviceWeights {
     pub lm_head: Option<DeviceBuffer>,
     pub final_norm: DeviceBuffer,
     pub layers: Vec<DeviceLayer>,
-}
-
-fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<(), BackendError> {
-    if t.shape != shape {
-        return Err(BackendError::Weights(format!(
-            "{name} has shape {:?}, the config implies {shape:?}",
-            t.shape
-        )));
-    }
-    Ok(())
-}
-
-/// Checks every tensor's shape against the config.
-pub(super) fn validate(cfg: &ModelConfig, w: &Weights) -> Result<(), BackendError> {
-    let h = cfg.hidden_size;
-    let q_dim = cfg.num_heads * cfg.head_dim;
-    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
-    let f = cfg.intermediate_size;
-    if w.layers.len() != cfg.num_layers {
-        return Err(BackendError::Weights(format!(
-            "{} layers of weights for a {}-layer config",
-            w.layers.len(),
-            cfg.num_layers
-        )));
-    }
-    check_shape("embed_tokens", &w.embed_tokens, &[cfg.vocab_size, h])?;
-    check_shape("final_norm", &w.final_norm, &[h])?;
-    if let Some(head) = &w.lm_head {
-        check_shape("lm_head", head, &[cfg.vocab_size, h])?;
-    }
-    for (i, l) in w.layers.iter().enumerate() {
-        let name = |n: &str| format!("layer {i} {n}");
-        check_shape(&name("attn_norm"), &l.attn_norm, &[h])?;
-        check_shape(&name("wq"), &l.wq, &[q_dim, h])?;
-        check_shape(&name("wk"), &l.wk, &[kv_dim, h])?;
-        check_shape(&name("wv"), &l.wv, &[kv_dim, h])?;
-        check_shape(&name("wo"), &l.wo, &[h, q_dim])?;
-        check_shape(&name("ffn_norm"), &l.ffn_norm, &[h])?;
-        check_shape(&name("w_gate"), &l.w_gate, &[f, h])?;
-        check_shape(&name("w_up"), &l.w_up, &[f, h])?;
-        check_shape(&name("w_down"), &l.w_down, &[h, f])?;
-        match (&l.bq, &l.bk, &l.bv) {
-            (Some(bq), Some(bk), Some(bv)) => {
-                check_shape(&name("bq"), bq, &[q_dim])?;
-                check_shape(&name("bk"), bk, &[kv_dim])?;
-                check_shape(&name("bv"), bv, &[kv_dim])?;
-            }
-            (None, None, None) => {}
-            _ => {
-                return Err(BackendError::Weights(format!(
-                    "layer {i} has some but not all of the q/k/v biases"
-                )))
-            }
-        }
-        if l.bq.is_some() != cfg.attention_bias {
-            return Err(BackendError::Weights(format!(
-                "layer {i}: attention_bias is {} but biases are {}",
-                cfg.attention_bias,
-                if l.bq.is_some() { "present" } else { "absent" }
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// f32 values rounded to bf16 (round to nearest even), concatenated, as the
