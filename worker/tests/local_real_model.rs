@@ -14,22 +14,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod process_support;
+
+use process_support::{free_port, metric_at, tandem_bin};
 use serde_json::{json, Value};
 use tandem::discovery::{EndpointsFile, ProcessEntry, Role};
 
 const READY: Duration = Duration::from_secs(300);
-
-fn tandem_bin() -> String {
-    std::env::var("TANDEM_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tandem").to_string())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -85,20 +76,6 @@ async fn ask(client: &reqwest::Client, frontend: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// The value of one series of `/metrics` whose text contains every part.
-async fn metric(http: &str, name: &str, parts: &[&str]) -> f64 {
-    let text = reqwest::get(format!("http://{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]
@@ -162,8 +139,9 @@ async fn local_serves_restarts_a_killed_worker_and_stops_on_sigterm() {
     let answer = ask(&client, &frontend.http).await;
     assert!(answer.contains("Paris"), "{answer}");
     // The decode worker found the prefill worker through the file and used it.
-    let remote = metric(
-        &decode.http,
+    let decode_port = decode.http.rsplit_once(':').unwrap().1.parse().unwrap();
+    let remote = metric_at(
+        decode_port,
         "tandem_worker_prefills_total",
         &["location=\"remote\""],
     )
