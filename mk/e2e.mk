@@ -15,10 +15,11 @@ e2e-cluster: kube-tools ## Start the e2e control plane in the background; prints
 e2e-cluster-down: ## Stop the e2e control plane
 	./hack/e2e-cluster.sh down
 
-e2e: kube-tools ## Operator e2e suite on a fresh local control plane (started and stopped)
+# prometheus-tool (mk/planner.mk): the suite's planner step starts a real Prometheus on loopback.
+e2e: kube-tools prometheus-tool ## Operator e2e suite on a fresh local control plane (started and stopped)
 	./hack/e2e-run.sh suite
 
-e2e-suite: kube-tools ## The e2e suite against the cluster KUBECONFIG names (see e2e/README.md)
+e2e-suite: kube-tools prometheus-tool ## The e2e suite against the cluster KUBECONFIG names (see e2e/README.md)
 	cd e2e/controlplane && TANDEM_OPERATOR_BIN=$(E2E_OPERATOR_BIN) go test ./suite -run '^TestE2E$$' -v -count=1 -timeout 15m
 
 e2e-scale: kube-tools ## 200 DisaggDeployments x 25 pods under kwok; writes docs/benchmarks.md

@@ -334,6 +334,10 @@ spec:
 		e.deleteAndExpectRecreated(t, ctx, leader)
 	})
 
+	step(t, "planner: Prometheus drives prefill replicas", func(t *testing.T) {
+		e.plannerDrivesReplicas(t, ctx, leader)
+	})
+
 	step(t, "delete: children garbage-collected", func(t *testing.T) {
 		for _, ex := range examples {
 			if err := e.dyn.Resource(ddGVR).Namespace(e.ns).Delete(ctx, ex.name, metav1.DeleteOptions{}); err != nil {

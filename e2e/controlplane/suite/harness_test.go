@@ -301,8 +301,8 @@ func (p *operatorProc) get(path string) (int, string, error) {
 	return resp.StatusCode, string(body), err
 }
 
-// metric sums every sample of a counter or gauge family whose labels contain match.
-func (p *operatorProc) metric(name, match string) (float64, error) {
+// metric sums every sample of a counter or gauge family whose labels contain every match.
+func (p *operatorProc) metric(name string, matches ...string) (float64, error) {
 	code, body, err := p.get("/metrics")
 	if err != nil {
 		return 0, err
@@ -310,10 +310,10 @@ func (p *operatorProc) metric(name, match string) (float64, error) {
 	if code != 200 {
 		return 0, fmt.Errorf("/metrics answered %d", code)
 	}
-	return sumMetric(body, name, match), nil
+	return sumMetric(body, name, matches...), nil
 }
 
-func sumMetric(body, name, match string) float64 {
+func sumMetric(body, name string, matches ...string) float64 {
 	var sum float64
 	sc := bufio.NewScanner(strings.NewReader(body))
 	for sc.Scan() {
@@ -322,7 +322,7 @@ func sumMetric(body, name, match string) float64 {
 			continue
 		}
 		rest := line[len(name):]
-		if rest == "" || (rest[0] != ' ' && rest[0] != '{') || !strings.Contains(rest, match) {
+		if rest == "" || (rest[0] != ' ' && rest[0] != '{') || !containsAll(rest, matches) {
 			continue
 		}
 		fields := strings.Fields(rest)
@@ -332,6 +332,15 @@ func sumMetric(body, name, match string) float64 {
 		}
 	}
 	return sum
+}
+
+func containsAll(s string, parts []string) bool {
+	for _, part := range parts {
+		if !strings.Contains(s, part) {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *operatorProc) tail(n int) string {
