@@ -27,7 +27,7 @@ use crate::build::{self, names, Children};
 use crate::conditions::{reasons, types};
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier, TierStatus, HTTP_PORT};
 use crate::metrics::Metrics;
-use crate::planner::runner::{unix_now_s, Planners, StepOutcome};
+use crate::planner::runner::{scale_reason, scale_time, unix_now_s, Planners, StepOutcome};
 use crate::validate::{validate, ValidationError};
 use crate::FIELD_MANAGER;
 
@@ -423,8 +423,8 @@ pub fn record_step(
             };
             let tier_status = slot.get_or_insert_with(Default::default);
             tier_status.desired_replicas = after as i32;
-            tier_status.last_scale_time = Some(now.clone());
-            tier_status.last_scale_reason = Some(why.chars().take(1000).collect());
+            tier_status.last_scale_time = Some(scale_time(outcome.at_s));
+            tier_status.last_scale_reason = Some(scale_reason(&why));
             events.push((EventType::Normal, reasons::SCALED, why));
         }
     }

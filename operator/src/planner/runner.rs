@@ -10,6 +10,8 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -123,16 +125,35 @@ pub struct StepOutcome {
     pub observed_p90_s: (Option<f64>, Option<f64>),
 }
 
+/// The planner's last change of one tier: what `status.<tier>` must show.
+#[derive(Clone, Debug, PartialEq)]
+struct ScaleRecord {
+    at_s: f64,
+    desired: u32,
+    reason: String,
+}
+
 /// What the planner remembers per deployment.
 #[derive(Default)]
 struct Entry {
     state: PlannerState,
     config: Option<PlannerConfig>,
     last_step_s: Option<f64>,
-    /// The last decision that changed something and when, to overlay on a status the
-    /// informer cache may not show yet.
-    last_change: Option<(f64, TierCounts)>,
+    /// The last change of each tier (indexed by [`Tier`]), to overlay on a status the informer
+    /// cache may not show yet.
+    last_scale: [Option<ScaleRecord>; 2],
     source: Option<(String, PrometheusSource)>,
+}
+
+/// `status.<tier>.lastScaleTime` of a change made at `at_s`: whole seconds, as the API server
+/// keeps a Time, so the step's own status write and a later overlay agree exactly.
+pub fn scale_time(at_s: f64) -> Time {
+    Time(Timestamp::from_second(at_s.floor() as i64).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// `status.<tier>.lastScaleReason` of a change: the decision's line for the tier, bounded.
+pub fn scale_reason(reason: &str) -> String {
+    reason.chars().take(1000).collect()
 }
 
 /// The planners of every deployment this operator scales, keyed by `namespace/name`.
@@ -158,12 +179,13 @@ impl Planners {
         self.entries.lock().expect("planners lock").remove(&key(dd));
     }
 
-    /// Puts the planner's latest decision into `dd.status` when the object the reconcile got is
-    /// older than that decision (the informer may lag the planner's own status write), so the
-    /// apply never reverts a scale the planner just made.
+    /// Puts the planner's latest change of each tier (desired replicas, lastScaleTime,
+    /// lastScaleReason) into `dd.status` when the object the reconcile got is older than that
+    /// change (the informer may lag the planner's own status write), so the apply never reverts
+    /// a scale the planner just made, nor the status write its record of why.
     pub fn overlay_latest(&self, dd: &mut DisaggDeployment) {
         let entries = self.entries.lock().expect("planners lock");
-        let Some((at_s, desired)) = entries.get(&key(dd)).and_then(|e| e.last_change) else {
+        let Some(entry) = entries.get(&key(dd)) else {
             return;
         };
         let status = dd.status.get_or_insert_with(Default::default);
@@ -171,13 +193,19 @@ impl Planners {
             (Tier::Prefill, &mut status.prefill),
             (Tier::Decode, &mut status.decode),
         ] {
-            let recorded_s = tier_status
+            let Some(record) = &entry.last_scale[tier as usize] else {
+                continue;
+            };
+            let changed_at = scale_time(record.at_s);
+            let shown = tier_status
                 .as_ref()
-                .and_then(|s| s.last_scale_time.as_ref())
-                .map_or(f64::NEG_INFINITY, |t| t.0.as_millisecond() as f64 / 1e3);
-            if recorded_s + 1e-3 < at_s {
+                .and_then(|s| s.last_scale_time.as_ref());
+            // A later record (another leader scaled since) is newer than ours: left alone.
+            if shown.is_none_or(|shown| shown.0 < changed_at.0) {
                 let s = tier_status.get_or_insert_with(Default::default);
-                s.desired_replicas = desired.get(tier) as i32;
+                s.desired_replicas = record.desired as i32;
+                s.last_scale_time = Some(changed_at);
+                s.last_scale_reason = Some(scale_reason(&record.reason));
             }
         }
     }
@@ -219,8 +247,14 @@ impl Planners {
         let outcome = run_step(&mut entry, &mut target, dd, autoscaling, now_s).await;
         entry.last_step_s = Some(now_s);
         if let Ok(decision) = &outcome.result {
-            if decision.desired != outcome.before {
-                entry.last_change = Some((now_s, decision.desired));
+            for tier in [Tier::Prefill, Tier::Decode] {
+                if decision.desired.get(tier) != outcome.before.get(tier) {
+                    entry.last_scale[tier as usize] = Some(ScaleRecord {
+                        at_s: now_s,
+                        desired: decision.desired.get(tier),
+                        reason: decision.tier_reasons.get(tier).to_string(),
+                    });
+                }
             }
         }
         self.entries
@@ -291,4 +325,79 @@ async fn run_step(
         .await
         .map_err(PlannerError::from);
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(prefill_status: &str) -> DisaggDeployment {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: llama, namespace: ns}}
+spec:
+  model: {{name: m, source: 'file:///m'}}
+  image: img
+  prefill: {{gpusPerReplica: 0}}
+  decode: {{replicas: 1, gpusPerReplica: 0}}
+status:
+  prefill: {prefill_status}
+  decode: {{replicas: 1, readyReplicas: 1, desiredReplicas: 1}}"
+        ))
+        .unwrap()
+    }
+
+    fn planners_with(dd: &DisaggDeployment, prefill: ScaleRecord) -> Planners {
+        let planners = Planners::default();
+        planners.entries.lock().unwrap().insert(
+            key(dd),
+            Entry {
+                last_scale: [Some(prefill), None],
+                ..Default::default()
+            },
+        );
+        planners
+    }
+
+    fn scale_down_at(at_s: f64) -> ScaleRecord {
+        ScaleRecord {
+            at_s,
+            desired: 1,
+            reason: "prefill 3->1: TTFT p90 145ms vs SLO 500ms, comfortably under".into(),
+        }
+    }
+
+    #[test]
+    fn a_status_older_than_the_last_change_gets_all_of_it() {
+        // The informer still shows the scale-up when the planner has already scaled down.
+        let mut dd = deployment(
+            "{replicas: 3, readyReplicas: 3, desiredReplicas: 3, \
+             lastScaleTime: '1970-01-01T00:01:40Z', lastScaleReason: 'prefill 1->3: breach'}",
+        );
+        let untouched_decode = dd.status.as_ref().unwrap().decode.clone();
+        planners_with(&dd, scale_down_at(160.7)).overlay_latest(&mut dd);
+        let status = dd.status.unwrap();
+        let prefill = status.prefill.unwrap();
+        assert_eq!(prefill.desired_replicas, 1);
+        assert_eq!(prefill.last_scale_time, Some(scale_time(160.0)));
+        assert_eq!(
+            prefill.last_scale_reason.as_deref(),
+            Some("prefill 3->1: TTFT p90 145ms vs SLO 500ms, comfortably under")
+        );
+        assert_eq!(status.decode, untouched_decode, "decode never changed");
+    }
+
+    #[test]
+    fn a_status_that_shows_the_change_or_a_later_one_is_left_alone() {
+        for shown in [
+            // The step's own write, read back: the same second.
+            "{replicas: 1, readyReplicas: 1, desiredReplicas: 1, lastScaleTime: '1970-01-01T00:02:40Z', lastScaleReason: 'ours'}",
+            // Another leader scaled after our last change.
+            "{replicas: 2, readyReplicas: 2, desiredReplicas: 2, lastScaleTime: '1970-01-01T00:05:00Z', lastScaleReason: 'later'}",
+        ] {
+            let mut dd = deployment(shown);
+            let before = dd.status.clone();
+            planners_with(&dd, scale_down_at(160.7)).overlay_latest(&mut dd);
+            assert_eq!(dd.status, before, "{shown}");
+        }
+    }
 }
