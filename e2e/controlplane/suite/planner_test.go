@@ -628,6 +628,14 @@ spec:
 		return e.eventSaying(ctx, "Scaled", corev1.EventTypeNormal, scaledDown, "comfortably under")
 	})
 	e.expectDecodeUntouched(t, ctx)
+	// The StatefulSet's change triggers reconciles that may still read the deployment from
+	// before the planner's status write: the record must survive them.
+	time.Sleep(2 * time.Second)
+	if after, err := e.plannerTier(ctx, "prefill"); err != nil {
+		t.Fatal(err)
+	} else if !after.lastScaleTime.Equal(down.lastScaleTime) || after.lastScaleWhy != down.lastScaleWhy || after.desired != 1 {
+		t.Errorf("the scale-down's record did not stay in status: %s", after)
+	}
 
 	stopFeed()
 	prom.stop(t)
