@@ -18,6 +18,8 @@ use tandem_operator::build::build;
 use tandem_operator::controller::{self, error_policy, reconcile, Context};
 use tandem_operator::crd::DisaggDeployment;
 use tandem_operator::metrics::Metrics;
+use tandem_operator::planner::runner::StatefulSetTarget;
+use tandem_operator::planner::{ScaleTarget, Tier};
 use tandem_operator::validate::validate;
 use tandem_operator::FIELD_MANAGER;
 
@@ -527,6 +529,17 @@ async fn chart_rbac_allows_every_request_the_controller_makes() {
     .await
     .unwrap();
     seen.extend(log.lock().unwrap().clone());
+    // … and the planner's reads and writes of the tiers' StatefulSets (through the scale
+    // subresource: a chart without `statefulsets/scale` patch made every scale a 403).
+    let (client, log) = mock(Arc::new(empty_namespace));
+    let mut target = StatefulSetTarget::new(client, "default", "smollm2-disagg");
+    target.replicas(Tier::Prefill).await.unwrap();
+    target.set_desired(Tier::Prefill, 2).await.unwrap();
+    seen.extend(log.lock().unwrap().clone());
+    assert!(
+        seen.iter().any(|s| s.path.ends_with("/scale")),
+        "the planner's scale write was exercised"
+    );
 
     let allowed = chart_rbac();
     let needed: std::collections::BTreeSet<_> = seen.iter().map(rbac_of).collect();
