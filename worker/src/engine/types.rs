@@ -161,6 +161,9 @@ pub enum PrefillEvent {
         cached_tokens: usize,
     },
     Kv(KvLayerChunk),
+    /// The prompt's KV (every position) went straight into a peer worker's
+    /// pool (cuda-ipc) instead of `Kv` chunks; the copy has finished.
+    PeerWritten(crate::engine::backend::cuda::ipc::PeerWrite),
     /// The first generated token; every prompt position has been sent.
     Done(TokenOutput),
     Error(String),

@@ -5,6 +5,7 @@
 //! elsewhere; [`grpc`] is the default transport (server on the prefill side,
 //! client on the decode side). `cuda-ipc` and `rdma` implement the same trait.
 
+pub mod cuda_ipc;
 pub mod grpc;
 pub mod wire;
 
@@ -35,6 +36,9 @@ pub enum TransferError {
     /// The stream ended before all KV and the first token arrived.
     #[error("KV transfer ended early: {0}")]
     Incomplete(String),
+    /// This side could not take part (e.g. no KV blocks free to receive into).
+    #[error("KV transfer could not start here: {0}")]
+    Local(String),
     /// The peer sent something the wire format does not allow.
     #[error("bad KV transfer message: {0}")]
     Protocol(String),
@@ -59,6 +63,8 @@ pub struct RemotePrefill {
     pub cached_tokens: usize,
     /// K and V bytes received.
     pub bytes: usize,
+    /// Why the prefill worker streamed the KV although cuda-ipc was offered.
+    pub cuda_ipc_declined: Option<String>,
 }
 
 /// Gets a prompt's KV and first token from a prefill worker. One
@@ -83,6 +89,9 @@ pub enum PrefillPart {
         k: Bytes,
         v: Bytes,
     },
+    /// Sent instead of `Kv` parts when the KV went straight into the
+    /// decode worker's pool (cuda-ipc); the copy has finished.
+    KvWritten(pb::KvWritten),
     FirstToken(TokenOutput),
 }
 
@@ -119,6 +128,7 @@ pub fn engine_prefill_parts(
                     kv_heads: kv_heads as u32,
                     head_dim: head_dim as u32,
                     cached_tokens: cached_tokens as u32,
+                    cuda_ipc_declined: String::new(),
                 };
                 layout.set_dtype(wire::wire_dtype(KvDtype::F32));
                 Ok(PrefillPart::Layout(layout))
@@ -133,6 +143,9 @@ pub fn engine_prefill_parts(
                 return Some((Ok(PrefillPart::FirstToken(token)), None))
             }
             Some(PrefillEvent::Error(e)) => return Some((Err(InferError::Unavailable(e)), None)),
+            Some(PrefillEvent::PeerWritten(_)) => Err(InferError::Unavailable(
+                "a streamed prefill reported a write into a peer's pool".into(),
+            )),
         };
         let next = part.is_ok().then_some(Ok(stream));
         Some((part, next))

@@ -375,6 +375,7 @@ mod tests {
             kv_heads: kv.kv_heads as u32,
             head_dim: kv.head_dim as u32,
             cached_tokens: 0,
+            cuda_ipc_declined: String::new(),
         };
         layout.set_dtype(wire_dtype(kv.dtype));
         layout
@@ -399,7 +400,7 @@ mod tests {
 
     fn round_trip(kv: &KvExport) -> (Vec<pb::KvChunk>, KvExport) {
         let layout = layout_of(kv);
-        let mut splitter = KvSplitter::new(layout).unwrap();
+        let mut splitter = KvSplitter::new(layout.clone()).unwrap();
         let mut chunks = Vec::new();
         for (i, (k, v)) in kv.layers.iter().enumerate() {
             let (k, v) = (f32_bytes(k.clone()), f32_bytes(v.clone()));
@@ -568,8 +569,8 @@ mod tests {
         assert_eq!(layout.row_bytes().unwrap(), 2 * 4 * 2);
         assert_eq!(layout.bytes_per_token().unwrap(), 2 * 16);
         let side = Bytes::from(vec![3u8; 3 * 16]);
-        let mut asm = KvAssembler::new(layout).unwrap();
-        let mut splitter = KvSplitter::new(layout).unwrap();
+        let mut asm = KvAssembler::new(layout.clone()).unwrap();
+        let mut splitter = KvSplitter::new(layout.clone()).unwrap();
         for c in splitter.chunks(0, 0, &side, &side).unwrap() {
             asm.push(c).unwrap();
         }
