@@ -165,6 +165,8 @@ struct Limits {
     head_dim: usize,
     /// The KV pool as a peer on this node can map it (CUDA backends).
     kv_pool_export: Option<KvPoolExport>,
+    /// Element type of the KV pool.
+    kv_dtype: KvDtype,
 }
 
 struct Shared {
@@ -229,6 +231,7 @@ impl Engine {
             .map_err(|e| EngineError::Spawn(e.to_string()))?;
 
         let model = backend.config().clone();
+        let kv_dtype = backend.kv_dtype();
         let blocks = BlockManager::new(num_blocks, cfg.block_size);
         let kv_events = blocks.event_sender();
         let scheduler = Scheduler::new(
@@ -290,6 +293,7 @@ impl Engine {
                 kv_heads: model.num_kv_heads,
                 head_dim: model.head_dim,
                 kv_pool_export,
+                kv_dtype,
             }),
             kv_events,
         })
@@ -340,6 +344,11 @@ impl EngineHandle {
     pub fn kv_shape(&self) -> (usize, usize, usize) {
         let l = &self.limits;
         (l.num_layers, l.kv_heads, l.head_dim)
+    }
+
+    /// Element type of the KV pool: a prefill ships its KV in it.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.limits.kv_dtype
     }
 
     /// Tokens per KV block (routers hash prompts with it).

@@ -177,7 +177,15 @@ async fn send_parts(
     let mut splitter: Option<KvSplitter> = None;
     let mut started: Option<Instant> = None;
     let mut bytes = 0usize;
-    while let Some(part) = parts.next().await {
+    loop {
+        // A caller that hung up cancels the prefill now (dropping `parts`
+        // cancels it in the engine), not when the next part is ready: a
+        // cuda-ipc prefill must not write into blocks its caller freed.
+        let part = tokio::select! {
+            part = parts.next() => part,
+            () = tx.closed() => return,
+        };
+        let Some(part) = part else { return };
         let part = match part {
             Ok(p) => p,
             Err(e) => {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::engine::types::{KvDtype, KvExport, PrefillEvent, SamplingParams, TokenOutput};
+use crate::engine::types::{KvExport, PrefillEvent, SamplingParams, TokenOutput};
 use crate::engine::EngineHandle;
 use crate::infer::InferError;
 
@@ -107,6 +107,8 @@ pub fn engine_prefill_parts(
     sampling: SamplingParams,
 ) -> impl Stream<Item = Result<PrefillPart, InferError>> + Send {
     let (num_layers, kv_heads, head_dim) = engine.kv_shape();
+    // The pool's own dtype: a bf16 pool's values are exactly representable.
+    let dtype = engine.kv_dtype();
     let started = engine.prefill_stream(prompt, sampling);
     futures::stream::unfold(Some(started), move |state| async move {
         let mut stream = match state? {
@@ -130,14 +132,14 @@ pub fn engine_prefill_parts(
                     cached_tokens: cached_tokens as u32,
                     cuda_ipc_declined: String::new(),
                 };
-                layout.set_dtype(wire::wire_dtype(KvDtype::F32));
+                layout.set_dtype(wire::wire_dtype(dtype));
                 Ok(PrefillPart::Layout(layout))
             }
             Some(PrefillEvent::Kv(chunk)) => Ok(PrefillPart::Kv {
                 layer: chunk.layer as u32,
                 start_pos: chunk.start_pos as u32,
-                k: wire::f32_bytes(chunk.k),
-                v: wire::f32_bytes(chunk.v),
+                k: wire::encode(chunk.k, dtype),
+                v: wire::encode(chunk.v, dtype),
             }),
             Some(PrefillEvent::Done(token)) => {
                 return Some((Ok(PrefillPart::FirstToken(token)), None))

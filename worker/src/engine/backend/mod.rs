@@ -170,6 +170,12 @@ pub trait ComputeBackend: Send {
     /// Bytes of KV cache one token occupies across all layers.
     fn kv_bytes_per_token(&self) -> usize;
 
+    /// Element type of the KV pool: what a transfer ships without losing
+    /// anything (the K and V handed to a [`KvLayerSink`] are its values as f32).
+    fn kv_dtype(&self) -> crate::engine::types::KvDtype {
+        crate::engine::types::KvDtype::F32
+    }
+
     /// Memory the backend can give the KV pool (a GPU's memory left under
     /// `--gpu-memory-utilization`); `None` leaves the size to the engine's
     /// configured budget.

@@ -1211,6 +1211,10 @@ impl ComputeBackend for CudaBackend {
         self.cfg.kv_bytes_per_token(2)
     }
 
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::Bf16
+    }
+
     fn kv_cache_budget_bytes(&self) -> Option<usize> {
         Some(self.kv_budget)
     }
