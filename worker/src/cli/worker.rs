@@ -266,3 +266,41 @@ async fn run_worker(
     tracing::info!("shut down");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backend::{CpuBackend, WeightStorage};
+    use crate::engine::{Engine, EngineConfig};
+    use crate::model::testing::{random_weights, tiny_config};
+    use crate::model::Architecture;
+
+    fn cpu_engine() -> EngineHandle {
+        let cfg = tiny_config(Architecture::Llama);
+        let w = random_weights(&cfg, 1);
+        let backend = CpuBackend::new(cfg, &w, WeightStorage::F32).unwrap();
+        let ecfg = EngineConfig {
+            num_blocks: Some(8),
+            threads: 1,
+            ..EngineConfig::default()
+        };
+        Engine::start(Box::new(backend), ecfg, vec![0], 64, "test").unwrap()
+    }
+
+    #[test]
+    fn a_cpu_worker_never_offers_cuda_ipc_and_refuses_to_be_forced() {
+        let engine = cpu_engine();
+        for mode in [KvTransferMode::Auto, KvTransferMode::Grpc] {
+            let info = transfer_info(&engine, mode).unwrap();
+            assert!(!info.cuda_ipc, "{mode:?}");
+            assert_eq!(info.node_id, crate::transfer::cuda_ipc::node_id());
+        }
+        let err = transfer_info(&engine, KvTransferMode::CudaIpc)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--kv-transfer cuda-ipc needs the KV pool on a CUDA device"),
+            "{err}"
+        );
+    }
+}
