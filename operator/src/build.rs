@@ -581,6 +581,9 @@ fn pod_template(
     let base_env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
+        // The node identity a worker reports so that `--kv-transfer auto` picks cuda-ipc only
+        // with a prefill worker on the same machine (docs/disaggregation.md, "Choosing").
+        field_env("TANDEM_NODE_NAME", "spec.nodeName"),
         EnvVar {
             name: "HOME".into(),
             value: Some("/tmp".into()),
