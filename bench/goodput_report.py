@@ -2,7 +2,7 @@
 """Turns what bench/gpu/goodput.sh measured into tables and a plot.
 
     python3 bench/goodput_report.py RESULTS_DIR [--png docs/img/goodput.png]
-        [--out docs/benchmarks.md] [--warmup 2] [--ttft-mult 4] [--itl-mult 1.5]
+        [--out docs/benchmarks.md] [--warmup 1.5] [--ttft-mult 4] [--itl-mult 1.5]
 
 RESULTS_DIR holds the unpacked `results/` of goodput.tar.gz: one `tandem
 bench` JSON per run (`run-<config>-<input>-<output>-<rate>.json`, every
@@ -158,6 +158,13 @@ def collect(results, params, warmup_s, slos):
                                       {"location": where})
         stats["kv_bytes"] = prom_delta(results, tag, "decode-0", "tandem_kv_transfer_bytes_total",
                                        {})
+        stats["prompt_tokens"] = prom_delta(results, tag, "frontend-0",
+                                            "tandem_frontend_input_tokens_sum", {})
+        stats["prompts"] = prom_delta(results, tag, "frontend-0",
+                                      "tandem_frontend_input_tokens_count", {})
+        stats["preemptions"] = sum(
+            prom_delta(results, tag, worker, "tandem_worker_preemptions_total", {}) or 0
+            for worker in ("decode-0", "decode-1", "prefill-0"))
         runs.setdefault((config, wl), []).append((rate, stats))
     for v in runs.values():
         v.sort(key=lambda x: x[0])
@@ -184,15 +191,23 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
                f"left out, {params['drain_s']} s to drain before the rest is cut off (a cut-off "
                "request misses the SLO).")
     out.append("")
-    out.append("**SLOs** (light load = one request at a time, aggregated, median):")
+    out.append("**SLOs** (light load = one request at a time, aggregated, median; prompt "
+               "tokens as the frontend counted them over every run):")
     out.append("")
-    out.append("| workload (in/out tokens) | light-load TTFT | light-load mean ITL | "
-               f"TTFT SLO ({args.ttft_mult:g}×) | ITL SLO ({args.itl_mult:g}×) |")
-    out.append("|---|---:|---:|---:|---:|")
+    out.append("| workload (in/out tokens) | prompt tokens (mean) | light-load TTFT | "
+               f"light-load mean ITL | TTFT SLO ({args.ttft_mult:g}×) | "
+               f"ITL SLO ({args.itl_mult:g}×) |")
+    out.append("|---|---:|---:|---:|---:|---:|")
     for wl in workloads:
         t, i = calib[wl]
-        out.append(f"| {wl[0]}/{wl[1]} | {t:.1f} ms | {i:.2f} ms | {slos[wl].ttft_ms:.0f} ms | "
-                   f"{slos[wl].itl_ms:.1f} ms |")
+        stats = [s for (c, w), pts in runs.items() if w == wl for _, s in pts]
+        n = sum(s["prompts"] or 0 for s in stats)
+        mean_prompt = sum(s["prompt_tokens"] or 0 for s in stats) / n if n else None
+        out.append(f"| {wl[0]}/{wl[1]} | {fmt(mean_prompt)} | {t:.1f} ms | {i:.2f} ms | "
+                   f"{slos[wl].ttft_ms:.0f} ms | {slos[wl].itl_ms:.1f} ms |")
+    preempted = sum(s["preemptions"] for pts in runs.values() for _, s in pts)
+    out.append("")
+    out.append(f"Preemptions (KV blocks ran out) over all runs: {preempted:.0f}.")
     out.append("")
     out.append("**Goodput** (highest rate with ≥ 90% of requests within both SLOs):")
     out.append("")
@@ -318,7 +333,7 @@ def main():
     ap.add_argument("results")
     ap.add_argument("--png")
     ap.add_argument("--out", help="replace the goodput section of this markdown file")
-    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, default=1.5)
     ap.add_argument("--ttft-mult", type=float, default=4.0)
     ap.add_argument("--itl-mult", type=float, default=1.5)
     args = ap.parse_args()

@@ -18,10 +18,10 @@
 #   WORKLOADS    input:output pairs ("3000:150 1000:300")
 #   CONFIGS      which configurations, in order ("agg ipc grpc")
 #   RATES_<config>_<input>_<output>  offered rates, ascending
-#   DURATION     seconds of sending per run (10); DRAIN seconds a run may
-#                drain before its last requests are cut off (4)
+#   DURATION     seconds of sending per run (8); DRAIN seconds a run may
+#                drain before its last requests are cut off (3)
 #   CALIB_N      light-load requests per workload, one at a time (5)
-#   TIME_LIMIT   seconds after which no new run starts (400)
+#   TIME_LIMIT   seconds after which no new run starts (330)
 #   ENGINE_ARGS  engine flags of every worker (vLLM's H100 defaults)
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,10 +47,10 @@ DEV1=${DEV1:-cuda:1}
 AGG_DEVICE=${AGG_DEVICE:-"cuda:{index}"}
 WORKLOADS=${WORKLOADS:-"3000:150 1000:300"}
 CONFIGS=${CONFIGS:-"agg ipc grpc"}
-DURATION=${DURATION:-10}
-DRAIN=${DRAIN:-4}
+DURATION=${DURATION:-8}
+DRAIN=${DRAIN:-3}
 CALIB_N=${CALIB_N:-5}
-TIME_LIMIT=${TIME_LIMIT:-400}
+TIME_LIMIT=${TIME_LIMIT:-330}
 PORT=${PORT:-18000}
 # vLLM's defaults on an H100 for its OpenAI server: chunked prefill with an
 # 8192-token step budget, decodes scheduled first (max_num_seqs 1024 there;
@@ -64,9 +64,9 @@ dummy="--load-format dummy --dummy-shape $SHAPE"
 : "${RATES_agg_3000_150:=3 6 9 12}"
 : "${RATES_ipc_3000_150:=3 6 9 12}"
 : "${RATES_grpc_3000_150:=2 4 8}"
-: "${RATES_agg_1000_300:=6 12 24}"
-: "${RATES_ipc_1000_300:=6 12 24}"
-: "${RATES_grpc_1000_300:=4 8 16}"
+: "${RATES_agg_1000_300:=8 16 24}"
+: "${RATES_ipc_1000_300:=8 16 24}"
+: "${RATES_grpc_1000_300:=4 12}"
 
 {
   echo "started $(date -u +%FT%TZ)"
@@ -171,10 +171,10 @@ run_config() {
   local name=$1
   case $name in
     agg) start_deployment agg 0 2 --decode-arg "--device $AGG_DEVICE" ;;
-    ipc) start_deployment ipc 1 1 --prefill-arg "--device $DEV0 --kv-transfer $IPC_TRANSFER" \
-           --decode-arg "--device $DEV1" ;;
-    grpc) start_deployment grpc 1 1 --prefill-arg "--device $DEV0 --kv-transfer grpc" \
-           --decode-arg "--device $DEV1" ;;
+    ipc) start_deployment ipc 1 1 --worker-arg "--kv-transfer $IPC_TRANSFER" \
+           --prefill-arg "--device $DEV0" --decode-arg "--device $DEV1" ;;
+    grpc) start_deployment grpc 1 1 --worker-arg "--kv-transfer grpc" \
+           --prefill-arg "--device $DEV0" --decode-arg "--device $DEV1" ;;
   esac || return
   if [ "$name" = agg ]; then
     # Light load, one request at a time: what the hardware does for a lone
