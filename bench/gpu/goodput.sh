@@ -191,10 +191,16 @@ run_config() {
   stop_deployment
 }
 
+# Packs what is there so far: a call killed at its time limit still returns
+# the configurations that finished.
+pack() {
+  rm -rf "$res/logs" && cp -r "$work/logs" "$res/logs"
+  tar -C "$work" -czf "$out/goodput.tar.gz.tmp" results && mv "$out/goodput.tar.gz.tmp" "$out/goodput.tar.gz"
+}
+
 for config in $CONFIGS; do
   run_config "$config"
+  pack
 done
 echo "finished at $(elapsed) s"
-cp -r "$work/logs" "$res/logs"
-tar -C "$work" -czf "$out/goodput.tar.gz" results
 ls -la "$out"
