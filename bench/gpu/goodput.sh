@@ -23,6 +23,7 @@
 #   CALIB_N      light-load requests per workload, one at a time (5)
 #   TIME_LIMIT   seconds after which no new run starts (330)
 #   ENGINE_ARGS  engine flags of every worker (vLLM's H100 defaults)
+#   WARMUP_ARGS  `tandem bench` flags of the unmeasured warm-up per deployment
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-goodput-out}
@@ -57,6 +58,7 @@ PORT=${PORT:-18000}
 # 256 here never binds at these loads).
 ENGINE_ARGS=${ENGINE_ARGS:-"--max-batch-tokens 8192 --max-num-seqs 256"}
 IPC_TRANSFER=${IPC_TRANSFER:-cuda-ipc}
+WARMUP_ARGS=${WARMUP_ARGS:-"--concurrency 32 --num-requests 64 --input-len 512 --output-len 48"}
 # Decode workers' --remote-prefill-min-tokens; empty: their default (256).
 REMOTE_MIN=${REMOTE_MIN:-}
 dummy="--load-format dummy --dummy-shape $SHAPE"
@@ -105,7 +107,7 @@ start_deployment() {
   local t0
   t0=$(date +%s)
   until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
-    if ! kill -0 "$local_pid" 2>/dev/null || [ $(($(date +%s) - t0)) -gt 240 ]; then
+    if ! kill -0 "$local_pid" 2>/dev/null || [ $(($(date +%s) - t0)) -gt 150 ]; then
       echo "$name: did not come up"; tail -20 "$work/logs/$name-local.log"
       tail -5 "$work"/logs/"$name"/*.log
       local_pid=
@@ -117,9 +119,9 @@ start_deployment() {
   cp "$endpoints" "$res/$name-endpoints.json"
   # Warm-up, not measured: first prefills and transfers, and the decode CUDA
   # graphs of batches up to 32 (captured the first time a batch size is seen).
-  "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet \
-    --concurrency 32 --num-requests 64 --input-len 512 --output-len 48 --seed 99 \
-    | sed -n "1s/^/$name warm-up: /p"
+  # shellcheck disable=SC2086
+  "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet --seed 99 \
+    $WARMUP_ARGS | sed -n "1s/^/$name warm-up: /p"
 }
 
 # Every worker's and the frontend's /metrics, for the transfer and prefill counts.
