@@ -161,14 +161,14 @@ impl Metrics {
             ),
             kv_transfer_bytes: counter(
                 "tandem_kv_transfer_bytes_total",
-                "KV cache bytes shipped between prefill and decode, by direction (sent, received).",
-                &["role", "direction"],
+                "KV cache bytes shipped between prefill and decode, by direction (sent, received) and transport (grpc, cuda-ipc).",
+                &["role", "direction", "transport"],
             ),
             kv_transfer_seconds: hist(
                 "tandem_kv_transfer_seconds",
-                "Duration of one prompt's KV transfer.",
+                "Duration of one prompt's KV transfer (cuda-ipc sender: the GPU copy).",
                 latency_buckets(),
-                &["role", "direction"],
+                &["role", "direction", "transport"],
             ),
             prefills: counter(
                 "tandem_worker_prefills_total",

@@ -471,6 +471,7 @@ async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
             }
             PrefillEvent::Done(t) => break t,
             PrefillEvent::Error(e) => panic!("{e}"),
+            PrefillEvent::PeerWritten(_) => panic!("no peer was asked to receive the KV"),
         }
     };
     assert_eq!(first, whole.first_token);

@@ -87,14 +87,14 @@ static SHIPPING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn counter(role: &str, direction: &str) -> u64 {
     metrics()
         .kv_transfer_bytes
-        .with_label_values(&[role, direction])
+        .with_label_values(&[role, direction, "grpc"])
         .get()
 }
 
 fn transfers(role: &str, direction: &str) -> u64 {
     metrics()
         .kv_transfer_seconds
-        .with_label_values(&[role, direction])
+        .with_label_values(&[role, direction, "grpc"])
         .get_sample_count()
 }
 
@@ -254,6 +254,7 @@ async fn kv_of_the_first_prefill_chunk_is_sent_before_the_next_chunk_is_computed
             request_id: "order".into(),
             prompt: prompt(19, 100),
             sampling: Some(sampling_to_pb(&SamplingParams::greedy())),
+            cuda_ipc: None,
         })
         .await
         .unwrap()

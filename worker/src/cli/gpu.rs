@@ -17,6 +17,9 @@ pub enum GpuCommand {
     Check(CheckArgs),
     /// Decode and prefill timings with dummy weights (8B and SmolLM2 shapes).
     Bench(GpuBenchArgs),
+    /// KV transfer between a prefill and a decode worker on two GPUs (or
+    /// one): peer-copy ceiling, cuda-ipc and gRPC GB/s, greedy tokens equal.
+    TransferBench(super::gpu_transfer::TransferBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +91,7 @@ pub fn run(command: GpuCommand) -> anyhow::Result<()> {
     match command {
         GpuCommand::Check(a) => run_check(a),
         GpuCommand::Bench(a) => run_bench(a),
+        GpuCommand::TransferBench(a) => super::gpu_transfer::run(a),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod common;
 pub mod discovery_args;
 pub mod frontend;
 pub mod gpu;
+pub mod gpu_transfer;
 pub mod local;
 pub mod model;
 pub mod serve;

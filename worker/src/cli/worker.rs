@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use super::common::{self, EngineArgs, ModelHttpArgs};
 use crate::engine::EngineHandle;
@@ -22,8 +21,9 @@ use crate::roles::decode::{
     DecodeConfig, DecodeService, DecodeWorker, DEFAULT_REMOTE_PREFILL_MIN_TOKENS,
 };
 use crate::roles::http::{self as worker_http, WorkerHealth};
-use crate::roles::worker_service::WorkerService;
-use crate::transfer::grpc::{server_builder, PrefillService};
+use crate::roles::worker_service::{TransferInfo, WorkerService};
+use crate::transfer::cuda_ipc::KvTransferMode;
+use crate::transfer::grpc::{incoming, server_builder, PrefillService};
 
 /// Default `--grpc-port` (the operator's headless Services use it too).
 pub const DEFAULT_GRPC_PORT: u16 = 9000;
@@ -31,11 +31,38 @@ pub const DEFAULT_GRPC_PORT: u16 = 9000;
 /// KV transports a worker can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvTransfer {
-    /// The fastest transport both sides support. Today that is always gRPC;
-    /// with the CUDA backend, `cuda-ipc` when prefill and decode share a node.
+    /// `cuda-ipc` when prefill and decode both use CUDA on the same node
+    /// (decided per peer), else gRPC.
     Auto,
     /// Streamed gRPC messages: works between any two hosts.
     Grpc,
+    /// The prefill worker writes the KV straight into the decode worker's GPU
+    /// pool; only for workers on one node, both on CUDA. A decode worker does
+    /// not use prefill workers it cannot reach this way.
+    CudaIpc,
+}
+
+impl KvTransfer {
+    pub fn mode(self) -> KvTransferMode {
+        match self {
+            KvTransfer::Auto => KvTransferMode::Auto,
+            KvTransfer::Grpc => KvTransferMode::Grpc,
+            KvTransfer::CudaIpc => KvTransferMode::CudaIpc,
+        }
+    }
+}
+
+/// The `Load` report's transfer fields for a worker in `mode`; refuses a
+/// forced cuda-ipc on an engine whose pool cannot be shared.
+fn transfer_info(engine: &EngineHandle, mode: KvTransferMode) -> anyhow::Result<TransferInfo> {
+    let mut info = TransferInfo::of(engine);
+    if mode == KvTransferMode::CudaIpc && !info.cuda_ipc {
+        anyhow::bail!(
+            "--kv-transfer cuda-ipc needs the KV pool on a CUDA device (--device cuda[:N])"
+        );
+    }
+    info.cuda_ipc &= mode != KvTransferMode::Grpc;
+    Ok(info)
 }
 
 /// Flags of every engine-owning worker role.
@@ -94,12 +121,24 @@ pub struct DecodeArgs {
 }
 
 pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
-    common::runtime()?.block_on(run_worker(args.worker, "prefill", |engine, mut routes| {
-        routes
-            .add_service(PrefillService::server(engine.clone()))
-            .add_service(WorkerService::server(engine));
-        Ok(routes)
-    }))
+    let mode = args.worker.kv_transfer.mode();
+    common::runtime()?.block_on(run_worker(
+        args.worker,
+        "prefill",
+        move |engine, mut routes| {
+            let info = transfer_info(&engine, mode)?;
+            let cuda_ipc_off = (!info.cuda_ipc).then(|| match mode {
+                KvTransferMode::Grpc => {
+                    "this prefill worker runs with --kv-transfer grpc".to_string()
+                }
+                _ => "this prefill worker's KV pool is not on a CUDA device".to_string(),
+            });
+            routes
+                .add_service(PrefillService::server_with(engine.clone(), cuda_ipc_off))
+                .add_service(WorkerService::server_with(engine, info));
+            Ok(routes)
+        },
+    ))
 }
 
 pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
@@ -110,6 +149,7 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
             .ok()
             .filter(|d| !d.is_zero())
             .context("--kv-transfer-timeout-secs must be a positive number of seconds")?,
+        kv_transfer: args.worker.kv_transfer.mode(),
         ..DecodeConfig::default()
     };
     let prefill_workers = args.prefill_workers.clone();
@@ -117,10 +157,11 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
     common::runtime()?.block_on(async move {
         let membership = discovery.membership(&prefill_workers).await?;
         run_worker(args.worker, "decode", move |engine, mut routes| {
+            let info = transfer_info(&engine, config.kv_transfer)?;
             let worker = DecodeWorker::start(engine.clone(), config, membership)?;
             routes
                 .add_service(DecodeService::server(worker))
-                .add_service(WorkerService::server(engine));
+                .add_service(WorkerService::server_with(engine, info));
             Ok(routes)
         })
         .await
@@ -197,12 +238,14 @@ async fn run_worker(
     let grpc = tokio::spawn(
         server_builder()
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped()),
+            .serve_with_incoming_shutdown(incoming(grpc_listener), stopped()),
     );
     health.set_engine(Arc::new(engine));
-    // Both settings resolve to gRPC until a second transport exists.
+    // Auto is decided per peer (the decode worker logs each choice).
     let kv_transfer = match args.kv_transfer {
-        KvTransfer::Auto | KvTransfer::Grpc => "grpc",
+        KvTransfer::Auto => "auto",
+        KvTransfer::Grpc => "grpc",
+        KvTransfer::CudaIpc => "cuda-ipc",
     };
     tracing::info!(role, http = %http_local, grpc = %grpc_local, max_model_len, kv_transfer, "ready");
 

@@ -39,10 +39,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc as tmpsc};
+use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
 
 use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
 use crate::metrics::metrics;
+use backend::cuda::ipc::{KvPoolExport, PeerKvTarget};
 use backend::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
 use block_manager::{BlockManager, KvEvent};
 use sampler::Sampler;
@@ -117,15 +118,39 @@ enum Command {
         request: GenerateRequest,
         events: tmpsc::UnboundedSender<GenerateEvent>,
         /// Prompt KV computed elsewhere and the token sampled from it.
-        import: Option<(KvExport, TokenOutput)>,
+        import: Option<Import>,
     },
     Prefill {
         id: SeqId,
         prompt: Vec<u32>,
         sampling: SamplingParams,
         events: tmpsc::UnboundedSender<PrefillEvent>,
+        /// Write the KV into a peer's pool (cuda-ipc) instead of streaming it.
+        peer: Option<Box<PeerKvTarget>>,
     },
     Cancel(SeqId),
+    /// Takes blocks for KV a peer will write (see [`KvReservation`]).
+    Reserve {
+        id: u64,
+        blocks: usize,
+        reply: oneshot::Sender<Result<Vec<u32>, InferError>>,
+    },
+    ReleaseReservation(u64),
+    OpenPeer {
+        pool: Box<KvPoolExport>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// A prompt's KV computed elsewhere.
+enum Import {
+    /// Shipped in the export format; installed into fresh blocks.
+    Kv(KvExport, TokenOutput),
+    /// Already written into these reserved blocks by a peer (cuda-ipc).
+    Reserved {
+        reservation: u64,
+        first: TokenOutput,
+    },
 }
 
 /// What the handle must know to validate requests without asking the thread.
@@ -138,6 +163,10 @@ struct Limits {
     num_layers: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The KV pool as a peer on this node can map it (CUDA backends).
+    kv_pool_export: Option<KvPoolExport>,
+    /// Element type of the KV pool.
+    kv_dtype: KvDtype,
 }
 
 struct Shared {
@@ -190,6 +219,11 @@ impl Engine {
             )));
         }
         backend.init_kv_cache(cfg.block_size, num_blocks)?;
+        // A pool that cannot be exported only rules out cuda-ipc.
+        let kv_pool_export = backend.kv_pool_export().unwrap_or_else(|e| {
+            tracing::warn!("the KV pool cannot be shared over CUDA IPC: {e}");
+            None
+        });
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
             .thread_name(move |i| format!("tandem-{role}-compute-{i}"))
@@ -197,6 +231,7 @@ impl Engine {
             .map_err(|e| EngineError::Spawn(e.to_string()))?;
 
         let model = backend.config().clone();
+        let kv_dtype = backend.kv_dtype();
         let blocks = BlockManager::new(num_blocks, cfg.block_size);
         let kv_events = blocks.event_sender();
         let scheduler = Scheduler::new(
@@ -226,6 +261,7 @@ impl Engine {
             role,
             rx,
             logits: Vec::new(),
+            reservations: HashMap::new(),
             stats: EngineStats {
                 kv_blocks_total: num_blocks,
                 ..EngineStats::default()
@@ -256,6 +292,8 @@ impl Engine {
                 num_layers: model.num_layers,
                 kv_heads: model.num_kv_heads,
                 head_dim: model.head_dim,
+                kv_pool_export,
+                kv_dtype,
             }),
             kv_events,
         })
@@ -306,6 +344,11 @@ impl EngineHandle {
     pub fn kv_shape(&self) -> (usize, usize, usize) {
         let l = &self.limits;
         (l.num_layers, l.kv_heads, l.head_dim)
+    }
+
+    /// Element type of the KV pool: a prefill ships its KV in it.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.limits.kv_dtype
     }
 
     /// Tokens per KV block (routers hash prompts with it).
@@ -374,7 +417,7 @@ impl EngineHandle {
     fn submit(
         &self,
         request: GenerateRequest,
-        import: Option<(KvExport, TokenOutput)>,
+        import: Option<Import>,
     ) -> Result<GenerateStream, InferError> {
         self.validate_prompt(&request.prompt)?;
         if request.stop.max_tokens == 0 {
@@ -407,6 +450,113 @@ impl EngineHandle {
         prompt: Vec<u32>,
         sampling: SamplingParams,
     ) -> Result<PrefillStream, InferError> {
+        self.start_prefill(prompt, sampling, None)
+    }
+
+    /// Runs only the prompt and, once it is computed, copies its KV straight
+    /// into `target`'s blocks of a peer's pool (cuda-ipc): the stream says
+    /// `Started`, `PeerWritten` after the copy finished, then `Done`.
+    pub fn prefill_stream_to_peer(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        target: PeerKvTarget,
+    ) -> Result<PrefillStream, InferError> {
+        if target.block_ids.len() < prompt.len().div_ceil(target.pool.layout.block_size.max(1)) {
+            return Err(InferError::Invalid(format!(
+                "{} reserved blocks of {} tokens cannot hold a {}-token prompt",
+                target.block_ids.len(),
+                target.pool.layout.block_size,
+                prompt.len()
+            )));
+        }
+        self.start_prefill(prompt, sampling, Some(Box::new(target)))
+    }
+
+    /// The KV pool as a peer on this node can map it; `None` unless the
+    /// backend can share its pool (CUDA).
+    pub fn kv_pool_export(&self) -> Option<&KvPoolExport> {
+        self.limits.kv_pool_export.as_ref()
+    }
+
+    /// Maps a peer's pool for [`EngineHandle::prefill_stream_to_peer`] (once
+    /// per pool), checking that this pool's blocks fit it; `Err` says why not.
+    pub async fn open_peer_kv(&self, pool: KvPoolExport) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::OpenPeer {
+                pool: Box::new(pool),
+                reply,
+            })
+            .map_err(|_| "the engine has stopped".to_string())?;
+        rx.await
+            .unwrap_or_else(|_| Err("the engine has stopped".to_string()))
+    }
+
+    /// Reserves blocks for `num_tokens` prompt positions that a peer will
+    /// write (cuda-ipc). Dropping the reservation frees them, unless
+    /// [`EngineHandle::generate_with_reserved`] adopted them.
+    pub async fn reserve_kv_blocks(&self, num_tokens: usize) -> Result<KvReservation, InferError> {
+        let blocks = num_tokens.div_ceil(self.limits.block_size);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Reserve { id, blocks, reply })
+            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
+        let block_ids = rx
+            .await
+            .map_err(|_| InferError::Unavailable("the engine has stopped".into()))??;
+        Ok(KvReservation {
+            id,
+            block_ids,
+            tx: Some(self.tx.clone()),
+        })
+    }
+
+    /// Continues a request whose prompt KV a peer wrote into `reservation`'s
+    /// blocks: adopts them, emits `first_token`, and decodes from there.
+    pub fn generate_with_reserved(
+        &self,
+        request: GenerateRequest,
+        mut reservation: KvReservation,
+        first_token: TokenOutput,
+    ) -> Result<GenerateStream, InferError> {
+        let needed = request.prompt.len().div_ceil(self.limits.block_size);
+        if reservation.block_ids.len() != needed {
+            return Err(InferError::Invalid(format!(
+                "{} reserved blocks for a prompt of {} tokens (needs {needed})",
+                reservation.block_ids.len(),
+                request.prompt.len()
+            )));
+        }
+        if first_token.id as usize >= self.limits.vocab_size {
+            return Err(InferError::Invalid(format!(
+                "first token {} is outside the vocabulary",
+                first_token.id
+            )));
+        }
+        let import = Import::Reserved {
+            reservation: reservation.id,
+            first: first_token,
+        };
+        // From here the engine owns the blocks (a failed submit drops them
+        // through the Generate command never arriving: release them then).
+        let tx = reservation.tx.take();
+        let result = self.submit(request, Some(import));
+        if result.is_err() {
+            if let Some(tx) = tx {
+                let _ = tx.send(Command::ReleaseReservation(reservation.id));
+            }
+        }
+        result
+    }
+
+    fn start_prefill(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        peer: Option<Box<PeerKvTarget>>,
+    ) -> Result<PrefillStream, InferError> {
         self.validate_prompt(&prompt)?;
         let slot = self.take_queue_slot()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -417,6 +567,7 @@ impl EngineHandle {
                 prompt,
                 sampling,
                 events,
+                peer,
             })
             .map_err(|_| InferError::Unavailable("the engine has stopped".into()))?;
         slot.keep();
@@ -470,6 +621,11 @@ impl EngineHandle {
                     })
                 }
                 PrefillEvent::Error(e) => return Err(InferError::Unavailable(e)),
+                PrefillEvent::PeerWritten(_) => {
+                    return Err(InferError::Unavailable(
+                        "a prefill without a peer reported a peer write".into(),
+                    ))
+                }
             }
         }
         Err(InferError::Unavailable(
@@ -519,7 +675,32 @@ impl EngineHandle {
                 first_token.id
             )));
         }
-        self.submit(request, Some((kv, first_token)))
+        self.submit(request, Some(Import::Kv(kv, first_token)))
+    }
+}
+
+/// Blocks of this engine's pool held for a prompt's KV that a peer writes
+/// (cuda-ipc). Dropped without being adopted, they return to the pool.
+pub struct KvReservation {
+    id: u64,
+    block_ids: Vec<u32>,
+    /// `None` once adopted.
+    tx: Option<mpsc::Sender<Command>>,
+}
+
+impl KvReservation {
+    /// The reserved blocks, in prompt position order.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.block_ids
+    }
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            // The engine may be gone already; then nothing is left to free.
+            let _ = tx.send(Command::ReleaseReservation(self.id));
+        }
     }
 }
 
@@ -557,6 +738,8 @@ struct Request {
     queued: bool,
     started: bool,
     cached_tokens: usize,
+    /// Prefill-only: where the KV goes instead of the stream (cuda-ipc).
+    peer: Option<Box<PeerKvTarget>>,
 }
 
 impl Request {
@@ -613,6 +796,8 @@ struct EngineLoop {
     role: &'static str,
     rx: mpsc::Receiver<Command>,
     logits: Vec<f32>,
+    /// Blocks reserved for KV a peer writes, by reservation id.
+    reservations: HashMap<u64, Vec<u32>>,
     stats: EngineStats,
 }
 
@@ -655,11 +840,37 @@ impl EngineLoop {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Cancel(id) => self.drop_request(id),
+            Command::Reserve { id, blocks, reply } => {
+                let result = match self.scheduler.allocate_blocks(blocks) {
+                    Some(ids) => {
+                        self.reservations.insert(id, ids.clone());
+                        Ok(ids)
+                    }
+                    None => Err(InferError::Overloaded(format!(
+                        "no {blocks} free KV blocks to receive a prompt into"
+                    ))),
+                };
+                if let Err(Ok(ids)) = reply.send(result) {
+                    // The caller went away: nobody will adopt them.
+                    self.reservations.remove(&id);
+                    self.scheduler.release_blocks(&ids);
+                }
+            }
+            Command::ReleaseReservation(id) => {
+                if let Some(ids) = self.reservations.remove(&id) {
+                    self.scheduler.release_blocks(&ids);
+                }
+            }
+            Command::OpenPeer { pool, reply } => {
+                let result = self.backend.open_peer_kv(&pool).map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
             Command::Prefill {
                 id,
                 prompt,
                 sampling,
                 events,
+                peer,
             } => {
                 let stop = StopParams {
                     max_tokens: 1,
@@ -674,6 +885,7 @@ impl EngineLoop {
                         queued: true,
                         started: false,
                         cached_tokens: 0,
+                        peer,
                     },
                 );
                 self.scheduler.add(Sequence::new(id, prompt, stop));
@@ -690,9 +902,25 @@ impl EngineLoop {
                     queued: true,
                     started: false,
                     cached_tokens: 0,
+                    peer: None,
                 };
                 let mut seq = Sequence::new(id, request.prompt, request.stop);
-                if let Some((kv, first)) = import {
+                let (kv, first) = match import {
+                    None => (None, None),
+                    Some(Import::Kv(kv, first)) => (Some(kv), Some(first)),
+                    Some(Import::Reserved { reservation, first }) => {
+                        let Some(blocks) = self.reservations.remove(&reservation) else {
+                            req.fail("the reserved KV blocks are gone".into());
+                            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        };
+                        seq.blocks = blocks;
+                        seq.num_computed = seq.prompt_len;
+                        seq.kv_adopted = true;
+                        (None, Some(first))
+                    }
+                };
+                if let Some(first) = first {
                     req.started = true;
                     req.send(GenerateEvent::Started {
                         prompt_tokens: seq.prompt_len,
@@ -707,9 +935,10 @@ impl EngineLoop {
                     if let Some(reason) = finish {
                         req.send(GenerateEvent::Finished(reason));
                         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        self.scheduler.release_blocks(&seq.blocks);
                         return;
                     }
-                    seq.kv_import = Some(kv);
+                    seq.kv_import = kv;
                 }
                 self.requests.insert(id, req);
                 self.scheduler.add(seq);
@@ -750,6 +979,7 @@ impl EngineLoop {
             };
             let seq = self.scheduler.get(id).expect("admitted");
             if let Output::Prefill(tx) = &req.output {
+                let streams_kv = req.peer.is_none();
                 if !req.started {
                     let _ = tx.send(PrefillEvent::Started {
                         prompt_tokens: seq.prompt_len,
@@ -758,7 +988,7 @@ impl EngineLoop {
                 }
                 // Cached positions are never computed here: send them now,
                 // layer by layer (again after a re-admission, harmlessly).
-                if cached > 0 {
+                if cached > 0 && streams_kv {
                     match self.backend.read_kv(&seq.blocks, cached) {
                         Ok(kv) => {
                             for (layer, (k, v)) in kv.layers.into_iter().enumerate() {
@@ -822,8 +1052,12 @@ impl EngineLoop {
                     if !decoding {
                         prefill_tokens += c.len as u64;
                     }
-                    let target = match self.requests.get(&c.id).map(|r| &r.output) {
-                        Some(Output::Prefill(tx)) => Some(tx),
+                    let target = match self.requests.get(&c.id) {
+                        Some(Request {
+                            output: Output::Prefill(tx),
+                            peer: None,
+                            ..
+                        }) => Some(tx),
                         _ => None,
                     };
                     sink.targets.push((target, c.start));
@@ -873,6 +1107,25 @@ impl EngineLoop {
         };
         let token = req.sampler.sample(logits);
         if let Output::Prefill(tx) = &req.output {
+            if let Some(target) = &req.peer {
+                // Every prompt position is in this sequence's blocks now.
+                let seq = self.scheduler.get(id).expect("sampled sequence");
+                let written = self
+                    .backend
+                    .write_kv_to_peer(&seq.blocks, seq.prompt_len, target);
+                match written {
+                    Ok(w) => {
+                        let _ = tx.send(PrefillEvent::PeerWritten(w));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(PrefillEvent::Error(format!(
+                            "writing the KV into the peer's pool failed: {e}"
+                        )));
+                        self.drop_request(id);
+                        return;
+                    }
+                }
+            }
             let _ = tx.send(PrefillEvent::Done(token));
             self.drop_request(id);
             return;

@@ -41,6 +41,9 @@ pub struct Sequence {
     pub stop: StopParams,
     /// KV computed elsewhere, installed when the sequence is admitted.
     pub kv_import: Option<KvExport>,
+    /// `blocks` already hold the prompt's KV (written by a prefill worker
+    /// through cuda-ipc): admission keeps them instead of prefilling.
+    pub kv_adopted: bool,
 }
 
 impl Sequence {
@@ -54,6 +57,7 @@ impl Sequence {
             block_hashes: Vec::new(),
             stop,
             kv_import: None,
+            kv_adopted: false,
         }
     }
 
@@ -148,6 +152,17 @@ impl Scheduler {
         self.get_running_mut(id)?.kv_import.take()
     }
 
+    /// Takes `n` fresh blocks outside any sequence (for KV a peer writes
+    /// before the sequence arrives); `None` if fewer are available.
+    pub fn allocate_blocks(&mut self, n: usize) -> Option<Vec<u32>> {
+        self.blocks.allocate(n)
+    }
+
+    /// Returns blocks taken by [`Scheduler::allocate_blocks`] and not adopted.
+    pub fn release_blocks(&mut self, blocks: &[u32]) {
+        self.blocks.release(blocks);
+    }
+
     /// Removes a sequence wherever it is and releases its blocks. Returns it.
     pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
@@ -171,6 +186,8 @@ impl Scheduler {
         seq.blocks.clear();
         seq.block_hashes.clear();
         seq.num_computed = 0;
+        // Its KV is gone: recompute it like any preempted prompt.
+        seq.kv_adopted = false;
         let id = seq.id;
         self.waiting.push_front(seq);
         id
@@ -251,6 +268,8 @@ impl Scheduler {
             let mut cached_tokens = 0;
             if let Some(kv) = &seq.kv_import {
                 seq.num_computed = kv.num_tokens;
+            } else if seq.kv_adopted {
+                // Blocks and num_computed were set when the KV was adopted.
             } else {
                 // At least the last token must be computed to get logits.
                 let reusable = (seq.tokens.len() - 1) / bs * bs;
@@ -270,6 +289,8 @@ impl Scheduler {
                 seq.blocks.clear();
                 seq.block_hashes.clear();
                 seq.num_computed = 0;
+                // Adopted KV released: the prompt is computed here instead.
+                seq.kv_adopted = false;
                 if self.running.is_empty() {
                     // Nothing will ever free more blocks for it.
                     let seq = self.waiting.pop_front().expect("checked above");

@@ -96,10 +96,12 @@ pub enum GenerateEvent {
     Error(String),
 }
 
-/// Element type of exported KV data.
+/// Element type of KV data: of a backend's pool, of data on the wire.
+/// A [`KvExport`] always holds f32 values (`F32`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
     F32,
+    Bf16,
 }
 
 /// A prompt's KV cache in the layout-independent transfer format (DESIGN.md
@@ -161,6 +163,9 @@ pub enum PrefillEvent {
         cached_tokens: usize,
     },
     Kv(KvLayerChunk),
+    /// The prompt's KV (every position) went straight into a peer worker's
+    /// pool (cuda-ipc) instead of `Kv` chunks; the copy has finished.
+    PeerWritten(crate::engine::backend::cuda::ipc::PeerWrite),
     /// The first generated token; every prompt position has been sent.
     Done(TokenOutput),
     Error(String),

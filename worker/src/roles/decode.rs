@@ -9,7 +9,7 @@
 //! the request succeeds either way. A caller that goes away cancels the
 //! prefill (remote or local) and the decode, and frees their blocks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,9 +26,10 @@ use crate::engine::EngineHandle;
 use crate::infer::{GenerateStream, Infer, InferError};
 use crate::metrics::metrics;
 use crate::router::{PrefixIndex, Router, RouterConfig, WorkerId};
+use crate::transfer::cuda_ipc::{self, Choice, IpcPrefill, KvTransferMode};
 use crate::transfer::grpc::{status_of, GrpcTransport};
 use crate::transfer::pb;
-use crate::transfer::{RemotePrefillRequest, Transport};
+use crate::transfer::{RemotePrefillRequest, TransferError, Transport};
 
 /// The `role` label of the decode worker's metrics.
 pub const ROLE: &str = "decode";
@@ -44,6 +45,8 @@ pub struct DecodeConfig {
     pub prefill_attempts: usize,
     /// A transfer with no message for this long is abandoned.
     pub transfer_timeout: Duration,
+    /// Whether to offer prefill workers this worker's KV pool (cuda-ipc).
+    pub kv_transfer: KvTransferMode,
 }
 
 impl Default for DecodeConfig {
@@ -53,6 +56,7 @@ impl Default for DecodeConfig {
             prefill_max_queue: 4,
             prefill_attempts: 2,
             transfer_timeout: Duration::from_secs(10),
+            kv_transfer: KvTransferMode::Auto,
         }
     }
 }
@@ -85,6 +89,10 @@ pub struct DecodeWorker {
     /// Which blocks this worker's engine holds (from its own KV events): how
     /// much of a prompt is already cached here.
     local_cache: Arc<Mutex<PrefixIndex>>,
+    /// This machine (see [`cuda_ipc::node_id`]): cuda-ipc needs the peer on it.
+    node_id: String,
+    /// The transport last logged per prefill worker (each change is logged).
+    logged_choice: Mutex<HashMap<WorkerId, Choice>>,
 }
 
 const SELF: &str = "self";
@@ -116,6 +124,8 @@ impl DecodeWorker {
             config,
             prefill,
             local_cache,
+            node_id: cuda_ipc::node_id(),
+            logged_choice: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -176,14 +186,33 @@ impl DecodeWorker {
             let Ok((route, transport)) = routed else {
                 return Ok(None);
             };
-            let result = transport
-                .prefill(RemotePrefillRequest {
-                    request_id: request.id.clone(),
-                    prompt: request.prompt.clone(),
-                    sampling: request.sampling.clone(),
-                })
-                .await;
             let worker = route.worker.clone();
+            let remote_request = RemotePrefillRequest {
+                request_id: request.id.clone(),
+                prompt: request.prompt.clone(),
+                sampling: request.sampling.clone(),
+            };
+            let choice = cuda_ipc::choose(
+                self.config.kv_transfer,
+                self.engine.kv_pool_export(),
+                &self.node_id,
+                self.prefill.last_load(&worker).as_ref(),
+            );
+            let result = match choice {
+                Err(reason) => Err(TransferError::Local(reason)),
+                Ok(choice) => {
+                    self.log_choice(&worker, &choice);
+                    match choice {
+                        Choice::CudaIpc => {
+                            cuda_ipc::fetch(&transport, &self.engine, remote_request).await
+                        }
+                        Choice::Grpc(_) => transport
+                            .prefill(remote_request)
+                            .await
+                            .map(IpcPrefill::Streamed),
+                    }
+                }
+            };
             self.prefill.finish(route.ticket);
             match result {
                 Ok(remote) => {
@@ -191,17 +220,40 @@ impl DecodeWorker {
                         .remote_prefill_tokens
                         .with_label_values(&[ROLE])
                         .inc_by(request.prompt.len() as u64);
-                    tracing::debug!(
-                        request = %request.id,
-                        prefill_worker = %worker,
-                        bytes = remote.bytes,
-                        cached_tokens = remote.cached_tokens,
-                        "prompt prefilled remotely"
-                    );
-                    return self
-                        .engine
-                        .generate_with_kv(request.clone(), remote.kv, remote.first_token)
-                        .map(Some);
+                    return match remote {
+                        IpcPrefill::Written {
+                            reservation,
+                            first_token,
+                            written,
+                        } => {
+                            tracing::debug!(
+                                request = %request.id,
+                                prefill_worker = %worker,
+                                bytes = written.bytes,
+                                copy_seconds = written.copy_seconds,
+                                cached_tokens = written.cached_tokens,
+                                "prompt prefilled remotely, KV written over cuda-ipc"
+                            );
+                            self.engine
+                                .generate_with_reserved(request.clone(), reservation, first_token)
+                                .map(Some)
+                        }
+                        IpcPrefill::Streamed(remote) => {
+                            if let Some(reason) = &remote.cuda_ipc_declined {
+                                self.log_choice(&worker, &Choice::Grpc(Some(reason.clone())));
+                            }
+                            tracing::debug!(
+                                request = %request.id,
+                                prefill_worker = %worker,
+                                bytes = remote.bytes,
+                                cached_tokens = remote.cached_tokens,
+                                "prompt prefilled remotely"
+                            );
+                            self.engine
+                                .generate_with_kv(request.clone(), remote.kv, remote.first_token)
+                                .map(Some)
+                        }
+                    };
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -218,6 +270,29 @@ impl DecodeWorker {
             }
         }
         Ok(None)
+    }
+}
+
+impl DecodeWorker {
+    /// Logs the transport used with `worker` when it is new or changed.
+    fn log_choice(&self, worker: &WorkerId, choice: &Choice) {
+        let mut logged = self.logged_choice.lock().expect("choice log lock");
+        if logged.get(worker) == Some(choice) {
+            return;
+        }
+        match choice {
+            Choice::CudaIpc => {
+                tracing::info!(prefill_worker = %worker, "KV transfer with this prefill worker: cuda-ipc")
+            }
+            Choice::Grpc(None) => {
+                tracing::info!(prefill_worker = %worker, "KV transfer with this prefill worker: grpc")
+            }
+            Choice::Grpc(Some(reason)) => tracing::info!(
+                prefill_worker = %worker,
+                "KV transfer with this prefill worker: grpc, not cuda-ipc: {reason}"
+            ),
+        }
+        logged.insert(worker.clone(), choice.clone());
     }
 }
 

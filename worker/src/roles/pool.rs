@@ -208,6 +208,13 @@ impl<C: Send + Sync + 'static> WorkerPool<C> {
         Ok((route, client))
     }
 
+    /// A worker's last load report (`None` before its first, or while it
+    /// does not answer).
+    pub fn last_load(&self, worker: &WorkerId) -> Option<pb::LoadResponse> {
+        let inner = self.inner.lock().expect("pool lock");
+        inner.members.get(worker)?.last_load.clone()
+    }
+
     /// The request behind `ticket` ended.
     pub fn finish(&self, ticket: RouteTicket) {
         self.inner.lock().expect("pool lock").router.finish(ticket);

@@ -14,16 +14,44 @@ use crate::transfer::pb::{self, kv_event};
 /// The `Worker` gRPC service of one engine.
 pub struct WorkerService {
     engine: EngineHandle,
+    transfer: TransferInfo,
+}
+
+/// What a worker tells peers about KV transfer in its load reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferInfo {
+    /// See [`crate::transfer::cuda_ipc::node_id`].
+    pub node_id: String,
+    /// Takes (prefill) or offers (decode) KV over CUDA IPC.
+    pub cuda_ipc: bool,
+}
+
+impl TransferInfo {
+    /// This node, and cuda-ipc when the engine's pool can be shared (CUDA).
+    pub fn of(engine: &EngineHandle) -> Self {
+        Self {
+            node_id: crate::transfer::cuda_ipc::node_id(),
+            cuda_ipc: engine.kv_pool_export().is_some(),
+        }
+    }
 }
 
 impl WorkerService {
     pub fn server(engine: EngineHandle) -> pb::worker_server::WorkerServer<Self> {
-        pb::worker_server::WorkerServer::new(Self { engine })
+        let transfer = TransferInfo::of(&engine);
+        Self::server_with(engine, transfer)
+    }
+
+    pub fn server_with(
+        engine: EngineHandle,
+        transfer: TransferInfo,
+    ) -> pb::worker_server::WorkerServer<Self> {
+        pb::worker_server::WorkerServer::new(Self { engine, transfer })
     }
 }
 
 /// The load report of an engine right now.
-pub fn load_report(engine: &EngineHandle) -> pb::LoadResponse {
+pub fn load_report(engine: &EngineHandle, transfer: &TransferInfo) -> pb::LoadResponse {
     let stats = engine.stats();
     pb::LoadResponse {
         queue_depth: stats.waiting as u32,
@@ -33,6 +61,8 @@ pub fn load_report(engine: &EngineHandle) -> pb::LoadResponse {
         active_blocks: stats.kv_blocks_used as u32,
         max_queue: engine.max_queue() as u32,
         block_size: engine.block_size() as u32,
+        node_id: transfer.node_id.clone(),
+        cuda_ipc: transfer.cuda_ipc,
     }
 }
 
@@ -95,6 +125,6 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _request: Request<pb::LoadRequest>,
     ) -> Result<Response<pb::LoadResponse>, Status> {
-        Ok(Response::new(load_report(&self.engine)))
+        Ok(Response::new(load_report(&self.engine, &self.transfer)))
     }
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -28,6 +29,9 @@ use crate::metrics::metrics;
 /// Role labels of the transfer metrics on each side.
 const SENDER_ROLE: &str = "prefill";
 const RECEIVER_ROLE: &str = "decode";
+/// `transport` labels of the transfer metrics.
+pub const GRPC: &str = "grpc";
+pub const CUDA_IPC: &str = "cuda-ipc";
 
 /// HTTP/2 windows big enough that a 4 MiB chunk is not throttled by flow
 /// control on fast links (the 64 KiB default caps throughput per round trip).
@@ -46,7 +50,22 @@ pub trait PrefillSource: Send + Sync + 'static {
         &self,
         request: RemotePrefillRequest,
     ) -> BoxStream<'static, Result<PrefillPart, InferError>>;
+
+    /// The parts of a prefill whose KV goes straight into the requesting
+    /// decode worker's pool (cuda-ipc): `KvWritten`, then the first token.
+    /// `Err` says why this source cannot; the KV is then streamed.
+    fn prefill_to_peer(
+        &self,
+        _request: RemotePrefillRequest,
+        _target: pb::CudaIpcTarget,
+    ) -> BoxFuture<'static, Result<PrefillParts, String>> {
+        Box::pin(futures::future::ready(Err(
+            "this prefill worker cannot write KV over CUDA IPC".to_string(),
+        )))
+    }
 }
+
+pub type PrefillParts = BoxStream<'static, Result<PrefillPart, InferError>>;
 
 impl PrefillSource for EngineHandle {
     fn prefill_parts(
@@ -55,18 +74,43 @@ impl PrefillSource for EngineHandle {
     ) -> BoxStream<'static, Result<PrefillPart, InferError>> {
         engine_prefill_parts(self.clone(), request.prompt, request.sampling).boxed()
     }
+
+    fn prefill_to_peer(
+        &self,
+        request: RemotePrefillRequest,
+        target: pb::CudaIpcTarget,
+    ) -> BoxFuture<'static, Result<PrefillParts, String>> {
+        Box::pin(super::cuda_ipc::engine_prefill_to_peer(
+            self.clone(),
+            request,
+            target,
+        ))
+    }
 }
 
 /// The `Prefill` gRPC service over a [`PrefillSource`].
 pub struct PrefillService<S> {
     source: Arc<S>,
+    /// Why requests for cuda-ipc are declined regardless of the source
+    /// (`--kv-transfer grpc`); `None` lets the source try.
+    cuda_ipc_off: Option<String>,
 }
 
 impl<S: PrefillSource> PrefillService<S> {
     /// The service, ready to add to a `tonic::transport::Server`.
     pub fn server(source: S) -> pb::prefill_server::PrefillServer<Self> {
+        Self::server_with(source, None)
+    }
+
+    /// The service; with `cuda_ipc_off`, every cuda-ipc request is answered
+    /// over gRPC with that reason.
+    pub fn server_with(
+        source: S,
+        cuda_ipc_off: Option<String>,
+    ) -> pb::prefill_server::PrefillServer<Self> {
         pb::prefill_server::PrefillServer::new(Self {
             source: Arc::new(source),
+            cuda_ipc_off,
         })
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -93,9 +137,31 @@ impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
             prompt: req.prompt,
             sampling: req.sampling.map(sampling_from_pb).unwrap_or_default(),
         };
-        let parts = self.source.prefill_parts(request);
+        let mut declined = None;
+        let parts = match (req.cuda_ipc, &self.cuda_ipc_off) {
+            (None, _) => self.source.prefill_parts(request),
+            (Some(_), Some(off)) => {
+                declined = Some(off.clone());
+                self.source.prefill_parts(request)
+            }
+            (Some(target), None) => {
+                let device = target.device.clone();
+                match self.source.prefill_to_peer(request.clone(), target).await {
+                    Ok(parts) => parts,
+                    Err(reason) => {
+                        tracing::warn!(
+                            request = %request.request_id,
+                            decode_gpu = %device,
+                            "cuda-ipc declined, streaming the KV over gRPC: {reason}"
+                        );
+                        declined = Some(reason);
+                        self.source.prefill_parts(request)
+                    }
+                }
+            }
+        };
         let (tx, rx) = mpsc::channel(SEND_BUFFER_CHUNKS);
-        tokio::spawn(send_parts(parts, tx));
+        tokio::spawn(send_parts(parts, declined, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -104,13 +170,22 @@ impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
 /// goes away (then the rest is dropped, which cancels nothing already done).
 async fn send_parts(
     mut parts: BoxStream<'static, Result<PrefillPart, InferError>>,
+    cuda_ipc_declined: Option<String>,
     tx: mpsc::Sender<Result<pb::PrefillResponse, Status>>,
 ) {
     let msg = |part: Part| Ok(pb::PrefillResponse { part: Some(part) });
     let mut splitter: Option<KvSplitter> = None;
     let mut started: Option<Instant> = None;
     let mut bytes = 0usize;
-    while let Some(part) = parts.next().await {
+    loop {
+        // A caller that hung up cancels the prefill now (dropping `parts`
+        // cancels it in the engine), not when the next part is ready: a
+        // cuda-ipc prefill must not write into blocks its caller freed.
+        let part = tokio::select! {
+            part = parts.next() => part,
+            () = tx.closed() => return,
+        };
+        let Some(part) = part else { return };
         let part = match part {
             Ok(p) => p,
             Err(e) => {
@@ -119,9 +194,12 @@ async fn send_parts(
             }
         };
         match part {
-            PrefillPart::Layout(l) => {
+            PrefillPart::Layout(mut l) => {
                 started = Some(Instant::now());
-                splitter = match KvSplitter::new(l) {
+                if let Some(reason) = &cuda_ipc_declined {
+                    l.cuda_ipc_declined = reason.clone();
+                }
+                splitter = match KvSplitter::new(l.clone()) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         let _ = tx.send(Err(Status::internal(e.to_string()))).await;
@@ -157,8 +235,21 @@ async fn send_parts(
                     bytes += n;
                     metrics()
                         .kv_transfer_bytes
-                        .with_label_values(&[SENDER_ROLE, "sent"])
+                        .with_label_values(&[SENDER_ROLE, "sent", GRPC])
                         .inc_by(n as u64);
+                }
+            }
+            PrefillPart::KvWritten(written) => {
+                metrics()
+                    .kv_transfer_bytes
+                    .with_label_values(&[SENDER_ROLE, "sent", CUDA_IPC])
+                    .inc_by(written.bytes);
+                metrics()
+                    .kv_transfer_seconds
+                    .with_label_values(&[SENDER_ROLE, "sent", CUDA_IPC])
+                    .observe(written.copy_seconds);
+                if tx.send(msg(Part::KvWritten(written))).await.is_err() {
+                    return;
                 }
             }
             PrefillPart::FirstToken(token) => {
@@ -172,7 +263,7 @@ async fn send_parts(
                 if let Some(t) = started {
                     metrics()
                         .kv_transfer_seconds
-                        .with_label_values(&[SENDER_ROLE, "sent"])
+                        .with_label_values(&[SENDER_ROLE, "sent", GRPC])
                         .observe(t.elapsed().as_secs_f64());
                 }
                 tracing::debug!(bytes, "KV sent");
@@ -188,6 +279,15 @@ pub fn status_of(e: &InferError) -> Status {
         InferError::Invalid(_) => Status::invalid_argument(e.to_string()),
         InferError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
+}
+
+/// A bound listener as the incoming connections of a tonic server, with
+/// `TCP_NODELAY` on each: small messages (a first token, a cuda-ipc
+/// `KvWritten`) leave at once instead of waiting out the peer's delayed ACK
+/// (about 40 ms on Linux; `serve_with_incoming` does not apply the builder's
+/// own `tcp_nodelay`).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// A tonic endpoint for a worker at `addr` (`http://host:port`) with the
@@ -267,18 +367,45 @@ impl GrpcTransport {
     }
 
     async fn fetch(&self, request: RemotePrefillRequest) -> Result<RemotePrefill, TransferError> {
+        match self.fetch_with(request, None).await? {
+            Fetched::Streamed(remote) => Ok(remote),
+            Fetched::Written { .. } => Err(TransferError::Protocol(
+                "KV written into this worker's pool, which was not offered".into(),
+            )),
+        }
+    }
+
+    /// The prefill worker's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Asks for a prefill; with `cuda_ipc`, offers the prefill worker these
+    /// blocks of this worker's pool to write the KV into. The answer is the
+    /// KV streamed (always without `cuda_ipc`, or when the prefill worker
+    /// declined: the reason is in the layout) or the news that it was written.
+    pub async fn fetch_with(
+        &self,
+        request: RemotePrefillRequest,
+        cuda_ipc: Option<pb::CudaIpcTarget>,
+    ) -> Result<Fetched, TransferError> {
         let started = Instant::now();
+        let offered_ipc = cuda_ipc.is_some();
         let req = pb::PrefillRequest {
             request_id: request.request_id,
             prompt: request.prompt,
             sampling: Some(sampling_to_pb(&request.sampling)),
+            cuda_ipc,
         };
         let mut client = self.client.clone();
         let mut stream = self.next(client.prefill(req)).await?.into_inner();
         let mut assembler: Option<KvAssembler> = None;
-        let received = metrics()
-            .kv_transfer_bytes
-            .with_label_values(&[RECEIVER_ROLE, "received"]);
+        let mut written: Option<pb::KvWritten> = None;
+        let mut declined: Option<String> = None;
+        let received =
+            metrics()
+                .kv_transfer_bytes
+                .with_label_values(&[RECEIVER_ROLE, "received", GRPC]);
         loop {
             let Some(message) = self.next(stream.message()).await? else {
                 let state = match &assembler {
@@ -291,7 +418,34 @@ impl GrpcTransport {
                 )));
             };
             match message.part {
-                Some(Part::Layout(layout)) if assembler.is_none() => {
+                Some(Part::KvWritten(w))
+                    if offered_ipc && assembler.is_none() && written.is_none() =>
+                {
+                    written = Some(w);
+                }
+                Some(Part::KvWritten(_)) => {
+                    return Err(TransferError::Protocol(
+                        "a KV-written message where none was expected".into(),
+                    ))
+                }
+                Some(Part::FirstToken(token)) if written.is_some() => {
+                    let written = written.expect("checked");
+                    metrics()
+                        .kv_transfer_bytes
+                        .with_label_values(&[RECEIVER_ROLE, "received", CUDA_IPC])
+                        .inc_by(written.bytes);
+                    metrics()
+                        .kv_transfer_seconds
+                        .with_label_values(&[RECEIVER_ROLE, "received", CUDA_IPC])
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(Fetched::Written {
+                        written,
+                        first_token: token_from_pb(token),
+                    });
+                }
+                Some(Part::Layout(layout)) if assembler.is_none() && written.is_none() => {
+                    declined = (!layout.cuda_ipc_declined.is_empty())
+                        .then(|| layout.cuda_ipc_declined.clone());
                     assembler = Some(KvAssembler::new(layout)?);
                 }
                 Some(Part::Chunk(chunk)) => {
@@ -311,14 +465,15 @@ impl GrpcTransport {
                     let kv = a.into_export()?;
                     metrics()
                         .kv_transfer_seconds
-                        .with_label_values(&[RECEIVER_ROLE, "received"])
+                        .with_label_values(&[RECEIVER_ROLE, "received", GRPC])
                         .observe(started.elapsed().as_secs_f64());
-                    return Ok(RemotePrefill {
+                    return Ok(Fetched::Streamed(RemotePrefill {
                         kv,
                         first_token: token_from_pb(token),
                         cached_tokens,
                         bytes,
-                    });
+                        cuda_ipc_declined: declined,
+                    }));
                 }
                 Some(Part::Layout(_)) => {
                     return Err(TransferError::Protocol("a second KV layout".into()))
@@ -327,6 +482,18 @@ impl GrpcTransport {
             }
         }
     }
+}
+
+/// What a prefill worker answered.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The KV came over the stream.
+    Streamed(RemotePrefill),
+    /// The KV went into the offered blocks (cuda-ipc); every write finished.
+    Written {
+        written: pb::KvWritten,
+        first_token: TokenOutput,
+    },
 }
 
 impl Transport for GrpcTransport {

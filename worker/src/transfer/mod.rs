@@ -5,6 +5,7 @@
 //! elsewhere; [`grpc`] is the default transport (server on the prefill side,
 //! client on the decode side). `cuda-ipc` and `rdma` implement the same trait.
 
+pub mod cuda_ipc;
 pub mod grpc;
 pub mod wire;
 
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::engine::types::{KvDtype, KvExport, PrefillEvent, SamplingParams, TokenOutput};
+use crate::engine::types::{KvExport, PrefillEvent, SamplingParams, TokenOutput};
 use crate::engine::EngineHandle;
 use crate::infer::InferError;
 
@@ -35,6 +36,9 @@ pub enum TransferError {
     /// The stream ended before all KV and the first token arrived.
     #[error("KV transfer ended early: {0}")]
     Incomplete(String),
+    /// This side could not take part (e.g. no KV blocks free to receive into).
+    #[error("KV transfer could not start here: {0}")]
+    Local(String),
     /// The peer sent something the wire format does not allow.
     #[error("bad KV transfer message: {0}")]
     Protocol(String),
@@ -59,6 +63,8 @@ pub struct RemotePrefill {
     pub cached_tokens: usize,
     /// K and V bytes received.
     pub bytes: usize,
+    /// Why the prefill worker streamed the KV although cuda-ipc was offered.
+    pub cuda_ipc_declined: Option<String>,
 }
 
 /// Gets a prompt's KV and first token from a prefill worker. One
@@ -83,6 +89,9 @@ pub enum PrefillPart {
         k: Bytes,
         v: Bytes,
     },
+    /// Sent instead of `Kv` parts when the KV went straight into the
+    /// decode worker's pool (cuda-ipc); the copy has finished.
+    KvWritten(pb::KvWritten),
     FirstToken(TokenOutput),
 }
 
@@ -98,6 +107,8 @@ pub fn engine_prefill_parts(
     sampling: SamplingParams,
 ) -> impl Stream<Item = Result<PrefillPart, InferError>> + Send {
     let (num_layers, kv_heads, head_dim) = engine.kv_shape();
+    // The pool's own dtype: a bf16 pool's values are exactly representable.
+    let dtype = engine.kv_dtype();
     let started = engine.prefill_stream(prompt, sampling);
     futures::stream::unfold(Some(started), move |state| async move {
         let mut stream = match state? {
@@ -119,20 +130,24 @@ pub fn engine_prefill_parts(
                     kv_heads: kv_heads as u32,
                     head_dim: head_dim as u32,
                     cached_tokens: cached_tokens as u32,
+                    cuda_ipc_declined: String::new(),
                 };
-                layout.set_dtype(wire::wire_dtype(KvDtype::F32));
+                layout.set_dtype(wire::wire_dtype(dtype));
                 Ok(PrefillPart::Layout(layout))
             }
             Some(PrefillEvent::Kv(chunk)) => Ok(PrefillPart::Kv {
                 layer: chunk.layer as u32,
                 start_pos: chunk.start_pos as u32,
-                k: wire::f32_bytes(chunk.k),
-                v: wire::f32_bytes(chunk.v),
+                k: wire::encode(chunk.k, dtype),
+                v: wire::encode(chunk.v, dtype),
             }),
             Some(PrefillEvent::Done(token)) => {
                 return Some((Ok(PrefillPart::FirstToken(token)), None))
             }
             Some(PrefillEvent::Error(e)) => return Some((Err(InferError::Unavailable(e)), None)),
+            Some(PrefillEvent::PeerWritten(_)) => Err(InferError::Unavailable(
+                "a streamed prefill reported a write into a peer's pool".into(),
+            )),
         };
         let next = part.is_ok().then_some(Ok(stream));
         Some((part, next))

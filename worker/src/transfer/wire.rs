@@ -35,6 +35,7 @@ pub fn dtype_size(dtype: pb::KvDtype) -> Result<usize, TransferError> {
 pub fn wire_dtype(dtype: KvDtype) -> pb::KvDtype {
     match dtype {
         KvDtype::F32 => pb::KvDtype::F32,
+        KvDtype::Bf16 => pb::KvDtype::Bf16,
     }
 }
 
@@ -79,6 +80,53 @@ impl AsRef<[u8]> for F32Bytes {
 
 pub fn f32_bytes(data: Vec<f32>) -> Bytes {
     Bytes::from_owner(F32Bytes(data))
+}
+
+/// Owns 16-bit words and lends them as bytes.
+struct U16Bytes(Vec<u16>);
+impl AsRef<[u8]> for U16Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// f32 values as wire bytes of `dtype`: as they are for f32; rounded to
+/// nearest-even for bf16, which is exact for values a bf16 pool holds (the
+/// CUDA backend's KV), so shipping half the bytes loses nothing.
+pub fn encode(data: Vec<f32>, dtype: KvDtype) -> Bytes {
+    match dtype {
+        KvDtype::F32 => f32_bytes(data),
+        KvDtype::Bf16 => Bytes::from_owner(U16Bytes(
+            data.iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect(),
+        )),
+    }
+}
+
+/// Wire bytes of `dtype` as f32 values (widening is exact).
+pub fn decode_to_f32(bytes: &[u8], dtype: pb::KvDtype) -> Result<Vec<f32>, TransferError> {
+    let size = dtype_size(dtype)?;
+    if !bytes.len().is_multiple_of(size) {
+        return Err(TransferError::Protocol(format!(
+            "{} bytes are not whole {} values",
+            bytes.len(),
+            dtype.as_str_name()
+        )));
+    }
+    let words = bytes.chunks_exact(size);
+    Ok(match dtype {
+        pb::KvDtype::F32 => words
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        pb::KvDtype::Bf16 => words
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        pb::KvDtype::F16 => words
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        pb::KvDtype::Unspecified => unreachable!("dtype_size refused it"),
+    })
 }
 
 /// Which positions of each layer a transfer has covered so far.
@@ -336,7 +384,9 @@ impl KvAssembler {
         Ok(())
     }
 
-    /// The assembled KV as the engine takes it (f32 only, for now).
+    /// The assembled KV as the engine takes it: f32 values, widened from
+    /// the wire's bf16 or f16 (exactly) when it carried those. The receiving
+    /// backend stores them in its own pool's dtype.
     pub fn into_export(self) -> Result<KvExport, TransferError> {
         if let Some((layer, pos)) = self.coverage.first_gap() {
             return Err(TransferError::Incomplete(format!(
@@ -344,21 +394,26 @@ impl KvAssembler {
                 self.progress()
             )));
         }
-        let dtype = match self.layout.dtype() {
-            pb::KvDtype::F32 => KvDtype::F32,
-            other => {
-                return Err(TransferError::Protocol(format!(
-                    "the engine installs f32 KV; received {}",
-                    other.as_str_name()
-                )))
+        let dtype = self.layout.dtype();
+        let layers = match dtype {
+            pb::KvDtype::F32 => self.layers,
+            _ => {
+                let len = self.layout.num_tokens as usize * self.row_bytes;
+                let widen = |words: &Vec<f32>| {
+                    decode_to_f32(&bytemuck::cast_slice::<f32, u8>(words)[..len], dtype)
+                };
+                self.layers
+                    .iter()
+                    .map(|(k, v)| Ok((widen(k)?, widen(v)?)))
+                    .collect::<Result<_, TransferError>>()?
             }
         };
         Ok(KvExport {
-            dtype,
+            dtype: KvDtype::F32,
             num_tokens: self.layout.num_tokens as usize,
             kv_heads: self.layout.kv_heads as usize,
             head_dim: self.layout.head_dim as usize,
-            layers: self.layers,
+            layers,
         })
     }
 }
@@ -375,6 +430,7 @@ mod tests {
             kv_heads: kv.kv_heads as u32,
             head_dim: kv.head_dim as u32,
             cached_tokens: 0,
+            cuda_ipc_declined: String::new(),
         };
         layout.set_dtype(wire_dtype(kv.dtype));
         layout
@@ -399,7 +455,7 @@ mod tests {
 
     fn round_trip(kv: &KvExport) -> (Vec<pb::KvChunk>, KvExport) {
         let layout = layout_of(kv);
-        let mut splitter = KvSplitter::new(layout).unwrap();
+        let mut splitter = KvSplitter::new(layout.clone()).unwrap();
         let mut chunks = Vec::new();
         for (i, (k, v)) in kv.layers.iter().enumerate() {
             let (k, v) = (f32_bytes(k.clone()), f32_bytes(v.clone()));
@@ -556,27 +612,99 @@ mod tests {
     }
 
     #[test]
-    fn bf16_layouts_size_rows_by_dtype_and_are_not_installed_as_f32() {
-        let mut layout = pb::KvLayout {
-            num_layers: 1,
-            num_tokens: 3,
-            kv_heads: 2,
-            head_dim: 4,
-            ..pb::KvLayout::default()
+    fn bf16_values_ship_in_half_the_bytes_and_come_back_exactly() {
+        // Values a bf16 pool holds (exactly representable), with signs,
+        // zeros, a subnormal, infinities and large magnitudes.
+        let held: Vec<f32> = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            0.15625,
+            3.0e38,
+            -1.0e-40,
+            f32::INFINITY,
+            -f32::INFINITY,
+        ]
+        .into_iter()
+        .chain((0..200).map(|i| ((i as f32) * 0.37 - 30.0).sin() * 10f32.powi(i % 7 - 3)))
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+        let wire = encode(held.clone(), KvDtype::Bf16);
+        assert_eq!(wire.len(), 2 * held.len());
+        let back = decode_to_f32(&wire, pb::KvDtype::Bf16).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            held.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        // Other f32 values round to the nearest bf16, ties to even.
+        let tie = f32::from_bits(0x3f80_8000); // halfway between two bf16 values
+        let above = f32::from_bits(0x3f80_8001);
+        let rounded =
+            decode_to_f32(&encode(vec![tie, above], KvDtype::Bf16), pb::KvDtype::Bf16).unwrap();
+        assert_eq!(rounded, vec![1.0, f32::from_bits(0x3f81_0000)]);
+        // f32 ships as it is.
+        assert_eq!(&encode(vec![tie], KvDtype::F32)[..], &tie.to_le_bytes()[..]);
+        let err = decode_to_f32(&[1, 2, 3], pb::KvDtype::Bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 bytes are not whole KV_DTYPE_BF16 values"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bf16_and_f16_layouts_are_assembled_into_exact_f32() {
+        let kv = export(2, 5, 2, 4);
+        let held = |v: &Vec<f32>| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x * 0.01).to_f32())
+                .collect()
         };
+        let kv = KvExport {
+            layers: kv.layers.iter().map(|(k, v)| (held(k), held(v))).collect(),
+            ..kv
+        };
+        let mut layout = layout_of(&kv);
         layout.set_dtype(pb::KvDtype::Bf16);
         assert_eq!(layout.row_bytes().unwrap(), 2 * 4 * 2);
-        assert_eq!(layout.bytes_per_token().unwrap(), 2 * 16);
-        let side = Bytes::from(vec![3u8; 3 * 16]);
-        let mut asm = KvAssembler::new(layout).unwrap();
-        let mut splitter = KvSplitter::new(layout).unwrap();
-        for c in splitter.chunks(0, 0, &side, &side).unwrap() {
-            asm.push(c).unwrap();
+        assert_eq!(layout.bytes_per_token().unwrap(), 2 * 2 * 16);
+        let mut splitter = KvSplitter::new(layout.clone()).unwrap();
+        let mut asm = KvAssembler::new(layout.clone()).unwrap();
+        for (i, (k, v)) in kv.layers.iter().enumerate() {
+            let (k, v) = (
+                encode(k.clone(), KvDtype::Bf16),
+                encode(v.clone(), KvDtype::Bf16),
+            );
+            for c in splitter.chunks(i as u32, 0, &k, &v).unwrap() {
+                asm.push(c).unwrap();
+            }
         }
-        assert!(asm.is_complete());
-        assert_eq!(asm.received_bytes(), 2 * 3 * 16);
-        let err = asm.into_export().unwrap_err().to_string();
-        assert!(err.contains("KV_DTYPE_BF16"), "{err}");
+        assert_eq!(asm.received_bytes(), kv.size_bytes() / 2);
+        assert_eq!(asm.into_export().unwrap(), kv);
+
+        // f16 on the wire widens the same way.
+        layout.set_dtype(pb::KvDtype::F16);
+        let mut asm = KvAssembler::new(layout.clone()).unwrap();
+        let ones: Vec<u8> = (0..5 * 8)
+            .flat_map(|_| half::f16::from_f32(1.5).to_le_bytes())
+            .collect();
+        for layer in 0..2 {
+            asm.push(pb::KvChunk {
+                layer,
+                start_pos: 0,
+                num_tokens: 5,
+                k: Bytes::from(ones.clone()),
+                v: Bytes::from(ones.clone()),
+            })
+            .unwrap();
+        }
+        let got = asm.into_export().unwrap();
+        assert!(got
+            .layers
+            .iter()
+            .all(|(k, v)| k.len() == 40 && k.iter().chain(v).all(|&x| x == 1.5)));
         layout.set_dtype(pb::KvDtype::Unspecified);
         assert!(KvAssembler::new(layout).is_err());
     }

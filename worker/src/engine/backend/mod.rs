@@ -35,6 +35,10 @@ pub enum BackendError {
     Weights(String),
     #[error(transparent)]
     Cuda(#[from] cuda::CudaError),
+    /// Writing KV straight into another worker's pool (cuda-ipc) is not
+    /// something this backend can do.
+    #[error("the {0} backend cannot write KV into another worker's pool (cuda-ipc needs CUDA)")]
+    NoPeerKv(&'static str),
 }
 
 fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<(), BackendError> {
@@ -166,6 +170,12 @@ pub trait ComputeBackend: Send {
     /// Bytes of KV cache one token occupies across all layers.
     fn kv_bytes_per_token(&self) -> usize;
 
+    /// Element type of the KV pool: what a transfer ships without losing
+    /// anything (the K and V handed to a [`KvLayerSink`] are its values as f32).
+    fn kv_dtype(&self) -> crate::engine::types::KvDtype {
+        crate::engine::types::KvDtype::F32
+    }
+
     /// Memory the backend can give the KV pool (a GPU's memory left under
     /// `--gpu-memory-utilization`); `None` leaves the size to the engine's
     /// configured budget.
@@ -201,6 +211,30 @@ pub trait ComputeBackend: Send {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), BackendError>;
+
+    /// The KV pool as another process on this node can map it (cuda-ipc);
+    /// `None` when the backend's pool cannot be shared that way.
+    fn kv_pool_export(&self) -> Result<Option<cuda::ipc::KvPoolExport>, BackendError> {
+        Ok(None)
+    }
+
+    /// Maps a peer's exported pool (once; later calls reuse it) after
+    /// checking that this pool's blocks can be copied into it.
+    fn open_peer_kv(&mut self, _pool: &cuda::ipc::KvPoolExport) -> Result<(), BackendError> {
+        Err(BackendError::NoPeerKv(self.name()))
+    }
+
+    /// Copies the first `num_tokens` positions held by `block_ids`, every
+    /// layer, into `target`'s blocks of a peer's pool; returns once the copy
+    /// has finished.
+    fn write_kv_to_peer(
+        &mut self,
+        _block_ids: &[u32],
+        _num_tokens: usize,
+        _target: &cuda::ipc::PeerKvTarget,
+    ) -> Result<cuda::ipc::PeerWrite, BackendError> {
+        Err(BackendError::NoPeerKv(self.name()))
+    }
 
     /// Copies every layer's K and V of block `src` into block `dst`.
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError>;

@@ -25,6 +25,7 @@
 pub mod bench;
 pub mod check;
 mod device;
+pub mod ipc;
 mod weights;
 
 use std::collections::HashMap;
@@ -334,6 +335,8 @@ pub struct CudaBackend {
     kv_budget: usize,
     /// Per-operation GPU time, when profiling (eager steps only).
     profiler: Option<Profiler>,
+    /// Writes prompts' KV into peers' pools (cuda-ipc), made on first use.
+    peer_writer: Option<ipc::PeerWriter>,
     gpu: Gpu,
 }
 
@@ -473,6 +476,7 @@ impl CudaBackend {
             weights,
             kv_budget,
             profiler: None,
+            peer_writer: None,
             gpu,
         })
     }
@@ -538,6 +542,28 @@ impl CudaBackend {
     /// Number of CUDA graphs captured so far (one per decode bucket seen).
     pub fn captured_graphs(&self) -> usize {
         self.graphs.len()
+    }
+
+    /// The KV pool's geometry as the cuda-ipc transport describes it.
+    fn ipc_layout(&self, pool: &KvPool) -> ipc::KvPoolLayout {
+        let block_bytes = pool.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
+        ipc::KvPoolLayout {
+            dtype: ipc::PoolDtype::Bf16,
+            block_size: pool.block_size,
+            num_blocks: pool.num_blocks,
+            num_layers: self.cfg.num_layers,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            block_bytes,
+            plane_stride_bytes: pool.num_blocks * block_bytes,
+        }
+    }
+
+    fn init_peer_writer(&mut self) -> Result<(), BackendError> {
+        if self.peer_writer.is_none() {
+            self.peer_writer = Some(ipc::PeerWriter::new(&self.gpu)?);
+        }
+        Ok(())
     }
 
     fn pool(&self) -> Result<&KvPool, BackendError> {
@@ -1185,6 +1211,10 @@ impl ComputeBackend for CudaBackend {
         self.cfg.kv_bytes_per_token(2)
     }
 
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::Bf16
+    }
+
     fn kv_cache_budget_bytes(&self) -> Option<usize> {
         Some(self.kv_budget)
     }
@@ -1236,6 +1266,36 @@ impl ComputeBackend for CudaBackend {
             self.host_kv = vec![alloc_pinned(bytes)?, alloc_pinned(bytes)?];
         }
         self.step(batch, StepOutput::Logits(logits), sink)
+    }
+
+    fn kv_pool_export(&self) -> Result<Option<ipc::KvPoolExport>, BackendError> {
+        let pool = self.pool()?;
+        Ok(Some(ipc::export_pool(
+            &self.gpu,
+            pool.data.ptr(),
+            self.ipc_layout(pool),
+        )?))
+    }
+
+    fn open_peer_kv(&mut self, pool: &ipc::KvPoolExport) -> Result<(), BackendError> {
+        let local = self.ipc_layout(self.pool()?);
+        self.init_peer_writer()?;
+        let writer = self.peer_writer.as_mut().expect("initialised");
+        writer.open(&self.gpu, &local, pool)?;
+        Ok(())
+    }
+
+    fn write_kv_to_peer(
+        &mut self,
+        block_ids: &[u32],
+        num_tokens: usize,
+        target: &ipc::PeerKvTarget,
+    ) -> Result<ipc::PeerWrite, BackendError> {
+        let pool = self.pool()?;
+        let (base, local) = (pool.data.ptr(), self.ipc_layout(pool));
+        self.init_peer_writer()?;
+        let writer = self.peer_writer.as_mut().expect("initialised");
+        Ok(writer.write(&self.gpu, base, &local, block_ids, num_tokens, target)?)
     }
 
     fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
