@@ -171,6 +171,10 @@ EOF
 
 run_config() {
   local name=$1
+  if [ $(($(elapsed) + 60)) -gt "$TIME_LIMIT" ]; then
+    echo "$name: skipped, out of time"
+    return
+  fi
   case $name in
     agg) start_deployment agg 0 2 --decode-arg "--device $AGG_DEVICE" ;;
     ipc) start_deployment ipc 1 1 --worker-arg "--kv-transfer $IPC_TRANSFER" \
