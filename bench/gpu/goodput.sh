@@ -20,8 +20,8 @@
 #   RATES_<config>_<input>_<output>  offered rates, ascending
 #   DURATION     seconds of sending per run (8); DRAIN seconds a run may
 #                drain before its last requests are cut off (3)
-#   CALIB_N      light-load requests per workload, one at a time (5)
-#   TIME_LIMIT   seconds after which no new run starts (330)
+#   CALIB_N      light-load requests per workload, one at a time (4)
+#   TIME_LIMIT   seconds after which no new run starts (340)
 #   ENGINE_ARGS  engine flags of every worker (vLLM's H100 defaults)
 #   WARMUP_ARGS  `tandem bench` flags of the unmeasured warm-up per deployment
 set -u
@@ -50,8 +50,8 @@ WORKLOADS=${WORKLOADS:-"3000:150 1000:300"}
 CONFIGS=${CONFIGS:-"agg ipc grpc"}
 DURATION=${DURATION:-8}
 DRAIN=${DRAIN:-3}
-CALIB_N=${CALIB_N:-5}
-TIME_LIMIT=${TIME_LIMIT:-330}
+CALIB_N=${CALIB_N:-4}
+TIME_LIMIT=${TIME_LIMIT:-340}
 PORT=${PORT:-18000}
 # vLLM's defaults on an H100 for its OpenAI server: chunked prefill with an
 # 8192-token step budget, decodes scheduled first (max_num_seqs 1024 there;
@@ -65,10 +65,10 @@ dummy="--load-format dummy --dummy-shape $SHAPE"
 
 : "${RATES_agg_3000_150:=3 6 9 12}"
 : "${RATES_ipc_3000_150:=3 6 9 12}"
-: "${RATES_grpc_3000_150:=2 4 8}"
+: "${RATES_grpc_3000_150:=0.5 1 2}"
 : "${RATES_agg_1000_300:=8 16 24}"
 : "${RATES_ipc_1000_300:=8 16 24}"
-: "${RATES_grpc_1000_300:=4 12}"
+: "${RATES_grpc_1000_300:=1 3}"
 
 {
   echo "started $(date -u +%FT%TZ)"
