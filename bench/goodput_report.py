@@ -36,6 +36,7 @@ CONFIGS = [
     ("agg", "aggregated (2 × serve)"),
     ("ipc", "disaggregated 1P+1D, cuda-ipc"),
     ("grpc", "disaggregated 1P+1D, gRPC"),
+    ("ipcpure", "disaggregated 1P+1D, cuda-ipc, never prefilling on the decode GPU"),
 ]
 ATTAINMENT = 0.90
 BEGIN, END = "<!-- goodput:begin -->", "<!-- goodput:end -->"
@@ -290,7 +291,7 @@ def plot(png, workloads, slos, runs, goodputs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, len(workloads), figsize=(6 * len(workloads), 11), squeeze=False)
-    colors = {"agg": "tab:blue", "ipc": "tab:red", "grpc": "tab:green"}
+    colors = {"agg": "tab:blue", "ipc": "tab:red", "grpc": "tab:green", "ipcpure": "tab:purple"}
     for col, wl in enumerate(workloads):
         top, mid, bottom = axes[0][col], axes[1][col], axes[2][col]
         max_rate = 0.0

@@ -137,6 +137,17 @@ EOF
   done < "$work/addrs.txt"
 }
 
+# sample FILE: "epoch-seconds process metric value" lines until killed.
+sample() {
+  while true; do
+    while read -r proc addr; do
+      curl -s "http://$addr/metrics" | grep -E '^tandem_worker_(queue_depth|running_sequences)' \
+        | sed "s/^/$(date +%s.%N) $proc /"
+    done < "$work/addrs.txt"
+    sleep 0.1
+  done > "$1"
+}
+
 # run_rates NAME INPUT OUTPUT: each rate of RATES_<name>_<in>_<out>, stopping
 # after a run that is deep in overload (higher rates would only be worse).
 run_rates() {
@@ -148,6 +159,9 @@ run_rates() {
     fi
     local json=$res/run-$name-$in-$outlen-$rate.json
     scrape "$name" "$in-$outlen-$rate-pre"
+    # Every worker's queue depth and running sequences, 10 times a second.
+    sample "$res/samples-$name-$in-$outlen-$rate.txt" &
+    local sampler=$!
     "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet \
       --rate "$rate" --duration "$DURATION" --drain-timeout "$DRAIN" \
       --input-len "$in" --output-len "$outlen" --seed "$in$outlen" --json "$json" \
@@ -164,6 +178,8 @@ overloaded = r["errors"] > 0.3 * max(r["requests"], 1) or t.get("p50_ms", 1e9) >
 sys.exit(1 if overloaded else 0)
 EOF
     local overloaded=$?
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
     scrape "$name" "$in-$outlen-$rate-post"
     [ "$overloaded" = 0 ] || return
   done
@@ -179,6 +195,10 @@ run_config() {
     agg) start_deployment agg 0 2 --decode-arg "--device $AGG_DEVICE" ;;
     ipc) start_deployment ipc 1 1 --worker-arg "--kv-transfer $IPC_TRANSFER" \
            --prefill-arg "--device $DEV0" --decode-arg "--device $DEV1" ;;
+    # The same, but the decode worker never prefills locally: every prompt
+    # waits for the prefill worker (pure disaggregation).
+    ipcpure) start_deployment ipcpure 1 1 --worker-arg "--kv-transfer $IPC_TRANSFER" \
+           --prefill-arg "--device $DEV0" --decode-arg "--device $DEV1 --prefill-max-queue 1000000" ;;
     grpc) start_deployment grpc 1 1 --worker-arg "--kv-transfer grpc" \
            --prefill-arg "--device $DEV0" --decode-arg "--device $DEV1" ;;
   esac || return
