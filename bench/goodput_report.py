@@ -39,7 +39,6 @@ CONFIGS = [
     ("ipcpure", "disaggregated 1P+1D, cuda-ipc, never prefilling on the decode GPU"),
 ]
 ATTAINMENT = 0.90
-BEGIN, END = "<!-- goodput:begin -->", "<!-- goodput:end -->"
 
 
 def percentile(values, q):
@@ -85,9 +84,20 @@ def calibration(results, wl):
             statistics.median(mean_itl(r) for r in recs))
 
 
-def run_stats(report, params, warmup_s, slo):
-    window_s = params["duration_s"] - warmup_s
-    recs = [r for r in report["records"] if r["sent_ms"] >= warmup_s * 1e3]
+def run_stats(report, params, warmup_s, slo, out_tokens, repeats=0):
+    # A request sent late in the run that would meet the SLO may still be
+    # streaming when the drain period cuts it off: leave out those sent less
+    # than its longest SLO-meeting duration before the cut, so every cut-off
+    # request in the window is a true miss.
+    longest_ok_s = (slo.ttft_ms + (out_tokens - 1) * slo.itl_ms) / 1e3
+    end_s = min(params["duration_s"], params["duration_s"] + params["drain_s"] - longest_ok_s)
+    # The first `repeats` requests repeated prompts an earlier run had sent
+    # to the same deployment (prefix-cache hits): the window starts after them.
+    start_s = warmup_s
+    if repeats:
+        start_s = max(start_s, report["records"][min(repeats, len(report["records"])) - 1]["sent_ms"] / 1e3)
+    window_s = end_s - start_s
+    recs = [r for r in report["records"][repeats:] if start_s * 1e3 <= r["sent_ms"] < end_s * 1e3]
     ok = [r for r in recs if r["error"] is None]
     met = sum(1 for r in recs if slo.met(r))
     # A request cut off before its first token waited at least that long: inf.
@@ -147,28 +157,49 @@ def prom_delta(results, tag, process, metric, labels):
     return None if pre is None or post is None else post - pre
 
 
-def collect(results, params, warmup_s, slos):
-    runs = {}
+def run_files(results, params):
+    """{(config, workload): [(rate, rate text, report, repeats)]}, rates ascending.
+
+    Runs of one deployment go up in rate. Before `seed_per_run` (params),
+    every run used the same seed, so its first requests resent the prompts of
+    the runs before it: `repeats` of them, prefix-cache hits to leave out."""
+    found = {}
     for path in glob.glob(os.path.join(results, "run-*.json")):
         m = re.match(r"run-(\w+)-(\d+)-(\d+)-([\d.]+)\.json", os.path.basename(path))
-        config, wl, rate = m.group(1), (int(m.group(2)), int(m.group(3))), float(m.group(4))
-        stats = run_stats(load(path), params, warmup_s, slos[wl])
-        tag = f"{config}-{wl[0]}-{wl[1]}-{m.group(4)}"
-        for where in ("remote", "local"):
-            stats[where] = prom_delta(results, tag, "decode-0", "tandem_worker_prefills_total",
-                                      {"location": where})
-        stats["kv_bytes"] = prom_delta(results, tag, "decode-0", "tandem_kv_transfer_bytes_total",
-                                       {})
-        stats["prompt_tokens"] = prom_delta(results, tag, "frontend-0",
-                                            "tandem_frontend_input_tokens_sum", {})
-        stats["prompts"] = prom_delta(results, tag, "frontend-0",
-                                      "tandem_frontend_input_tokens_count", {})
-        stats["preemptions"] = sum(
-            prom_delta(results, tag, worker, "tandem_worker_preemptions_total", {}) or 0
-            for worker in ("decode-0", "decode-1", "prefill-0"))
-        runs.setdefault((config, wl), []).append((rate, stats))
-    for v in runs.values():
-        v.sort(key=lambda x: x[0])
+        key = (m.group(1), (int(m.group(2)), int(m.group(3))))
+        found.setdefault(key, []).append((float(m.group(4)), m.group(4), load(path)))
+    out = {}
+    for key, runs in found.items():
+        runs.sort(key=lambda r: r[0])
+        sent_before = 0
+        out[key] = []
+        for rate, text, report in runs:
+            repeats = 0 if params.get("seed_per_run") else sent_before
+            out[key].append((rate, text, report, repeats))
+            sent_before = max(sent_before, len(report["records"]))
+    return out
+
+
+def collect(results, params, warmup_s, slos):
+    runs = {}
+    for (config, wl), files in run_files(results, params).items():
+        for rate, text, report, repeats in files:
+            stats = run_stats(report, params, warmup_s, slos[wl], wl[1], repeats)
+            stats["repeats"] = repeats
+            tag = f"{config}-{wl[0]}-{wl[1]}-{text}"
+
+            def delta(process, metric, labels=None):
+                return prom_delta(results, tag, process, metric, labels or {})
+
+            for where in ("remote", "local"):
+                stats[where] = delta("decode-0", "tandem_worker_prefills_total",
+                                     {"location": where})
+            stats["prompt_tokens"] = delta("frontend-0", "tandem_frontend_input_tokens_sum")
+            stats["prompts"] = delta("frontend-0", "tandem_frontend_input_tokens_count")
+            stats["preemptions"] = sum(
+                delta(worker, "tandem_worker_preemptions_total") or 0
+                for worker in ("decode-0", "decode-1", "prefill-0"))
+            runs.setdefault((config, wl), []).append((rate, stats))
     return runs
 
 
@@ -188,9 +219,10 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
     card = f"{cards[0]} × {len(cards)}" if cards else "no GPU (nvidia-smi absent)"
     out.append(f"Card: {card}. Model: `--load-format dummy --dummy-shape "
                f"{params['shape']}`, engine flags `{params['engine_args']}` on every worker. "
-               f"Runs: {params['duration_s']} s of Poisson arrivals each, the first {warmup_s:g} s "
-               f"left out, {params['drain_s']} s to drain before the rest is cut off (a cut-off "
-               "request misses the SLO).")
+               f"Runs: {params['duration_s']} s of Poisson arrivals each, then {params['drain_s']} s "
+               "to drain before what still streams is cut off. Measured: requests sent after the "
+               f"first {warmup_s:g} s and early enough that one meeting the SLO ends before the "
+               "cut (so a cut-off request is a true miss).")
     out.append("")
     out.append("**SLOs** (light load = one request at a time, aggregated, median; prompt "
                "tokens as the frontend counted them over every run):")
@@ -239,7 +271,10 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
     out.append("")
     out.append("**Per run** (TTFT and ITL in ms; req ITL = per-request mean ITL; "
                "remote/local = prompts the decode worker sent to the prefill worker or "
-               "prefilled itself; tok/s per GPU = output tokens of the measured requests):")
+               "prefilled itself, whole run; tok/s per GPU = output tokens of the measured "
+               "requests; \"after N repeats\": the run's first N prompts repeated an earlier "
+               "run's at the same deployment, hit its prefix cache and are left out, with the "
+               "time they were sent in):")
     out.append("")
     out.append("| config | in/out | rate | requests | within SLO | goodput | TTFT p50 | TTFT p90 | "
                "TTFT p99 | req ITL p90 | ITL p50 | ITL p90 | ITL p99 | tok/s/GPU | remote/local |")
@@ -251,6 +286,8 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
                 if s["remote"] is not None and config != "agg":
                     rl = f"{s['remote']:.0f}/{s['local']:.0f}"
                 cut = f" ({s['cut_off']} cut off)" if s["cut_off"] else ""
+                if s["repeats"]:
+                    cut += f", after {s['repeats']} repeats"
                 out.append(
                     f"| {config} | {wl[0]}/{wl[1]} | {rate:g} | {s['requests']}{cut} | "
                     f"{100 * s['attainment']:.0f}% | {s['goodput']:.2f} | {fmt(s['ttft_p50'])} | "
@@ -258,8 +295,10 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
                     f"{fmt(s['itl_p50'], 1)} | {fmt(s['itl_p90'], 1)} | {fmt(s['itl_p99'], 1)} | "
                     f"{s['tok_s_gpu']:.0f} | {rl} |")
     out.append("")
+    files = run_files(results, params)
     out.append("**Sensitivity**: goodput ratio disaggregated (cuda-ipc) / aggregated for other "
-               "SLO multiples (rows: ITL ×, columns: TTFT ×):")
+               "SLO multiples (rows: ITL ×, columns: TTFT ×; in brackets the two goodputs in "
+               "req/s, 0 where even the lowest rate missed):")
     out.append("")
     for wl in workloads:
         if ("agg", wl) not in runs or ("ipc", wl) not in runs:
@@ -274,10 +313,9 @@ def markdown(results, params, warmup_s, workloads, calib, slos, runs, args):
                 slo = Slo(m * t, im * i)
                 g = {}
                 for config in ("agg", "ipc"):
-                    report_pts = []
-                    for path in glob.glob(os.path.join(results, f"run-{config}-{wl[0]}-{wl[1]}-*.json")):
-                        rate = float(re.search(r"-([\d.]+)\.json$", path).group(1))
-                        report_pts.append((rate, run_stats(load(path), params, warmup_s, slo)["attainment"]))
+                    report_pts = [
+                        (rate, run_stats(report, params, warmup_s, slo, wl[1], repeats)["attainment"])
+                        for rate, _, report, repeats in files[(config, wl)]]
                     g[config] = config_goodput(report_pts)[0]
                 cells.append("—" if g["agg"] == 0 else f"{g['ipc'] / g['agg']:.2f}×"
                              f" ({g['ipc']:.1f}/{g['agg']:.1f})")
@@ -334,6 +372,8 @@ def main():
     ap.add_argument("results")
     ap.add_argument("--png")
     ap.add_argument("--out", help="replace the goodput section of this markdown file")
+    ap.add_argument("--section", default="goodput",
+                    help="the section between <!-- SECTION:begin --> and <!-- SECTION:end -->")
     ap.add_argument("--warmup", type=float, default=1.5)
     ap.add_argument("--ttft-mult", type=float, default=4.0)
     ap.add_argument("--itl-mult", type=float, default=1.5)
@@ -354,6 +394,7 @@ def main():
         plot(args.png, workloads, slos, runs, goodputs)
         print(f"plot: {args.png}")
     if args.out:
+        BEGIN, END = f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->"
         doc = open(args.out).read()
         if BEGIN not in doc or END not in doc:
             sys.exit(f"{args.out} has no {BEGIN} ... {END} section")

@@ -81,7 +81,7 @@ cat "$res/machine.txt"
 cat > "$res/params.json" <<EOF
 {"shape": "$SHAPE", "duration_s": $DURATION, "drain_s": $DRAIN, "calib_n": $CALIB_N,
  "engine_args": "$ENGINE_ARGS", "ipc_transfer": "$IPC_TRANSFER", "remote_min": "$REMOTE_MIN",
- "gpus": 2}
+ "gpus": 2, "seed_per_run": true}
 EOF
 
 local_pid=
@@ -157,6 +157,8 @@ run_rates() {
       echo "$name $in/$outlen rate $rate: skipped, out of time"
       return
     fi
+    # A seed of its own per run: the same seed would send the same prompts
+    # again, and the deployment would find them in its prefix cache.
     local json=$res/run-$name-$in-$outlen-$rate.json
     scrape "$name" "$in-$outlen-$rate-pre"
     # Every worker's queue depth and running sequences, 10 times a second.
@@ -164,7 +166,7 @@ run_rates() {
     local sampler=$!
     "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet \
       --rate "$rate" --duration "$DURATION" --drain-timeout "$DRAIN" \
-      --input-len "$in" --output-len "$outlen" --seed "$in$outlen" --json "$json" \
+      --input-len "$in" --output-len "$outlen" --seed "$in$outlen${rate//./}" --json "$json" \
       > "$work/logs/bench-$name-$in-$outlen-$rate.txt" 2>&1
     python3 - "$json" "$name $in/$outlen rate $rate" <<'EOF'
 import json, sys
