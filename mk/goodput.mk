@@ -54,10 +54,10 @@ goodput-cpu-test: goodput-python ## The goodput script and report here on the CP
 	OUT=$(GOODPUT_CPU_DIR)/out TANDEM_BIN=$(abspath $(GOODPUT_TARGET_DIR))/release/tandem \
 	  TOKENIZER=$(GOODPUT_CPU_DIR)/tokenizer.gguf SHAPE=smollm2-135m DEV0=cpu DEV1=cpu \
 	  AGG_DEVICE=cpu IPC_TRANSFER=grpc REMOTE_MIN=16 WORKLOADS="64:8 32:16" \
-	  RATES_agg_64_8="0.5 1" RATES_ipc_64_8="0.5 1" RATES_grpc_64_8="0.5 1" \
-	  RATES_agg_32_16="1" RATES_ipc_32_16="1" RATES_grpc_32_16="1" DURATION=6 DRAIN=3 \
+	  RATES_agg_64_8="1 2" RATES_ipc_64_8="1 2" RATES_grpc_64_8="1 2" \
+	  RATES_agg_32_16="2" RATES_ipc_32_16="2" RATES_grpc_32_16="2" DURATION=6 DRAIN=3 \
 	  CALIB_N=3 ENGINE_ARGS="--max-batch-tokens 8192 --max-num-seqs 256 --threads 1" \
-	  WARMUP_ARGS="--concurrency 2 --num-requests 2 --input-len 32 --output-len 4" TIME_LIMIT=900 \
+	  WARMUP_ARGS="--concurrency 2 --num-requests 2 --output-len 4" TIME_LIMIT=900 \
 	  bash bench/gpu/goodput.sh
 	mkdir -p $(GOODPUT_CPU_DIR)/unpacked
 	tar -C $(GOODPUT_CPU_DIR)/unpacked -xzf $(GOODPUT_CPU_DIR)/out/goodput.tar.gz

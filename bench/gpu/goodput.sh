@@ -24,6 +24,7 @@
 #   TIME_LIMIT   seconds after which no new run starts (340)
 #   ENGINE_ARGS  engine flags of every worker (vLLM's H100 defaults)
 #   WARMUP_ARGS  `tandem bench` flags of the unmeasured warm-up per deployment
+#                and workload (its --input-len is the workload's)
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-goodput-out}
@@ -58,7 +59,7 @@ PORT=${PORT:-18000}
 # 256 here never binds at these loads).
 ENGINE_ARGS=${ENGINE_ARGS:-"--max-batch-tokens 8192 --max-num-seqs 256"}
 IPC_TRANSFER=${IPC_TRANSFER:-cuda-ipc}
-WARMUP_ARGS=${WARMUP_ARGS:-"--concurrency 32 --num-requests 64 --input-len 512 --output-len 48"}
+WARMUP_ARGS=${WARMUP_ARGS:-"--concurrency 32 --num-requests 32 --output-len 24"}
 # Decode workers' --remote-prefill-min-tokens; empty: their default (256).
 REMOTE_MIN=${REMOTE_MIN:-}
 dummy="--load-format dummy --dummy-shape $SHAPE"
@@ -118,10 +119,13 @@ start_deployment() {
   echo "$name: up in $(($(date +%s) - t0)) s (at $(elapsed) s)"
   cp "$endpoints" "$res/$name-endpoints.json"
   # Warm-up, not measured: first prefills and transfers, and the decode CUDA
-  # graphs of batches up to 32 (captured the first time a batch size is seen).
-  # shellcheck disable=SC2086
-  "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet --seed 99 \
-    $WARMUP_ARGS | sed -n "1s/^/$name warm-up: /p"
+  # graphs of batches up to 32 at each workload's context length (a graph is
+  # captured the first time a batch-size bucket meets a context-length bucket).
+  for wl in $WORKLOADS; do
+    # shellcheck disable=SC2086
+    "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet --seed 99 \
+      --input-len "${wl%:*}" $WARMUP_ARGS | sed -n "1s/^/$name warm-up ${wl%:*}: /p"
+  done
 }
 
 # Every worker's and the frontend's /metrics, for the transfer and prefill counts.
@@ -176,7 +180,7 @@ print(f"{sys.argv[2]:>28}: {r['succeeded']}/{r['requests']} ok, "
       f"TTFT p50 {t.get('p50_ms', 0):.0f} p90 {t.get('p90_ms', 0):.0f} ms, "
       f"ITL p50 {i.get('p50_ms', 0):.1f} p90 {i.get('p90_ms', 0):.1f} ms, "
       f"{r['output_tokens_per_s']:.0f} tok/s")
-overloaded = r["errors"] > 0.3 * max(r["requests"], 1) or t.get("p50_ms", 1e9) > 4000
+overloaded = r["requests"] > 0 and (r["errors"] > 0.3 * r["requests"] or t.get("p50_ms", 1e9) > 4000)
 sys.exit(1 if overloaded else 0)
 EOF
     local overloaded=$?
