@@ -73,6 +73,7 @@ fn config(url: String, endpoint: Endpoint, arrivals: Arrivals, requests: usize) 
         output_len: LengthSpec::Fixed(TOKENS),
         arrivals,
         stop: Stop::Requests(requests),
+        drain_timeout: None,
         slo: Slo {
             ttft_ms: Some(FIRST_TOKEN_MS as f64 + 150.0),
             itl_ms: Some(5.0),
@@ -105,6 +106,18 @@ async fn timings_of_a_streaming_server_are_measured() {
     // by what it lengthened the previous: check the mean and the median.
     assert!((itl.mean_ms - GAP_MS as f64).abs() < 15.0, "{itl:?}");
     assert!(itl.p50_ms >= GAP_MS as f64 - 5.0 && itl.p50_ms < GAP_MS as f64 + 40.0);
+    // Every request is listed, in send order, with its own timings.
+    assert_eq!(report.records.len(), 6);
+    for pair in report.records.windows(2) {
+        assert!(pair[0].sent_ms <= pair[1].sent_ms, "{pair:?}");
+    }
+    for r in &report.records {
+        assert!(r.ttft_ms.unwrap() >= FIRST_TOKEN_MS as f64, "{r:?}");
+        assert_eq!(r.itl_ms.len(), TOKENS - 1, "{r:?}");
+        assert_eq!(r.output_tokens, TOKENS);
+        assert!(r.e2e_ms >= r.ttft_ms.unwrap() + r.itl_ms.iter().sum::<f64>() - 1e-6);
+        assert_eq!(r.error, None);
+    }
     let e2e = report.e2e.unwrap();
     let min_e2e = (FIRST_TOKEN_MS + GAP_MS * (TOKENS as u64 - 1)) as f64;
     assert!(e2e.p50_ms >= min_e2e, "{e2e:?}");
@@ -195,4 +208,40 @@ async fn bad_settings_are_refused_before_sending() {
         .unwrap_err()
         .to_string()
         .contains("--rate"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_streaming_after_the_drain_period_are_cut_off() {
+    let (url, _) = serve().await;
+    let mut cfg = config(url, Endpoint::Chat, Arrivals::Concurrency(1), 1);
+    // Sending stops at 50 ms and the drain ends at 70 ms: before the first
+    // token (80 ms) of a stream that would take 200 ms.
+    cfg.stop = Stop::Duration(Duration::from_millis(50));
+    cfg.drain_timeout = Some(Duration::from_millis(20));
+    let report = bench::run(cfg).await.unwrap();
+    assert_eq!((report.requests, report.succeeded), (1, 0));
+    assert_eq!(
+        report.error_samples,
+        vec![bench::client::CUT_OFF.to_string()]
+    );
+    assert_eq!(report.records[0].ttft_ms, None);
+    let whole_stream_s = (FIRST_TOKEN_MS + GAP_MS * (TOKENS as u64 - 1)) as f64 / 1e3;
+    assert!(
+        report.duration_s < whole_stream_s,
+        "the run waited for the whole stream: {} s",
+        report.duration_s
+    );
+}
+
+#[tokio::test]
+async fn a_drain_timeout_without_a_duration_is_refused() {
+    let mut cfg = config(
+        "http://127.0.0.1:1".into(),
+        Endpoint::Chat,
+        Arrivals::Concurrency(1),
+        1,
+    );
+    cfg.drain_timeout = Some(Duration::from_secs(1));
+    let err = bench::run(cfg).await.unwrap_err().to_string();
+    assert!(err.contains("--drain-timeout needs --duration"), "{err}");
 }

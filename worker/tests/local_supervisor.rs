@@ -155,6 +155,8 @@ async fn starts_workers_then_frontend_restarts_a_killed_worker_and_stops_all() {
     config.decode_args = vec!["--fake-ready-after".into(), "0.5".into()];
     config.frontend_args = vec!["--router-mode".into(), "round-robin".into()];
     config.common_args = vec!["--model".into(), "tiny.gguf".into()];
+    // One GPU per prefill worker through the index placeholder.
+    config.prefill_args = vec!["--device".into(), "cuda:{index}".into()];
     let endpoints = config.endpoints_file.clone();
     let running = Running::start(config);
 
@@ -208,6 +210,9 @@ async fn starts_workers_then_frontend_restarts_a_killed_worker_and_stops_all() {
     assert_eq!(prefill[0], "prefill");
     assert!(!prefill.contains(&"--discovery".to_string()), "{prefill:?}");
     assert!(has_pair(&prefill, "--model", "tiny.gguf"), "{prefill:?}");
+    assert!(has_pair(&prefill, "--device", "cuda:1"), "{prefill:?}");
+    let prefill_0 = args_of(entry(&file, Role::Prefill, 0)).await;
+    assert!(has_pair(&prefill_0, "--device", "cuda:0"), "{prefill_0:?}");
 
     // kill -9 a worker: it is restarted on the same ports, and the file says so.
     let victim = entry(&file, Role::Prefill, 1).clone();

@@ -53,12 +53,22 @@ pub fn request_body(endpoint: Endpoint, model: &str, prompt: &Prompt, max_tokens
 }
 
 /// Sends `body` to `url` and times the server-sent events it streams back.
-/// Never fails: a failure is recorded in the returned record.
-pub async fn send(client: &reqwest::Client, url: &str, body: &Value) -> RequestRecord {
+/// Never fails: a failure is recorded in the returned record. `run_start` is
+/// when the run began (the record keeps its send time relative to it); a
+/// request still streaming at `cut_off` is abandoned (its connection dropped,
+/// which cancels it on the server) and recorded as an error, with whatever
+/// tokens arrived before.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    run_start: Instant,
+    cut_off: Option<Instant>,
+) -> RequestRecord {
     let start = Instant::now();
     let mut arrivals: Vec<Instant> = Vec::new();
     let mut usage_tokens: Option<usize> = None;
-    let error = stream_events(client, url, body, |event| {
+    let stream = stream_events(client, url, body, |event| {
         let now = Instant::now();
         if let Some(e) = event.get("error") {
             return Err(format!("server error in stream: {e}"));
@@ -79,9 +89,14 @@ pub async fn send(client: &reqwest::Client, url: &str, body: &Value) -> RequestR
             arrivals.push(now);
         }
         Ok(())
-    })
-    .await
-    .err();
+    });
+    let result = match cut_off {
+        Some(at) => tokio::time::timeout_at(at.into(), stream)
+            .await
+            .unwrap_or_else(|_| Err(CUT_OFF.to_string())),
+        None => stream.await,
+    };
+    let error = result.err();
     let e2e = start.elapsed();
     let error = error.or_else(|| {
         arrivals
@@ -89,6 +104,7 @@ pub async fn send(client: &reqwest::Client, url: &str, body: &Value) -> RequestR
             .then(|| "the stream ended without any content".to_string())
     });
     RequestRecord {
+        sent_at: start - run_start,
         ttft: arrivals.first().map(|t| *t - start),
         itls: arrivals.windows(2).map(|w| w[1] - w[0]).collect(),
         e2e,
@@ -166,6 +182,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The error of a request abandoned at the end of the drain period.
+pub const CUT_OFF: &str = "cut off: still streaming when the drain period ended";
 
 /// A generous bound on one request, so a hung server ends the run with errors.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);

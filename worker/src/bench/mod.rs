@@ -71,6 +71,11 @@ pub struct BenchConfig {
     pub output_len: LengthSpec,
     pub arrivals: Arrivals,
     pub stop: Stop,
+    /// With [`Stop::Duration`]: how long requests still streaming when
+    /// sending stops may go on; then they are cut off (cancelled) and count
+    /// as errors, so an overloaded run ends on time and leaves the server
+    /// idle. `None`: wait for every request.
+    pub drain_timeout: Option<Duration>,
     pub slo: Slo,
     pub seed: u64,
     pub progress: bool,
@@ -105,6 +110,11 @@ impl BenchConfig {
                 return Err(BenchError::Config("--duration must be positive".into()))
             }
             _ => {}
+        }
+        if self.drain_timeout.is_some() && !matches!(self.stop, Stop::Duration(_)) {
+            return Err(BenchError::Config(
+                "--drain-timeout needs --duration (it counts from the end of sending)".into(),
+            ));
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(BenchError::Config(format!(
@@ -168,6 +178,10 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
     };
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<RequestRecord>();
     let start = Instant::now();
+    let cut_off = match (cfg.stop, cfg.drain_timeout) {
+        (Stop::Duration(d), Some(drain)) => Some(start + d + drain),
+        _ => None,
+    };
     let may_start = |sent: usize| match cfg.stop {
         Stop::Requests(n) => sent < n,
         Stop::Duration(d) => start.elapsed() < d,
@@ -180,7 +194,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
             progress.clone(),
         );
         tokio::spawn(async move {
-            let record = client::send(&client, &url, &planned.body).await;
+            let record = client::send(&client, &url, &planned.body, start, cut_off).await;
             drop(permit);
             progress.inc(1);
             let _ = done.send(record);

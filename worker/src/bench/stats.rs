@@ -46,6 +46,8 @@ impl LatencySummary {
 /// What happened to one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
+    /// When it was sent, from the start of the run.
+    pub sent_at: Duration,
     /// Time to the first streamed content; `None` if none arrived.
     pub ttft: Option<Duration>,
     /// Every gap between consecutive content chunks.
@@ -112,11 +114,43 @@ pub struct Report {
     pub ttft: Option<LatencySummary>,
     pub itl: Option<LatencySummary>,
     pub e2e: Option<LatencySummary>,
+    /// Every request in send order, so objectives, warm-up cuts and
+    /// percentiles can be recomputed from the JSON without a rerun.
+    pub records: Vec<RecordJson>,
+}
+
+/// One request as the JSON report lists it; times in milliseconds (rounded
+/// to microseconds), `None` where nothing arrived.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordJson {
+    pub sent_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub e2e_ms: f64,
+    pub output_tokens: usize,
+    /// Every gap between consecutive content chunks.
+    pub itl_ms: Vec<f64>,
+    pub error: Option<String>,
+}
+
+impl RecordJson {
+    fn of(r: &RequestRecord) -> Self {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        Self {
+            sent_ms: ms(r.sent_at),
+            ttft_ms: r.ttft.map(ms),
+            e2e_ms: ms(r.e2e),
+            output_tokens: r.output_tokens,
+            itl_ms: r.itls.iter().copied().map(ms).collect(),
+            error: r.error.clone(),
+        }
+    }
 }
 
 impl Report {
     /// Summarises `records` of a run that took `duration` of wall time.
     pub fn from_records(records: &[RequestRecord], duration: Duration, slo: Slo) -> Self {
+        let mut sorted: Vec<&RequestRecord> = records.iter().collect();
+        sorted.sort_by_key(|r| r.sent_at);
         let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.succeeded()).collect();
         let mut error_samples: Vec<String> = Vec::new();
         for e in records.iter().filter_map(|r| r.error.as_ref()) {
@@ -145,6 +179,7 @@ impl Report {
             ttft: LatencySummary::of(&ttfts),
             itl: LatencySummary::of(&itls),
             e2e: LatencySummary::of(&e2es),
+            records: sorted.into_iter().map(RecordJson::of).collect(),
         }
     }
 
@@ -231,6 +266,7 @@ mod tests {
 
     fn record(ttft: u64, itls: &[u64], error: Option<&str>) -> RequestRecord {
         RequestRecord {
+            sent_at: Duration::ZERO,
             ttft: Some(ms(ttft)),
             itls: itls.iter().map(|&v| ms(v)).collect(),
             e2e: ms(ttft + itls.iter().sum::<u64>()),

@@ -21,7 +21,8 @@ use crate::bench::{
 ///
 /// ITL is every gap between streamed content chunks; a request meets the ITL
 /// SLO when the mean of its gaps is within it. Goodput counts requests per
-/// second meeting both SLOs.
+/// second meeting both SLOs. The JSON report lists every request too (send
+/// time, TTFT, every gap, error), to recompute any of it offline.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Base URL of the server (the API paths are appended).
@@ -64,6 +65,11 @@ pub struct BenchArgs {
     /// Send requests for this many seconds, then wait for those in flight.
     #[arg(long, env = "TANDEM_BENCH_DURATION")]
     pub duration: Option<f64>,
+    /// With `--duration`: requests still streaming this many seconds after
+    /// sending stopped are cut off (cancelled) and count as errors, so an
+    /// overloaded run ends on time and leaves the server idle.
+    #[arg(long, env = "TANDEM_BENCH_DRAIN_TIMEOUT", requires = "duration")]
+    pub drain_timeout: Option<f64>,
     /// Time-to-first-token objective in milliseconds.
     #[arg(long, env = "TANDEM_BENCH_SLO_TTFT_MS")]
     pub slo_ttft_ms: Option<f64>,
@@ -101,6 +107,14 @@ impl BenchArgs {
             ),
             (n, None) => Stop::Requests(n.unwrap_or(100)),
         };
+        let drain_timeout = self
+            .drain_timeout
+            .map(|secs| {
+                Duration::try_from_secs_f64(secs).map_err(|_| {
+                    anyhow::anyhow!("--drain-timeout {secs} is not a number of seconds")
+                })
+            })
+            .transpose()?;
         Ok(BenchConfig {
             url: self.url.clone(),
             model: self.model.clone(),
@@ -109,6 +123,7 @@ impl BenchArgs {
             output_len: self.output_len,
             arrivals,
             stop,
+            drain_timeout,
             slo: Slo {
                 ttft_ms: self.slo_ttft_ms,
                 itl_ms: self.slo_itl_ms,

@@ -181,26 +181,34 @@ pub fn load_engine(
     role: &'static str,
 ) -> anyhow::Result<LoadedEngine> {
     let started = std::time::Instant::now();
-    let model::LoadedModel {
-        config,
-        weights,
-        tokenizer,
-        chat_template,
-        ..
-    } = model::load(path)?;
     let device = &args.device;
-    let (config, source) = match device.load_format {
-        LoadFormat::Auto if device.dummy_shape.is_some() => {
-            anyhow::bail!("--dummy-shape needs --load-format dummy")
+    if device.load_format == LoadFormat::Auto && device.dummy_shape.is_some() {
+        anyhow::bail!("--dummy-shape needs --load-format dummy");
+    }
+    // Dummy weights need only the file's text side (tokenizer, chat template,
+    // shape): no weight is read, so a tokenizer-only GGUF serves too.
+    let (config, host_weights, tokenizer, chat_template) = match device.load_format {
+        LoadFormat::Auto => {
+            let loaded = model::load(path)?;
+            (
+                loaded.config,
+                Some(loaded.weights),
+                loaded.tokenizer,
+                loaded.chat_template,
+            )
         }
-        LoadFormat::Auto => (config, WeightsSource::Host(&weights)),
         LoadFormat::Dummy => {
+            let text = model::load_text(path)?;
             let shape = match &device.dummy_shape {
                 Some(name) => model::dummy::config(name)?,
-                None => config,
+                None => text.info.config,
             };
-            (shape, WeightsSource::Dummy { seed: 0 })
+            (shape, None, text.tokenizer, text.chat_template)
         }
+    };
+    let source = match &host_weights {
+        Some(weights) => WeightsSource::Host(weights),
+        None => WeightsSource::Dummy { seed: 0 },
     };
     anyhow::ensure!(
         tokenizer.vocab_size() <= config.vocab_size,
@@ -217,7 +225,7 @@ pub fn load_engine(
     };
     let backend = backend::create(&device.device, config, source, &cuda_options)?;
     // The backend keeps its own (compact or device) copy; the f32 weights go now.
-    drop(weights);
+    drop(host_weights);
     let mut engine_config = args.engine_config()?;
     // A GPU's KV pool gets what --gpu-memory-utilization leaves, unless the
     // block count is given.

@@ -26,6 +26,9 @@ use crate::router::RouterMode;
 /// --worker-arg (both worker roles) and --frontend-arg. Each takes one
 /// string, split on whitespace into arguments (no quoting), and may repeat:
 /// `--decode-arg '--threads 1' --worker-arg '--kv-cache-memory 256MiB'`.
+/// `{index}` in any of them becomes the child's index within its role, for
+/// per-replica settings: `--decode-arg '--device cuda:{index}'` puts each
+/// decode worker on its own GPU.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
     /// Prefill workers to start.

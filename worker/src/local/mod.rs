@@ -184,6 +184,11 @@ impl LocalConfig {
 
 type SlotKey = (Role, usize);
 
+/// Replaced, in every argument a child gets, by the child's index within its
+/// role (`decode-1` gets `1`): per-replica settings such as `--device
+/// cuda:{index}`, one GPU per worker.
+pub const INDEX_PLACEHOLDER: &str = "{index}";
+
 fn slot_name((role, index): SlotKey) -> String {
     format!("{role}-{index}")
 }
@@ -552,7 +557,7 @@ impl Supervisor {
     }
 
     fn child_args(&self, key: SlotKey, slot: &Slot) -> Vec<OsString> {
-        let (role, _) = key;
+        let (role, index) = key;
         let c = &self.config;
         let mut args: Vec<OsString> = c.program_args.clone();
         let mut push = |a: &str| args.push(a.into());
@@ -577,7 +582,12 @@ impl Supervisor {
             Role::Decode => &c.decode_args,
             Role::Frontend => &c.frontend_args,
         };
-        args.extend(c.common_args.iter().chain(own).map(OsString::from));
+        args.extend(
+            c.common_args
+                .iter()
+                .chain(own)
+                .map(|a| OsString::from(a.replace(INDEX_PLACEHOLDER, &index.to_string()))),
+        );
         args
     }
 
