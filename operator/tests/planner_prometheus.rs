@@ -365,6 +365,23 @@ async fn the_planner_reads_a_real_prometheus_and_its_decision_follows_the_series
         after.reason
     );
 
+    // Traffic stops: no prompt arrives in the window. The arrival rate reads 0 and the
+    // latencies and mean lengths have no value: an observation of no traffic, not missing data.
+    *load.lock().unwrap() = Load {
+        requests_per_s: 0.0,
+        ..overloaded
+    };
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let seen = source.observe(&scope).await.expect("query");
+    assert_eq!(seen.request_rate, Some(0.0), "{seen:?}");
+    assert_eq!(seen.ttft_p90_s, None, "{seen:?}");
+    assert_eq!(seen.mean_output_tokens, None, "{seen:?}");
+    let mut observed = seen;
+    observed.ready = grown;
+    let idle = decide(&config, &mut state, &observed, grown, unix_now_s());
+    assert!(idle.refusal.is_none(), "{}", idle.reason);
+    assert!(idle.reason.contains("no traffic"), "{}", idle.reason);
+
     // The pods disappear: no successful scrape, so the planner refuses to act.
     server.abort();
     let _ = server.await;
