@@ -16,8 +16,9 @@
 //!    projected `lookahead_s` ahead, times the smoothed mean lengths. SLO feedback on top: a p90
 //!    over the SLO asks for at least one more replica, the largest step when over `2 ×` the SLO
 //!    (once earlier additions are ready); a single mild breach (≤ 1.5 × SLO) that the model does
-//!    not explain waits one interval; when the model count exceeds the current count the tier
-//!    scales up to it before the p90 gets there; a scale-down needs the p90 under
+//!    not explain waits one interval; when the model count exceeds the current count two
+//!    intervals running (or once, with the p90 already over the planning target) the tier
+//!    scales up to it before the p90 reaches the SLO; a scale-down needs the p90 under
 //!    `scale_down_below × SLO` *and* the model to keep it there with fewer replicas (sized at
 //!    `scale_down_below × SLO`, tighter than the planning target: hysteresis).
 //!    No traffic recommends the minimum.
