@@ -94,8 +94,10 @@ impl Queries {
         Queries {
             ttft_p90: p90("tandem_frontend_time_to_first_token_seconds"),
             itl_p90: p90("tandem_frontend_inter_token_latency_seconds"),
+            // Arrivals: the input-length histogram is observed when a request is admitted, not
+            // when it is answered, so an overloaded deployment's rate does not lag its load.
             request_rate: format!(
-                "sum(rate(tandem_frontend_requests_total{{{selector}}}[{window}]))"
+                "sum(rate(tandem_frontend_input_tokens_count{{{selector}}}[{window}]))"
             ),
             mean_input_tokens: mean("tandem_frontend_input_tokens"),
             mean_output_tokens: mean("tandem_frontend_output_tokens"),
@@ -143,9 +145,11 @@ impl PrometheusSource {
 
     /// Reads one observation of `scope`. `ready` is left at zero: the scale target reports it.
     ///
-    /// A deployment whose targets are scraped but whose frontend has answered no request yet has
-    /// no `tandem_frontend_requests_total` series (a labelled counter appears on its first
-    /// increment): that reads as a request rate of 0, not as missing data.
+    /// No traffic and no data are told apart by the arrival series: the frontend exports
+    /// `tandem_frontend_input_tokens_count` from its start (at 0), so a present series with no
+    /// increase in the window is a rate of 0 — the latencies and mean lengths then have no value,
+    /// and the planner scales towards the minimum — while an absent series (the frontend not
+    /// scraped, or its series gone stale) leaves the rate `None`, and the planner refuses.
     pub async fn observe(&self, scope: &Scope) -> Result<Observation, PrometheusError> {
         let queries = Queries::new(scope);
         // All at once, but errors are reported in this fixed order: with try_join the error of
@@ -171,7 +175,7 @@ impl PrometheusSource {
             timestamp_s: newest.unwrap_or(f64::NEG_INFINITY),
             ttft_p90_s: ttft,
             itl_p90_s: itl,
-            request_rate: rate.or(newest.map(|_| 0.0)),
+            request_rate: rate,
             mean_input_tokens: input,
             mean_output_tokens: output,
             prefill_queue_depth: queue,
@@ -228,6 +232,11 @@ mod tests {
             "sum(tandem_worker_kv_blocks_used{namespace=\"prod\",deployment=\"llama\",tier=\"decode\"}) / sum(tandem_worker_kv_blocks_total{namespace=\"prod\",deployment=\"llama\",tier=\"decode\"})"
         );
         assert!(queries.prefill_queue_depth.contains("tier=\"prefill\""));
+        // The request rate counts arrivals (observed at admission), not answers.
+        assert_eq!(
+            queries.request_rate,
+            "sum(rate(tandem_frontend_input_tokens_count{namespace=\"prod\",deployment=\"llama\"}[60s]))"
+        );
     }
 
     #[test]

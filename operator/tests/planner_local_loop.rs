@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "common/prometheus.rs"]
+mod prometheus_support;
+use prometheus_support::{free_port, Prometheus};
 use tandem_operator::planner::local::{LocalPlanner, LocalTarget};
 use tandem_operator::planner::{PlannerConfig, Slo, TierBounds};
 use tandem_operator::prometheus::{PrometheusSource, Scope};
@@ -67,30 +71,6 @@ fn tandem_bin() -> PathBuf {
         .map(|dir| dir.join("tandem"))
         .filter(|p| p.is_file());
     beside.expect("set TANDEM_BIN to a release `tandem` (make test does)")
-}
-
-fn prometheus_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANDEM_PROMETHEUS") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("prometheus"))
-                .find(|candidate| candidate.is_file())
-        })
-        .expect(
-            "the `prometheus` binary is needed: `make test` installs the Debian package \
-             (apt-get install prometheus), or set TANDEM_PROMETHEUS to one",
-        )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process stopped on drop: SIGTERM, then SIGKILL after `grace`.
@@ -180,35 +160,6 @@ async fn wait_up(endpoints: &Path, local: &mut Stopped) -> String {
             "tandem local not up in {START_TIMEOUT:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn start_prometheus(dir: &Path, targets: &Path, port: u16) -> Stopped {
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-             scrape_configs:\n- job_name: tandem-local\n  file_sd_configs:\n  - files: ['{}']\n    refresh_interval: 1s\n",
-            targets.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(prometheus_bin())
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
-    Stopped {
-        name: "prometheus",
-        child,
-        grace: Duration::from_secs(5),
     }
 }
 
@@ -343,7 +294,14 @@ async fn a_ttft_breach_under_load_grows_prefill_and_the_end_of_the_load_shrinks_
         grace: Duration::from_secs(30),
     };
     let prometheus_port = free_port();
-    let _prometheus = start_prometheus(&dir, &targets, prometheus_port);
+    let _prometheus = Prometheus::start(
+        &dir,
+        &format!(
+            "- job_name: tandem-local\n  file_sd_configs:\n  - files: ['{}']\n    refresh_interval: 1s\n",
+            targets.display()
+        ),
+        prometheus_port,
+    );
     let frontend = wait_up(&endpoints, &mut local).await;
     eprintln!(
         "[{:5.1}s] tandem local up, frontend {frontend}",

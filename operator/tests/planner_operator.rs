@@ -180,9 +180,11 @@ fn overloaded_prefill(now: f64) -> Vec<(&'static str, f64)> {
     vec![
         ("time_to_first_token", 2.0),
         ("inter_token_latency", 0.020),
-        ("requests_total", 20.0),
+        // The mean-length queries name both `_sum` and `_count`: the first match wins, so the
+        // arrival rate (`input_tokens_count` alone) comes after the sums.
         ("input_tokens_sum", 1000.0),
         ("output_tokens_sum", 100.0),
+        ("input_tokens_count", 20.0),
         ("queue_depth", 50.0),
         ("kv_blocks_used", 0.4),
         ("prefill_tokens_total", 16000.0),

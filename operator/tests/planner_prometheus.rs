@@ -5,8 +5,7 @@
 //! target stops the planner.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,10 @@ use prometheus::{
 use tandem_operator::planner::runner::unix_now_s;
 use tandem_operator::planner::{decide, PlannerConfig, PlannerState, Slo, TierBounds, TierCounts};
 use tandem_operator::prometheus::{PrometheusSource, Scope};
+
+#[path = "common/prometheus.rs"]
+mod prometheus_support;
+use prometheus_support::{free_port, Prometheus};
 
 /// What the synthetic deployment is doing right now.
 #[derive(Clone, Copy)]
@@ -158,47 +161,19 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A Prometheus process on loopback, killed and its data removed on drop.
-struct PrometheusProcess {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-}
+/// The scratch directory of this test's Prometheus, removed on drop (declare it before the
+/// process, which then stops first).
+struct Scratch(PathBuf);
 
-impl Drop for PrometheusProcess {
+impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn prometheus_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANDEM_PROMETHEUS") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("prometheus"))
-                .find(|candidate| candidate.is_file())
-        })
-        .expect(
-            "the `prometheus` binary is needed: `make test` installs the Debian package \
-             (apt-get install prometheus), or set TANDEM_PROMETHEUS to one",
-        )
 }
 
 /// Starts Prometheus scraping the exporter's three tiers as the scrape job in
 /// `manifests/prometheus/scrape-config.yaml` labels real pods: `namespace`, `deployment`, `tier`.
-async fn start_prometheus(exporter: SocketAddr) -> PrometheusProcess {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("tandem-planner-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+async fn start_prometheus(exporter: SocketAddr, dir: &Path) -> Prometheus {
     let jobs: String = ["frontend", "prefill", "decode"]
         .iter()
         .map(|tier| {
@@ -207,40 +182,9 @@ async fn start_prometheus(exporter: SocketAddr) -> PrometheusProcess {
             )
         })
         .collect();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"),
-    )
-    .unwrap();
-    let child = Command::new(prometheus_binary())
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
-    let process = PrometheusProcess {
-        child,
-        dir,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let ready = format!("{}/-/ready", process.url);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if reqwest::get(&ready)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return process;
-        }
-        assert!(Instant::now() < deadline, "prometheus not ready in 30 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let prometheus = Prometheus::start(dir, &jobs, free_port());
+    prometheus.wait_ready(Duration::from_secs(30)).await;
+    prometheus
 }
 
 fn config() -> PlannerConfig {
@@ -264,7 +208,9 @@ async fn the_planner_reads_a_real_prometheus_and_its_decision_follows_the_series
     };
     let load = Arc::new(Mutex::new(overloaded));
     let (exporter, server) = start_exporter(load.clone()).await;
-    let prometheus = start_prometheus(exporter).await;
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("tandem-planner-prom-{}", std::process::id())));
+    let prometheus = start_prometheus(exporter, &scratch.0).await;
     let source = PrometheusSource::new(&prometheus.url).unwrap();
     let scope = Scope {
         namespace: "prod".into(),
@@ -364,6 +310,23 @@ async fn the_planner_reads_a_real_prometheus_and_its_decision_follows_the_series
         "no further growth once TTFT is back under the SLO: {}",
         after.reason
     );
+
+    // Traffic stops: no prompt arrives in the window. The arrival rate reads 0 and the
+    // latencies and mean lengths have no value: an observation of no traffic, not missing data.
+    *load.lock().unwrap() = Load {
+        requests_per_s: 0.0,
+        ..overloaded
+    };
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let seen = source.observe(&scope).await.expect("query");
+    assert_eq!(seen.request_rate, Some(0.0), "{seen:?}");
+    assert_eq!(seen.ttft_p90_s, None, "{seen:?}");
+    assert_eq!(seen.mean_output_tokens, None, "{seen:?}");
+    let mut observed = seen;
+    observed.ready = grown;
+    let idle = decide(&config, &mut state, &observed, grown, unix_now_s());
+    assert!(idle.refusal.is_none(), "{}", idle.reason);
+    assert!(idle.reason.contains("no traffic"), "{}", idle.reason);
 
     // The pods disappear: no successful scrape, so the planner refuses to act.
     server.abort();

@@ -530,6 +530,20 @@ async fn models_health_and_metrics() {
 }
 
 #[tokio::test]
+async fn the_arrival_series_is_exported_at_zero_before_any_request() {
+    // A model name no other test serves: the registry is shared by the whole test binary.
+    let state = AppState::new(ServerConfig::new("arrivals-only-model"));
+    let app = router(state);
+    let (status, _, body) = send(&app, get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("tandem_frontend_input_tokens_count{model=\"arrivals-only-model\"} 0"),
+        "the planner reads arrivals from this series; absent means no data, not no traffic:\n{text}"
+    );
+}
+
+#[tokio::test]
 async fn not_ready_until_the_model_is_set() {
     let state = AppState::new(ServerConfig::new(MODEL));
     let app = router(state.clone());

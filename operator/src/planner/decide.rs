@@ -3,21 +3,24 @@
 //! Per tier, in this order (every knob is a [`PlannerConfig`] field):
 //! 1. **Refuse on bad data.** An observation older than `max_staleness_s`, or missing the
 //!    request rate (or, with traffic, the latencies and mean lengths), leaves the replicas as
-//!    they are and returns a [`Refusal`] for the status condition.
+//!    they are and returns a [`Refusal`] for the status condition. A request rate of 0 is no
+//!    traffic, not missing data: the latencies and lengths may then be absent.
 //! 2. **Learn.** Each tier's throughput model ([`PrefillModel`], [`DecodeModel`]) absorbs the
 //!    interval when the tier is steady (all desired replicas ready) and met its SLO: only then
 //!    does the arrival rate equal the served load (an overloaded tier's queue grows instead).
 //!    A steady tier that starts to breach instead records the load per replica as a ceiling on its
 //!    capacity (see `breach_ceiling_relax`), which caps the model's extrapolation.
-//! 3. **Recommend.** `model = ceil(demand / capacity_at(target_latency_fraction × SLO))`, the
-//!    demand projected `lookahead_s` ahead along its rising trend, plus the prefill backlog
-//!    drained over `lookahead_s`. SLO feedback on top: a p90 over the SLO asks for at least one
-//!    more replica, the largest step when over `2 ×` the SLO (once earlier additions are ready);
-//!    a single mild breach (≤ 1.5 × SLO) that the model does not explain waits one interval;
-//!    when the model predicts a breach (the current replicas cannot carry the demand at the SLO
-//!    itself) it scales up to the model count before it happens; a scale-down needs the
-//!    p90 under `scale_down_below × SLO` *and* the model to keep it there with fewer replicas
-//!    (sized at `scale_down_below × SLO`, tighter than the planning target: hysteresis).
+//! 3. **Recommend.** `model` = the fewest replicas that carry the demand with the p90 at
+//!    `target_latency_fraction × SLO` (prefill replicas pool one queue, so the count is searched,
+//!    see [`PrefillModel`]); the demand is the request rate's least-squares trend ([`Trend`])
+//!    projected `lookahead_s` ahead, times the smoothed mean lengths. SLO feedback on top: a p90
+//!    over the SLO asks for at least one more replica, the largest step when over `2 ×` the SLO
+//!    (once earlier additions are ready); a single mild breach (≤ 1.5 × SLO) that the model does
+//!    not explain waits one interval; when the model count exceeds the current count two
+//!    intervals running (or once, with the p90 already over the planning target) the tier
+//!    scales up to it before the p90 reaches the SLO; a scale-down needs the p90 under
+//!    `scale_down_below × SLO` *and* the model to keep it there with fewer replicas (sized at
+//!    `scale_down_below × SLO`, tighter than the planning target: hysteresis).
 //!    No traffic recommends the minimum.
 //! 4. **Coordinate P:D.** Both tiers are sized from the same demand in the same decision; a TTFT
 //!    breach while decode is saturated and the prefill queue is short is blamed on decode
@@ -103,9 +106,9 @@ pub struct PlannerConfig {
     pub scale_up_min_step: u32,
     /// Largest decrease per decision, as a fraction of the current count (at least 1). Default 0.5.
     pub max_step_down_fraction: f64,
-    /// The model sizes each tier for its p90 at this fraction of the SLO (headroom). Default 0.8.
+    /// The model sizes each tier for its p90 at this fraction of the SLO (headroom). Default 0.9.
     pub target_latency_fraction: f64,
-    /// Scale down only while the p90 is under this fraction of the SLO. Default 0.7.
+    /// Scale down only while the p90 is under this fraction of the SLO. Default 0.8.
     pub scale_down_below: f64,
     /// Seconds ahead the rising demand trend is projected for scale-up: about the replica
     /// startup time plus two intervals (the soonest a new replica can help, and the interval
@@ -165,13 +168,13 @@ impl PlannerConfig {
             max_step_up_fraction: 1.0,
             max_step_down_fraction: 0.5,
             scale_up_min_step: 4,
-            target_latency_fraction: 0.8,
-            scale_down_below: 0.7,
+            target_latency_fraction: 0.9,
+            scale_down_below: 0.8,
             lookahead_s: 120.0,
             model_alpha: 0.3,
             prefill_per_decode: None,
             kv_saturation: 0.95,
-            breach_ceiling_relax: 0.02,
+            breach_ceiling_relax: 0.005,
             replica_startup_s: 60.0,
             backlog_drain_s: 20.0,
         }
@@ -328,16 +331,21 @@ pub struct PlannerState {
     pub decode_model: DecodeModel,
     prefill: TierHistory,
     decode: TierHistory,
-    /// Last request rate and when it was seen, for the demand trend.
-    last_rate: Option<(f64, f64)>,
+    /// `(time, request rate)` of the last intervals since the last step in the load, for the
+    /// demand trend (see [`Trend`]).
+    rates: VecDeque<(f64, f64)>,
+    /// Mean input and output lengths, smoothed (EWMA, `model_alpha`): one interval's means
+    /// scatter with its sample of requests, and the sizing should not follow that scatter.
+    lengths: Option<(f64, f64)>,
     /// Ready replicas at the previous observation: a throughput measured over an interval in
     /// which the ready count changed cannot be split per replica.
     last_ready: Option<TierCounts>,
+    /// Prompts queued for prefill at the previous observation: a tier is saturated over an
+    /// interval only if prompts were queued at its start as well as at its end.
+    last_prefill_queue: Option<f64>,
     /// Whether the last decision surged (see `backlog_drain_s`): its replicas are not a level
     /// to hold, and the interval after a surge still carries the drained backlog.
     surged_last: bool,
-    /// Smoothed rate of change of the request rate, requests/s per second; reset by a step.
-    rate_slope: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -352,6 +360,10 @@ struct TierHistory {
     /// Whether the last steady interval breached (only the onset of a breach sets the
     /// ceiling: later intervals also carry the backlog it built).
     breaching: bool,
+    /// Whether the model asked for more replicas than the tier had at the last decision: a
+    /// scale-up on the model alone (no breach) needs two intervals running, so one noisy
+    /// interval at the edge of the hysteresis band does not undo a scale-down.
+    model_ahead: bool,
 }
 
 impl PlannerState {
@@ -409,7 +421,9 @@ pub fn decide(
     let unexplained_breach_possible = [
         !state.prefill.breaching
             && carries(
-                state.prefill_model.capacity_at(config.slo.ttft_p90_s),
+                state
+                    .prefill_model
+                    .capacity_at(config.slo.ttft_p90_s, current.prefill),
                 rate * input,
                 current.prefill,
             ),
@@ -423,8 +437,9 @@ pub fn decide(
     let measured_prefill_capacity = state
         .last_ready
         .is_some_and(|last| last.prefill == observation.ready.prefill)
-        .then(|| saturated_prefill_per_replica(config, observation))
+        .then(|| saturated_prefill_per_replica(config, observation, state.last_prefill_queue))
         .flatten();
+    state.last_prefill_queue = observation.prefill_queue_depth;
     learn(
         config,
         state,
@@ -435,30 +450,63 @@ pub fn decide(
         [rate, input, output],
     );
 
-    let projected_rate = rate + state.rate_slope.max(0.0) * config.lookahead_s;
+    let trend = Trend::fit(&state.rates, observation.timestamp_s);
+    let projected_rate = trend.map_or(rate, |trend| trend.projected(config.lookahead_s));
+    if rate > 0.0 {
+        state.lengths = Some(match state.lengths {
+            Some((i, o)) => (
+                i + config.model_alpha * (input - i),
+                o + config.model_alpha * (output - o),
+            ),
+            None => (input, output),
+        });
+    }
+    let (input, output) = state.lengths.unwrap_or((input, output));
 
-    // Capacity per replica: the model's, capped by the breach ceiling; at the planning target
-    // (`target_latency_fraction × SLO`) and at the SLO itself.
-    let fraction = config.target_latency_fraction;
-    // A breach at load L bounds the capacity at the SLO by L, and at the planning target by
-    // about `fraction × L`.
-    let ceiling = |history: &TierHistory| history.breach_ceiling;
-    let capped = |model: Option<f64>, ceiling: Option<f64>| match (model, ceiling) {
-        (Some(model), Some(ceiling)) => Some(model.min(ceiling)),
-        (model, ceiling) => model.or(ceiling),
+    // Replicas each tier needs for the projected demand: the model's count, raised by the
+    // breach ceiling; at the planning target (`target_latency_fraction × SLO`) and at
+    // `scale_down_below × SLO`. A breach at load L per replica bounds the capacity at the SLO by
+    // L, and at a fraction of the SLO by about that fraction of L.
+    let shares = [config.target_latency_fraction, config.scale_down_below];
+    let prefill_demand = projected_rate * input;
+    let decode_demand = projected_rate * output;
+    let limit = |tier: Tier| config.bounds(tier).max.max(current.get(tier)).max(1) * 4;
+    let with_ceiling = |model: Option<u32>, demand: f64, ceiling: Option<f64>, share: f64| {
+        let by_ceiling = ceiling.map(|c| (demand / (c * share)).ceil().max(1.0) as u32);
+        match (model, by_ceiling) {
+            (Some(model), Some(by_ceiling)) => Some(model.max(by_ceiling)),
+            (model, by_ceiling) => model.or(by_ceiling),
+        }
     };
-    let prefill_ceiling = ceiling(&state.prefill);
-    let decode_ceiling = ceiling(&state.decode);
-    let prefill_capacity = [fraction, 1.0, config.scale_down_below].map(|share| {
-        let model = state
-            .prefill_model
-            .capacity_at(share * config.slo.ttft_p90_s);
-        capped(model, prefill_ceiling.map(|c| c * share))
+    let prefill_counts = shares.map(|share| {
+        let model = state.prefill_model.replicas_for(
+            prefill_demand,
+            share * config.slo.ttft_p90_s,
+            limit(Tier::Prefill),
+        );
+        with_ceiling(model, prefill_demand, state.prefill.breach_ceiling, share)
     });
-    let decode_capacity = [fraction, 1.0, config.scale_down_below].map(|share| {
-        let model = state.decode_model.capacity_at(share * config.slo.itl_p90_s);
-        capped(model, decode_ceiling.map(|c| c * share))
+    let decode_capacity =
+        shares.map(|share| state.decode_model.capacity_at(share * config.slo.itl_p90_s));
+    let decode_counts = [0, 1].map(|i| {
+        let model = decode_capacity[i].map(|c| (decode_demand / c).ceil().max(1.0) as u32);
+        with_ceiling(model, decode_demand, state.decode.breach_ceiling, shares[i])
     });
+    // The load per replica the planning-target count runs at, for the reason line.
+    let per_replica = |demand: f64, count: Option<u32>| count.map(|n| demand / f64::from(n.max(1)));
+    let prefill_at_slo = state
+        .prefill_model
+        .capacity_at(config.slo.ttft_p90_s, current.prefill.max(1))
+        .map(|model| {
+            state
+                .prefill
+                .breach_ceiling
+                .map_or(model, |ceiling| model.min(ceiling))
+        });
+    let decode_at_target = match (decode_capacity[0], state.decode.breach_ceiling) {
+        (Some(model), Some(ceiling)) => Some(model.min(ceiling * shares[0])),
+        (model, ceiling) => model.or(ceiling.map(|c| c * shares[0])),
+    };
     let surge = if blame_decode {
         None
     } else {
@@ -471,11 +519,8 @@ pub fn decide(
             [rate * input, input, output],
             // A breach ceiling alone is an upper bound on capacity, not an estimate: without a
             // measurement or a fitted curve, the breach feedback sizes the step instead.
-            measured_prefill_capacity.or(state
-                .prefill_model
-                .capacity_at(config.slo.ttft_p90_s)
-                .and(prefill_capacity[1])),
-            decode_capacity[0],
+            measured_prefill_capacity.or(prefill_at_slo),
+            decode_at_target,
         )
     };
     let decode_saturated_now = observation
@@ -484,17 +529,9 @@ pub fn decide(
     let mut recommended = TierCounts::default();
     let mut why = TierReasons::default();
     for tier in [Tier::Prefill, Tier::Decode] {
-        let (capacity, demand, latency) = match tier {
-            Tier::Prefill => (
-                prefill_capacity,
-                projected_rate * input,
-                observation.ttft_p90_s,
-            ),
-            Tier::Decode => (
-                decode_capacity,
-                projected_rate * output,
-                observation.itl_p90_s,
-            ),
+        let (counts, demand, latency) = match tier {
+            Tier::Prefill => (prefill_counts, prefill_demand, observation.ttft_p90_s),
+            Tier::Decode => (decode_counts, decode_demand, observation.itl_p90_s),
         };
         let surging = surge.is_some() || state.surged_last;
         let explained = match tier {
@@ -503,14 +540,20 @@ pub fn decide(
             Tier::Decode if decode_saturated_now => Some(Explained::Saturated),
             _ => None,
         };
+        let model_ahead = counts[0].is_some_and(|count| count > current.get(tier));
+        let model_ahead_before = std::mem::replace(
+            &mut state.history(tier).model_ahead,
+            model_ahead && rate > 0.0,
+        );
         let (count, reason) = recommend(
             config,
             tier,
             current.get(tier),
             observation.ready.get(tier),
             rate,
-            demand,
-            capacity,
+            model_ahead_before,
+            counts,
+            per_replica(demand, counts[0]),
             latency,
             explained,
             unexplained_breach_possible[tier as usize],
@@ -645,23 +688,31 @@ fn learn(
     [rate, input, output]: [f64; 3],
 ) {
     let now = observation.timestamp_s;
-    if let Some((then, last_rate)) = state.last_rate {
-        if now > then {
-            let slope = (rate - last_rate) / (now - then);
-            // A jump of more than a quarter of the rate in one interval is a step, not a trend:
-            // projecting it forward would size for a load that is not coming.
-            state.rate_slope = if (rate - last_rate).abs() > STEP_FRACTION * last_rate.max(rate) {
-                0.0
-            } else {
-                state.rate_slope + config.model_alpha * (slope - state.rate_slope)
-            };
-        }
+    // A rate more than a quarter off the trend is a step, not noise: the history before it
+    // says nothing about the new level, and projecting the jump forward would size for a load
+    // that is not coming.
+    let expected = Trend::fit(&state.rates, now).map(|trend| trend.level);
+    let stepped = expected
+        .is_some_and(|expected| (rate - expected).abs() > STEP_FRACTION * expected.max(rate));
+    if stepped {
+        state.rates.clear();
     }
-    state.last_rate = Some((now, rate));
+    // A repeated observation (no newer scrape) replaces its earlier reading.
+    while state.rates.back().is_some_and(|(then, _)| *then >= now) {
+        state.rates.pop_back();
+    }
+    state.rates.push_back((now, rate));
+    while state.rates.len() > TREND_INTERVALS {
+        state.rates.pop_front();
+    }
     if rate <= 0.0 {
         return;
     }
     let ready = observation.ready;
+    // Replicas still starting do not change what the ready ones served flat out.
+    if let Some(per_replica) = measured_prefill_capacity {
+        state.prefill_model.observe_saturated(per_replica, input);
+    }
     // A load per replica is only meaningful over an interval the ready count held through.
     let held = |tier: Tier| {
         state
@@ -674,10 +725,7 @@ fn learn(
             if ttft <= config.slo.ttft_p90_s {
                 state
                     .prefill_model
-                    .observe(load, input, ttft, config.model_alpha);
-            }
-            if let Some(per_replica) = measured_prefill_capacity {
-                state.prefill_model.observe_saturated(per_replica, input);
+                    .observe(load, input, ttft, ready.prefill, config.model_alpha);
             }
             // A breach caused by decode backpressure says nothing about prefill capacity.
             let breached = ttft > config.slo.ttft_p90_s && !prefill_blamed_on_decode;
@@ -701,9 +749,9 @@ fn learn(
             let load = served / f64::from(ready.decode);
             if itl <= config.slo.itl_p90_s {
                 let kv = observation.decode_kv_utilization;
-                state
-                    .decode_model
-                    .observe(load, itl, kv, config.model_alpha);
+                // After a step the smoothed operating point is another load's: start afresh.
+                let alpha = if stepped { 1.0 } else { config.model_alpha };
+                state.decode_model.observe(load, itl, kv, alpha);
             }
             record_ceiling(config, &mut state.decode, load, itl > config.slo.itl_p90_s);
         }
@@ -711,12 +759,18 @@ fn learn(
     state.last_ready = Some(ready);
 }
 
-/// Prompt tokens per second one ready prefill replica served while a backlog built (TTFT over
-/// the SLO and more prompts queued than replicas at the interval's end): its raw capacity,
-/// measured. A short queue under the SLO is ordinary queueing, not saturation.
-fn saturated_prefill_per_replica(config: &PlannerConfig, observation: &Observation) -> Option<f64> {
+/// Prompt tokens per second one ready prefill replica served while a backlog stood (TTFT over
+/// the SLO and more prompts queued than replicas at both ends of the interval, so every replica
+/// was busy throughout): its raw capacity, measured. A short queue under the SLO is ordinary
+/// queueing, not saturation; a queue only at the end would count the idle start as capacity
+/// missing and under-measure.
+fn saturated_prefill_per_replica(
+    config: &PlannerConfig,
+    observation: &Observation,
+    queued_at_start: Option<f64>,
+) -> Option<f64> {
     let ready = f64::from(observation.ready.prefill);
-    let queued = observation.prefill_queue_depth?;
+    let queued = observation.prefill_queue_depth?.min(queued_at_start?);
     let served = observation.prefill_tokens_per_s?;
     let breached = observation.ttft_p90_s? > config.slo.ttft_p90_s;
     (breached && ready > 0.0 && queued > ready && served > 0.0).then(|| served / ready)
@@ -737,8 +791,64 @@ fn record_ceiling(config: &PlannerConfig, history: &mut TierHistory, load: f64, 
     history.breaching = breached;
 }
 
-/// A change of the request rate by more than this fraction within one interval is a step.
+/// A request rate further than this fraction off the trend is a step.
 const STEP_FRACTION: f64 = 0.25;
+
+/// Intervals the demand trend is fitted over (4 minutes at the default interval): enough to
+/// average out the Poisson noise of one interval's count, short enough to follow a ramp.
+const TREND_INTERVALS: usize = 8;
+
+/// The request rate's least-squares line over the intervals since the last step.
+///
+/// One interval's rate scatters by its Poisson noise (±1/√(rate × interval)), and a slope from
+/// two consecutive rates scatters far more; both would move the replicas on noise. The line's
+/// level at the last point is the demand now; the slope is projected ahead less half its
+/// standard error, so a flat load projects (almost) no growth while a ramp a few intervals old
+/// already does (a full standard error left the start of a ramp unprojected for too long).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Trend {
+    /// Requests/s now, on the line.
+    level: f64,
+    /// Requests/s per second, less half its standard error, at least 0.
+    rising: f64,
+}
+
+impl Trend {
+    /// The line through `rates` evaluated at `now`; `None` without any point. Fewer than three
+    /// points give their mean and no slope.
+    fn fit(rates: &VecDeque<(f64, f64)>, now: f64) -> Option<Trend> {
+        let n = rates.len() as f64;
+        if rates.is_empty() {
+            return None;
+        }
+        let mean_t = rates.iter().map(|(t, _)| t).sum::<f64>() / n;
+        let mean_r = rates.iter().map(|(_, r)| r).sum::<f64>() / n;
+        let sxx: f64 = rates.iter().map(|(t, _)| (t - mean_t).powi(2)).sum();
+        if rates.len() < 3 || sxx <= 0.0 {
+            return Some(Trend {
+                level: mean_r,
+                rising: 0.0,
+            });
+        }
+        let sxy: f64 = rates.iter().map(|(t, r)| (t - mean_t) * (r - mean_r)).sum();
+        let slope = sxy / sxx;
+        let intercept = mean_r - slope * mean_t;
+        let residual: f64 = rates
+            .iter()
+            .map(|(t, r)| (r - intercept - slope * t).powi(2))
+            .sum();
+        let standard_error = (residual / (n - 2.0) / sxx).sqrt();
+        Some(Trend {
+            level: (intercept + slope * now).max(0.0),
+            rising: (slope - 0.5 * standard_error).max(0.0),
+        })
+    }
+
+    /// Requests/s expected `ahead_s` from now.
+    fn projected(&self, ahead_s: f64) -> f64 {
+        self.level + self.rising * ahead_s
+    }
+}
 
 /// A breach up to this multiple of the SLO, in one interval, while the model says the current
 /// replicas carry the demand at the SLO, is treated as noise until the next interval confirms it
@@ -819,8 +929,9 @@ fn recommend(
     current: u32,
     ready: u32,
     rate: f64,
-    demand: f64,
-    [capacity, capacity_at_slo, capacity_down]: [Option<f64>; 3],
+    model_ahead_before: bool,
+    [modelled, count_down]: [Option<u32>; 2],
+    load_per_replica: Option<f64>,
     latency: Option<f64>,
     explained: Option<Explained>,
     model_carries_demand: bool,
@@ -833,20 +944,17 @@ fn recommend(
     if rate <= 0.0 {
         return (0, "no traffic".to_string());
     }
-    let count_for = |capacity: f64| (demand / capacity).ceil().max(1.0) as u32;
-    let modelled = capacity.map(count_for);
     // Scaling down goes only as far as the model keeps the p90 under `scale_down_below × SLO`,
     // tighter than the planning target: a hysteresis band between scale-up and scale-down.
-    let count_down = capacity_down.map_or(current, count_for);
-    let breach_predicted = capacity_at_slo.is_some_and(|c| count_for(c) > current);
+    let count_down = count_down.unwrap_or(current);
     let latency = latency.unwrap_or(0.0);
     let observed = format!(
         "{metric} p90 {:.0}ms vs SLO {:.0}ms",
         latency * 1e3,
         slo * 1e3
     );
-    let model_says = match (modelled, capacity) {
-        (Some(count), Some(capacity)) => format!("model {count} at {capacity:.0} tok/s/replica"),
+    let model_says = match (modelled, load_per_replica) {
+        (Some(count), Some(load)) => format!("model {count} at {load:.0} tok/s/replica"),
         _ => "no model yet".to_string(),
     };
     match explained {
@@ -866,7 +974,14 @@ fn recommend(
         _ => {}
     }
     let saturated = explained == Some(Explained::Saturated);
-    if latency > slo && latency <= MILD_BREACH * slo && model_carries_demand && !saturated {
+    // A model that, having learned this interval, asks for more replicas explains the breach.
+    let model_explains = modelled.is_some_and(|count| count > current);
+    if latency > slo
+        && latency <= MILD_BREACH * slo
+        && model_carries_demand
+        && !model_explains
+        && !saturated
+    {
         return (
             current,
             format!("{observed}, a first mild breach the model does not explain: confirming; {model_says}"),
@@ -891,8 +1006,16 @@ fn recommend(
         );
     }
     match modelled {
-        Some(count) if count > current && breach_predicted => {
-            (count, format!("{observed}, predicted breach; {model_says}"))
+        // The model alone moves the tier up once it asked twice running, or once the p90 is
+        // already over the planning target (the observation confirms it).
+        Some(count)
+            if count > current
+                && (model_ahead_before || latency > config.target_latency_fraction * slo) =>
+        {
+            (
+                count,
+                format!("{observed}, over the planning target ahead; {model_says}"),
+            )
         }
 
         Some(_) if latency < config.scale_down_below * slo && count_down < current => (

@@ -94,6 +94,11 @@ impl AppState {
     /// A server whose model is still loading: everything but `/metrics`
     /// answers 503 until `set_model`.
     pub fn new(config: ServerConfig) -> Arc<Self> {
+        // The arrival series exists (at 0) from the first scrape, before any request: a planner
+        // reading it tells "no traffic" (present, not rising) from "no data" (absent).
+        crate::metrics::metrics()
+            .input_tokens
+            .with_label_values(&[config.model_name.as_str()]);
         Arc::new(Self {
             config,
             model: OnceLock::new(),
