@@ -67,4 +67,4 @@ bench-disagg: model ## TTFT of 1 prefill + 1 decode vs tandem serve, remote-pref
 	$(PYTHON) bench/disagg_bench.py --tandem $(TANDEM) --out docs/benchmarks.md
 
 bench-planner: ## Planner vs the best static allocation on simulated traces (table on stdout)
-	$(CARGO) run --release -p tandem-operator --bin planner-sim -- --seeds 7,1,2,3
+	$(CARGO) run --release -p tandem-operator --bin planner-sim -- --seeds 1,2,3,4,5,6,7,8
