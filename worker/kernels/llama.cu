@@ -521,8 +521,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // of them. Warp w takes head kvh * group + w / (rows / 16) and 16 query rows.
 // Key tiles of 64 positions are gathered from the paged cache into shared
 // memory with cp.async, double-buffered so the next tile loads while this one
-// computes. Each warp stages its Q rows (scaled by 1/sqrt(d) * log2 e, so the
-// softmax runs on exp2) in shared memory; Q and K operands come from there by
+// computes. Each warp stages its Q rows (scaled by 1/sqrt(d)) in shared
+// memory, and the softmax runs on exp2 of scores in log2 units; Q and K operands come from there by
 // ldmatrix, V by ldmatrix.trans. Scores, probabilities and the output stay in
 // registers (fragment layouts of mma.m16n8k16: thread (g = lane / 4, t = lane
 // % 4) holds rows g and g + 8); keeping Q out of registers lets two blocks
@@ -580,18 +580,20 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     };
     load_tile(0, 0);
 
-    // This warp's 16 query rows, scaled, as bf16 (rows past the tile are zero).
+    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16 (rows past the
+    // tile are zero). Scores are turned into log2 units in f32 afterwards,
+    // so Q is rounded exactly as without the exp2 softmax.
     bf16* qs = qbuf + warp * 16 * LD;
     {
-        const float qscale = scale * 1.4426950408889634f;  // log2(e)
         for (int i = lane; i < 16 * HD / 2; i += WARP) {
             int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
             float2 v = make_float2(0.f, 0.f);
             if (wrow + r < nrows) v = *reinterpret_cast<const float2*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
-            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * qscale, v.y * qscale);
+            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
         }
         __syncwarp();
     }
+    const float log2e = 1.4426950408889634f;
     // ldmatrix row addresses: lane l reads row l % 16, column block l / 16 of
     // a 16x16 A tile; for B (K) tiles, key row (l / 16) * 8 + l % 8 and
     // column block (l / 8) % 2.
@@ -629,6 +631,13 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                     mma_bf16(sc[2 * jj], qa, kb);
                     mma_bf16(sc[2 * jj + 1], qa, kb + 2);
                 }
+            }
+#pragma unroll
+            for (int j = 0; j < TC_K / 8; j++) {
+                sc[j][0] *= log2e;
+                sc[j][1] *= log2e;
+                sc[j][2] *= log2e;
+                sc[j][3] *= log2e;
             }
             if (k0 + TC_K - 1 > warp_first) {
 #pragma unroll

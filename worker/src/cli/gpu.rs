@@ -58,8 +58,8 @@ pub struct GpuBenchArgs {
 }
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
-/// of the fused kernels, kernels launched one after the other (no
-/// programmatic dependent launch), and sampling on the device
+/// of the fused kernels, kernels started early (programmatic dependent
+/// launch, off by default), and sampling on the device
 /// ([`bench::BENCH_SAMPLING`], and top-p alone) instead of greedy.
 fn variants(
     b: &mut CudaBackend,
@@ -72,11 +72,11 @@ fn variants(
     b.set_fused_gemv(true);
     let mut unfused = unfused.context("decode bench (cuBLAS projections)")?;
     unfused.shape = format!("{shape} (cuBLAS projections)");
-    b.set_pdl(false);
-    let serial = bench::decode(b, shape, 1, context, steps, None);
     b.set_pdl(true);
-    let mut serial = serial.context("decode bench (no PDL)")?;
-    serial.shape = format!("{shape} (no programmatic dependent launch)");
+    let early = bench::decode(b, shape, 1, context, steps, None);
+    b.set_pdl(false);
+    let mut early = early.context("decode bench (PDL)")?;
+    early.shape = format!("{shape} (programmatic dependent launch)");
     let mut sampled = bench::decode(b, shape, 1, context, steps, Some(bench::BENCH_SAMPLING))
         .context("decode bench (sampled)")?;
     sampled.shape = format!("{shape} (sampled on the device: T 0.8, top-k 50, top-p 0.95)");
@@ -87,7 +87,7 @@ fn variants(
     let mut nucleus = bench::decode(b, shape, 1, context, steps, Some(top_p_only))
         .context("decode bench (top-p only)")?;
     nucleus.shape = format!("{shape} (sampled on the device: T 0.8, top-p 0.95)");
-    Ok(vec![unfused, serial, sampled, nucleus])
+    Ok(vec![unfused, early, sampled, nucleus])
 }
 
 /// Runs `f` with per-operation profiling on and returns it as a JSON line.
