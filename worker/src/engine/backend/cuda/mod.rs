@@ -11,6 +11,15 @@
 //! flash-style, over the paged cache, so chunked prefill and prefix-cache hits
 //! need no special path.
 //!
+//! Steps of 1, 2 or 4 tokens (batch-1..4 decode) skip cuBLAS: four fused
+//! matrix-vector kernels a layer (RMSNorm + QKV + bias + RoPE + KV write,
+//! output projection + residual, RMSNorm + gate/up + SiLU, down projection +
+//! residual) and one for the final norm and output head. The output head's
+//! rows are sampled on the device for the whole batch in one kernel
+//! ([`super::sampling`]'s rule: greedy, temperature, top-k, top-p, the
+//! request's seeded uniform number), so a decode step copies back token ids
+//! only unless a request wants logprobs or penalties.
+//!
 //! Decode steps (one token per sequence, no KV streaming) replay CUDA graphs
 //! captured per (batch-size bucket, context bucket): every pointer the step
 //! uses is fixed, and the step's inputs are copied to fixed device buffers
