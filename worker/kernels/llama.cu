@@ -27,6 +27,25 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Programmatic dependent launch (Hopper; no-ops when a kernel is launched
+// without it). Decode kernels let the next kernel of the stream start at once
+// (`pdl_trigger`), do what does not depend on the previous kernel (such as
+// prefetching their weights into L2), then wait for it to finish and its
+// writes to be visible (`pdl_wait`) before reading anything it produced.
+// Every kernel that triggers also waits before finishing, so finishing
+// implies every earlier kernel of the stream has finished too.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Sum over the block; every thread gets the result. `scratch` holds >= 32 floats.
 __device__ float block_sum(float v, float* scratch) {
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
@@ -77,17 +96,47 @@ __global__ void embed_gather(float* x, const bf16* embed, const int* tokens, int
 
 // out[r, :] = bf16(x[src, :] / rms(x[src, :]) * w) with src = rows ? rows[r] : r.
 // Grid: one block per output row. `rows` gathers the last token of each
-// sequence before the output head.
+// sequence before the output head. When hidden % 4 == 0 and a thread's share
+// fits RMS_VEC float4s, the row is read once with 16-byte loads and kept in
+// registers between the sum and the scaling; otherwise it is read twice.
+#define RMS_VEC 4
 __global__ void rms_norm(bf16* out, const float* x, const float* w, const int* rows, int hidden, float eps) {
     __shared__ float scratch[32];
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
     const float* in = x + (long long)src * hidden;
+    bf16* o = out + (long long)r * hidden;
+    int n4 = hidden / 4;
+    if (hidden % 4 == 0 && n4 <= RMS_VEC * (int)blockDim.x) {
+        const float4* in4 = reinterpret_cast<const float4*>(in);
+        float4 v[RMS_VEC];
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < RMS_VEC; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            v[j] = i < n4 ? in4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+        ss = block_sum(ss, scratch);
+        float inv = rsqrtf(ss / hidden + eps);
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+        for (int j = 0; j < RMS_VEC; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            if (i < n4) {
+                float4 g = w4[i];
+                __nv_bfloat162 lo = __floats2bfloat162_rn(v[j].x * inv * g.x, v[j].y * inv * g.y);
+                __nv_bfloat162 hi = __floats2bfloat162_rn(v[j].z * inv * g.z, v[j].w * inv * g.w);
+                uint2 packed = make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
+                *reinterpret_cast<uint2*>(o + 4 * i) = packed;
+            }
+        }
+        return;
+    }
     float ss = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += in[i] * in[i];
     ss = block_sum(ss, scratch);
     float inv = rsqrtf(ss / hidden + eps);
-    bf16* o = out + (long long)r * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(in[i] * inv * w[i]);
 }
 
@@ -200,6 +249,8 @@ __device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, con
     int end = min(begin + DECODE_PARTITION, ctx);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     long long part_base = ((long long)s * nh + kvh * group) * splits + split;
+    pdl_trigger();
+    pdl_wait();
     if (begin >= end) return;  // phase 2 reads only the splits this context reaches
     float* q = decode_smem;                        // [group, hd]
     float* scores = q + group * hd;                // [group, DECODE_PARTITION]
@@ -450,15 +501,33 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
 }
 
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const bf16* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// 2^x (ex2.approx: 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
 // style. One block per (query tile, KV head): the `group` query heads sharing
 // that KV head run in the same block, so each K/V tile is loaded once for all
 // of them. Warp w takes head kvh * group + w / (rows / 16) and 16 query rows.
 // Key tiles of 64 positions are gathered from the paged cache into shared
 // memory with cp.async, double-buffered so the next tile loads while this one
-// computes. Q, scores, probabilities and the output stay in registers
-// (fragment layouts of mma.m16n8k16: thread (g = lane / 4, t = lane % 4) holds
-// rows g and g + 8). `rows` = query rows per tile (16 * max(1, 8 / group)).
+// computes. Each warp stages its Q rows (scaled by 1/sqrt(d)) in shared
+// memory, and the softmax runs on exp2 of scores in log2 units; Q and K operands come from there by
+// ldmatrix, V by ldmatrix.trans. Scores, probabilities and the output stay in
+// registers (fragment layouts of mma.m16n8k16: thread (g = lane / 4, t = lane
+// % 4) holds rows g and g + 8); keeping Q out of registers lets two blocks
+// share an SM. The causal mask is applied only to key tiles that reach past a
+// warp's first row. `rows` = query rows per tile (16 * max(1, 8 / group)).
 #define TC_K 64
 
 template <int HD>
@@ -466,12 +535,15 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                                      const int* block_tables, const int* positions, const int* tile_seq,
                                      const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
                                      int max_blocks, float scale) {
-    constexpr int LD = HD + 8;  // bf16 per shared row: keeps fragment loads conflict-free
+    constexpr int LD = HD + 8;  // bf16 per shared row: keeps ldmatrix conflict-free
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TC_K][LD]
     bf16* vbuf = kbuf + 2 * TC_K * LD;                // [2][TC_K][LD]
+    bf16* qbuf = vbuf + 2 * TC_K * LD;                // [warps][16][LD]
 
-    int tile = blockIdx.x, kvh = blockIdx.y;
+    // Tiles run last first: later tiles of a sequence attend to more keys,
+    // and starting the longest blocks first evens out the last wave.
+    int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y;
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
     int group = nh / nkv;
     int warps_per_head = blockDim.x / WARP / group;
@@ -481,11 +553,15 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     int g = lane >> 2, t4 = lane & 3;
     const int* table = block_tables + (long long)s * max_blocks;
 
-    int ra = (warp % warps_per_head) * 16 + g, rb = ra + 8;
+    int wrow = (warp % warps_per_head) * 16;  // the warp's first row in the tile
+    int ra = wrow + g, rb = ra + 8;
     int pos_a = ra < nrows ? positions[row0 + ra] : -1;
     int pos_b = rb < nrows ? positions[row0 + rb] : -1;
-    int warp_last = max(pos_a, pos_b);
-    for (int o = 16; o > 0; o >>= 1) warp_last = max(warp_last, __shfl_xor_sync(0xffffffff, warp_last, o));
+    int warp_last = max(pos_a, pos_b), warp_first = min(pos_a, pos_b);
+    for (int o = 16; o > 0; o >>= 1) {
+        warp_last = max(warp_last, __shfl_xor_sync(0xffffffff, warp_last, o));
+        warp_first = min(warp_first, __shfl_xor_sync(0xffffffff, warp_first, o));
+    }
     int last_pos = positions[row0 + nrows - 1];
     int ntiles = last_pos / TC_K + 1;
 
@@ -504,20 +580,26 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     };
     load_tile(0, 0);
 
-    unsigned qa[HD / 16][4];
+    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16 (rows past the
+    // tile are zero). Scores are turned into log2 units in f32 afterwards,
+    // so Q is rounded exactly as without the exp2 softmax.
+    bf16* qs = qbuf + warp * 16 * LD;
     {
-        const float* qa_row = qkv + (long long)(row0 + ra) * width + h * HD;
-        const float* qb_row = qkv + (long long)(row0 + rb) * width + h * HD;
-        bool va = ra < nrows, vb = rb < nrows;
-#pragma unroll
-        for (int kd = 0; kd < HD / 16; kd++) {
-            int c = kd * 16 + t4 * 2;
-            qa[kd][0] = va ? pack_bf16(qa_row[c] * scale, qa_row[c + 1] * scale) : 0u;
-            qa[kd][1] = vb ? pack_bf16(qb_row[c] * scale, qb_row[c + 1] * scale) : 0u;
-            qa[kd][2] = va ? pack_bf16(qa_row[c + 8] * scale, qa_row[c + 9] * scale) : 0u;
-            qa[kd][3] = vb ? pack_bf16(qb_row[c + 8] * scale, qb_row[c + 9] * scale) : 0u;
+        for (int i = lane; i < 16 * HD / 2; i += WARP) {
+            int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
+            float2 v = make_float2(0.f, 0.f);
+            if (wrow + r < nrows) v = *reinterpret_cast<const float2*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
+            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
         }
+        __syncwarp();
     }
+    const float log2e = 1.4426950408889634f;
+    // ldmatrix row addresses: lane l reads row l % 16, column block l / 16 of
+    // a 16x16 A tile; for B (K) tiles, key row (l / 16) * 8 + l % 8 and
+    // column block (l / 8) % 2.
+    const bf16* qrow = qs + (lane & 15) * LD + (lane >> 4) * 8;
+    int krow_off = ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+
     float o[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -537,50 +619,64 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
         if (k0 <= warp_last) {
             float sc[TC_K / 8][4];
 #pragma unroll
-            for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-                const bf16* krow = ks + (j * 8 + g) * LD + t4 * 2;
+            for (int j = 0; j < TC_K / 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
-                for (int kd = 0; kd < HD / 16; kd++) {
-                    unsigned b[2] = {*reinterpret_cast<const unsigned*>(krow + kd * 16),
-                                     *reinterpret_cast<const unsigned*>(krow + kd * 16 + 8)};
-                    mma_bf16(sc[j], qa[kd], b);
+            for (int kd = 0; kd < HD / 16; kd++) {
+                unsigned qa[4];
+                ldmatrix_x4(qa, qrow + kd * 16);
+#pragma unroll
+                for (int jj = 0; jj < TC_K / 16; jj++) {
+                    unsigned kb[4];
+                    ldmatrix_x4(kb, ks + jj * 16 * LD + krow_off + kd * 16);
+                    mma_bf16(sc[2 * jj], qa, kb);
+                    mma_bf16(sc[2 * jj + 1], qa, kb + 2);
                 }
             }
-            float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < TC_K / 8; j++)
+            for (int j = 0; j < TC_K / 8; j++) {
+                sc[j][0] *= log2e;
+                sc[j][1] *= log2e;
+                sc[j][2] *= log2e;
+                sc[j][3] *= log2e;
+            }
+            if (k0 + TC_K - 1 > warp_first) {
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = k0 + j * 8 + t4 * 2 + e;
-                    if (key > pos_a) sc[j][e] = -INFINITY;
-                    if (key > pos_b) sc[j][2 + e] = -INFINITY;
-                    mx_a = fmaxf(mx_a, sc[j][e]);
-                    mx_b = fmaxf(mx_b, sc[j][2 + e]);
-                }
+                for (int j = 0; j < TC_K / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        int key = k0 + j * 8 + t4 * 2 + e;
+                        if (key > pos_a) sc[j][e] = -INFINITY;
+                        if (key > pos_b) sc[j][2 + e] = -INFINITY;
+                    }
+            }
+            float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+            for (int j = 0; j < TC_K / 8; j++) {
+                mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
+                mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
+            }
             for (int x = 1; x <= 2; x <<= 1) {
                 mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
             }
-            float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
-            float corr_a = nm_a == -INFINITY ? 1.f : __expf(m_a - nm_a);
-            float corr_b = nm_b == -INFINITY ? 1.f : __expf(m_b - nm_b);
+            // A row with every key masked so far keeps max -inf: exponentiate
+            // against 0 instead, which gives 0 for the masked scores.
+            float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
+            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
             float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
-            for (int j = 0; j < TC_K / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float pa = sc[j][e] == -INFINITY ? 0.f : __expf(sc[j][e] - nm_a);
-                    float pb = sc[j][2 + e] == -INFINITY ? 0.f : __expf(sc[j][2 + e] - nm_b);
-                    sc[j][e] = pa;
-                    sc[j][2 + e] = pb;
-                    sum_a += pa;
-                    sum_b += pb;
-                }
+            for (int j = 0; j < TC_K / 8; j++) {
+                sc[j][0] = fast_exp2(sc[j][0] - base_a);
+                sc[j][1] = fast_exp2(sc[j][1] - base_a);
+                sc[j][2] = fast_exp2(sc[j][2] - base_b);
+                sc[j][3] = fast_exp2(sc[j][3] - base_b);
+                sum_a += sc[j][0] + sc[j][1];
+                sum_b += sc[j][2] + sc[j][3];
+            }
             l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
             l_b = l_b * corr_b + sum_b;
-            m_a = nm_a;
-            m_b = nm_b;
+            m_a = mx_a;
+            m_b = mx_b;
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 o[j][0] *= corr_a;
@@ -628,64 +724,23 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     }
 }
 
-extern "C" __global__ void prefill_attention_tc64(bf16* out, const float* qkv, const bf16* k_cache,
-                                                  const bf16* v_cache, const int* block_tables,
-                                                  const int* positions, const int* tile_seq, const int* tile_row0,
-                                                  const int* tile_rows, int nh, int nkv, int hd, int block_size,
-                                                  int max_blocks, float scale) {
+extern "C" __global__ void __launch_bounds__(256, 2)
+    prefill_attention_tc64(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                           const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
+                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
     prefill_attention_tc<64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows, nh,
                              nkv, block_size, max_blocks, scale);
 }
 
-extern "C" __global__ void prefill_attention_tc128(bf16* out, const float* qkv, const bf16* k_cache,
-                                                   const bf16* v_cache, const int* block_tables,
-                                                   const int* positions, const int* tile_seq, const int* tile_row0,
-                                                   const int* tile_rows, int nh, int nkv, int hd, int block_size,
-                                                   int max_blocks, float scale) {
+extern "C" __global__ void __launch_bounds__(256, 2)
+    prefill_attention_tc128(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                            const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
+                            const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
     prefill_attention_tc<128>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows,
                               nh, nkv, block_size, max_blocks, scale);
 }
 
 extern "C" {
-
-// out[r] = argmax of logits row r (lowest index on ties). One block per row.
-__global__ void argmax_rows(int* out, const float* logits, int vocab) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
-    const float* row = logits + (long long)blockIdx.x * vocab;
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = row[i];
-        if (v > bv) {
-            bv = v;
-            bi = i;
-        }
-    }
-    for (int o = WARP / 2; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffff, bv, o);
-        int oi = __shfl_xor_sync(0xffffffff, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    if (lane == 0) {
-        best_v[warp] = bv;
-        best_i[warp] = bi;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int warps = (blockDim.x + WARP - 1) / WARP;
-        for (int w = 1; w < warps; w++)
-            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) {
-                bv = best_v[w];
-                bi = best_i[w];
-            }
-        out[blockIdx.x] = bi;
-    }
-}
 
 // Gathers K and V of `num_tokens` positions (through a block table) from one
 // layer's cache into f32 [num_tokens, kv_dim] each: KV export.
@@ -711,3 +766,486 @@ __global__ void kv_scatter(bf16* k_cache, bf16* v_cache, const float* k_in, cons
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------
+// Fused matrix-vector products for steps of at most 4 tokens (batch-1..4
+// decode). Such steps read every weight once and are bound by memory latency
+// and launch count, not FLOPs: cuBLAS plus separate RMSNorm, RoPE/KV-write
+// and SiLU kernels make 9 launches per layer; these make 4 (plus attention).
+// Each block stages its M input rows in shared memory as bf16 (normalising
+// them first when a norm weight is given, exactly as rms_norm does), then
+// each warp takes pairs of weight rows, 16-byte loads with several in flight
+// per lane, and applies the epilogue of its kind to the two dot products of
+// each input row. Requirements (checked on the host): K % 8 == 0, rows 16-byte
+// aligned.
+// ---------------------------------------------------------------------------
+
+#define GEMV_WARPS 8
+#define GEMV_UNROLL 4
+
+// Stages M input rows of width K into xs (bf16): x (f32) normalised with
+// norm_w when given (rows gathered through `rows` when non-null), else the
+// bf16 rows of `in` copied.
+template <int M>
+__device__ void gemv_stage(bf16* xs, const float* x, const float* norm_w, const int* rows, const bf16* in, int K,
+                           float eps) {
+    __shared__ float scratch[32];
+    if (norm_w) {
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            int src = rows ? rows[m] : m;
+            const float* r = x + (long long)src * K;
+            float ss = 0.f;
+            for (int i = threadIdx.x; i < K; i += blockDim.x) ss += r[i] * r[i];
+            ss = block_sum(ss, scratch);
+            float inv = rsqrtf(ss / K + eps);
+            for (int i = threadIdx.x; i < K; i += blockDim.x) xs[m * K + i] = __float2bfloat16(r[i] * inv * norm_w[i]);
+        }
+    } else {
+        const uint4* src = reinterpret_cast<const uint4*>(in);
+        uint4* dst = reinterpret_cast<uint4*>(xs);
+        for (int i = threadIdx.x; i < M * K / 8; i += blockDim.x) dst[i] = src[i];
+    }
+    __syncthreads();
+}
+
+// Matrices up to this size (bytes) have their first rows prefetched: small
+// ones are bound by latency, and their rows fit in L2 next to the running
+// kernel's; prefetching a big one early would only compete with the running
+// kernel for memory bandwidth and evict its lines.
+#define GEMV_PREFETCH_BYTES (16ll << 20)
+
+// For a small matrix (rows x K bf16), starts pulling rows a and b into L2;
+// then lets the next kernel launch and waits for the previous one: the
+// weights stream in while the previous kernel finishes.
+__device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, int K, long long rows, int lane) {
+    if (rows * K * 2 <= GEMV_PREFETCH_BYTES) {
+        const char* pa = reinterpret_cast<const char*>(wa);
+        const char* pb = reinterpret_cast<const char*>(wb);
+        for (int off = lane * 128; off < K * 2; off += WARP * 128) {
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(pa + off));
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(pb + off));
+        }
+    }
+    pdl_trigger();
+    pdl_wait();
+}
+
+__device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&w);
+    const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float2 wf = __bfloat1622float2(w2[k]);
+        float2 xf = __bfloat1622float2(x2[k]);
+        acc = fmaf(wf.x, xf.x, acc);
+        acc = fmaf(wf.y, xf.y, acc);
+    }
+}
+
+// acc[m][0] = wa · xs[m], acc[m][1] = wb · xs[m], summed over the warp (every
+// lane gets the sums).
+template <int M>
+__device__ __forceinline__ void gemv_dot2(float (&acc)[M][2], const bf16* wa, const bf16* wb, const bf16* xs, int K,
+                                          int lane) {
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = 0.f;
+    const uint4* a4 = reinterpret_cast<const uint4*>(wa);
+    const uint4* b4 = reinterpret_cast<const uint4*>(wb);
+    const uint4* x4 = reinterpret_cast<const uint4*>(xs);
+    int nv = K / 8;
+    for (int v0 = lane; v0 < nv; v0 += WARP * GEMV_UNROLL) {
+        uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int v = v0 + u * WARP;
+            if (v < nv) {
+                ra[u] = __ldg(a4 + v);
+                rb[u] = __ldg(b4 + v);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int v = v0 + u * WARP;
+            if (v < nv) {
+#pragma unroll
+                for (int m = 0; m < M; m++) {
+                    uint4 xv = x4[m * nv + v];
+                    fma8(acc[m][0], ra[u], xv);
+                    fma8(acc[m][1], rb[u], xv);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        acc[m][0] = warp_sum(acc[m][0]);
+        acc[m][1] = warp_sum(acc[m][1]);
+    }
+}
+
+// Normalise, project to Q|K|V, add the bias, rotate Q and K (half-split RoPE)
+// and write K and V (bf16) to the cache at slots[m] (skipped when < 0); Q goes
+// to qkv (f32, row width nh*hd + 2*nkv*hd) for the attention kernel. A pair
+// is two rows rotated together (j, j + hd/2 of one Q or K head) or two
+// adjacent V rows.
+template <int M>
+__device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf16* w, const float* bias,
+                              const float* x, const float* norm_w, float eps, const float* inv_freq,
+                              const int* positions, const int* slots, int K, int nh, int nkv, int hd) {
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int half = hd / 2, q_dim = nh * hd, kv_dim = nkv * hd, width = q_dim + 2 * kv_dim;
+    int rot_pairs = (nh + nkv) * half, pairs = rot_pairs + kv_dim / 2;
+    auto rows_of = [&](int p, int& a, int& b) {
+        if (p < rot_pairs) {
+            a = (p / half) * hd + p % half;
+            b = a + half;
+        } else {
+            a = q_dim + kv_dim + 2 * (p - rot_pairs);
+            b = a + 1;
+        }
+    };
+    {
+        int p0 = min(blockIdx.x * GEMV_WARPS + warp, pairs - 1), a, b;
+        rows_of(p0, a, b);
+        gemv_prologue(w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane);
+    }
+    gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+        int a, b;
+        rows_of(p, a, b);
+        float acc[M][2];
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            if (lane != m) continue;  // lane m writes token m's results
+            float ya = acc[m][0], yb = acc[m][1];
+            if (bias) {
+                ya += bias[a];
+                yb += bias[b];
+            }
+            int slot = slots[m];
+            if (p < rot_pairs) {
+                int j = p % half, head = p / half;
+                float s, c;
+                sincosf((float)positions[m] * inv_freq[j], &s, &c);
+                float y0 = ya * c - yb * s, y1 = ya * s + yb * c;
+                if (head < nh) {
+                    qkv[(long long)m * width + a] = y0;
+                    qkv[(long long)m * width + b] = y1;
+                } else if (slot >= 0) {
+                    bf16* dst = k_cache + (long long)slot * kv_dim + (a - q_dim);
+                    dst[0] = __float2bfloat16(y0);
+                    dst[half] = __float2bfloat16(y1);
+                }
+            } else if (slot >= 0) {
+                bf16* dst = v_cache + (long long)slot * kv_dim + (a - q_dim - kv_dim);
+                dst[0] = __float2bfloat16(ya);
+                dst[1] = __float2bfloat16(yb);
+            }
+        }
+    }
+}
+
+// Normalise, project to gate|up (w is [2f, K]: gate rows then up rows) and
+// write act[m, i] = silu(gate) * up (gate and up rounded to bf16 first, as
+// the unfused path stores them).
+template <int M>
+__device__ void gemv_silu_impl(bf16* act, const bf16* w, const float* x, const float* norm_w, float eps, int K,
+                               int f) {
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    {
+        int p0 = min(blockIdx.x * GEMV_WARPS + warp, f - 1);
+        gemv_prologue(w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane);
+    }
+    gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < f; p += gridDim.x * GEMV_WARPS) {
+        float acc[M][2];
+        gemv_dot2<M>(acc, w + (long long)p * K, w + (long long)(f + p) * K, xs, K, lane);
+#pragma unroll
+        for (int m = 0; m < M; m++)
+            if (lane == m) {
+                float g = __bfloat162float(__float2bfloat16(acc[m][0]));
+                float u = __bfloat162float(__float2bfloat16(acc[m][1]));
+                act[(long long)m * f + p] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+            }
+    }
+}
+
+// out[m, n] (f32, row width N) = w[n] · input[m], added to what is there when
+// `accumulate` (the residual adds of the output and down projections). The
+// input is either bf16 rows `in` or f32 rows of x normalised with norm_w and
+// gathered through `rows` (the final norm and output head).
+template <int M>
+__device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const float* x, const float* norm_w,
+                              const int* rows, float eps, int K, int N, int accumulate) {
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int pairs = (N + 1) / 2;
+    {
+        int a0 = 2 * min(blockIdx.x * GEMV_WARPS + warp, pairs - 1);
+        gemv_prologue(w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane);
+    }
+    gemv_stage<M>(xs, x, norm_w, rows, in, K, eps);
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+        int a = 2 * p, b = min(a + 1, N - 1);
+        float acc[M][2];
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
+#pragma unroll
+        for (int m = 0; m < M; m++)
+            if (lane == m) {
+                float* o = out + (long long)m * N;
+                o[a] = accumulate ? o[a] + acc[m][0] : acc[m][0];
+                if (b != a) o[b] = accumulate ? o[b] + acc[m][1] : acc[m][1];
+            }
+    }
+}
+
+#define GEMV_KERNELS(M)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP) gemv_qkv_##M(                                  \
+        float* qkv, bf16* k_cache, bf16* v_cache, const bf16* w, const float* bias, const float* x,              \
+        const float* norm_w, float eps, const float* inv_freq, const int* positions, const int* slots, int K,     \
+        int nh, int nkv, int hd) {                                                                              \
+        gemv_qkv_impl<M>(qkv, k_cache, v_cache, w, bias, x, norm_w, eps, inv_freq, positions, slots, K, nh, nkv,  \
+                         hd);                                                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                                \
+        gemv_silu_##M(bf16* act, const bf16* w, const float* x, const float* norm_w, float eps, int K, int f) {   \
+        gemv_silu_impl<M>(act, w, x, norm_w, eps, K, f);                                                         \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS* WARP)                                                \
+        gemv_out_##M(float* out, const bf16* w, const bf16* in, const float* x, const float* norm_w,              \
+                     const int* rows, float eps, int K, int N, int accumulate) {                                  \
+        gemv_out_impl<M>(out, w, in, x, norm_w, rows, eps, K, N, accumulate);                                     \
+    }
+GEMV_KERNELS(1)
+GEMV_KERNELS(2)
+GEMV_KERNELS(4)
+
+// ---------------------------------------------------------------------------
+// Sampling on the device, one block of SAMPLE_THREADS per logits row, the
+// same algorithm as the CPU sampler (engine/sampler.rs): greedy (lowest id on
+// ties) when temperature <= 0 or top_k == 1; else logits / temperature, keep
+// the top_k largest (when 0 < top_k < vocab), keep the smallest best-first
+// set holding top_p of the remaining mass (when top_p < 1), draw with the
+// request's uniform number u in [0, 1) over the kept mass in id order.
+// Thresholds are found by radix selection over order-preserving keys of the
+// scaled logits (four 8-bit passes), so nothing is sorted; ties at a
+// threshold are all kept. Probability mass is counted in 32.32 fixed point
+// (exp(x - max) * 2^32, integer sums), so every sum is exact and independent
+// of thread order: the same logits and u give the same token on every run.
+// params per row (5 ints): temperature (f32 bits), top_k, top_p (f32 bits),
+// u (f64 bits, low word first).
+// ---------------------------------------------------------------------------
+
+#define SAMPLE_THREADS 1024
+
+__device__ __forceinline__ unsigned order_key(float v) {
+    unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long fixed_mass(float x, float mx) {
+    return __float2ull_rz(expf(x - mx) * 4294967296.0f);
+}
+
+// The key t with weight(key > t) < need <= weight(key >= t) among keys >= floor
+// (weight: 1 per element, or its fixed-point mass). Needs 1 <= need <= total.
+template <bool MASS>
+__device__ unsigned radix_threshold(const float* row, int vocab, float inv_t, float mx, unsigned floor,
+                                    unsigned long long need, unsigned long long* hist) {
+    __shared__ unsigned sel_bin;
+    __shared__ unsigned long long sel_need;
+    unsigned prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        if (threadIdx.x == 0) {
+            sel_bin = 0;
+            sel_need = need;
+        }
+        __syncthreads();
+        // Uniform trip count, so whole warps can combine their counts.
+        for (int base = 0; base < vocab; base += blockDim.x) {
+            int i = base + threadIdx.x;
+            float x = i < vocab ? row[i] * inv_t : 0.f;
+            unsigned k = order_key(x);
+            bool in = i < vocab && k >= floor && (k & mask) == prefix;
+            unsigned bin = (k >> shift) & 255;
+            if (MASS) {
+                if (in) atomicAdd(&hist[bin], fixed_mass(x, mx));
+            } else {
+                // Counts: one atomic per distinct bin per warp (most keys
+                // share their top bits, and same-address atomics serialise).
+                unsigned peers = __match_any_sync(0xffffffff, in ? bin : 256u);
+                if (in && (threadIdx.x % WARP) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < WARP) {
+            int lane = threadIdx.x;
+            // Lane l holds bins 255 - 8l down to 248 - 8l: lane 0 the largest keys.
+            unsigned long long s = 0;
+            for (int j = 0; j < 8; j++) s += hist[255 - 8 * lane - j];
+            unsigned long long incl = s;
+            for (int o = 1; o < WARP; o <<= 1) {
+                unsigned long long t = __shfl_up_sync(0xffffffff, incl, o);
+                if (lane >= o) incl += t;
+            }
+            unsigned long long cum = incl - s;
+            if (cum < need && need <= incl) {
+                for (int j = 0; j < 8; j++) {
+                    int bin = 255 - 8 * lane - j;
+                    if (cum + hist[bin] >= need) {
+                        sel_bin = bin;
+                        sel_need = need - cum;
+                        break;
+                    }
+                    cum += hist[bin];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= sel_bin << shift;
+        mask |= 255u << shift;
+        need = sel_need;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+// Exclusive prefix sum over the block; the block's total is left in
+// scratch[32] (`scratch` holds >= 33 values).
+__device__ unsigned long long block_exclusive_scan(unsigned long long v, unsigned long long* scratch) {
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    unsigned long long incl = v;
+    for (int o = 1; o < WARP; o <<= 1) {
+        unsigned long long t = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += t;
+    }
+    __syncthreads();
+    if (lane == WARP - 1) scratch[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int warps = blockDim.x / WARP;
+        unsigned long long w = lane < warps ? scratch[lane] : 0ull, wi = w;
+        for (int o = 1; o < WARP; o <<= 1) {
+            unsigned long long t = __shfl_up_sync(0xffffffff, wi, o);
+            if (lane >= o) wi += t;
+        }
+        if (lane < warps) scratch[lane] = wi - w;
+        if (lane == warps - 1) scratch[32] = wi;
+    }
+    __syncthreads();
+    return scratch[warp] + incl - v;
+}
+
+// Fixed-point mass of the ids this thread visits (stride blockDim.x) with keys >= floor.
+__device__ unsigned long long strided_mass(const float* row, int vocab, float inv_t, float mx, unsigned floor) {
+    unsigned long long mass = 0;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float x = row[i] * inv_t;
+        if (order_key(x) >= floor) mass += fixed_mass(x, mx);
+    }
+    return mass;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(int* out, const float* logits, const int* params, int vocab) {
+    __shared__ unsigned long long hist[256];
+    __shared__ unsigned long long scratch[33];
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    __shared__ float row_max;
+    pdl_trigger();
+    pdl_wait();
+    const float* row = logits + (long long)blockIdx.x * vocab;
+    const int* p = params + 5 * blockIdx.x;
+    float temperature = __int_as_float(p[0]);
+    int top_k = p[1];
+    float top_p = __int_as_float(p[2]);
+    double u = __hiloint2double(p[4], p[3]);
+
+    // Argmax (lowest id on ties), as argmax_rows.
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, bv, o);
+        int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < blockDim.x / WARP; w++)
+            if (best_v[w] > bv || (best_v[w] == bv && best_i[w] < bi)) {
+                bv = best_v[w];
+                bi = best_i[w];
+            }
+        row_max = bv;
+        out[blockIdx.x] = bi;
+    }
+    __syncthreads();
+    if (!(temperature > 0.f) || top_k == 1) return;
+
+    float inv_t = 1.f / temperature;
+    // Scaling by a positive number keeps the order, so the scaled maximum is
+    // the scaled maximum logit.
+    float mx = row_max * inv_t;
+    unsigned floor = 0;
+    if (top_k > 1 && top_k < vocab) floor = radix_threshold<false>(row, vocab, inv_t, mx, 0, top_k, hist);
+
+    // Kept mass, in fixed point.
+    block_exclusive_scan(strided_mass(row, vocab, inv_t, mx, floor), scratch);
+    unsigned long long kept = scratch[32];
+    if (top_p < 1.f) {
+        unsigned long long need = (unsigned long long)ceil((double)top_p * (double)kept);
+        need = max(1ull, min(need, kept));
+        floor = radix_threshold<true>(row, vocab, inv_t, mx, floor, need, hist);
+        block_exclusive_scan(strided_mass(row, vocab, inv_t, mx, floor), scratch);
+        kept = scratch[32];
+    }
+    // Draw: the first id (in id order) whose cumulative kept mass exceeds
+    // u * kept. Thread t scans a contiguous chunk of ids.
+    unsigned long long target = (unsigned long long)(u * (double)kept);
+    if (target >= kept) target = kept - 1;
+    int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    int lo = threadIdx.x * chunk, hi = min(vocab, lo + chunk);
+    unsigned long long own = 0;
+    for (int i = lo; i < hi; i++) {
+        float x = row[i] * inv_t;
+        if (order_key(x) >= floor) own += fixed_mass(x, mx);
+    }
+    unsigned long long before = block_exclusive_scan(own, scratch);
+    if (before <= target && target < before + own) {
+        unsigned long long cum = before;
+        for (int i = lo; i < hi; i++) {
+            float x = row[i] * inv_t;
+            if (order_key(x) >= floor) {
+                cum += fixed_mass(x, mx);
+                if (cum > target) {
+                    out[blockIdx.x] = i;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use crate::engine::backend::cuda::{bench, check, CudaBackend};
-use crate::engine::backend::DeviceSpec;
+use crate::engine::backend::{DeviceSampling, DeviceSpec};
 
 #[derive(Debug, Subcommand)]
 pub enum GpuCommand {
@@ -58,6 +58,39 @@ pub struct GpuBenchArgs {
     /// a step's GPU time goes.
     #[arg(long)]
     pub profile: bool,
+}
+
+/// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
+/// of the fused kernels, kernels started early (programmatic dependent
+/// launch, off by default), and sampling on the device
+/// ([`bench::BENCH_SAMPLING`], and top-p alone) instead of greedy.
+fn variants(
+    b: &mut CudaBackend,
+    shape: &str,
+    context: usize,
+    steps: usize,
+) -> anyhow::Result<Vec<bench::DecodeResult>> {
+    b.set_fused_gemv(false);
+    let unfused = bench::decode(b, shape, 1, context, steps, None);
+    b.set_fused_gemv(true);
+    let mut unfused = unfused.context("decode bench (cuBLAS projections)")?;
+    unfused.shape = format!("{shape} (cuBLAS projections)");
+    b.set_pdl(true);
+    let early = bench::decode(b, shape, 1, context, steps, None);
+    b.set_pdl(false);
+    let mut early = early.context("decode bench (PDL)")?;
+    early.shape = format!("{shape} (programmatic dependent launch)");
+    let mut sampled = bench::decode(b, shape, 1, context, steps, Some(bench::BENCH_SAMPLING))
+        .context("decode bench (sampled)")?;
+    sampled.shape = format!("{shape} (sampled on the device: T 0.8, top-k 50, top-p 0.95)");
+    let top_p_only = DeviceSampling {
+        top_k: 0,
+        ..bench::BENCH_SAMPLING
+    };
+    let mut nucleus = bench::decode(b, shape, 1, context, steps, Some(top_p_only))
+        .context("decode bench (top-p only)")?;
+    nucleus.shape = format!("{shape} (sampled on the device: T 0.8, top-p 0.95)");
+    Ok(vec![unfused, early, sampled, nucleus])
 }
 
 /// Runs `f` with per-operation profiling on and returns it as a JSON line.
@@ -138,15 +171,18 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
             emit(serde_json::to_value(r)?);
         }
         for &batch in &a.batches {
-            let r = bench::decode(&mut b, &a.shape, batch, a.context, a.steps)
+            let r = bench::decode(&mut b, &a.shape, batch, a.context, a.steps, None)
                 .context("decode bench")?;
+            emit(serde_json::to_value(r)?);
+        }
+        for r in variants(&mut b, &a.shape, a.context, a.steps)? {
             emit(serde_json::to_value(r)?);
         }
         if a.profile {
             for &batch in &[1, max_batch] {
                 let label = format!("{} decode batch {batch}", a.shape);
                 emit(profiled(&mut b, label, |b| {
-                    Ok(bench::decode(b, &a.shape, batch, a.context, 16)?)
+                    Ok(bench::decode(b, &a.shape, batch, a.context, 16, None)?)
                 })?);
             }
             if max_prefill > 0 {
@@ -161,17 +197,21 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
         let shape = "smollm2-135m";
         let blocks = (a.context + 8 + 128).div_ceil(16) + 16;
         let mut b = bench::backend(ordinal, shape, 4096, 1, blocks).map_err(anyhow::Error::msg)?;
-        let r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
+        let r = bench::decode(&mut b, shape, 1, a.context, 128, None).context("decode bench")?;
         emit(serde_json::to_value(r)?);
+        for r in variants(&mut b, shape, a.context, 128)? {
+            emit(serde_json::to_value(r)?);
+        }
         if a.profile {
             let label = format!("{shape} decode batch 1");
             emit(profiled(&mut b, label, |b| {
-                Ok(bench::decode(b, shape, 1, a.context, 32)?)
+                Ok(bench::decode(b, shape, 1, a.context, 32, None)?)
             })?);
         }
         // The same without CUDA graphs: what launching each kernel costs.
         b.set_cuda_graphs(false);
-        let mut r = bench::decode(&mut b, shape, 1, a.context, 128).context("decode bench")?;
+        let mut r =
+            bench::decode(&mut b, shape, 1, a.context, 128, None).context("decode bench")?;
         r.shape = format!("{shape} (no CUDA graphs)");
         emit(serde_json::to_value(r)?);
     }

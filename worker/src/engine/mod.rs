@@ -44,7 +44,7 @@ use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
 use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
 use crate::metrics::metrics;
 use backend::cuda::ipc::{KvPoolExport, PeerKvTarget};
-use backend::{BackendError, ComputeBackend, KvLayerSink, SeqInput};
+use backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput};
 use block_manager::{BlockManager, KvEvent};
 use sampler::Sampler;
 use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
@@ -1037,6 +1037,24 @@ impl EngineLoop {
             return;
         }
 
+        // A backend that samples where the logits are does so when every
+        // sampled request's rule allows it (no logprobs, no penalties).
+        let sampled = plan.chunks.iter().filter(|c| c.need_logits);
+        let on_device = self.backend.samples_on_device()
+            && sampled.clone().all(|c| {
+                self.requests
+                    .get(&c.id)
+                    .is_none_or(|r| r.sampler.device_eligible())
+            });
+        let device_rules: Option<Vec<DeviceSampling>> = on_device.then(|| {
+            sampled
+                .map(|c| {
+                    self.requests
+                        .get_mut(&c.id)
+                        .map_or(DeviceSampling::GREEDY, |r| r.sampler.device_sampling())
+                })
+                .collect()
+        });
         let mut prefill_tokens = 0u64;
         let result = {
             let mut sink = StreamSink {
@@ -1072,7 +1090,13 @@ impl EngineLoop {
             let any_target = sink.targets.iter().any(|t| t.0.is_some());
             let sink: Option<&mut dyn KvLayerSink> =
                 if any_target { Some(&mut sink) } else { None };
-            self.backend.forward(&inputs, &mut self.logits, sink)
+            if let Some(rules) = &device_rules {
+                self.backend.forward_sampled(&inputs, rules, sink).map(Some)
+            } else {
+                self.backend
+                    .forward(&inputs, &mut self.logits, sink)
+                    .map(|()| None)
+            }
         };
         self.stats.prefill_tokens += prefill_tokens;
         metrics()
@@ -1091,6 +1115,18 @@ impl EngineLoop {
         }
         self.scheduler.complete_step(&plan);
 
+        if let Ok(Some(tokens)) = result {
+            let sampled = plan.chunks.iter().filter(|c| c.need_logits);
+            for (chunk, id) in sampled.zip(tokens) {
+                let token = TokenOutput {
+                    id,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                };
+                self.on_token(chunk.id, token);
+            }
+            return;
+        }
         let vocab = self.backend.config().vocab_size;
         // Taken out so sampling can mutate the loop state; put back to keep its allocation.
         let mut logits = std::mem::take(&mut self.logits);
@@ -1106,6 +1142,15 @@ impl EngineLoop {
             return;
         };
         let token = req.sampler.sample(logits);
+        self.on_token(id, token);
+    }
+
+    /// Hands a sampled token to its request: the prefill role's answer, or
+    /// the next token of a generation (which may finish it).
+    fn on_token(&mut self, id: SeqId, token: TokenOutput) {
+        let Some(req) = self.requests.get_mut(&id) else {
+            return;
+        };
         if let Output::Prefill(tx) = &req.output {
             if let Some(target) = &req.peer {
                 // Every prompt position is in this sequence's blocks now.

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::backend::DeviceSampling;
 use super::types::{SamplingParams, TokenOutput};
 
 pub struct Sampler {
@@ -44,6 +45,31 @@ impl Sampler {
     /// Counts a generated token toward the penalties.
     pub fn record(&mut self, token: u32) {
         *self.counts.entry(token).or_insert(0) += 1;
+    }
+
+    /// Whether the next token can be picked where the logits are
+    /// ([`DeviceSampling`]): no logprobs to report and no penalties to apply.
+    pub fn device_eligible(&self) -> bool {
+        let p = &self.params;
+        p.logprobs.is_none() && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    }
+
+    /// The next draw's rule and uniform number, for a backend that samples
+    /// itself. Takes one number from the request's RNG unless greedy, as
+    /// [`Sampler::sample`] does, so a seeded request draws the same numbers
+    /// whichever side samples.
+    pub fn device_sampling(&mut self) -> DeviceSampling {
+        let p = &self.params;
+        let mut s = DeviceSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            top_p: p.top_p,
+            uniform: 0.0,
+        };
+        if p.temperature > 0.0 {
+            s.uniform = self.rng.random::<f64>();
+        }
+        s
     }
 
     /// Samples one token; `logits` is modified in place (penalties applied).

@@ -4,12 +4,14 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod sampling;
 
 use crate::engine::types::KvExport;
 use crate::model::{ModelConfig, Tensor, Weights};
 
 pub use cpu::{CpuBackend, WeightStorage};
 pub use cuda::{CudaBackend, CudaOptions, DeviceArgs, DeviceSpec, LoadFormat};
+pub use sampling::DeviceSampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -33,6 +35,8 @@ pub enum BackendError {
     KvShapeMismatch(String),
     #[error("invalid weights: {0}")]
     Weights(String),
+    #[error("{sampling} sampling rules for {rows} rows of logits")]
+    SamplingRows { sampling: usize, rows: usize },
     #[error(transparent)]
     Cuda(#[from] cuda::CudaError),
     /// Writing KV straight into another worker's pool (cuda-ipc) is not
@@ -132,6 +136,24 @@ pub(crate) fn check_blocks_in_pool(blocks: &[u32], num_blocks: usize) -> Result<
         Some(&block) => Err(BackendError::BlockOutOfRange { block, num_blocks }),
         None => Ok(()),
     }
+}
+
+/// Checks that there is one sampling rule per sequence wanting logits.
+pub(crate) fn check_sampling_rows(
+    batch: &[SeqInput<'_>],
+    sampling: &[DeviceSampling],
+) -> Result<(), BackendError> {
+    let rows = batch
+        .iter()
+        .filter(|s| s.need_logits && !s.tokens.is_empty())
+        .count();
+    if rows != sampling.len() {
+        return Err(BackendError::SamplingRows {
+            sampling: sampling.len(),
+            rows,
+        });
+    }
+    Ok(())
 }
 
 /// One sequence's share of a forward step.
@@ -234,6 +256,33 @@ pub trait ComputeBackend: Send {
         _target: &cuda::ipc::PeerKvTarget,
     ) -> Result<cuda::ipc::PeerWrite, BackendError> {
         Err(BackendError::NoPeerKv(self.name()))
+    }
+
+    /// Whether [`ComputeBackend::forward_sampled`] picks the tokens where the
+    /// logits are (so they never travel to the host).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Runs one step like [`ComputeBackend::forward`] and picks the next
+    /// token of every sequence with `need_logits`, in batch order, by
+    /// [`sampling::sample_row`]'s rule with `sampling[i]` for the i-th of
+    /// them. This default samples the step's logits on the host.
+    fn forward_sampled(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        check_sampling_rows(batch, sampling)?;
+        let mut logits = Vec::new();
+        self.forward(batch, &mut logits, sink)?;
+        let vocab = self.config().vocab_size;
+        Ok(logits
+            .chunks(vocab)
+            .zip(sampling)
+            .map(|(row, s)| sampling::sample_row(row, s))
+            .collect())
     }
 
     /// Copies every layer's K and V of block `src` into block `dst`.

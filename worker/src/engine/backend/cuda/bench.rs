@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{CudaBackend, CudaOptions};
-use crate::engine::backend::{BackendError, ComputeBackend, SeqInput};
+use crate::engine::backend::{BackendError, ComputeBackend, DeviceSampling, SeqInput};
 use crate::model::{dummy, ModelConfig};
 
 /// Memory bandwidth the decode floor assumes (H100 SXM device copies measured
@@ -87,14 +87,25 @@ fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
         .collect()
 }
 
+/// A non-greedy rule for timing sampling on the device: temperature 0.8,
+/// top-k 50, top-p 0.95 (every pass of the sampler runs).
+pub const BENCH_SAMPLING: DeviceSampling = DeviceSampling {
+    temperature: 0.8,
+    top_k: 50,
+    top_p: 0.95,
+    uniform: 0.5,
+};
+
 /// Decode `steps` tokens for `batch` sequences after a `context`-token
-/// prompt each; greedy on the device, each step's tokens fed back.
+/// prompt each; each step's tokens, picked on the device (greedy, or by
+/// `sampling`), fed back.
 pub fn decode(
     b: &mut CudaBackend,
     shape: &str,
     batch: usize,
     context: usize,
     steps: usize,
+    sampling: Option<DeviceSampling>,
 ) -> Result<DecodeResult, BackendError> {
     let cfg = b.config().clone();
     let warmup = 8;
@@ -134,7 +145,18 @@ pub fn decode(
             })
             .collect();
         let started = Instant::now();
-        next = b.forward_greedy(&inputs)?;
+        next = match sampling {
+            Some(rule) => {
+                let rules: Vec<DeviceSampling> = (0..batch)
+                    .map(|s| DeviceSampling {
+                        uniform: ((i * 31 + s * 17) % 97) as f64 / 97.0,
+                        ..rule
+                    })
+                    .collect();
+                b.forward_sampled(&inputs, &rules, None)?
+            }
+            None => b.forward_greedy(&inputs)?,
+        };
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }

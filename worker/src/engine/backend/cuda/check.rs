@@ -14,8 +14,9 @@ use std::path::Path;
 use half::bf16;
 
 use super::{CudaBackend, CudaOptions};
+use crate::engine::backend::sampling::sample_row;
 use crate::engine::backend::{
-    BackendError, ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage,
+    BackendError, ComputeBackend, CpuBackend, DeviceSampling, KvLayerSink, SeqInput, WeightStorage,
 };
 use crate::model::{testing, Architecture, ModelConfig, Weights};
 
@@ -231,16 +232,33 @@ fn options(max_model_len: usize) -> CudaOptions {
 /// chunks, a mixed batch and decode steps (CUDA-graph replays).
 pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     let mut out = Vec::new();
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
-        let cfg = check_config(arch);
+    for (arch, head_dim, fused) in [
+        (Architecture::Llama, 64, true),
+        (Architecture::Qwen2, 32, true),
+        (Architecture::Llama, 128, true),
+        (Architecture::Llama, 64, false),
+        (Architecture::Qwen2, 32, false),
+    ] {
+        // head_dim 128 runs the other tensor-core prefill kernel (8B's).
+        let cfg = ModelConfig {
+            head_dim,
+            hidden_size: 4 * head_dim,
+            ..check_config(arch)
+        };
         let weights = bf16_rounded(&testing::random_weights(&cfg, 7));
         let mut cuda = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
+        cuda.set_fused_gemv(fused);
         let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)?;
         cuda.init_kv_cache(16, 64)?;
         cpu.init_kv_cache(16, 64)?;
         let (worst, disagree, rows) = compare_schedule(&mut cuda, &mut cpu, cfg.vocab_size, 20)?;
+        let path = if fused {
+            "fused decode projections"
+        } else {
+            "cuBLAS decode projections"
+        };
         out.push(result(
-            &format!("random {arch} model: logits vs CPU"),
+            &format!("random {arch} model, head_dim {head_dim}, {path}: logits vs CPU"),
             worst <= LOGITS_TOLERANCE && disagree == 0,
             format!(
                 "{rows} rows, max rel err {worst:.2e} (limit {LOGITS_TOLERANCE:.0e}), argmax differs beyond a near-tie in {disagree}; {} graphs",
@@ -657,6 +675,141 @@ pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, St
     ])
 }
 
+/// Small deterministic pseudo-random numbers for the sampling checks.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The rules the sampling checks cycle through: greedy, temperature alone,
+/// top-k, top-p, both, and top-k = 1.
+fn check_rules(rng: &mut Lcg, n: usize) -> Vec<DeviceSampling> {
+    (0..n)
+        .map(|i| {
+            let (temperature, top_k, top_p) = match i % 6 {
+                0 => (0.0, 0, 1.0),
+                1 => (0.8, 0, 1.0),
+                2 => (1.2, 40, 1.0),
+                3 => (1.0, 0, 0.9),
+                4 => (0.7, 50, 0.8),
+                _ => (1.5, 1, 1.0),
+            };
+            DeviceSampling {
+                temperature,
+                top_k,
+                top_p,
+                uniform: rng.next_f64(),
+            }
+        })
+        .collect()
+}
+
+/// The device sampler against the host rule ([`sample_row`]): the same token
+/// for the same logits and uniform number, on random rows of a 32 000-token
+/// vocabulary (the kernel alone) and through decode steps of a random model
+/// with three sequences (a padded graph bucket of four), where the host
+/// samples the logits `forward` returns and the device those of the same
+/// step; a seeded run repeats itself exactly.
+pub fn sampling(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
+    let mut out = Vec::new();
+    let mut rng = Lcg(42);
+    {
+        let cfg = ModelConfig {
+            vocab_size: 32_000,
+            ..check_config(Architecture::Llama)
+        };
+        let weights = testing::random_weights(&cfg, 3);
+        let mut cuda = CudaBackend::new(ordinal, cfg.clone(), &weights, options(256))?;
+        let rows = options(256).max_num_seqs;
+        let (mut same, mut total) = (0, 0);
+        for call in 0..64 {
+            let scale = 1.0 + (call % 4) as f64 * 2.0;
+            let logits: Vec<f32> = (0..rows * cfg.vocab_size)
+                .map(|_| ((rng.next_f64() - 0.5) * scale) as f32)
+                .collect();
+            let rules = check_rules(&mut rng, rows);
+            let got = cuda.sample_logits(&logits, &rules)?;
+            for ((row, rule), id) in logits.chunks(cfg.vocab_size).zip(&rules).zip(got) {
+                same += usize::from(sample_row(row, rule) == id);
+                total += 1;
+            }
+        }
+        out.push(result(
+            "device sampler vs host rule (32k vocabulary)",
+            same * 1000 >= total * 998,
+            format!("{same} of {total} rows pick the same token (at least 99.8% required: the device's exp may differ from the host's in the last bit)"),
+        ));
+    }
+    {
+        let cfg = check_config(Architecture::Llama);
+        let weights = testing::random_weights(&cfg, 5);
+        let mut cuda = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
+        cuda.init_kv_cache(16, 64)?;
+        let run =
+            |cuda: &mut CudaBackend, seed: u64| -> Result<(usize, usize, Vec<u32>), BackendError> {
+                let mut rng = Lcg(seed);
+                let seqs: Vec<Seq> = (0..3)
+                    .map(|s| Seq {
+                        tokens: pseudo_tokens(20 + s * 7, cfg.vocab_size, s + 5),
+                        blocks: (0..8).map(|b| (s * 8 + b) as u32).collect(),
+                    })
+                    .collect();
+                let mut tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
+                let (mut same, mut total, mut drawn) = (0, 0, Vec::new());
+                let mut logits = Vec::new();
+                for step in 0..17 {
+                    let inputs: Vec<SeqInput<'_>> = tokens
+                        .iter()
+                        .zip(&seqs)
+                        .map(|(t, s)| {
+                            let start = if step == 0 { 0 } else { t.len() - 1 };
+                            SeqInput {
+                                tokens: &t[start..],
+                                start_pos: start,
+                                block_table: &s.blocks,
+                                need_logits: true,
+                            }
+                        })
+                        .collect();
+                    let rules = check_rules(&mut rng, inputs.len());
+                    cuda.forward(&inputs, &mut logits, None)?;
+                    let want: Vec<u32> = logits
+                        .chunks(cfg.vocab_size)
+                        .zip(&rules)
+                        .map(|(row, r)| sample_row(row, r))
+                        .collect();
+                    let got = cuda.forward_sampled(&inputs, &rules, None)?;
+                    same += want.iter().zip(&got).filter(|(a, b)| a == b).count();
+                    total += got.len();
+                    for (t, &id) in tokens.iter_mut().zip(&got) {
+                        t.push(id);
+                    }
+                    drawn.extend(got);
+                }
+                Ok((same, total, drawn))
+            };
+        let (same, total, first) = run(&mut cuda, 9)?;
+        let (_, _, again) = run(&mut cuda, 9)?;
+        out.push(result(
+            "device sampling through decode steps vs host rule",
+            same == total && first == again,
+            format!(
+                "{same} of {total} tokens equal to the host rule on the same logits; a seeded rerun {} (3 sequences, {} graphs)",
+                if first == again { "repeats exactly" } else { "DIFFERS" },
+                cuda.captured_graphs()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
 /// Every check; the default model's only when `model` is given.
 pub fn run_all(ordinal: usize, model: Option<&Path>) -> Vec<CheckResult> {
     let mut out = Vec::new();
@@ -669,6 +822,7 @@ pub fn run_all(ordinal: usize, model: Option<&Path>) -> Vec<CheckResult> {
         random_models(ordinal).map_err(|e| e.to_string()),
     );
     add("KV paths", kv_paths(ordinal).map_err(|e| e.to_string()));
+    add("sampling", sampling(ordinal).map_err(|e| e.to_string()));
     add("engine", engine_disaggregated(ordinal));
     if let Some(path) = model {
         add("default model", default_model(ordinal, path));

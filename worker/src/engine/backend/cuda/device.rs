@@ -36,9 +36,23 @@ pub(super) struct Kernels {
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
-    pub argmax_rows: CudaFunction,
+    /// Fused small-batch projections, indexed by [`gemv_index`] of the
+    /// step's token count (1, 2 or 4).
+    pub gemv_qkv: Vec<CudaFunction>,
+    pub gemv_silu: Vec<CudaFunction>,
+    pub gemv_out: Vec<CudaFunction>,
+    pub sample_rows: CudaFunction,
     pub kv_gather: CudaFunction,
     pub kv_scatter: CudaFunction,
+}
+
+/// Token counts the fused small-batch projections are compiled for
+/// (`GEMV_KERNELS(M)` in llama.cu).
+pub(super) const GEMV_TOKENS: [usize; 3] = [1, 2, 4];
+
+/// Index into the `gemv_*` kernels for a step of `tokens` tokens, if one fits.
+pub(super) fn gemv_index(tokens: usize) -> Option<usize> {
+    GEMV_TOKENS.iter().position(|&m| m == tokens)
 }
 
 /// Checks that the libraries the backend loads at run time are present, so a
@@ -266,15 +280,34 @@ impl Gpu {
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
             prefill_attention_tc128: f("prefill_attention_tc128")?,
-            argmax_rows: f("argmax_rows")?,
+            gemv_qkv: GEMV_TOKENS
+                .iter()
+                .map(|m| f(&format!("gemv_qkv_{m}")))
+                .collect::<Result<_, _>>()?,
+            gemv_silu: GEMV_TOKENS
+                .iter()
+                .map(|m| f(&format!("gemv_silu_{m}")))
+                .collect::<Result<_, _>>()?,
+            gemv_out: GEMV_TOKENS
+                .iter()
+                .map(|m| f(&format!("gemv_out_{m}")))
+                .collect::<Result<_, _>>()?,
+            sample_rows: f("sample_rows")?,
             kv_gather: f("kv_gather")?,
             kv_scatter: f("kv_scatter")?,
         };
-        for k in kernels.decode_attention.iter().chain([
-            &kernels.prefill_attention,
-            &kernels.prefill_attention_tc64,
-            &kernels.prefill_attention_tc128,
-        ]) {
+        for k in kernels
+            .decode_attention
+            .iter()
+            .chain([
+                &kernels.prefill_attention,
+                &kernels.prefill_attention_tc64,
+                &kernels.prefill_attention_tc128,
+            ])
+            .chain(&kernels.gemv_qkv)
+            .chain(&kernels.gemv_silu)
+            .chain(&kernels.gemv_out)
+        {
             k.set_attribute(
                 drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 MAX_ATTENTION_SMEM as i32,
@@ -420,6 +453,58 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches `func` over `cfg` with `args` (a pointer to each argument's
+    /// value, in the kernel's order). With `early`, as a programmatic
+    /// dependent launch: the kernel may start while the previous kernel of
+    /// the stream still runs, and must wait for it (`pdl_wait` in llama.cu)
+    /// before reading anything it wrote.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and size,
+    /// point to live values, and every pointer among them address a buffer
+    /// of the size the kernel indexes; with `early`, the kernel must call
+    /// `pdl_wait` before touching data of earlier work.
+    pub unsafe fn launch_ex(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        early: bool,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        // SAFETY: a plain C struct; zero is a valid bit pattern.
+        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id =
+            drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.cu_stream(),
+            attrs: if early {
+                &mut attr
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: u32::from(early),
+        };
+        // SAFETY: the caller's contract; `config` and `attr` outlive the call.
+        unsafe {
+            drv_sys::cuLaunchKernelEx(
+                &config,
+                func.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
     /// Fills `n` bf16 at `ptr` with uniform values in `[-scale, scale]`.
     pub fn fill_uniform(&self, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), CudaError> {
         let n = n as u64;
@@ -487,6 +572,9 @@ mod tests {
                 "prefill_attention",
                 "rope_kv_write",
                 "silu_mul",
+                "gemv_qkv_4",
+                "gemv_out_1",
+                "sample_rows",
             ] {
                 assert!(ptx.contains(name), "{arch} PTX lacks {name}");
             }

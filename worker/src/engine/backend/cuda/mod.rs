@@ -11,6 +11,15 @@
 //! flash-style, over the paged cache, so chunked prefill and prefix-cache hits
 //! need no special path.
 //!
+//! Steps of 1, 2 or 4 tokens (batch-1..4 decode) skip cuBLAS: four fused
+//! matrix-vector kernels a layer (RMSNorm + QKV + bias + RoPE + KV write,
+//! output projection + residual, RMSNorm + gate/up + SiLU, down projection +
+//! residual) and one for the final norm and output head. The output head's
+//! rows are sampled on the device for the whole batch in one kernel
+//! ([`super::sampling`]'s rule: greedy, temperature, top-k, top-p, the
+//! request's seeded uniform number), so a decode step copies back token ids
+//! only unless a request wants logprobs or penalties.
+//!
 //! Decode steps (one token per sequence, no KV streaming) replay CUDA graphs
 //! captured per (batch-size bucket, context bucket): every pointer the step
 //! uses is fixed, and the step's inputs are copied to fixed device buffers
@@ -34,11 +43,14 @@ use std::str::FromStr;
 use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 
 use super::{
-    check_blocks_in_pool, check_kv_layer, BackendError, ComputeBackend, KvLayerSink, SeqInput,
+    check_blocks_in_pool, check_kv_layer, check_sampling_rows, BackendError, ComputeBackend,
+    DeviceSampling, KvLayerSink, SeqInput,
 };
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Weights};
-use device::{alloc, alloc_pinned, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM};
+use device::{
+    alloc, alloc_pinned, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM,
+};
 use weights::DeviceWeights;
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +215,24 @@ macro_rules! launch {
     };
 }
 
+/// Launches the kernel `$func` (a `CudaFunction` expression) like
+/// [`launch!`], as a programmatic dependent launch when `$early` (only for
+/// kernels that call `pdl_wait` first, see llama.cu).
+macro_rules! launch_fn {
+    ($gpu:expr, $early:expr, $func:expr, $cfg:expr; $($arg:expr),* $(,)?) => {
+        // SAFETY: as for `launch!`; every argument temporary lives until the
+        // end of this statement, past the launch.
+        unsafe {
+            $gpu.launch_ex(
+                &$func,
+                $cfg,
+                $early,
+                &mut [$(&$arg as *const _ as *mut std::ffi::c_void),*],
+            )
+        }
+    };
+}
+
 /// Records a profiling mark named `$name` after the operations enqueued so far.
 macro_rules! mark {
     ($self:ident, $name:expr) => {
@@ -223,6 +253,10 @@ const PREFILL_TILE: usize = 16;
 const PREFILL_KEYS: usize = 32;
 /// Threads per block of the prefill attention kernel (16 rows x 8).
 const PREFILL_THREADS: u32 = 128;
+/// Threads of a `sample_rows` block (`SAMPLE_THREADS` in llama.cu).
+const SAMPLE_THREADS: u32 = 1024;
+/// Warps of a fused-projection block (`GEMV_WARPS` in llama.cu).
+const GEMV_WARPS: usize = 8;
 
 /// Fixed device buffers of one step, sized for the largest step planned.
 struct Workspace {
@@ -276,8 +310,12 @@ impl InputLayout {
     fn tile_rows(&self) -> usize {
         self.tile_row0() + self.max_tiles
     }
-    fn block_tables(&self) -> usize {
+    /// [`SAMPLING_WORDS`] per output-head row: how `sample_rows` picks it.
+    fn sampling(&self) -> usize {
         self.tile_rows() + self.max_tiles
+    }
+    fn block_tables(&self) -> usize {
+        self.sampling() + SAMPLING_WORDS * self.max_seqs
     }
     fn len(&self) -> usize {
         self.block_tables() + self.max_seqs * self.max_blocks
@@ -302,10 +340,15 @@ struct DecodeGraph(CudaGraph);
 // at a time; CUDA allows using it from another thread with the context bound.
 unsafe impl Send for DecodeGraph {}
 
+/// 32-bit words of one row's sampling rule ([`DeviceSampling::to_words`]).
+const SAMPLING_WORDS: usize = 5;
+
 /// What a step returns to the host.
 enum StepOutput<'a> {
     Logits(&'a mut Vec<f32>),
-    Argmax(&'a mut Vec<u32>),
+    /// Token ids picked on the device, by these rules (one per sequence
+    /// wanting logits; `None`: greedy).
+    Sampled(Option<&'a [DeviceSampling]>, &'a mut Vec<u32>),
 }
 
 /// The host-side plan of one step, validated against the pool.
@@ -337,6 +380,10 @@ pub struct CudaBackend {
     profiler: Option<Profiler>,
     /// Writes prompts' KV into peers' pools (cuda-ipc), made on first use.
     peer_writer: Option<ipc::PeerWriter>,
+    /// Fused projections for steps of 1, 2 or 4 tokens (see llama.cu).
+    fused_gemv: bool,
+    /// Programmatic dependent launches for the kernels that support them.
+    pdl: bool,
     gpu: Gpu,
 }
 
@@ -477,6 +524,11 @@ impl CudaBackend {
             kv_budget,
             profiler: None,
             peer_writer: None,
+            fused_gemv: env_switch("TANDEM_CUDA_FUSED_GEMV", true),
+            // Off unless asked for: on an H100 it made 8B batch-1 decode
+            // slower (7.47 vs 6.39 ms) and SmolLM2's no faster (0.789 vs
+            // 0.790 ms). Needs compute capability 9.0 or newer.
+            pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", false),
             gpu,
         })
     }
@@ -501,13 +553,81 @@ impl CudaBackend {
     /// token ids, one per sequence with `need_logits`, in batch order.
     pub fn forward_greedy(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<u32>, BackendError> {
         let mut out = Vec::new();
-        self.step(batch, StepOutput::Argmax(&mut out), None)?;
+        self.step(batch, StepOutput::Sampled(None, &mut out), None)?;
         Ok(out)
     }
 
     /// Turns decode CUDA graphs on or off (for measuring what they save).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.opts.cuda_graphs = on;
+    }
+
+    /// Turns the fused small-batch projections (steps of 1, 2 or 4 tokens)
+    /// on or off; off, every projection is a cuBLAS GEMM (for comparing).
+    pub fn set_fused_gemv(&mut self, on: bool) {
+        if self.fused_gemv != on {
+            // Captured graphs hold the other path's kernels.
+            self.graphs.clear();
+        }
+        self.fused_gemv = on;
+    }
+
+    /// Turns programmatic dependent launches on or off (compute capability
+    /// 9.0 and newer; off elsewhere): each decode kernel starts, and
+    /// prefetches its weights, while the previous one finishes; off, kernels
+    /// start one after the other.
+    pub fn set_pdl(&mut self, on: bool) {
+        let on = on && !self.gpu.arch.starts_with("sm_8");
+        if self.pdl != on {
+            self.graphs.clear();
+        }
+        self.pdl = on;
+    }
+
+    /// Runs the device sampler alone: row `i` of `logits` (`[rows, vocab]`,
+    /// at most `max_num_seqs` rows) is sampled by `sampling[i]`. For checking
+    /// the kernel against [`super::sampling::sample_row`].
+    pub fn sample_logits(
+        &mut self,
+        logits: &[f32],
+        sampling: &[DeviceSampling],
+    ) -> Result<Vec<u32>, BackendError> {
+        let vocab = self.cfg.vocab_size;
+        let rows = sampling.len();
+        if logits.len() != rows * vocab || rows > self.opts.max_num_seqs {
+            return Err(BackendError::SamplingRows {
+                sampling: rows,
+                rows: logits.len() / vocab.max(1),
+            });
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.gpu.bind()?;
+        self.gpu.copy_to(&self.ws.logits, 0, logits)?;
+        let words: Vec<i32> = sampling.iter().flat_map(|s| s.to_words()).collect();
+        let params = self.gpu.upload(&words)?;
+        self.launch_sampler(rows, params.ptr())?;
+        let mut ids = vec![0i32; rows];
+        self.gpu.copy_from(self.ws.next_tokens.ptr(), &mut ids)?;
+        self.gpu.synchronize()?;
+        Ok(ids.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// Enqueues `sample_rows` over the first `rows` rows of the logits
+    /// workspace with the rules at device address `params`.
+    fn launch_sampler(&self, rows: usize, params: u64) -> Result<(), CudaError> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (next, logits, vocab) = (
+            self.ws.next_tokens.ptr(),
+            self.ws.logits.ptr(),
+            self.cfg.vocab_size as i32,
+        );
+        launch_fn!(self.gpu, self.pdl, self.gpu.kernels.sample_rows, cfg; next, logits, params, vocab)
     }
 
     /// Starts timing each operation of the following steps (run eagerly,
@@ -583,6 +703,7 @@ impl CudaBackend {
         &mut self,
         batch: &[SeqInput<'_>],
         allow_graph: bool,
+        sampling: Option<&[DeviceSampling]>,
     ) -> Result<(StepPlan, Option<usize>), BackendError> {
         let cfg = &self.cfg;
         let opts = &self.opts;
@@ -703,6 +824,18 @@ impl CudaBackend {
                 logit_rows[i] as i32
             };
         }
+        // Sampling rule of each output-head row: greedy unless given. Under a
+        // graph the head's rows are the token rows, else the sequences
+        // wanting logits in order.
+        let words = &mut host[layout.sampling()..][..SAMPLING_WORDS * layout.max_seqs];
+        let greedy = DeviceSampling::GREEDY.to_words();
+        for r in 0..n_logits {
+            words[r * SAMPLING_WORDS..][..SAMPLING_WORDS].copy_from_slice(&greedy);
+        }
+        for (i, rule) in sampling.unwrap_or_default().iter().enumerate() {
+            let head_row = if bucket.is_some() { logit_rows[i] } else { i };
+            words[head_row * SAMPLING_WORDS..][..SAMPLING_WORDS].copy_from_slice(&rule.to_words());
+        }
         let plan = StepPlan {
             tokens: rows,
             seqs: if bucket.is_some() { rows } else { batch.len() },
@@ -731,11 +864,18 @@ impl CudaBackend {
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<(), BackendError> {
         self.gpu.bind()?;
-        let (plan, bucket) = self.plan(batch, sink.is_none())?;
+        let sampling = match &out {
+            StepOutput::Sampled(rules, _) => *rules,
+            StepOutput::Logits(_) => None,
+        };
+        if let Some(rules) = sampling {
+            check_sampling_rows(batch, rules)?;
+        }
+        let (plan, bucket) = self.plan(batch, sink.is_none(), sampling)?;
         if plan.tokens == 0 {
             match out {
                 StepOutput::Logits(l) => l.clear(),
-                StepOutput::Argmax(t) => t.clear(),
+                StepOutput::Sampled(_, t) => t.clear(),
             }
             return Ok(());
         }
@@ -794,7 +934,7 @@ impl CudaBackend {
                     logits.extend_from_slice(&host[r * vocab..(r + 1) * vocab]);
                 }
             }
-            StepOutput::Argmax(tokens) => {
+            StepOutput::Sampled(_, tokens) => {
                 let n = wanted.last().map_or(0, |&r| r + 1);
                 let mut ids = vec![0i32; n];
                 self.gpu.copy_from(self.ws.next_tokens.ptr(), &mut ids)?;
@@ -878,7 +1018,28 @@ impl CudaBackend {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let norm_threads = (cfg.hidden_size.div_ceil(32) as u32 * 32).clamp(32, 1024);
+        // A warp's worth of threads per 16 values (RMS_VEC float4s each in
+        // llama.cu), at most 1024.
+        let norm_threads = (cfg.hidden_size.div_ceil(16 * 32) as u32 * 32).clamp(32, 1024);
+        // Steps of 1, 2 or 4 tokens that stream no KV run the fused
+        // projections; a block of GEMV_WARPS warps stages the step's input
+        // rows (width k) in shared memory, at most two blocks per SM.
+        let gemv = if sink.is_none() {
+            self.gemv_for(t)
+        } else {
+            None
+        };
+        let gemv_cfg = |rows: usize, pairs: usize, k: usize| LaunchConfig {
+            grid_dim: (
+                pairs.div_ceil(GEMV_WARPS).min(2 * gpu.num_sms as usize) as u32,
+                1,
+                1,
+            ),
+            block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+            shared_mem_bytes: (rows * k * 2) as u32,
+        };
+        let (q_dim_i, f_i, one) = (q_dim as i32, f as i32, 1i32);
+        let pdl = self.pdl;
 
         let x = ws.x.ptr();
         launch!(gpu, embed_gather, rows_cfg(t, 256); x, self.weights.embed.ptr(), tokens_p, h)?;
@@ -892,25 +1053,35 @@ impl CudaBackend {
         let mut pending: Option<(usize, cudarc::driver::CudaEvent)> = None;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let normed = ws.normed.ptr();
-            launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
-            mark!(self, "norm");
             let qkv = ws.qkv.ptr();
-            gpu.gemm(
-                t,
-                qkv_dim,
-                cfg.hidden_size,
-                normed,
-                Dtype::Bf16,
-                layer.wqkv.ptr(),
-                qkv,
-                Dtype::F32,
-                0.0,
-            )?;
-            mark!(self, "qkv_gemm");
             let (k_cache, v_cache) = self.layer_cache(pool, li);
             let bias = layer.bqkv.as_ref().map_or(0, |b| b.ptr());
-            launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, self.inv_freq.ptr(), positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
-            mark!(self, "rope_kv_write");
+            let inv_freq = self.inv_freq.ptr();
+            if let Some(mi) = gemv {
+                // RMSNorm, QKV, bias, RoPE and the KV write in one kernel.
+                let pairs = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim / 2 + kv_dim / 2;
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_qkv[mi], gemv_cfg(t, pairs, cfg.hidden_size);
+                    qkv, k_cache, v_cache, layer.wqkv.ptr(), bias, x, layer.attn_norm.ptr(), eps,
+                    inv_freq, positions_p, slots_p, h, nh, nkv, hd)?;
+                mark!(self, "norm_qkv_rope_gemv");
+            } else {
+                launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.attn_norm.ptr(), null, h, eps)?;
+                mark!(self, "norm");
+                gpu.gemm(
+                    t,
+                    qkv_dim,
+                    cfg.hidden_size,
+                    normed,
+                    Dtype::Bf16,
+                    layer.wqkv.ptr(),
+                    qkv,
+                    Dtype::F32,
+                    0.0,
+                )?;
+                mark!(self, "qkv_gemm");
+                launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, inv_freq, positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
+                mark!(self, "rope_kv_write");
+            }
 
             let attn = ws.attn.ptr();
             if plan.decode {
@@ -927,30 +1098,9 @@ impl CudaBackend {
                     block_dim: (32 * DECODE_WARPS as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                // SAFETY: as for the other launches.
-                unsafe {
-                    gpu.stream
-                        .launch_builder(&gpu.kernels.decode_attention[cfg.head_dim / 32 - 1])
-                        .arg(&qkv)
-                        .arg(&k_cache)
-                        .arg(&v_cache)
-                        .arg(&tables_p)
-                        .arg(&positions_p)
-                        .arg(&pm)
-                        .arg(&ps)
-                        .arg(&po)
-                        .arg(&counters)
-                        .arg(&attn)
-                        .arg(&nh)
-                        .arg(&nkv)
-                        .arg(&hd)
-                        .arg(&block_size)
-                        .arg(&max_blocks)
-                        .arg(&splits)
-                        .arg(&scale)
-                        .launch(launch)
-                }
-                .map_err(CudaError::from)?;
+                launch_fn!(gpu, pdl, gpu.kernels.decode_attention[cfg.head_dim / 32 - 1], launch;
+                    qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
+                    nh, nkv, hd, block_size, max_blocks, splits, scale)?;
             } else {
                 let group = cfg.num_heads / cfg.num_kv_heads;
                 let (kernel, threads, heads_in_grid) = match cfg.head_dim {
@@ -996,6 +1146,23 @@ impl CudaBackend {
                 .map_err(CudaError::from)?;
             }
             mark!(self, "attention");
+            let act = ws.act.ptr();
+            if let Some(mi) = gemv {
+                let hp = cfg.hidden_size.div_ceil(2);
+                // x += attn · wo^T
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, q_dim);
+                    x, layer.wo.ptr(), attn, null, null, null, eps, q_dim_i, h, one)?;
+                mark!(self, "o_gemv");
+                // act = silu(norm(x) · w_gate^T) * (norm(x) · w_up^T)
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_silu[mi], gemv_cfg(t, f, cfg.hidden_size);
+                    act, layer.w_gate_up.ptr(), x, layer.ffn_norm.ptr(), eps, h, f_i)?;
+                mark!(self, "norm_gate_up_silu_gemv");
+                // x += act · w_down^T
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, f);
+                    x, layer.w_down.ptr(), act, null, null, null, eps, f_i, h, one)?;
+                mark!(self, "down_gemv");
+                continue;
+            }
             // x += attn · wo^T
             gpu.gemm(
                 t,
@@ -1024,7 +1191,6 @@ impl CudaBackend {
                 0.0,
             )?;
             mark!(self, "gate_up_gemm");
-            let act = ws.act.ptr();
             let (ti, fi) = (t as i32, f as i32);
             let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
             launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
@@ -1063,7 +1229,15 @@ impl CudaBackend {
             deliver(&self.host_kv[prev % 2], prev, plan, kv_dim, sink);
         }
 
-        if head_rows > 0 {
+        if let (true, Some(mi)) = (head_rows > 0, self.gemv_for(head_rows)) {
+            // Final norm of the gathered rows and the output head in one kernel.
+            let (logits, vocab, zero) = (ws.logits.ptr(), cfg.vocab_size as i32, 0i32);
+            launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(head_rows, cfg.vocab_size.div_ceil(2), cfg.hidden_size);
+                logits, self.weights.output().ptr(), null, x, self.weights.final_norm.ptr(),
+                logit_rows_p, eps, h, vocab, zero)?;
+            self.launch_sampler(head_rows, at(layout.sampling()))?;
+            mark!(self, "output_head");
+        } else if head_rows > 0 {
             let normed = ws.normed.ptr();
             launch!(gpu, rms_norm, rows_cfg(head_rows, norm_threads); normed, x, self.weights.final_norm.ptr(), logit_rows_p, h, eps)?;
             let logits = ws.logits.ptr();
@@ -1078,10 +1252,38 @@ impl CudaBackend {
                 Dtype::F32,
                 0.0,
             )?;
-            let vocab = cfg.vocab_size as i32;
-            let next = ws.next_tokens.ptr();
-            launch!(gpu, argmax_rows, rows_cfg(head_rows, 1024); next, logits, vocab)?;
+            self.launch_sampler(head_rows, at(layout.sampling()))?;
             mark!(self, "output_head");
+        }
+        Ok(())
+    }
+
+    /// Which fused-projection kernels a step of `tokens` rows runs, if any:
+    /// when they are on, compiled for that many rows, the widths are whole
+    /// 16-byte vectors and the rows fit in shared memory.
+    fn gemv_for(&self, tokens: usize) -> Option<usize> {
+        let cfg = &self.cfg;
+        let q_dim = cfg.num_heads * cfg.head_dim;
+        let widest = cfg.hidden_size.max(q_dim).max(cfg.intermediate_size);
+        let fits = [cfg.hidden_size, q_dim, cfg.intermediate_size]
+            .iter()
+            .all(|w| w % 8 == 0)
+            && tokens * widest * 2 <= MAX_ATTENTION_SMEM as usize;
+        if self.fused_gemv && fits {
+            gemv_index(tokens)
+        } else {
+            None
+        }
+    }
+
+    /// Allocates the pinned staging of streamed KV the first time a step
+    /// streams it.
+    fn prepare_sink(&mut self, streaming: bool) -> Result<(), BackendError> {
+        if streaming && self.host_kv.is_empty() {
+            let bytes =
+                self.opts.max_batch_tokens * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 4;
+            self.gpu.bind()?;
+            self.host_kv = vec![alloc_pinned(bytes)?, alloc_pinned(bytes)?];
         }
         Ok(())
     }
@@ -1138,6 +1340,17 @@ fn deliver(
     }
 }
 
+/// A switch read from the environment: `1`/`on`/`true` or `0`/`off`/`false`,
+/// else `default` (`TANDEM_CUDA_FUSED_GEMV`, `TANDEM_CUDA_PDL`: for comparing
+/// the paths on a GPU machine without rebuilding).
+fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("1") | Ok("on") | Ok("true") => true,
+        Ok("0") | Ok("off") | Ok("false") => false,
+        _ => default,
+    }
+}
+
 /// The batch size a decode step of `seqs` sequences is padded to: powers of
 /// two up to the planned maximum, so a handful of graphs serve every size.
 fn graph_bucket(seqs: usize, max_seqs: usize) -> usize {
@@ -1165,8 +1378,10 @@ fn prefill_tile(cfg: &ModelConfig) -> usize {
 fn prefill_smem(cfg: &ModelConfig) -> usize {
     let hd = cfg.head_dim;
     if tensor_core_prefill(cfg) {
-        // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8.
-        2 * 2 * 64 * (hd + 8) * 2
+        // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8,
+        // and 16 query rows per warp (group * tile / 16 warps), padded alike.
+        let warps = (cfg.num_heads / cfg.num_kv_heads) * prefill_tile(cfg) / 16;
+        2 * 2 * 64 * (hd + 8) * 2 + warps * 16 * (hd + 8) * 2
     } else {
         4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
     }
@@ -1259,12 +1474,7 @@ impl ComputeBackend for CudaBackend {
         logits: &mut Vec<f32>,
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<(), BackendError> {
-        if sink.is_some() && self.host_kv.is_empty() {
-            let bytes =
-                self.opts.max_batch_tokens * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 4;
-            self.gpu.bind()?;
-            self.host_kv = vec![alloc_pinned(bytes)?, alloc_pinned(bytes)?];
-        }
+        self.prepare_sink(sink.is_some())?;
         self.step(batch, StepOutput::Logits(logits), sink)
     }
 
@@ -1296,6 +1506,22 @@ impl ComputeBackend for CudaBackend {
         self.init_peer_writer()?;
         let writer = self.peer_writer.as_mut().expect("initialised");
         Ok(writer.write(&self.gpu, base, &local, block_ids, num_tokens, target)?)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn forward_sampled(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.prepare_sink(sink.is_some())?;
+        let mut out = Vec::new();
+        self.step(batch, StepOutput::Sampled(Some(sampling), &mut out), sink)?;
+        Ok(out)
     }
 
     fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
@@ -1459,6 +1685,7 @@ mod tests {
             (l.tile_seq(), l.max_tiles),
             (l.tile_row0(), l.max_tiles),
             (l.tile_rows(), l.max_tiles),
+            (l.sampling(), SAMPLING_WORDS * l.max_seqs),
             (l.block_tables(), l.max_seqs * l.max_blocks),
         ];
         for w in starts.windows(2) {
