@@ -5,6 +5,7 @@
 //! GPU machine (`tandem gpu transfer-bench`).
 
 mod engine_support;
+mod transfer_support;
 
 use std::time::Duration;
 
@@ -14,19 +15,15 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tandem::engine::backend::cuda::ipc::{KvPoolExport, KvPoolLayout, PoolDtype};
 use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::types::{
-    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopParams, TokenOutput,
-};
+use tandem::engine::types::{GenerateRequest, SamplingParams, StopParams, TokenOutput};
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::{GenerateStream, Infer, InferError};
+use tandem::infer::{Infer, InferError};
 use tandem::model::{ModelConfig, Weights};
 use tandem::transfer::cuda_ipc::{fetch_into, IpcPrefill};
-use tandem::transfer::grpc::{
-    server_builder, GrpcTransport, PrefillParts, PrefillService, PrefillSource,
-};
+use tandem::transfer::grpc::{GrpcTransport, PrefillParts, PrefillSource};
 use tandem::transfer::pb;
 use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError};
-use tokio_stream::wrappers::TcpListenerStream;
+use transfer_support::{serve_killable, tokens};
 
 const BLOCK: usize = 4;
 
@@ -122,30 +119,6 @@ impl PrefillSource for FakeIpcPrefill {
     }
 }
 
-/// Serves `Prefill` over `source` on its own runtime, which the test may
-/// drop to kill the server like a dying process.
-fn serve_killable<S: PrefillSource>(
-    source: S,
-    cuda_ipc_off: Option<String>,
-) -> (String, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        server_builder()
-            .add_service(PrefillService::server_with(source, cuda_ipc_off))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-    });
-    (format!("http://{addr}"), rt)
-}
-
 /// Waits until the engine reports `used` KV blocks in use.
 async fn blocks_used_becomes(engine: &EngineHandle, used: usize) {
     for _ in 0..200 {
@@ -158,22 +131,6 @@ async fn blocks_used_becomes(engine: &EngineHandle, used: usize) {
         "{} KV blocks in use, expected {used}",
         engine.stats().kv_blocks_used
     );
-}
-
-async fn tokens(mut stream: GenerateStream) -> Vec<u32> {
-    let mut out = Vec::new();
-    while let Some(ev) = stream.next_event().await {
-        match ev {
-            GenerateEvent::Token(t) => out.push(t.id),
-            GenerateEvent::Finished(r) => {
-                assert_eq!(r, FinishReason::Length);
-                return out;
-            }
-            GenerateEvent::Error(e) => panic!("engine error: {e}"),
-            GenerateEvent::Started { .. } => {}
-        }
-    }
-    panic!("stream ended without Finished")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

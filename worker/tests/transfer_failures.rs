@@ -1,6 +1,8 @@
 //! The decode side of the gRPC KV transport when the prefill side goes wrong:
 //! dies mid-stream, stalls, or ends early. Each gives a clear error, never a hang.
 
+mod transfer_support;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -8,10 +10,10 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tandem::engine::types::SamplingParams;
 use tandem::infer::InferError;
-use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService, PrefillSource};
+use tandem::transfer::grpc::{GrpcTransport, PrefillSource};
 use tandem::transfer::pb::{KvDtype, KvLayout};
 use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError, Transport};
-use tokio_stream::wrappers::TcpListenerStream;
+use transfer_support::serve_killable;
 
 /// Sends the layout and the first of two layers, then either stalls forever
 /// or ends the stream.
@@ -50,29 +52,6 @@ impl PrefillSource for HalfPrefill {
     }
 }
 
-/// Serves `source` on its own runtime, on its own thread, so the test can
-/// kill the whole server (tasks, connections) at once like a dying process.
-fn serve_killable(source: HalfPrefill) -> (String, tokio::runtime::Runtime) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    // Bound here; served from inside the server's runtime (this test already
-    // runs on one, where `block_on` is not allowed).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        server_builder()
-            .add_service(PrefillService::server(source))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-    });
-    (format!("http://{addr}"), rt)
-}
-
 fn request() -> RemotePrefillRequest {
     RemotePrefillRequest {
         request_id: "r".into(),
@@ -83,7 +62,7 @@ fn request() -> RemotePrefillRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_dying_mid_stream_is_a_connection_error() {
-    let (addr, server) = serve_killable(HalfPrefill { then_stall: true });
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: true }, None);
     // A long message timeout: the broken connection, not the timer, must end it.
     let transport = GrpcTransport::new(&addr, Duration::from_secs(120)).unwrap();
     let fetch = tokio::spawn(async move { transport.prefill(request()).await });
@@ -106,7 +85,7 @@ async fn a_server_dying_mid_stream_is_a_connection_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_times_out() {
-    let (addr, server) = serve_killable(HalfPrefill { then_stall: true });
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: true }, None);
     let transport = GrpcTransport::new(&addr, Duration::from_millis(400)).unwrap();
     let started = Instant::now();
     let err = transport.prefill(request()).await.unwrap_err();
@@ -118,7 +97,7 @@ async fn a_stalled_server_times_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ending_early_names_what_is_missing() {
-    let (addr, server) = serve_killable(HalfPrefill { then_stall: false });
+    let (addr, server) = serve_killable(HalfPrefill { then_stall: false }, None);
     let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
     let err = transport.prefill(request()).await.unwrap_err();
     assert!(matches!(err, TransferError::Incomplete(_)), "{err:?}");

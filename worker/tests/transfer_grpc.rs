@@ -3,19 +3,19 @@
 //! decoding from it gives the tokens the prefill engine gives in place.
 
 mod engine_support;
+mod transfer_support;
 
 use engine_support::*;
 use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::types::{
-    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopParams,
-};
+use tandem::engine::types::{GenerateRequest, SamplingParams, StopParams};
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::{GenerateStream, Infer};
+use tandem::infer::Infer;
 use tandem::metrics::metrics;
 use tandem::model::{ModelConfig, Weights};
 use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService};
 use tandem::transfer::{RemotePrefillRequest, TransferError, Transport};
 use tokio_stream::wrappers::TcpListenerStream;
+use transfer_support::tokens;
 
 use std::time::Duration;
 
@@ -50,22 +50,6 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
             ignore_eos: true,
         },
     }
-}
-
-async fn tokens(mut stream: GenerateStream) -> Vec<u32> {
-    let mut out = Vec::new();
-    while let Some(ev) = stream.next_event().await {
-        match ev {
-            GenerateEvent::Token(t) => out.push(t.id),
-            GenerateEvent::Finished(r) => {
-                assert_eq!(r, FinishReason::Length);
-                return out;
-            }
-            GenerateEvent::Error(e) => panic!("engine error: {e}"),
-            GenerateEvent::Started { .. } => {}
-        }
-    }
-    panic!("stream ended without Finished")
 }
 
 /// Serves `Prefill` for `engine` on a loopback port; returns its address.
