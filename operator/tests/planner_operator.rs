@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::Query;
 use axum::routing::get;
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::{Method, StatusCode};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::Reporter;
 use kube::Client;
@@ -22,40 +21,11 @@ use tandem_operator::metrics::Metrics;
 use tandem_operator::planner::runner::unix_now_s;
 use tandem_operator::FIELD_MANAGER;
 
-#[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
+use common::mock_api::{mock, Seen};
 
 /// The mock API server: both StatefulSets exist with 2 ready replicas; patches echo back.
 fn api_server() -> (Client, Arc<Mutex<Vec<Seen>>>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.expect("request body");
-            let seen = Seen {
-                method: parts.method.clone(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let (status, reply) = answer(&seen);
-            log2.lock().unwrap().push(seen);
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-    });
-    (Client::new(service, "default"), log)
+    mock(Arc::new(answer))
 }
 
 fn statefulset(name: &str, replicas: i64) -> Value {

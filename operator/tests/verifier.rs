@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::{Method, StatusCode};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
@@ -23,52 +22,7 @@ use tandem_operator::planner::{ScaleTarget, Tier};
 use tandem_operator::validate::validate;
 use tandem_operator::FIELD_MANAGER;
 
-/// One request as the mock API server saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
-
-impl Seen {
-    fn field_manager(&self) -> Option<&str> {
-        self.query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("fieldManager="))
-    }
-}
-
-type Handler = dyn Fn(&Seen) -> (StatusCode, Value) + Send + Sync;
-
-/// Starts the mock API server; returns the client and the log of requests.
-fn mock(handler: Arc<Handler>) -> (Client, Arc<Mutex<Vec<Seen>>>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.expect("request body");
-            let seen = Seen {
-                method: parts.method.clone(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let (status, reply) = handler(&seen);
-            log2.lock().unwrap().push(seen);
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                    .unwrap(),
-            );
-        }
-    });
-    (Client::new(service, "default"), log)
-}
+use common::mock_api::{mock, Seen};
 
 fn not_found(seen: &Seen) -> (StatusCode, Value) {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod mock_api;
+
 use std::path::{Path, PathBuf};
 
 use tandem_operator::crd::DisaggDeployment;
