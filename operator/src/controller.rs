@@ -305,6 +305,14 @@ async fn autoscale(
         for (type_, reason, note) in record_step(&mut view, &outcome, &ctx.metrics, now) {
             publish(recorder, reference, type_, reason, &note).await;
         }
+        let written = view.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == types::SCALING_ACTIVE)
+        });
+        if let Some(condition) = written {
+            ctx.planners.remember_condition(dd, condition.clone());
+        }
     }
     ctx.planners.overlay_latest(&mut view);
     // A reconcile between steps (a child changed) requeues for the step still due, not for a
@@ -647,7 +655,8 @@ fn deployment_status(d: &Deployment, previous: Option<&TierStatus>) -> (TierStat
     )
 }
 
-fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
+/// Sets the condition of `new`'s type; `lastTransitionTime` moves only when the status flips.
+pub(crate) fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
     match conditions.iter_mut().find(|c| c.type_ == new.type_) {
         Some(old) => {
             // lastTransitionTime moves only when the status flips.

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -142,6 +142,9 @@ struct Entry {
     /// The last change of each tier (indexed by [`Tier`]), to overlay on a status the informer
     /// cache may not show yet.
     last_scale: [Option<ScaleRecord>; 2],
+    /// The `ScalingActive` condition of the last step, for the same reason: a reconcile on an
+    /// older copy must not drop or revert it.
+    scaling_active: Option<Condition>,
     source: Option<(String, PrometheusSource)>,
 }
 
@@ -189,6 +192,10 @@ impl Planners {
             return;
         };
         let status = dd.status.get_or_insert_with(Default::default);
+        // Only the planner writes ScalingActive, so its last step's condition is the newest.
+        if let Some(condition) = &entry.scaling_active {
+            crate::controller::set_condition(&mut status.conditions, condition.clone());
+        }
         for (tier, tier_status) in [
             (Tier::Prefill, &mut status.prefill),
             (Tier::Decode, &mut status.decode),
@@ -207,6 +214,18 @@ impl Planners {
                 s.last_scale_time = Some(changed_at);
                 s.last_scale_reason = Some(scale_reason(&record.reason));
             }
+        }
+    }
+
+    /// Remembers the `ScalingActive` condition a step of `dd` wrote, for [`Self::overlay_latest`].
+    pub fn remember_condition(&self, dd: &DisaggDeployment, condition: Condition) {
+        if let Some(entry) = self
+            .entries
+            .lock()
+            .expect("planners lock")
+            .get_mut(&key(dd))
+        {
+            entry.scaling_active = Some(condition);
         }
     }
 
@@ -384,6 +403,36 @@ status:
             Some("prefill 3->1: TTFT p90 145ms vs SLO 500ms, comfortably under")
         );
         assert_eq!(status.decode, untouched_decode, "decode never changed");
+    }
+
+    #[test]
+    fn a_status_older_than_the_last_step_gets_its_scaling_active_condition() {
+        // The informer's copy predates the step that scaled up: no condition yet.
+        let mut dd = deployment("{replicas: 1, readyReplicas: 1, desiredReplicas: 1}");
+        let planners = planners_with(&dd, scale_down_at(160.7));
+        let planning = Condition {
+            type_: "ScalingActive".into(),
+            status: "True".into(),
+            reason: "Planning".into(),
+            message: "prefill 1->3: TTFT p90 4777ms vs SLO 500ms (breach)".into(),
+            observed_generation: None,
+            last_transition_time: scale_time(100.0),
+        };
+        planners.remember_condition(&dd, planning.clone());
+        planners.overlay_latest(&mut dd);
+        assert_eq!(
+            dd.status.as_ref().unwrap().conditions,
+            vec![planning.clone()]
+        );
+        // A copy showing an older ScalingActive (Prometheus was down) gets the newest one.
+        let stale = Condition {
+            status: "False".into(),
+            reason: "PrometheusUnavailable".into(),
+            ..planning.clone()
+        };
+        dd.status.as_mut().unwrap().conditions = vec![stale];
+        planners.overlay_latest(&mut dd);
+        assert_eq!(dd.status.unwrap().conditions, vec![planning]);
     }
 
     #[test]
