@@ -482,6 +482,13 @@ fn worker_args(v: &Validated<'_>, tier: Tier) -> Vec<String> {
         }
         .into(),
     ]);
+    if tier_spec.gpus_per_replica > 1 {
+        // One worker per pod drives all of the pod's GPUs as one tensor-parallel group.
+        args.extend([
+            "--tensor-parallel-size".into(),
+            tier_spec.gpus_per_replica.to_string(),
+        ]);
+    }
     if role == "serve" {
         return args;
     }
@@ -776,7 +783,7 @@ metadata: {name: p}
 spec:
   model: {name: m, source: 'pvc://models/m'}
   image: img
-  prefill: {gpusPerReplica: 1}
+  prefill: {gpusPerReplica: 2}
   decode: {replicas: 9, gpusPerReplica: 2}
   autoscaling:
     enabled: true
@@ -825,9 +832,56 @@ spec:
         let args = c.args.as_ref().unwrap();
         assert_eq!(args[0], "decode");
         assert!(args.windows(2).any(|w| w == ["--device", "cuda"]));
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--tensor-parallel-size", "2"]),
+            "two GPUs per pod are one tensor-parallel group: {args:?}"
+        );
         assert!(args
             .windows(2)
             .any(|w| w == ["--prefill-service", "p-prefill"]));
+    }
+
+    #[test]
+    fn one_gpu_or_none_runs_without_tensor_parallelism() {
+        for (gpus, device) in [(0, "cpu"), (1, "cuda")] {
+            let mut dd = load(PLANNER);
+            dd.spec.prefill.as_mut().unwrap().gpus_per_replica = gpus;
+            dd.spec.decode.gpus_per_replica = gpus;
+            let children = build(&validate(&dd).unwrap());
+            for sts in [children.prefill.unwrap(), children.decode] {
+                let pod = sts.spec.unwrap().template.spec.unwrap();
+                let args = pod.containers[0].args.clone().unwrap();
+                assert!(args.windows(2).any(|w| w == ["--device", device]));
+                assert!(
+                    !args.iter().any(|a| a == "--tensor-parallel-size"),
+                    "{gpus} GPUs: {args:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_serve_pod_with_four_gpus_is_one_tensor_parallel_group() {
+        let dd = load(
+            "
+metadata: {name: s}
+spec:
+  model: {name: m, source: 'file:///opt/m.gguf'}
+  image: img
+  decode: {replicas: 1, gpusPerReplica: 4}
+",
+        );
+        let children = build(&validate(&dd).unwrap());
+        let pod = children.decode.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits[GPU_RESOURCE], Quantity("4".into()));
+        let args = c.args.as_ref().unwrap();
+        assert_eq!(args[0], "serve");
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["--tensor-parallel-size", "4"]));
     }
 
     #[test]
