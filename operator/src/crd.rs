@@ -53,10 +53,7 @@ pub const GRPC_PORT: i32 = 9000;
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("!has(self.spec.autoscaling) || !self.spec.autoscaling.enabled || !has(self.spec.autoscaling.prefill) || has(self.spec.prefill)")
-        .message("spec.autoscaling.prefill needs a spec.prefill tier to scale"),
-    validation = Rule::new("!has(self.spec.prefill) || (self.spec.prefill.gpusPerReplica <= 1 && self.spec.decode.gpusPerReplica <= 1) || self.spec.prefill.gpusPerReplica == self.spec.decode.gpusPerReplica")
-        .message("spec.prefill.gpusPerReplica must equal spec.decode.gpusPerReplica when either is above 1: each tier's pods are one tensor-parallel group and KV moves between groups of equal size")
-        .field_path(".spec.prefill.gpusPerReplica")
+        .message("spec.autoscaling.prefill needs a spec.prefill tier to scale")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DisaggDeploymentSpec {
@@ -188,8 +185,7 @@ pub struct WorkerTierSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
     pub replicas: Option<i32>,
     /// GPUs (`nvidia.com/gpu`) per worker pod; 0 runs the CPU backend. Above 1 the pod's worker
-    /// shards the model across its GPUs (`--tensor-parallel-size`); a prefill and a decode tier
-    /// must then use the same count.
+    /// shards the model across its GPUs (`--tensor-parallel-size`).
     #[serde(default = "default_gpus_per_replica")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 16").message("gpusPerReplica must be between 0 and 16"))]
     pub gpus_per_replica: i32,

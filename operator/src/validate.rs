@@ -40,8 +40,6 @@ pub enum ValidationError {
     NegativeReplicas(Tier),
     #[error("spec.{0}.gpusPerReplica must be between 0 and 16")]
     GpuCount(Tier),
-    #[error("spec.prefill.gpusPerReplica ({prefill}) must equal spec.decode.gpusPerReplica ({decode}) when either is above 1: KV moves between tensor-parallel groups of equal size")]
-    TensorParallelMismatch { prefill: i32, decode: i32 },
 }
 
 /// A `DisaggDeployment` that passed [`validate`]: the only input [`crate::build`] accepts.
@@ -131,15 +129,6 @@ pub fn validate(dd: &DisaggDeployment) -> Result<Validated<'_>, ValidationError>
             return Err(ValidationError::GpuCount(tier));
         }
     }
-    if let Some(prefill) = &spec.prefill {
-        let (p, d) = (prefill.gpus_per_replica, spec.decode.gpus_per_replica);
-        if (p > 1 || d > 1) && p != d {
-            return Err(ValidationError::TensorParallelMismatch {
-                prefill: p,
-                decode: d,
-            });
-        }
-    }
     if let Some(autoscaling) = spec.autoscaling.as_ref().filter(|a| a.enabled) {
         let slo = autoscaling
             .slo
@@ -210,38 +199,6 @@ mod tests {
                 path: "/opt/models/smollm2.gguf".into()
             }
         );
-    }
-
-    fn deployment(prefill_gpus: Option<i32>, decode_gpus: i32) -> DisaggDeployment {
-        let prefill = prefill_gpus
-            .map(|g| format!("  prefill: {{gpusPerReplica: {g}}}\n"))
-            .unwrap_or_default();
-        let yaml = format!(
-            "metadata: {{name: d, namespace: ns, uid: u}}\nspec:\n  model: {{name: m, source: 'pvc://models/m'}}\n  image: img\n{prefill}  decode: {{gpusPerReplica: {decode_gpus}}}\n"
-        );
-        serde_yaml::from_str(&yaml).unwrap()
-    }
-
-    #[test]
-    fn tensor_parallel_tiers_must_be_the_same_size() {
-        for (prefill, decode) in [(Some(2), 1), (Some(1), 4), (Some(0), 2), (Some(4), 2)] {
-            let dd = deployment(prefill, decode);
-            let err = validate(&dd).unwrap_err();
-            assert_eq!(
-                err,
-                ValidationError::TensorParallelMismatch {
-                    prefill: prefill.unwrap(),
-                    decode
-                }
-            );
-            assert!(err.to_string().contains("spec.prefill.gpusPerReplica"));
-        }
-        for (prefill, decode) in [(Some(2), 2), (Some(1), 1), (Some(0), 1), (None, 4)] {
-            assert!(
-                validate(&deployment(prefill, decode)).is_ok(),
-                "{prefill:?} / {decode}"
-            );
-        }
     }
 
     #[test]
