@@ -805,6 +805,9 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
 pub struct CpuBackend {
     cfg: ModelConfig,
     kernel: Kernel,
+    /// `Some`: activations rounded to bf16 where a GPU backend rounds them
+    /// (for checking that backend token for token); `None`: f32 throughout.
+    bf16_activations: Option<Bf16Activations>,
     embed: Matrix,
     /// `None`: tied to `embed`.
     lm_head: Option<Matrix>,
@@ -814,6 +817,32 @@ pub struct CpuBackend {
     inv_freq: Vec<f32>,
     kv: Option<KvPool>,
     scratch: Scratch,
+}
+
+/// Where a GPU backend rounds activations to bf16, for the CPU backend to do
+/// the same ([`CpuBackend::set_bf16_activations`]). With the same bf16
+/// weights on both sides the two then compute the same function up to the
+/// order of f32 sums, so their logits agree far more closely than bf16 and
+/// f32 activations do, and greedy decoding can be compared token for token.
+///
+/// Always rounded: each RMSNorm's output (a matrix input), K and V (the
+/// cache), the attention output and the SiLU·mul product (matrix inputs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bf16Activations {
+    /// Step sizes (total tokens) whose MLP keeps the gate and up products in
+    /// f32 up to SiLU·mul (a fused matrix-vector path); other steps round
+    /// them to bf16 (a GEMM's bf16 output).
+    pub f32_gate_up_tokens: Vec<usize>,
+    /// Steps that are not all single-token decodes round the scaled query
+    /// and the softmax weights multiplying V to bf16 (tensor-core prefill
+    /// attention; the normaliser stays f32). Decode attention stays f32.
+    pub bf16_prefill_attention: bool,
+}
+
+fn round_bf16(v: &mut [f32]) {
+    for x in v {
+        *x = half::bf16::from_f32(*x).to_f32();
+    }
 }
 
 /// RoPE inverse frequencies, with Llama 3 frequency scaling when configured.
@@ -885,6 +914,7 @@ impl CpuBackend {
         }
         Ok(Self {
             kernel: Kernel::detect(),
+            bf16_activations: None,
             embed: Matrix::new(cfg.vocab_size, h, &weights.embed_tokens.data, storage),
             lm_head: weights
                 .lm_head
@@ -897,6 +927,12 @@ impl CpuBackend {
             scratch: Scratch::default(),
             cfg,
         })
+    }
+
+    /// Rounds activations to bf16 where a GPU backend does (`Some`), or keeps
+    /// them f32 (`None`, the default and what serving uses).
+    pub fn set_bf16_activations(&mut self, rounding: Option<Bf16Activations>) {
+        self.bf16_activations = rounding;
     }
 
     /// How many matrices use each storage, e.g. `q4 x 210, q8 x 1`.
@@ -1126,8 +1162,20 @@ impl ComputeBackend for CpuBackend {
         let group = nh / nkv;
         let row_width = nkv * hd;
         let half = hd / 2;
+        // The GPU rounding this step mirrors, if any (see Bf16Activations).
+        let emulate = self.bf16_activations.as_ref();
+        let round = |v: &mut [f32]| {
+            if emulate.is_some() {
+                round_bf16(v)
+            }
+        };
+        let all_decode = batch.iter().all(|seq| seq.tokens.len() == 1);
+        let bf16_attention =
+            emulate.is_some_and(|e| e.bf16_prefill_attention) && !all_decode;
+        let bf16_gate_up = emulate.is_some_and(|e| !e.f32_gate_up_tokens.contains(&total));
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_norm_eps, &mut s.normed);
+            round(&mut s.normed);
             layer.wqkv.matmul(kernel, &s.normed, total, &mut s.qkv);
             let inv_freq = &self.inv_freq;
             let positions = &s.positions;
@@ -1146,6 +1194,15 @@ impl ComputeBackend for CpuBackend {
                     sin[i] = sn;
                 }
                 apply_rope(&mut row[..q_dim + kv_dim], hd, &cos[..half], &sin[..half]);
+                if emulate.is_some() {
+                    round_bf16(&mut row[q_dim..]);
+                }
+                if bf16_attention {
+                    // The kernel rounds the query after scaling it.
+                    for q in &mut row[..q_dim] {
+                        *q = half::bf16::from_f32(*q * scale).to_f32() / scale;
+                    }
+                }
             });
             let (kc, vc) = (&mut pool.k[li], &mut pool.v[li]);
             for (t, &slot) in s.slots.iter().enumerate() {
@@ -1190,7 +1247,12 @@ impl ComputeBackend for CpuBackend {
                         let slot = seq.block_table[pos / block_size] as usize * block_size
                             + pos % block_size;
                         let off = slot * row_width + kvh * hd;
-                        axpy(kernel, sc / sum, &vc[off..off + hd], &mut out);
+                        let weight = if bf16_attention {
+                            half::bf16::from_f32(*sc).to_f32()
+                        } else {
+                            *sc
+                        };
+                        axpy(kernel, weight / sum, &vc[off..off + hd], &mut out);
                     }
                     // SAFETY: task (si, head) alone writes head `head` of its own
                     // tokens' rows; the buffer outlives the parallel loop.
@@ -1215,18 +1277,24 @@ impl ComputeBackend for CpuBackend {
                 (0..batch.len() * nh).into_par_iter().for_each(attend);
             }
 
+            round(&mut s.attn);
             layer.wo.matmul(kernel, &s.attn, total, &mut s.proj);
             s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
             rms_norm(&s.x, &layer.ffn_norm, cfg.rms_norm_eps, &mut s.normed);
+            round(&mut s.normed);
             layer
                 .w_gate_up
                 .matmul(kernel, &s.normed, total, &mut s.gate_up);
+            if bf16_gate_up {
+                round_bf16(&mut s.gate_up);
+            }
             for_rows(&mut s.act, f, &s.gate_up, 2 * f, |_, a, gu| {
                 let (g, u) = gu.split_at(f);
                 for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
             });
+            round(&mut s.act);
             layer.w_down.matmul(kernel, &s.act, total, &mut s.proj);
             s.x.iter_mut().zip(&s.proj).for_each(|(x, p)| *x += p);
 
@@ -1262,6 +1330,9 @@ impl ComputeBackend for CpuBackend {
             cfg.rms_norm_eps,
             &mut s.normed,
         );
+        if self.bf16_activations.is_some() {
+            round_bf16(&mut s.normed);
+        }
         resize(logits, n_rows * cfg.vocab_size);
         self.lm_head
             .as_ref()
@@ -1429,5 +1500,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn prompt_logits(cpu: &mut CpuBackend, tokens: &[u32], start_pos: usize) -> Vec<f32> {
+        let table: Vec<u32> = (0..8).collect();
+        let mut logits = Vec::new();
+        cpu.forward(
+            &[SeqInput {
+                tokens,
+                start_pos,
+                block_table: &table,
+                need_logits: true,
+            }],
+            &mut logits,
+            None,
+        )
+        .unwrap();
+        logits
+    }
+
+    /// Rounding like a GPU: the cache then holds only bf16 values, the
+    /// logits move by about bf16's precision (not more, not zero), and the
+    /// gate/up rounding applies exactly to the step sizes not listed as f32.
+    #[test]
+    fn bf16_activations_round_the_cache_and_move_logits_by_bf16_noise() {
+        let cfg = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
+        let weights = crate::model::testing::random_weights(&cfg, 11);
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % cfg.vocab_size as u32).collect();
+        let run = |rounding: Option<Bf16Activations>, tokens: &[u32]| {
+            let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32).unwrap();
+            cpu.init_kv_cache(4, 8).unwrap();
+            cpu.set_bf16_activations(rounding);
+            let mut logits = prompt_logits(&mut cpu, &prompt, 0);
+            if !tokens.is_empty() {
+                logits = prompt_logits(&mut cpu, tokens, prompt.len());
+            }
+            let kv = cpu.read_kv(&[0, 1, 2], prompt.len()).unwrap();
+            (logits, kv)
+        };
+        let like_gpu = Bf16Activations {
+            f32_gate_up_tokens: vec![1],
+            bf16_prefill_attention: true,
+        };
+        let (exact, kv_exact) = run(None, &[]);
+        let (rounded, kv_rounded) = run(Some(like_gpu.clone()), &[]);
+        let is_bf16 = |v: &f32| half::bf16::from_f32(*v).to_f32() == *v;
+        assert!(
+            kv_rounded
+                .layers
+                .iter()
+                .all(|(k, v)| k.iter().chain(v).all(is_bf16)),
+            "cache values are bf16"
+        );
+        assert!(
+            !kv_exact.layers.iter().all(|(k, _)| k.iter().all(is_bf16)),
+            "f32 activations are not rounded"
+        );
+        let rel = |a: &[f32], b: &[f32]| {
+            let d: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+            let n: f32 = b.iter().map(|y| y * y).sum();
+            (d / n).sqrt()
+        };
+        let err = rel(&rounded, &exact);
+        assert!(err > 1e-5 && err < 3e-2, "relative error {err}");
+        // A one-token step: listed as f32 gate/up or not changes the result.
+        let (f32_mlp, _) = run(Some(like_gpu.clone()), &[5]);
+        let (bf16_mlp, _) = run(
+            Some(Bf16Activations {
+                f32_gate_up_tokens: Vec::new(),
+                ..like_gpu
+            }),
+            &[5],
+        );
+        assert_ne!(f32_mlp, bf16_mlp);
     }
 }

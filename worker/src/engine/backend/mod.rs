@@ -9,7 +9,7 @@ pub mod sampling;
 use crate::engine::types::KvExport;
 use crate::model::{ModelConfig, Tensor, Weights};
 
-pub use cpu::{CpuBackend, WeightStorage};
+pub use cpu::{Bf16Activations, CpuBackend, WeightStorage};
 pub use cuda::{CudaBackend, CudaOptions, DeviceArgs, DeviceSpec, LoadFormat};
 pub use sampling::DeviceSampling;
 
