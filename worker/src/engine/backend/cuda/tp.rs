@@ -215,6 +215,9 @@ impl KvLayerSink for LayerCollector {
 
 type Job = Box<dyn FnOnce(&mut CudaBackend) + Send>;
 
+/// Work handed to every rank: called with the rank's backend and its rank.
+type RankJob<R> = Arc<dyn Fn(&mut CudaBackend, usize) -> R + Send + Sync>;
+
 /// A rank other than 0: the thread owning its backend, fed jobs in order.
 struct RankThread {
     jobs: Option<mpsc::Sender<Job>>,
@@ -362,7 +365,7 @@ impl TensorParallelBackend {
     /// returned receivers, in rank order.
     fn dispatch<R: Send + 'static>(
         &self,
-        job: &Arc<dyn Fn(&mut CudaBackend, usize) -> R + Send + Sync>,
+        job: &RankJob<R>,
     ) -> Result<Vec<mpsc::Receiver<R>>, BackendError> {
         let mut replies = Vec::with_capacity(self.ranks.len());
         for (i, r) in self.ranks.iter().enumerate() {
@@ -399,7 +402,7 @@ impl TensorParallelBackend {
         &mut self,
         job: impl Fn(&mut CudaBackend, usize) -> R + Send + Sync + 'static,
     ) -> Result<Vec<R>, BackendError> {
-        let job: Arc<dyn Fn(&mut CudaBackend, usize) -> R + Send + Sync> = Arc::new(job);
+        let job: RankJob<R> = Arc::new(job);
         let replies = self.dispatch(&job)?;
         let lead = job(&mut self.lead, 0);
         Self::gather(lead, replies)
@@ -557,8 +560,7 @@ impl ComputeBackend for TensorParallelBackend {
 
     fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
         let ids = Arc::new(block_ids.to_vec());
-        let job: Arc<dyn Fn(&mut CudaBackend, usize) -> _ + Send + Sync> =
-            Arc::new(move |b: &mut CudaBackend, _| b.read_kv(&ids, num_tokens));
+        let job: RankJob<_> = Arc::new(move |b: &mut CudaBackend, _| b.read_kv(&ids, num_tokens));
         let replies = self.dispatch(&job)?;
         let parts = Self::gather(self.lead.read_kv(block_ids, num_tokens), replies)?;
         let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;

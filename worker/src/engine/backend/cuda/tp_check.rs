@@ -512,6 +512,9 @@ fn time_all(
     Ok(())
 }
 
+/// A timed run on a group, profiled by the caller.
+type Timed = Box<dyn Fn(&mut TensorParallelBackend) -> Result<f64, BackendError>>;
+
 /// Decode and prefill of `plan.shape` (dummy weights) on one GPU and on a
 /// group of `size`, then a per-operation profile of the group's steps (eager)
 /// with the all-reduces' share. Returns JSON lines.
@@ -570,10 +573,7 @@ pub fn run_bench(
     }
     tp.set_cuda_graphs(true)?;
     let max_prefill = plan.prefill.iter().copied().max();
-    let mut profiles: Vec<(
-        String,
-        Box<dyn Fn(&mut TensorParallelBackend) -> Result<f64, BackendError>>,
-    )> = Vec::new();
+    let mut profiles: Vec<(String, Timed)> = Vec::new();
     for &batch in &plan.batches {
         let (context, shape) = (plan.context, plan.shape.clone());
         profiles.push((
