@@ -839,6 +839,28 @@ mod tests {
     }
 
     #[test]
+    fn the_flag_takes_a_positive_number_of_gpus() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            device: super::super::DeviceArgs,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from([&["tandem"], args].concat());
+        assert_eq!(parse(&[]).unwrap().device.tensor_parallel_size, 1);
+        let cli = parse(&["--device", "cuda:4", "--tensor-parallel-size", "4"]).unwrap();
+        assert_eq!(cli.device.tensor_parallel_size, 4);
+        assert_eq!(cli.device.device, super::super::DeviceSpec::Cuda(4));
+        for bad in ["0", "two", "-1"] {
+            let err = parse(&[&format!("--tensor-parallel-size={bad}")])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("--tensor-parallel-size"), "{err}");
+        }
+    }
+
+    #[test]
     fn tensor_parallelism_on_the_cpu_is_refused() {
         let cfg = testing::tiny_config(Architecture::Llama);
         let opts = CudaOptions {
