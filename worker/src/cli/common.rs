@@ -222,6 +222,7 @@ pub fn load_engine(
         max_model_len,
         gpu_memory_utilization: device.gpu_memory_utilization,
         cuda_graphs: true,
+        tensor_parallel_size: device.tensor_parallel_size,
     };
     let backend = backend::create(&device.device, config, source, &cuda_options)?;
     // The backend keeps its own (compact or device) copy; the f32 weights go now.

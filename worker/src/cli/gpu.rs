@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-use crate::engine::backend::cuda::{bench, check, CudaBackend};
+use crate::engine::backend::cuda::{bench, check, tp_check, CudaBackend};
 use crate::engine::backend::{DeviceSampling, DeviceSpec};
 
 #[derive(Debug, Subcommand)]
@@ -20,6 +20,43 @@ pub enum GpuCommand {
     /// KV transfer between a prefill and a decode worker on two GPUs (or
     /// one): peer-copy ceiling, cuda-ipc and gRPC GB/s, greedy tokens equal.
     TransferBench(super::gpu_transfer::TransferBenchArgs),
+    /// Tensor parallelism: a group of GPUs against one on random models
+    /// (logits, greedy tokens, eager and CUDA graphs, KV export/import and
+    /// streaming), then with --bench the 8B shape's decode and prefill at
+    /// both sizes and the all-reduces' share. Exits non-zero if a check fails.
+    TpCheck(TpCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TpCheckArgs {
+    /// The group's first GPU.
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value_t = 2)]
+    pub tensor_parallel_size: usize,
+    /// Also time decode and prefill (dummy weights of --shape).
+    #[arg(long)]
+    pub bench: bool,
+    /// Skip the correctness checks (with --bench: timings only).
+    #[arg(long)]
+    pub no_checks: bool,
+    #[arg(long, default_value = "llama3-8b")]
+    pub shape: String,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batches: Vec<usize>,
+    /// Prefill lengths.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    pub prefill: Vec<usize>,
+    /// Prompt tokens before the timed decode steps.
+    #[arg(long, default_value_t = 128)]
+    pub context: usize,
+    /// Timed decode steps (after 8 warm-up steps).
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Write the benchmark's JSON lines here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -125,7 +162,42 @@ pub fn run(command: GpuCommand) -> anyhow::Result<()> {
         GpuCommand::Check(a) => run_check(a),
         GpuCommand::Bench(a) => run_bench(a),
         GpuCommand::TransferBench(a) => super::gpu_transfer::run(a),
+        GpuCommand::TpCheck(a) => run_tp_check(a),
     }
+}
+
+fn run_tp_check(a: TpCheckArgs) -> anyhow::Result<()> {
+    let first = ordinal(a.device)?;
+    let results = if a.no_checks {
+        Vec::new()
+    } else {
+        tp_check::run_checks(first, a.tensor_parallel_size)
+    };
+    let failed = results.iter().filter(|r| !r.passed).count();
+    if a.bench {
+        let plan = tp_check::BenchPlan {
+            shape: a.shape.clone(),
+            batches: a.batches.clone(),
+            prefill: a.prefill.clone(),
+            context: a.context,
+            steps: a.steps,
+        };
+        let lines = tp_check::run_bench(first, a.tensor_parallel_size, &plan)
+            .context("tensor-parallel benchmark")?;
+        if let Some(path) = &a.json {
+            let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            std::fs::write(path, text.join("\n") + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} tensor-parallel checks failed",
+            results.len()
+        );
+    }
+    println!("all {} tensor-parallel checks passed", results.len());
+    Ok(())
 }
 
 fn run_check(a: CheckArgs) -> anyhow::Result<()> {

@@ -111,6 +111,7 @@ impl TransferBenchArgs {
             // Two workers may share one GPU.
             gpu_memory_utilization: 0.45,
             cuda_graphs: true,
+            tensor_parallel_size: 1,
         };
         let backend = backend::create(
             &DeviceSpec::Cuda(device),

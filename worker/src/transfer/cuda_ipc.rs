@@ -83,7 +83,7 @@ pub fn choose(
         return Ok(Choice::Grpc(None));
     }
     let why_not = if own_pool.is_none() {
-        Some("this decode worker's KV pool is not on a CUDA device".to_string())
+        Some("this decode worker's KV pool is not on a CUDA device or is sharded (tensor parallelism)".to_string())
     } else {
         match peer {
             None => Some("the prefill worker has not reported its load yet".to_string()),

@@ -39,6 +39,8 @@ pub enum BackendError {
     SamplingRows { sampling: usize, rows: usize },
     #[error(transparent)]
     Cuda(#[from] cuda::CudaError),
+    #[error(transparent)]
+    TensorParallel(#[from] cuda::tp::TpError),
     /// Writing KV straight into another worker's pool (cuda-ipc) is not
     /// something this backend can do.
     #[error("the {0} backend cannot write KV into another worker's pool (cuda-ipc needs CUDA)")]
@@ -324,14 +326,29 @@ pub enum WeightsSource<'a> {
 
 /// Creates the backend `device` names for a model. `cuda_options` sizes the
 /// GPU's workspace and KV budget (ignored on the CPU, which stores weights in
-/// its compact form).
+/// its compact form) and says over how many GPUs, from `device` on, the model
+/// is sharded.
 pub fn create(
     device: &DeviceSpec,
     config: ModelConfig,
     weights: WeightsSource<'_>,
     cuda_options: &CudaOptions,
 ) -> Result<Box<dyn ComputeBackend>, BackendError> {
+    let tp = cuda_options.tensor_parallel_size;
+    if tp == 0 {
+        return Err(cuda::tp::TpError::ZeroSize.into());
+    }
     Ok(match (device, weights) {
+        (DeviceSpec::Cpu, _) if tp > 1 => return Err(cuda::tp::TpError::NotOnCpu(tp).into()),
+        (DeviceSpec::Cuda(first), weights) if tp > 1 => {
+            Box::new(cuda::tp::TensorParallelBackend::new(
+                *first,
+                tp,
+                config,
+                weights,
+                cuda_options.clone(),
+            )?)
+        }
         (DeviceSpec::Cpu, WeightsSource::Host(w)) => {
             Box::new(CpuBackend::new(config, w, WeightStorage::default())?)
         }

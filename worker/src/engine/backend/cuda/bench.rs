@@ -62,6 +62,7 @@ pub fn backend(
         max_model_len: 8192,
         gpu_memory_utilization: 0.95,
         cuda_graphs: true,
+        tensor_parallel_size: 1,
     };
     let mut b = CudaBackend::new_dummy(ordinal, cfg, 1, opts).map_err(|e| e.to_string())?;
     b.init_kv_cache(BLOCK, num_blocks)

@@ -252,6 +252,7 @@ fn options(max_model_len: usize) -> CudaOptions {
         max_model_len,
         gpu_memory_utilization: 0.9,
         cuda_graphs: true,
+        tensor_parallel_size: 1,
     }
 }
 

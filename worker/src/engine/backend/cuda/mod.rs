@@ -35,6 +35,9 @@ pub mod bench;
 pub mod check;
 mod device;
 pub mod ipc;
+mod nccl;
+pub mod tp;
+pub mod tp_check;
 mod weights;
 
 use std::collections::HashMap;
@@ -74,6 +77,8 @@ pub enum CudaError {
     StepTooLarge(String),
     #[error("invalid option: {0}")]
     Option(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 impl From<cudarc::driver::DriverError> for CudaError {
@@ -154,6 +159,17 @@ pub struct DeviceArgs {
     /// given; --kv-cache-memory applies to the CPU only).
     #[arg(long, env = "TANDEM_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_utilization)]
     pub gpu_memory_utilization: f32,
+    /// GPUs one worker shards the model over (Megatron-style tensor
+    /// parallelism through NCCL): `--device cuda:K` uses GPUs K .. K+N-1.
+    #[arg(long, env = "TANDEM_TENSOR_PARALLEL_SIZE", default_value_t = 1, value_parser = parse_tensor_parallel_size)]
+    pub tensor_parallel_size: usize,
+}
+
+fn parse_tensor_parallel_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of GPUs (1 or more)")),
+    }
 }
 
 fn parse_utilization(s: &str) -> Result<f32, String> {
@@ -181,6 +197,8 @@ pub struct CudaOptions {
     pub gpu_memory_utilization: f32,
     /// Replay CUDA graphs for decode steps.
     pub cuda_graphs: bool,
+    /// GPUs the model is sharded over (1: no tensor parallelism).
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for CudaOptions {
@@ -191,6 +209,7 @@ impl Default for CudaOptions {
             max_model_len: 4096,
             gpu_memory_utilization: 0.9,
             cuda_graphs: true,
+            tensor_parallel_size: 1,
         }
     }
 }
@@ -384,6 +403,9 @@ pub struct CudaBackend {
     fused_gemv: bool,
     /// Programmatic dependent launches for the kernels that support them.
     pdl: bool,
+    /// This backend's rank in a tensor-parallel group: it holds a shard of
+    /// the model and sums the output and down projections with its peers.
+    tp: Option<nccl::RankComm>,
     gpu: Gpu,
 }
 
@@ -529,8 +551,18 @@ impl CudaBackend {
             // slower (7.47 vs 6.39 ms) and SmolLM2's no faster (0.789 vs
             // 0.790 ms). Needs compute capability 9.0 or newer.
             pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", false),
+            tp: None,
             gpu,
         })
+    }
+
+    /// Makes this backend rank `comm.rank` of a tensor-parallel group: its
+    /// weights are that rank's shard ([`tp::shard_weights`]), and after the
+    /// output and down projections the ranks' partial sums are all-reduced
+    /// (rank 0 adds the residual, the others contribute their share alone).
+    fn join_tensor_parallel_group(&mut self, comm: nccl::RankComm) {
+        self.graphs.clear();
+        self.tp = Some(comm);
     }
 
     /// The GPU's name, e.g. `NVIDIA H100 80GB HBM3`.
@@ -1038,8 +1070,14 @@ impl CudaBackend {
             block_dim: (32 * GEMV_WARPS as u32, 1, 1),
             shared_mem_bytes: (rows * k * 2) as u32,
         };
-        let (q_dim_i, f_i, one) = (q_dim as i32, f as i32, 1i32);
+        let (q_dim_i, f_i) = (q_dim as i32, f as i32);
         let pdl = self.pdl;
+        // Under tensor parallelism only rank 0 adds its projections onto the
+        // residual; the others write their partial sums, and the all-reduce
+        // after each projection makes the residual whole on every rank.
+        let adds_residual = self.tp.is_none_or(|c| c.rank == 0);
+        let (accumulate, residual_beta) = if adds_residual { (1i32, 1.0) } else { (0, 0.0) };
+        let reduce_rows = self.tp.map(|c| (c, t * cfg.hidden_size));
 
         let x = ws.x.ptr();
         launch!(gpu, embed_gather, rows_cfg(t, 256); x, self.weights.embed.ptr(), tokens_p, h)?;
@@ -1151,16 +1189,24 @@ impl CudaBackend {
                 let hp = cfg.hidden_size.div_ceil(2);
                 // x += attn · wo^T
                 launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, q_dim);
-                    x, layer.wo.ptr(), attn, null, null, null, eps, q_dim_i, h, one)?;
+                    x, layer.wo.ptr(), attn, null, null, null, eps, q_dim_i, h, accumulate)?;
                 mark!(self, "o_gemv");
+                if let Some((comm, n)) = reduce_rows {
+                    comm.all_reduce_sum_f32(x, n, gpu.cu_stream())?;
+                    mark!(self, "all_reduce");
+                }
                 // act = silu(norm(x) · w_gate^T) * (norm(x) · w_up^T)
                 launch_fn!(gpu, pdl, gpu.kernels.gemv_silu[mi], gemv_cfg(t, f, cfg.hidden_size);
                     act, layer.w_gate_up.ptr(), x, layer.ffn_norm.ptr(), eps, h, f_i)?;
                 mark!(self, "norm_gate_up_silu_gemv");
                 // x += act · w_down^T
                 launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, f);
-                    x, layer.w_down.ptr(), act, null, null, null, eps, f_i, h, one)?;
+                    x, layer.w_down.ptr(), act, null, null, null, eps, f_i, h, accumulate)?;
                 mark!(self, "down_gemv");
+                if let Some((comm, n)) = reduce_rows {
+                    comm.all_reduce_sum_f32(x, n, gpu.cu_stream())?;
+                    mark!(self, "all_reduce");
+                }
                 continue;
             }
             // x += attn · wo^T
@@ -1173,9 +1219,13 @@ impl CudaBackend {
                 layer.wo.ptr(),
                 x,
                 Dtype::F32,
-                1.0,
+                residual_beta,
             )?;
             mark!(self, "o_gemm");
+            if let Some((comm, n)) = reduce_rows {
+                comm.all_reduce_sum_f32(x, n, gpu.cu_stream())?;
+                mark!(self, "all_reduce");
+            }
             launch!(gpu, rms_norm, rows_cfg(t, norm_threads); normed, x, layer.ffn_norm.ptr(), null, h, eps)?;
             mark!(self, "norm");
             let gu = ws.gate_up.ptr();
@@ -1205,9 +1255,13 @@ impl CudaBackend {
                 layer.w_down.ptr(),
                 x,
                 Dtype::F32,
-                1.0,
+                residual_beta,
             )?;
             mark!(self, "down_gemm");
+            if let Some((comm, n)) = reduce_rows {
+                comm.all_reduce_sum_f32(x, n, gpu.cu_stream())?;
+                mark!(self, "all_reduce");
+            }
 
             if let Some(sink) = sink.as_deref_mut() {
                 // Copy this layer's K|V rows out, then hand the previous
