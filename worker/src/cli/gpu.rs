@@ -95,6 +95,21 @@ pub struct GpuBenchArgs {
     /// a step's GPU time goes.
     #[arg(long)]
     pub profile: bool,
+    /// Parts of the run to leave out (for short runs of one question, such
+    /// as long-context decode at batch).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub skip: Vec<BenchPart>,
+}
+
+/// Parts of `tandem gpu bench` that `--skip` can leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    /// The prefill timings of the big shape.
+    Prefill,
+    /// Batch-1 decode other ways (cuBLAS projections, PDL, sampled).
+    Variants,
+    /// The SmolLM2-135M shape's decode.
+    Smollm2,
 }
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
@@ -238,7 +253,12 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
             "shape": a.shape,
             "weight_gib": b.weight_bytes() as f64 / (1u64 << 30) as f64,
         }));
-        for &t in &a.prefill {
+        let prefills = if a.skip.contains(&BenchPart::Prefill) {
+            &[][..]
+        } else {
+            &a.prefill[..]
+        };
+        for &t in prefills {
             let r = bench::prefill(&mut b, &a.shape, t, 5).context("prefill bench")?;
             emit(serde_json::to_value(r)?);
         }
@@ -247,8 +267,10 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
                 .context("decode bench")?;
             emit(serde_json::to_value(r)?);
         }
-        for r in variants(&mut b, &a.shape, a.context, a.steps)? {
-            emit(serde_json::to_value(r)?);
+        if !a.skip.contains(&BenchPart::Variants) {
+            for r in variants(&mut b, &a.shape, a.context, a.steps)? {
+                emit(serde_json::to_value(r)?);
+            }
         }
         if a.profile {
             for &batch in &[1, max_batch] {
@@ -257,7 +279,7 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
                     Ok(bench::decode(b, &a.shape, batch, a.context, 16, None)?)
                 })?);
             }
-            if max_prefill > 0 {
+            if max_prefill > 0 && !a.skip.contains(&BenchPart::Prefill) {
                 let label = format!("{} prefill {max_prefill}", a.shape);
                 emit(profiled(&mut b, label, |b| {
                     Ok(bench::prefill(b, &a.shape, max_prefill, 2)?)
@@ -265,14 +287,16 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    {
+    if !a.skip.contains(&BenchPart::Smollm2) {
         let shape = "smollm2-135m";
         let blocks = (a.context + 8 + 128).div_ceil(16) + 16;
         let mut b = bench::backend(ordinal, shape, 4096, 1, blocks).map_err(anyhow::Error::msg)?;
         let r = bench::decode(&mut b, shape, 1, a.context, 128, None).context("decode bench")?;
         emit(serde_json::to_value(r)?);
-        for r in variants(&mut b, shape, a.context, 128)? {
-            emit(serde_json::to_value(r)?);
+        if !a.skip.contains(&BenchPart::Variants) {
+            for r in variants(&mut b, shape, a.context, 128)? {
+                emit(serde_json::to_value(r)?);
+            }
         }
         if a.profile {
             let label = format!("{shape} decode batch 1");

@@ -30,6 +30,9 @@ pub struct DecodeResult {
     /// floor_ms / ms_per_step.
     pub fraction_of_floor: f64,
     pub tokens_per_s: f64,
+    /// CUDA graphs captured during this run (prompt, warm-up and timed
+    /// steps): one per batch bucket not seen before, never one per context.
+    pub graph_captures: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +112,7 @@ pub fn decode(
     sampling: Option<DeviceSampling>,
 ) -> Result<DecodeResult, BackendError> {
     let cfg = b.config().clone();
+    let graphs_before = b.captured_graphs();
     let warmup = 8;
     let total = context + warmup + steps;
     let blocks_per_seq = total.div_ceil(BLOCK);
@@ -175,6 +179,7 @@ pub fn decode(
         floor_ms,
         fraction_of_floor: floor_ms / ms,
         tokens_per_s: batch as f64 / ms * 1e3,
+        graph_captures: b.captured_graphs().saturating_sub(graphs_before),
     })
 }
 

@@ -297,6 +297,137 @@ pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     Ok(out)
 }
 
+/// Decode at long contexts vs the CPU, and CUDA graphs vs eager steps:
+/// sequences of 20 to 1020 tokens whose decode crosses split boundaries
+/// (decode attention takes a split per 128 positions, up to the batch's
+/// cap), batches of 4, 2 and 1 sequences (graph buckets 4, 2 and 1, each
+/// with its own cap; full buckets, so the eager steps run the same kernels
+/// with the same shapes and must match bit for bit). Geometries: head_dim 64 with groups of 2, 128 with 4,
+/// 32 with 6 (padded to the kernel's group bound of 8), and 96 (the older
+/// kernel). Q weights are scaled up so attention is peaked enough for a
+/// position counted twice or missed to show in the logits.
+pub fn long_contexts(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
+    let mut out = Vec::new();
+    for (arch, head_dim, heads, kv_heads) in [
+        (Architecture::Llama, 64, 16, 8),
+        (Architecture::Llama, 128, 16, 4),
+        (Architecture::Qwen2, 32, 12, 2),
+        (Architecture::Llama, 96, 4, 2),
+    ] {
+        let cfg = ModelConfig {
+            head_dim,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            hidden_size: heads * head_dim,
+            max_position_embeddings: 2048,
+            ..check_config(arch)
+        };
+        let mut raw = testing::random_weights(&cfg, 23);
+        for layer in &mut raw.layers {
+            layer.wq.data.iter_mut().for_each(|w| *w *= 4.0);
+        }
+        let weights = bf16_rounded(&raw);
+        let opts = options(2048);
+        let mut graphs = CudaBackend::new(ordinal, cfg.clone(), &weights, opts.clone())?;
+        let mut eager = CudaBackend::new(
+            ordinal,
+            cfg.clone(),
+            &weights,
+            CudaOptions {
+                cuda_graphs: false,
+                ..opts
+            },
+        )?;
+        let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)?;
+        let (block_size, num_blocks) = (16, 192);
+        graphs.init_kv_cache(block_size, num_blocks)?;
+        eager.init_kv_cache(block_size, num_blocks)?;
+        cpu.init_kv_cache(block_size, num_blocks)?;
+        let prompts = [1020usize, 253, 126, 20];
+        let decode_steps = 10;
+        // Each sequence's blocks, taken from the end of the pool backwards.
+        let mut next_block = num_blocks as u32;
+        let seqs: Vec<Seq> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let blocks = (n + decode_steps).div_ceil(block_size) as u32;
+                next_block -= blocks;
+                Seq {
+                    tokens: pseudo_tokens(n + decode_steps, cfg.vocab_size, 40 + i),
+                    blocks: (next_block..next_block + blocks).rev().collect(),
+                }
+            })
+            .collect();
+        let backends: [&mut dyn ComputeBackend; 3] = [&mut graphs, &mut eager, &mut cpu];
+        let mut logits: [Vec<Vec<f32>>; 3] = Default::default();
+        for (be, rows) in backends.into_iter().zip(logits.iter_mut()) {
+            let mut l = Vec::new();
+            for (seq, &n) in seqs.iter().zip(&prompts) {
+                be.forward(
+                    &[SeqInput {
+                        tokens: &seq.tokens[..n],
+                        start_pos: 0,
+                        block_table: &seq.blocks,
+                        need_logits: false,
+                    }],
+                    &mut l,
+                    None,
+                )?;
+            }
+            // Steps 0..4: all four; 4..7: sequences 0 and 1; 7..10: 0 alone.
+            let mut pos = prompts;
+            for step in 0..decode_steps {
+                let members: &[usize] = match step {
+                    0..4 => &[0, 1, 2, 3],
+                    4..7 => &[0, 1],
+                    _ => &[0],
+                };
+                let batch: Vec<SeqInput<'_>> = members
+                    .iter()
+                    .map(|&i| SeqInput {
+                        tokens: &seqs[i].tokens[pos[i]..pos[i] + 1],
+                        start_pos: pos[i],
+                        block_table: &seqs[i].blocks,
+                        need_logits: true,
+                    })
+                    .collect();
+                be.forward(&batch, &mut l, None)?;
+                rows.extend(l.chunks(cfg.vocab_size).map(<[f32]>::to_vec));
+                for &i in members {
+                    pos[i] += 1;
+                }
+            }
+        }
+        let [graph_rows, eager_rows, cpu_rows] = logits;
+        let (mut worst, mut disagree) = (0f64, 0);
+        for (g, c) in graph_rows.iter().zip(&cpu_rows) {
+            worst = worst.max(relative_error(g, c));
+            disagree += usize::from(!same_choice(g, c));
+        }
+        let rows = cpu_rows.len();
+        out.push(result(
+            &format!(
+                "long contexts, head_dim {head_dim}, {heads}/{kv_heads} heads: decode logits vs CPU"
+            ),
+            rows == 25 && graph_rows.len() == rows && worst <= LOGITS_TOLERANCE && disagree == 0,
+            format!(
+                "{rows} rows at contexts 21..1030, max rel err {worst:.2e} (limit {LOGITS_TOLERANCE:.0e}), argmax differs beyond a near-tie in {disagree}"
+            ),
+        ));
+        let captured = graphs.captured_graphs();
+        out.push(result(
+            &format!("long contexts, head_dim {head_dim}: CUDA graphs equal eager steps, one graph per batch bucket"),
+            graph_rows == eager_rows && captured == 3,
+            format!(
+                "{} of {rows} rows equal; {captured} graphs captured over 10 steps across split boundaries (buckets 4, 2, 1)",
+                graph_rows.iter().zip(&eager_rows).filter(|(a, b)| a == b).count()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
 /// KV export, import, streaming, block copies and disaggregation: all must
 /// reproduce what the backend computed itself, exactly.
 pub fn kv_paths(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
@@ -866,6 +997,10 @@ pub fn run_all(ordinal: usize, model: Option<&Path>) -> Vec<CheckResult> {
         random_models(ordinal).map_err(|e| e.to_string()),
     );
     add("KV paths", kv_paths(ordinal).map_err(|e| e.to_string()));
+    add(
+        "long contexts",
+        long_contexts(ordinal).map_err(|e| e.to_string()),
+    );
     add("sampling", sampling(ordinal).map_err(|e| e.to_string()));
     add("engine", engine_disaggregated(ordinal));
     if let Some(path) = model {

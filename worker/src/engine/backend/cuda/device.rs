@@ -31,8 +31,12 @@ pub(super) struct Kernels {
     pub rms_norm: CudaFunction,
     pub rope_kv_write: CudaFunction,
     pub silu_mul: CudaFunction,
-    /// Indexed by head_dim / 32 - 1.
-    pub decode_attention: Vec<CudaFunction>,
+    /// The older decode attention, indexed by head_dim / 32 - 1; compiled
+    /// only for the head dims `decode_attention_v2` does not cover.
+    pub decode_attention: Vec<Option<CudaFunction>>,
+    /// The context-independent decode attention, indexed by
+    /// [`decode_v2_index`].
+    pub decode_attention_v2: Vec<CudaFunction>,
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
@@ -240,6 +244,21 @@ pub(super) struct Gpu {
 // every entry point binds the context to the calling thread first.
 unsafe impl Send for Gpu {}
 
+/// Head dims and GQA group bounds the `decode_attention_v2_{hd}_{g}` kernels
+/// are compiled for (llama.cu: 16-byte loads of 8 elements, HD / 8 lanes per
+/// position, which must divide a warp).
+pub(super) const DECODE_V2_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+pub(super) const DECODE_V2_GROUPS: [usize; 4] = [1, 2, 4, 8];
+
+/// Index into [`Kernels::decode_attention_v2`] of the kernel for `head_dim`
+/// and a GQA group of `group` query heads (the smallest compiled bound that
+/// holds it), or `None` where none is compiled.
+pub(super) fn decode_v2_index(head_dim: usize, group: usize) -> Option<usize> {
+    let h = DECODE_V2_HEAD_DIMS.iter().position(|&d| d == head_dim)?;
+    let g = DECODE_V2_GROUPS.iter().position(|&g| g >= group)?;
+    Some(h * DECODE_V2_GROUPS.len() + g)
+}
+
 /// Largest dynamic shared memory the attention kernels may ask for (Hopper
 /// and Ampere A100 give a block up to 227 and 163 KiB).
 pub(super) const MAX_ATTENTION_SMEM: u32 = 160 * 1024;
@@ -275,7 +294,21 @@ impl Gpu {
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
             decode_attention: (1..=8)
-                .map(|pl| f(&format!("decode_attention_{pl}")))
+                .map(|pl| {
+                    let covered = DECODE_V2_HEAD_DIMS.contains(&(32 * pl));
+                    (!covered)
+                        .then(|| f(&format!("decode_attention_{pl}")))
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?,
+            decode_attention_v2: DECODE_V2_HEAD_DIMS
+                .iter()
+                .flat_map(|hd| {
+                    DECODE_V2_GROUPS
+                        .iter()
+                        .map(move |g| format!("decode_attention_v2_{hd}_{g}"))
+                })
+                .map(|name| f(&name))
                 .collect::<Result<_, _>>()?,
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
@@ -299,6 +332,8 @@ impl Gpu {
         for k in kernels
             .decode_attention
             .iter()
+            .flatten()
+            .chain(&kernels.decode_attention_v2)
             .chain([
                 &kernels.prefill_attention,
                 &kernels.prefill_attention_tc64,
@@ -568,7 +603,10 @@ mod tests {
         for arch in ["sm_90", "sm_80"] {
             let ptx = compiled_ptx(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
             for name in [
-                "decode_attention_4",
+                "decode_attention_3",
+                "decode_attention_8",
+                "decode_attention_v2_64_4",
+                "decode_attention_v2_128_8",
                 "prefill_attention",
                 "rope_kv_write",
                 "silu_mul",

@@ -21,9 +21,12 @@
 //! only unless a request wants logprobs or penalties.
 //!
 //! Decode steps (one token per sequence, no KV streaming) replay CUDA graphs
-//! captured per (batch-size bucket, context bucket): every pointer the step
-//! uses is fixed, and the step's inputs are copied to fixed device buffers
-//! before the replay. Everything runs on one stream; every public call binds
+//! captured per batch-size bucket: every pointer the step uses is fixed, the
+//! step's inputs are copied to fixed device buffers before the replay, and
+//! decode attention's grid depends on the batch alone (each block reads the
+//! context length on the device), so a sequence growing through any context
+//! length keeps replaying the same graph instead of capturing new ones in the
+//! middle of serving. Everything runs on one stream; every public call binds
 //! the context to the calling thread first, so the backend can move to the
 //! engine thread.
 //!
@@ -52,7 +55,8 @@ use super::{
 use crate::engine::types::{KvDtype, KvExport};
 use crate::model::{ModelConfig, Weights};
 use device::{
-    alloc, alloc_pinned, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM,
+    alloc, alloc_pinned, decode_v2_index, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer,
+    DECODE_V2_GROUPS, MAX_ATTENTION_SMEM,
 };
 use weights::DeviceWeights;
 
@@ -265,6 +269,10 @@ macro_rules! mark {
 /// and the warps of one decode-attention block (`DECODE_WARPS`).
 const DECODE_PARTITION: usize = 64;
 const DECODE_WARPS: usize = 8;
+/// Fewest positions a split of the context-independent decode attention
+/// takes (`DECODE_MIN_CHUNK` in llama.cu): a sequence uses
+/// `min(splits, max(1, ctx / DECODE_MIN_CHUNK))` splits.
+const DECODE_MIN_CHUNK: usize = 128;
 /// Query rows per tile of the scalar prefill-attention kernel (`PF_Q` in
 /// llama.cu); the tensor-core kernel's tiles depend on the GQA group, see
 /// [`prefill_tile`].
@@ -453,6 +461,48 @@ fn max_splits(opts: &CudaOptions) -> usize {
         .next_power_of_two()
 }
 
+/// The decode-attention grid's splits (its z dimension) for a step of `seqs`
+/// sequences: a function of the batch alone, never of the context, so a
+/// captured graph serves every context length. With the context-independent
+/// kernel, as many splits as keep `seqs × kv_heads × splits` blocks within
+/// one wave of one block per SM (its register use allows one; a block keeps
+/// 32-64 KiB of loads in flight, enough to stream at full bandwidth), at least
+/// one; a sequence uses fewer when its context is short (see
+/// [`DECODE_MIN_CHUNK`]), the others returning at once. With the older kernel (head dims it
+/// does not cover), every split the longest context may need, the unused
+/// ones returning at once.
+fn decode_splits(cfg: &ModelConfig, opts: &CudaOptions, num_sms: u32, seqs: usize) -> usize {
+    let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+    if decode_v2_index(cfg.head_dim, group).is_none() {
+        return max_splits(opts);
+    }
+    let blocks_per_split = seqs.max(1) * cfg.num_kv_heads.max(1);
+    (num_sms as usize / blocks_per_split)
+        .clamp(1, opts.max_model_len.div_ceil(DECODE_MIN_CHUNK).max(1))
+}
+
+/// Partial results (rows of head_dim floats) decode attention may write in
+/// one step: the most over every batch size of sequences × heads × splits.
+fn decode_part_rows(cfg: &ModelConfig, opts: &CudaOptions, num_sms: u32) -> usize {
+    (1..=opts.max_num_seqs)
+        .map(|n| n * cfg.num_heads * decode_splits(cfg, opts, num_sms, n))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The CUDA graph a decode step of `seqs` sequences replays: its batch
+/// bucket and decode attention's splits. Neither depends on the context.
+fn decode_graph_key(
+    cfg: &ModelConfig,
+    opts: &CudaOptions,
+    num_sms: u32,
+    seqs: usize,
+    max_seqs: usize,
+) -> (usize, usize) {
+    let bucket = graph_bucket(seqs, max_seqs);
+    (bucket, decode_splits(cfg, opts, num_sms, bucket))
+}
+
 impl CudaBackend {
     /// Opens `cuda:ordinal`, uploads `weights` (converted to bf16) and plans
     /// the workspace for `opts`.
@@ -500,7 +550,7 @@ impl CudaBackend {
             cfg.num_kv_heads,
         );
         let (q_dim, kv_dim, f) = (nh * hd, nkv * hd, cfg.intermediate_size);
-        let splits = max_splits(&opts);
+        let part_rows = decode_part_rows(&cfg, &opts, gpu.num_sms);
         let ws = Workspace {
             x: alloc(m * h * 4)?,
             normed: alloc(m * h * 2)?,
@@ -509,9 +559,9 @@ impl CudaBackend {
             gate_up: alloc(m * 2 * f * 2)?,
             act: alloc(m * f * 2)?,
             kv_out: alloc(m * 2 * kv_dim * 4)?,
-            part_max: alloc(s * nh * splits * 4)?,
-            part_sum: alloc(s * nh * splits * 4)?,
-            part_out: alloc(s * nh * splits * hd * 4)?,
+            part_max: alloc(part_rows * 4)?,
+            part_sum: alloc(part_rows * 4)?,
+            part_out: alloc(part_rows * hd * 4)?,
             split_counters: alloc(s * nkv * 4)?,
             logits: alloc(s * cfg.vocab_size * 4)?,
             next_tokens: alloc(s * 4)?,
@@ -739,6 +789,7 @@ impl CudaBackend {
     ) -> Result<(StepPlan, Option<usize>), BackendError> {
         let cfg = &self.cfg;
         let opts = &self.opts;
+        let num_sms = self.gpu.num_sms;
         let pool = self
             .kv
             .as_mut()
@@ -775,11 +826,15 @@ impl CudaBackend {
         let bucket = (allow_graph && decode && opts.cuda_graphs)
             .then(|| graph_bucket(batch.len(), layout.max_seqs));
         let rows = bucket.unwrap_or(tokens);
+        // Eager decode steps use their bucket's splits too, so a graph
+        // replay and an eager step compute the same sums in the same order.
         let splits = if decode {
-            max_ctx
-                .div_ceil(DECODE_PARTITION)
-                .next_power_of_two()
-                .min(max_splits(opts))
+            decode_splits(
+                cfg,
+                opts,
+                num_sms,
+                graph_bucket(batch.len(), layout.max_seqs),
+            )
         } else {
             0
         };
@@ -921,7 +976,14 @@ impl CudaBackend {
         };
         match bucket {
             Some(b) => {
-                let key = (b, plan.splits);
+                let key = decode_graph_key(
+                    &self.cfg,
+                    &self.opts,
+                    self.gpu.num_sms,
+                    batch.len(),
+                    self.kv.as_ref().map_or(b, |p| p.layout.max_seqs),
+                );
+                debug_assert_eq!(key, (b, plan.splits));
                 if !self.graphs.contains_key(&key) {
                     // An eager run first: cuBLAS picks and initialises its
                     // kernels outside the capture.
@@ -1122,8 +1184,23 @@ impl CudaBackend {
             }
 
             let attn = ws.attn.ptr();
-            if plan.decode {
-                let group = cfg.num_heads / cfg.num_kv_heads;
+            let group = cfg.num_heads / cfg.num_kv_heads;
+            if let (true, Some(ki)) = (plan.decode, decode_v2_index(cfg.head_dim, group)) {
+                // Partial max and sum, then output rows, per (warp, head of
+                // the group bound) for the merge across warps.
+                let g = DECODE_V2_GROUPS[ki % DECODE_V2_GROUPS.len()];
+                let smem = 4 * DECODE_WARPS * g * (2 + cfg.head_dim);
+                let (pm, ps, po) = (ws.part_max.ptr(), ws.part_sum.ptr(), ws.part_out.ptr());
+                let counters = ws.split_counters.ptr();
+                let launch = LaunchConfig {
+                    grid_dim: (plan.seqs as u32, nkv as u32, plan.splits as u32),
+                    block_dim: (32 * DECODE_WARPS as u32, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                launch_fn!(gpu, pdl, gpu.kernels.decode_attention_v2[ki], launch;
+                    qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
+                    nh, nkv, block_size, max_blocks, scale)?;
+            } else if plan.decode {
                 let smem = 4
                     * (group * cfg.head_dim
                         + group * DECODE_PARTITION
@@ -1136,7 +1213,10 @@ impl CudaBackend {
                     block_dim: (32 * DECODE_WARPS as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                launch_fn!(gpu, pdl, gpu.kernels.decode_attention[cfg.head_dim / 32 - 1], launch;
+                let kernel = gpu.kernels.decode_attention[cfg.head_dim / 32 - 1]
+                    .as_ref()
+                    .expect("compiled for every head dim decode_attention_v2 lacks");
+                launch_fn!(gpu, pdl, *kernel, launch;
                     qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
                     nh, nkv, hd, block_size, max_blocks, splits, scale)?;
             } else {
@@ -1721,6 +1801,71 @@ mod tests {
         assert_eq!(graph_bucket(3, 64), 4);
         assert_eq!(graph_bucket(33, 64), 64);
         assert_eq!(graph_bucket(40, 48), 48);
+    }
+
+    /// A long run of decode steps (contexts from 1 to the planned maximum,
+    /// batches that grow and shrink) meets one graph per batch bucket and
+    /// no more, whatever the contexts: no capture in the middle of serving
+    /// once each bucket has been seen.
+    #[test]
+    fn decode_graphs_are_keyed_by_the_batch_bucket_alone() {
+        let opts = CudaOptions {
+            max_num_seqs: 64,
+            max_model_len: 8192,
+            ..CudaOptions::default()
+        };
+        for shape in ["llama3-8b", "smollm2-135m", "qwen2-7b"] {
+            let cfg = crate::model::dummy::config(shape).unwrap();
+            let mut keys = std::collections::HashSet::new();
+            let mut buckets = std::collections::HashSet::new();
+            for ctx in (1..=opts.max_model_len).step_by(61) {
+                let seqs = 1 + (ctx * 7) % opts.max_num_seqs;
+                keys.insert(decode_graph_key(&cfg, &opts, 132, seqs, opts.max_num_seqs));
+                buckets.insert(graph_bucket(seqs, opts.max_num_seqs));
+            }
+            assert_eq!(keys.len(), buckets.len(), "{shape}: {keys:?}");
+            assert_eq!(buckets.len(), 7, "{shape}: buckets 1, 2, 4, ..., 64");
+        }
+    }
+
+    /// Decode attention's grid fills one wave of the SMs at long contexts
+    /// for every batch size (or runs one split a sequence), never asks for
+    /// more splits than the longest context can use, and its partial results
+    /// fit the buffers planned for them.
+    #[test]
+    fn decode_splits_fill_the_gpu_and_fit_the_partial_buffers() {
+        let num_sms = 132;
+        for (shape, max_model_len) in [("llama3-8b", 8192), ("smollm2-135m", 4096)] {
+            let cfg = crate::model::dummy::config(shape).unwrap();
+            let opts = CudaOptions {
+                max_num_seqs: 96,
+                max_model_len,
+                ..CudaOptions::default()
+            };
+            let rows = decode_part_rows(&cfg, &opts, num_sms);
+            for seqs in 1..=opts.max_num_seqs {
+                let splits = decode_splits(&cfg, &opts, num_sms, seqs);
+                assert!(splits >= 1 && splits <= max_model_len / DECODE_MIN_CHUNK);
+                let per_split = seqs * cfg.num_kv_heads;
+                let blocks = per_split * splits;
+                let sms = num_sms as usize;
+                assert!(
+                    (blocks <= sms || splits == 1)
+                        && (blocks + per_split > sms || splits == max_model_len / DECODE_MIN_CHUNK),
+                    "{shape}: {seqs} sequences get {splits} splits, {blocks} blocks"
+                );
+                assert!(seqs * cfg.num_heads * splits <= rows);
+            }
+            // The largest batch runs one split a sequence: short steps.
+            assert_eq!(decode_splits(&cfg, &opts, num_sms, 96), 1, "{shape}");
+        }
+        // Head dims the new kernel does not cover keep the older kernel's
+        // splits: every one the longest context needs.
+        let mut cfg = crate::model::dummy::config("smollm2-135m").unwrap();
+        cfg.head_dim = 96;
+        let opts = CudaOptions::default();
+        assert_eq!(decode_splits(&cfg, &opts, num_sms, 5), max_splits(&opts));
+        assert_eq!(decode_splits(&cfg, &opts, num_sms, 5), 64);
     }
 
     #[test]
