@@ -517,6 +517,99 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// Bias and half-split RoPE of one Q rotation pair (x0, x1) = head elements
+// (j, j + half) at position `pos`: the arithmetic of rope_kv_write.
+__device__ __forceinline__ void rope_q_pair(float x0, float x1, const float* head_bias, int j, int half, float pos,
+                                            const float* inv_freq, float& y0, float& y1) {
+    if (head_bias) {
+        x0 += head_bias[j];
+        x1 += head_bias[j + half];
+    }
+    float sn, cs;
+    sincosf(pos * inv_freq[j], &sn, &cs);
+    y0 = x0 * cs - x1 * sn;
+    y1 = x0 * sn + x1 * cs;
+}
+
+// A warp's ROWS query rows of head h (tile rows wrow ..) into shared memory
+// (row stride LD) as bf16, scaled by `scale`; rows past the tile are zero.
+// With `inv_freq` set, Q is as projected and gets its bias and RoPE here
+// (rope_q_pair), which rope_kv_write then skips. The loops are unrolled so
+// that a lane's global loads are in flight together: staging costs a few
+// memory latencies, not one per row.
+template <int HD, int ROWS, int LD>
+__device__ __forceinline__ void stage_q(bf16* qs, const float* qkv, int width, int row0, int wrow, int nrows, int h,
+                                        float scale, const int* positions, const float* inv_freq, const float* bias,
+                                        int lane) {
+    constexpr int HALF = HD / 2;
+    if (inv_freq) {
+        const float* head_bias = bias ? bias + h * HD : nullptr;
+#pragma unroll 8
+        for (int k = 0; k < ROWS * HALF / WARP; k++) {
+            int i = lane + k * WARP, r = i / HALF, j = i % HALF;
+            float y0 = 0.f, y1 = 0.f;
+            if (wrow + r < nrows) {
+                const float* q = qkv + (long long)(row0 + wrow + r) * width + h * HD;
+                rope_q_pair(q[j], q[j + HALF], head_bias, j, HALF, (float)positions[row0 + wrow + r], inv_freq, y0,
+                            y1);
+            }
+            qs[r * LD + j] = __float2bfloat16(y0 * scale);
+            qs[r * LD + j + HALF] = __float2bfloat16(y1 * scale);
+        }
+    } else {
+#pragma unroll 8
+        for (int k = 0; k < ROWS * HD / 4 / WARP; k++) {
+            int i = lane + k * WARP, r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (wrow + r < nrows)
+                v = *reinterpret_cast<const float4*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
+            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+            __nv_bfloat162 hi = __floats2bfloat162_rn(v.z * scale, v.w * scale);
+            uint2 packed = make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
+            *reinterpret_cast<uint2*>(qs + r * LD + c) = packed;
+        }
+    }
+    __syncwarp();
+}
+
+// Gathers keys k0 .. k0 + KT - 1 of KV head kvh from the paged cache into
+// one stage of the K and V tiles (rows of LD bf16) with cp.async, zeros past
+// last_pos, and commits the group. Each thread loads the block table entries
+// it needs CHUNK at a time before using them, so their latencies overlap
+// instead of adding up (CHUNK is what registers allow).
+// Called by every thread of a block of at least PF_MIN_THREADS threads.
+#define PF_MIN_THREADS 96
+
+template <int HD, int KT, int LD, int CHUNK>
+__device__ __forceinline__ void load_kv_tile(bf16* ks, bf16* vs, const bf16* k_cache, const bf16* v_cache,
+                                             const int* table, int k0, int last_pos, int block_size, int kv_dim,
+                                             int kvh, int tid, int threads) {
+    constexpr int VEC = HD / 8;  // 16-byte vectors per row
+    constexpr int N = (KT * VEC + PF_MIN_THREADS - 1) / PF_MIN_THREADS;
+#pragma unroll 1
+    for (int k0c = 0; k0c < N; k0c += CHUNK) {
+        int blk[CHUNK];
+#pragma unroll
+        for (int kk = 0; kk < CHUNK; kk++) {
+            int i = tid + (k0c + kk) * threads, p = k0 + i / VEC;
+            blk[kk] = (k0c + kk < N && i < KT * VEC && p <= last_pos) ? table[p / block_size] : -1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < CHUNK; kk++) {
+            int i = tid + (k0c + kk) * threads;
+            if (k0c + kk < N && i < KT * VEC) {
+                int j = i / VEC, c = (i % VEC) * 8, p = k0 + j;
+                bool valid = blk[kk] >= 0;
+                long long slot = valid ? (long long)blk[kk] * block_size + p % block_size : 0;
+                long long off = slot * kv_dim + kvh * HD + c;
+                cp_async16(ks + j * LD + c, k_cache + off, valid);
+                cp_async16(vs + j * LD + c, v_cache + off, valid);
+            }
+        }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
 // Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
 // style. One block per (query tile, KV head): the `group` query heads sharing
 // that KV head run in the same block, so each K/V tile is loaded once for all
@@ -536,7 +629,7 @@ template <int HD>
 __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                                      const int* block_tables, const int* positions, const int* tile_seq,
                                      const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
-                                     int max_blocks, float scale) {
+                                     int max_blocks, float scale, const float* inv_freq, const float* bias) {
     constexpr int LD = HD + 8;  // bf16 per shared row: keeps ldmatrix conflict-free
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TC_K][LD]
@@ -568,33 +661,16 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     int ntiles = last_pos / TC_K + 1;
 
     auto load_tile = [&](int it, int stage) {
-        constexpr int VEC = HD / 8;  // 16-byte vectors per row
-        int k0 = it * TC_K;
-        for (int i = tid; i < TC_K * VEC; i += blockDim.x) {
-            int j = i / VEC, c = (i % VEC) * 8, pos = k0 + j;
-            bool valid = pos <= last_pos;
-            long long slot = valid ? (long long)table[pos / block_size] * block_size + pos % block_size : 0;
-            long long off = slot * kv_dim + kvh * HD + c;
-            cp_async16(kbuf + (stage * TC_K + j) * LD + c, k_cache + off, valid);
-            cp_async16(vbuf + (stage * TC_K + j) * LD + c, v_cache + off, valid);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
+        load_kv_tile<HD, TC_K, LD, 2>(kbuf + stage * TC_K * LD, vbuf + stage * TC_K * LD, k_cache, v_cache, table,
+                                   it * TC_K, last_pos, block_size, kv_dim, kvh, tid, blockDim.x);
     };
     load_tile(0, 0);
 
-    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16 (rows past the
-    // tile are zero). Scores are turned into log2 units in f32 afterwards,
-    // so Q is rounded exactly as without the exp2 softmax.
+    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16. Scores are
+    // turned into log2 units in f32 afterwards, so Q is rounded exactly as
+    // without the exp2 softmax.
     bf16* qs = qbuf + warp * 16 * LD;
-    {
-        for (int i = lane; i < 16 * HD / 2; i += WARP) {
-            int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
-            float2 v = make_float2(0.f, 0.f);
-            if (wrow + r < nrows) v = *reinterpret_cast<const float2*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
-            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-        }
-        __syncwarp();
-    }
+    stage_q<HD, 16, LD>(qs, qkv, width, row0, wrow, nrows, h, scale, positions, inv_freq, bias, lane);
     const float log2e = 1.4426950408889634f;
     // ldmatrix row addresses: lane l reads row l % 16, column block l / 16 of
     // a 16x16 A tile; for B (K) tiles, key row (l / 16) * 8 + l % 8 and
@@ -634,13 +710,6 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                     mma_bf16(sc[2 * jj + 1], qa, kb + 2);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] *= log2e;
-                sc[j][1] *= log2e;
-                sc[j][2] *= log2e;
-                sc[j][3] *= log2e;
-            }
             if (k0 + TC_K - 1 > warp_first) {
 #pragma unroll
                 for (int j = 0; j < TC_K / 8; j++)
@@ -661,17 +730,20 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                 mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
             }
-            // A row with every key masked so far keeps max -inf: exponentiate
-            // against 0 instead, which gives 0 for the masked scores.
-            float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
-            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
+            // Scores and maxima are raw; exponents are in log2 units, log2(e)
+            // folded into one FMA. A row with every key masked so far keeps
+            // max -inf: exponentiate against 0 instead, which gives 0 for the
+            // masked scores.
+            float base_a = mx_a == -INFINITY ? 0.f : mx_a * log2e;
+            float base_b = mx_b == -INFINITY ? 0.f : mx_b * log2e;
+            float corr_a = fast_exp2(m_a * log2e - base_a), corr_b = fast_exp2(m_b * log2e - base_b);
             float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
             for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] = fast_exp2(sc[j][0] - base_a);
-                sc[j][1] = fast_exp2(sc[j][1] - base_a);
-                sc[j][2] = fast_exp2(sc[j][2] - base_b);
-                sc[j][3] = fast_exp2(sc[j][3] - base_b);
+                sc[j][0] = fast_exp2(fmaf(sc[j][0], log2e, -base_a));
+                sc[j][1] = fast_exp2(fmaf(sc[j][1], log2e, -base_a));
+                sc[j][2] = fast_exp2(fmaf(sc[j][2], log2e, -base_b));
+                sc[j][3] = fast_exp2(fmaf(sc[j][3], log2e, -base_b));
                 sum_a += sc[j][0] + sc[j][1];
                 sum_b += sc[j][2] + sc[j][3];
             }
@@ -729,17 +801,19 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
 extern "C" __global__ void __launch_bounds__(256, 2)
     prefill_attention_tc64(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                            const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
+                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
+                           const float* inv_freq, const float* bias) {
     prefill_attention_tc<64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows, nh,
-                             nkv, block_size, max_blocks, scale);
+                             nkv, block_size, max_blocks, scale, inv_freq, bias);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     prefill_attention_tc128(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                             const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                            const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
+                            const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
+                            const float* inv_freq, const float* bias) {
     prefill_attention_tc<128>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows,
-                              nh, nkv, block_size, max_blocks, scale);
+                              nh, nkv, block_size, max_blocks, scale, inv_freq, bias);
 }
 
 // FA2-style tensor-core prefill attention: as prefill_attention_tc, but each
@@ -753,20 +827,6 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // (warps / group) and rows (w % (warps / group)) * 32 ..; the tile has
 // 32 * max(1, warps / group) rows (the host's prefill_tile). The softmax
 // works on raw scores and folds log2(e) into the exponent's FMA.
-// Bias and half-split RoPE of one Q rotation pair (x0, x1) = head elements
-// (j, j + half) at position `pos`: the arithmetic of rope_kv_write.
-__device__ __forceinline__ void rope_q_pair(float x0, float x1, const float* head_bias, int j, int half, float pos,
-                                            const float* inv_freq, float& y0, float& y1) {
-    if (head_bias) {
-        x0 += head_bias[j];
-        x1 += head_bias[j + half];
-    }
-    float sn, cs;
-    sincosf(pos * inv_freq[j], &sn, &cs);
-    y0 = x0 * cs - x1 * sn;
-    y1 = x0 * sn + x1 * cs;
-}
-
 #define FA_ROWS 32
 
 template <int HD, int KT>
@@ -814,47 +874,15 @@ __device__ void prefill_attention_fa(bf16* out, const float* qkv, const bf16* k_
     int ntiles = last_pos / KT + 1;
 
     auto load_tile = [&](int it, int stage) {
-        constexpr int VEC = HD / 8;  // 16-byte vectors per row
-        int k0 = it * KT;
-        for (int i = tid; i < KT * VEC; i += blockDim.x) {
-            int j = i / VEC, c = (i % VEC) * 8, p = k0 + j;
-            bool valid = p <= last_pos;
-            long long slot = valid ? (long long)table[p / block_size] * block_size + p % block_size : 0;
-            long long off = slot * kv_dim + kvh * HD + c;
-            cp_async16(kbuf + (stage * KT + j) * LD + c, k_cache + off, valid);
-            cp_async16(vbuf + (stage * KT + j) * LD + c, v_cache + off, valid);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
+        load_kv_tile<HD, KT, LD, 4>(kbuf + stage * KT * LD, vbuf + stage * KT * LD, k_cache, v_cache, table, it * KT,
+                                 last_pos, block_size, kv_dim, kvh, tid, blockDim.x);
     };
     load_tile(0, 0);
 
-    // The warp's 32 query rows, scaled by 1/sqrt(d), as bf16 (rows past the
-    // tile are zero): rounded as in prefill_attention_tc. With `inv_freq`
-    // set, Q is as projected and gets its bias and RoPE here, exactly as
-    // rope_kv_write would have applied them.
+    // The warp's 32 query rows, scaled by 1/sqrt(d), as bf16: rounded as in
+    // prefill_attention_tc.
     bf16* qs = qbuf + warp * FA_ROWS * LD;
-    if (inv_freq) {
-        for (int i = lane; i < FA_ROWS * HD / 2; i += WARP) {
-            int r = i / (HD / 2), j = i % (HD / 2);
-            float y0 = 0.f, y1 = 0.f;
-            if (wrow + r < nrows) {
-                const float* q = qkv + (long long)(row0 + wrow + r) * width + h * HD;
-                rope_q_pair(q[j], q[j + HD / 2], bias ? bias + h * HD : nullptr, j, HD / 2,
-                            (float)positions[row0 + wrow + r], inv_freq, y0, y1);
-            }
-            qs[r * LD + j] = __float2bfloat16(y0 * scale);
-            qs[r * LD + j + HD / 2] = __float2bfloat16(y1 * scale);
-        }
-    } else {
-        for (int i = lane; i < FA_ROWS * HD / 2; i += WARP) {
-            int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
-            float2 v = make_float2(0.f, 0.f);
-            if (wrow + r < nrows)
-                v = *reinterpret_cast<const float2*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
-            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-        }
-    }
-    __syncwarp();
+    stage_q<HD, FA_ROWS, LD>(qs, qkv, width, row0, wrow, nrows, h, scale, positions, inv_freq, bias, lane);
     const float log2e = 1.4426950408889634f;
     // ldmatrix row addresses as in prefill_attention_tc; m tile 1 is 16 rows
     // further down.

@@ -1137,8 +1137,8 @@ impl CudaBackend {
                     block_dim: (prefill.threads(cfg), 1, 1),
                     shared_mem_bytes: prefill.smem(cfg) as u32,
                 };
-                // The 32-rows-a-warp kernels also take RoPE's frequencies and
-                // the QKV bias, null unless they rotate Q.
+                // The tensor-core kernels also take RoPE's frequencies and the
+                // QKV bias, null unless they rotate Q.
                 let (freq, q_bias) = if fold_rope {
                     (inv_freq, bias)
                 } else {
@@ -1161,7 +1161,7 @@ impl CudaBackend {
                     .arg(&block_size)
                     .arg(&max_blocks)
                     .arg(&scale);
-                if prefill.warps != 0 && tensor_core_prefill(cfg) {
+                if tensor_core_prefill(cfg) {
                     builder.arg(&freq).arg(&q_bias);
                 }
                 // SAFETY: as for the other launches; the arguments match the
@@ -1397,7 +1397,7 @@ struct PrefillAttention {
     /// Keys per K/V tile of the 32-rows-a-warp kernel at head_dim 128 (64,
     /// or 32: fewer registers, more rescaling); head_dim 64 always uses 64.
     keys: usize,
-    /// The 32-rows-a-warp kernel adds Q's bias and RoPE as it loads Q, so
+    /// The tensor-core kernel adds Q's bias and RoPE as it loads Q, so
     /// `rope_kv_write` only handles K and V (one pass less over Q).
     rope_q: bool,
 }
@@ -1431,7 +1431,7 @@ impl PrefillAttention {
 
     /// Whether this kernel rotates Q itself (see `rope_q`).
     fn folds_rope(&self, cfg: &ModelConfig) -> bool {
-        self.rope_q && self.warps != 0 && tensor_core_prefill(cfg)
+        self.rope_q && tensor_core_prefill(cfg)
     }
 
     /// Query rows a warp of the tensor-core kernel owns.
@@ -1822,7 +1822,7 @@ mod tests {
 
     #[test]
     fn every_prefill_attention_shape_launches_within_the_kernels_limits() {
-        // The kernels are compiled for at most 256 threads a block, take the
+        // The kernels are compiled for 96 to 256 threads a block, take the
         // group's heads as whole warps of `warp_rows` rows each, and get at
         // most MAX_ATTENTION_SMEM bytes of shared memory.
         let base = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
@@ -1844,7 +1844,11 @@ mod tests {
                         };
                         let (threads, rows) = (p.threads(&cfg) as usize, p.tile_rows(&cfg));
                         let what = format!("{p:?} head_dim {head_dim} group {group}");
-                        assert!(threads <= 256 && threads % 32 == 0, "{what}: {threads} threads");
+                        // PF_MIN_THREADS in llama.cu: the K/V tile loader's unrolling.
+                        assert!(
+                            (96..=256).contains(&threads) && threads % 32 == 0,
+                            "{what}: {threads} threads"
+                        );
                         assert_eq!(rows % p.warp_rows(), 0, "{what}: {rows} rows");
                         assert_eq!(threads / 32, group * rows / p.warp_rows(), "{what}");
                         assert!(p.smem(&cfg) <= MAX_ATTENTION_SMEM as usize, "{what}");
