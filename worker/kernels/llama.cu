@@ -144,12 +144,10 @@ __global__ void rms_norm(bf16* out, const float* x, const float* w, const int* r
 // Q and K heads (half-split RoPE) in place, and write K and V as bf16 into the
 // cache at slots[t] (skipped for padding rows, slot < 0). When `kv_out` is set,
 // also writes K and V as stored (bf16-rounded, f32) to kv_out[t] = [K | V] for
-// streaming the new KV to the host. With `rotate_q` 0 the Q heads are left
-// as the projection wrote them (the prefill attention rotates them itself,
-// see rope_q_pair).
+// streaming the new KV to the host.
 __global__ void rope_kv_write(float* qkv, const float* bias, const float* inv_freq, const int* positions,
                               const int* slots, bf16* k_cache, bf16* v_cache, float* kv_out, int nh, int nkv,
-                              int hd, int rotate_q) {
+                              int hd) {
     int t = blockIdx.x;
     int half = hd / 2;
     int q_dim = nh * hd, kv_dim = nkv * hd, width = q_dim + 2 * kv_dim;
@@ -157,7 +155,7 @@ __global__ void rope_kv_write(float* qkv, const float* bias, const float* inv_fr
     float pos = (float)positions[t];
     int slot = slots[t];
     // Q and K heads, one rotation pair per iteration.
-    for (int i = threadIdx.x + (rotate_q ? 0 : nh * half); i < (nh + nkv) * half; i += blockDim.x) {
+    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
         int head = i / half, j = i % half;
         int a = head * hd + j, b = a + half;
         float x0 = row[a], x1 = row[b];
@@ -517,99 +515,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// Bias and half-split RoPE of one Q rotation pair (x0, x1) = head elements
-// (j, j + half) at position `pos`: the arithmetic of rope_kv_write.
-__device__ __forceinline__ void rope_q_pair(float x0, float x1, const float* head_bias, int j, int half, float pos,
-                                            const float* inv_freq, float& y0, float& y1) {
-    if (head_bias) {
-        x0 += head_bias[j];
-        x1 += head_bias[j + half];
-    }
-    float sn, cs;
-    sincosf(pos * inv_freq[j], &sn, &cs);
-    y0 = x0 * cs - x1 * sn;
-    y1 = x0 * sn + x1 * cs;
-}
-
-// A warp's ROWS query rows of head h (tile rows wrow ..) into shared memory
-// (row stride LD) as bf16, scaled by `scale`; rows past the tile are zero.
-// With `inv_freq` set, Q is as projected and gets its bias and RoPE here
-// (rope_q_pair), which rope_kv_write then skips. The loops are unrolled so
-// that a lane's global loads are in flight together: staging costs a few
-// memory latencies, not one per row.
-template <int HD, int ROWS, int LD>
-__device__ __forceinline__ void stage_q(bf16* qs, const float* qkv, int width, int row0, int wrow, int nrows, int h,
-                                        float scale, const int* positions, const float* inv_freq, const float* bias,
-                                        int lane) {
-    constexpr int HALF = HD / 2;
-    if (inv_freq) {
-        const float* head_bias = bias ? bias + h * HD : nullptr;
-#pragma unroll 8
-        for (int k = 0; k < ROWS * HALF / WARP; k++) {
-            int i = lane + k * WARP, r = i / HALF, j = i % HALF;
-            float y0 = 0.f, y1 = 0.f;
-            if (wrow + r < nrows) {
-                const float* q = qkv + (long long)(row0 + wrow + r) * width + h * HD;
-                rope_q_pair(q[j], q[j + HALF], head_bias, j, HALF, (float)positions[row0 + wrow + r], inv_freq, y0,
-                            y1);
-            }
-            qs[r * LD + j] = __float2bfloat16(y0 * scale);
-            qs[r * LD + j + HALF] = __float2bfloat16(y1 * scale);
-        }
-    } else {
-#pragma unroll 8
-        for (int k = 0; k < ROWS * HD / 4 / WARP; k++) {
-            int i = lane + k * WARP, r = i / (HD / 4), c = (i % (HD / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (wrow + r < nrows)
-                v = *reinterpret_cast<const float4*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
-            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale, v.y * scale);
-            __nv_bfloat162 hi = __floats2bfloat162_rn(v.z * scale, v.w * scale);
-            uint2 packed = make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
-            *reinterpret_cast<uint2*>(qs + r * LD + c) = packed;
-        }
-    }
-    __syncwarp();
-}
-
-// Gathers keys k0 .. k0 + KT - 1 of KV head kvh from the paged cache into
-// one stage of the K and V tiles (rows of LD bf16) with cp.async, zeros past
-// last_pos, and commits the group. Each thread loads the block table entries
-// it needs CHUNK at a time before using them, so their latencies overlap
-// instead of adding up (CHUNK is what registers allow).
-// Called by every thread of a block of at least PF_MIN_THREADS threads.
-#define PF_MIN_THREADS 96
-
-template <int HD, int KT, int LD, int CHUNK>
-__device__ __forceinline__ void load_kv_tile(bf16* ks, bf16* vs, const bf16* k_cache, const bf16* v_cache,
-                                             const int* table, int k0, int last_pos, int block_size, int kv_dim,
-                                             int kvh, int tid, int threads) {
-    constexpr int VEC = HD / 8;  // 16-byte vectors per row
-    constexpr int N = (KT * VEC + PF_MIN_THREADS - 1) / PF_MIN_THREADS;
-#pragma unroll 1
-    for (int k0c = 0; k0c < N; k0c += CHUNK) {
-        int blk[CHUNK];
-#pragma unroll
-        for (int kk = 0; kk < CHUNK; kk++) {
-            int i = tid + (k0c + kk) * threads, p = k0 + i / VEC;
-            blk[kk] = (k0c + kk < N && i < KT * VEC && p <= last_pos) ? table[p / block_size] : -1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < CHUNK; kk++) {
-            int i = tid + (k0c + kk) * threads;
-            if (k0c + kk < N && i < KT * VEC) {
-                int j = i / VEC, c = (i % VEC) * 8, p = k0 + j;
-                bool valid = blk[kk] >= 0;
-                long long slot = valid ? (long long)blk[kk] * block_size + p % block_size : 0;
-                long long off = slot * kv_dim + kvh * HD + c;
-                cp_async16(ks + j * LD + c, k_cache + off, valid);
-                cp_async16(vs + j * LD + c, v_cache + off, valid);
-            }
-        }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-
 // Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
 // style. One block per (query tile, KV head): the `group` query heads sharing
 // that KV head run in the same block, so each K/V tile is loaded once for all
@@ -629,7 +534,7 @@ template <int HD>
 __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                                      const int* block_tables, const int* positions, const int* tile_seq,
                                      const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
-                                     int max_blocks, float scale, const float* inv_freq, const float* bias) {
+                                     int max_blocks, float scale) {
     constexpr int LD = HD + 8;  // bf16 per shared row: keeps ldmatrix conflict-free
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TC_K][LD]
@@ -661,16 +566,33 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
     int ntiles = last_pos / TC_K + 1;
 
     auto load_tile = [&](int it, int stage) {
-        load_kv_tile<HD, TC_K, LD, 2>(kbuf + stage * TC_K * LD, vbuf + stage * TC_K * LD, k_cache, v_cache, table,
-                                   it * TC_K, last_pos, block_size, kv_dim, kvh, tid, blockDim.x);
+        constexpr int VEC = HD / 8;  // 16-byte vectors per row
+        int k0 = it * TC_K;
+        for (int i = tid; i < TC_K * VEC; i += blockDim.x) {
+            int j = i / VEC, c = (i % VEC) * 8, pos = k0 + j;
+            bool valid = pos <= last_pos;
+            long long slot = valid ? (long long)table[pos / block_size] * block_size + pos % block_size : 0;
+            long long off = slot * kv_dim + kvh * HD + c;
+            cp_async16(kbuf + (stage * TC_K + j) * LD + c, k_cache + off, valid);
+            cp_async16(vbuf + (stage * TC_K + j) * LD + c, v_cache + off, valid);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
     };
     load_tile(0, 0);
 
-    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16. Scores are
-    // turned into log2 units in f32 afterwards, so Q is rounded exactly as
-    // without the exp2 softmax.
+    // This warp's 16 query rows, scaled by 1/sqrt(d), as bf16 (rows past the
+    // tile are zero). Scores are turned into log2 units in f32 afterwards,
+    // so Q is rounded exactly as without the exp2 softmax.
     bf16* qs = qbuf + warp * 16 * LD;
-    stage_q<HD, 16, LD>(qs, qkv, width, row0, wrow, nrows, h, scale, positions, inv_freq, bias, lane);
+    {
+        for (int i = lane; i < 16 * HD / 2; i += WARP) {
+            int r = i / (HD / 2), c = (i % (HD / 2)) * 2;
+            float2 v = make_float2(0.f, 0.f);
+            if (wrow + r < nrows) v = *reinterpret_cast<const float2*>(qkv + (long long)(row0 + wrow + r) * width + h * HD + c);
+            *reinterpret_cast<__nv_bfloat162*>(qs + r * LD + c) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+        }
+        __syncwarp();
+    }
     const float log2e = 1.4426950408889634f;
     // ldmatrix row addresses: lane l reads row l % 16, column block l / 16 of
     // a 16x16 A tile; for B (K) tiles, key row (l / 16) * 8 + l % 8 and
@@ -710,6 +632,13 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                     mma_bf16(sc[2 * jj + 1], qa, kb + 2);
                 }
             }
+#pragma unroll
+            for (int j = 0; j < TC_K / 8; j++) {
+                sc[j][0] *= log2e;
+                sc[j][1] *= log2e;
+                sc[j][2] *= log2e;
+                sc[j][3] *= log2e;
+            }
             if (k0 + TC_K - 1 > warp_first) {
 #pragma unroll
                 for (int j = 0; j < TC_K / 8; j++)
@@ -730,20 +659,17 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                 mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
             }
-            // Scores and maxima are raw; exponents are in log2 units, log2(e)
-            // folded into one FMA. A row with every key masked so far keeps
-            // max -inf: exponentiate against 0 instead, which gives 0 for the
-            // masked scores.
-            float base_a = mx_a == -INFINITY ? 0.f : mx_a * log2e;
-            float base_b = mx_b == -INFINITY ? 0.f : mx_b * log2e;
-            float corr_a = fast_exp2(m_a * log2e - base_a), corr_b = fast_exp2(m_b * log2e - base_b);
+            // A row with every key masked so far keeps max -inf: exponentiate
+            // against 0 instead, which gives 0 for the masked scores.
+            float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
+            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
             float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
             for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] = fast_exp2(fmaf(sc[j][0], log2e, -base_a));
-                sc[j][1] = fast_exp2(fmaf(sc[j][1], log2e, -base_a));
-                sc[j][2] = fast_exp2(fmaf(sc[j][2], log2e, -base_b));
-                sc[j][3] = fast_exp2(fmaf(sc[j][3], log2e, -base_b));
+                sc[j][0] = fast_exp2(sc[j][0] - base_a);
+                sc[j][1] = fast_exp2(sc[j][1] - base_a);
+                sc[j][2] = fast_exp2(sc[j][2] - base_b);
+                sc[j][3] = fast_exp2(sc[j][3] - base_b);
                 sum_a += sc[j][0] + sc[j][1];
                 sum_b += sc[j][2] + sc[j][3];
             }
@@ -801,258 +727,17 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
 extern "C" __global__ void __launch_bounds__(256, 2)
     prefill_attention_tc64(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                            const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
-                           const float* inv_freq, const float* bias) {
+                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
     prefill_attention_tc<64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows, nh,
-                             nkv, block_size, max_blocks, scale, inv_freq, bias);
+                             nkv, block_size, max_blocks, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     prefill_attention_tc128(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
                             const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                            const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
-                            const float* inv_freq, const float* bias) {
+                            const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {
     prefill_attention_tc<128>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows,
-                              nh, nkv, block_size, max_blocks, scale, inv_freq, bias);
-}
-
-// FA2-style tensor-core prefill attention: as prefill_attention_tc, but each
-// warp owns 32 query rows (two m16 tiles) instead of 16, so every K and V
-// fragment it loads from shared memory (ldmatrix) feeds two mma instead of
-// one: per 64-key tile a warp issues 80 ldmatrix.x4 for 256 mma (the 16-row
-// kernel: 72 for 128), which moves the kernel off the shared-memory limit.
-// The price is registers (the output of 32 rows x HD in f32 is HD
-// registers a thread), so a block is 4 or 8 warps and an SM holds 8 to 16.
-// Block = one (query tile, KV head); warp w takes head kvh * group + w /
-// (warps / group) and rows (w % (warps / group)) * 32 ..; the tile has
-// 32 * max(1, warps / group) rows (the host's prefill_tile). The softmax
-// works on raw scores and folds log2(e) into the exponent's FMA.
-#define FA_ROWS 32
-
-template <int HD, int KT>
-__device__ void prefill_attention_fa(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
-                                     const int* block_tables, const int* positions, const int* tile_seq,
-                                     const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
-                                     int max_blocks, float scale, const float* inv_freq, const float* bias) {
-    constexpr int LD = HD + 8;  // bf16 per shared row: keeps ldmatrix conflict-free
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][KT][LD]
-    bf16* vbuf = kbuf + 2 * KT * LD;                // [2][KT][LD]
-    bf16* qbuf = vbuf + 2 * KT * LD;                // [warps][FA_ROWS][LD]
-
-    int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y;  // longest tiles first
-    int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
-    int group = nh / nkv;
-    int warps_per_head = blockDim.x / WARP / group;
-    int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
-    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
-    int h = kvh * group + warp / warps_per_head;
-    int g = lane >> 2, t4 = lane & 3;
-    const int* table = block_tables + (long long)s * max_blocks;
-
-    // Thread rows: wrow + mi * 16 + g + 8 * e for m tile mi and half e (the
-    // mma accumulator layout); padding rows get position -1 (all masked).
-    int wrow = (warp % warps_per_head) * FA_ROWS;
-    int pos[2][2];
-    int warp_last = -1, warp_first = 0x7fffffff;
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            int r = wrow + mi * 16 + g + 8 * e;
-            pos[mi][e] = r < nrows ? positions[row0 + r] : -1;
-            if (r < nrows) {
-                warp_last = max(warp_last, pos[mi][e]);
-                warp_first = min(warp_first, pos[mi][e]);
-            }
-        }
-    for (int o = 16; o > 0; o >>= 1) {
-        warp_last = max(warp_last, __shfl_xor_sync(0xffffffff, warp_last, o));
-        warp_first = min(warp_first, __shfl_xor_sync(0xffffffff, warp_first, o));
-    }
-    int last_pos = positions[row0 + nrows - 1];
-    int ntiles = last_pos / KT + 1;
-
-    auto load_tile = [&](int it, int stage) {
-        load_kv_tile<HD, KT, LD, 4>(kbuf + stage * KT * LD, vbuf + stage * KT * LD, k_cache, v_cache, table, it * KT,
-                                 last_pos, block_size, kv_dim, kvh, tid, blockDim.x);
-    };
-    load_tile(0, 0);
-
-    // The warp's 32 query rows, scaled by 1/sqrt(d), as bf16: rounded as in
-    // prefill_attention_tc.
-    bf16* qs = qbuf + warp * FA_ROWS * LD;
-    stage_q<HD, FA_ROWS, LD>(qs, qkv, width, row0, wrow, nrows, h, scale, positions, inv_freq, bias, lane);
-    const float log2e = 1.4426950408889634f;
-    // ldmatrix row addresses as in prefill_attention_tc; m tile 1 is 16 rows
-    // further down.
-    const bf16* qrow = qs + (lane & 15) * LD + (lane >> 4) * 8;
-    int krow_off = ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
-
-    float o[2][HD / 8][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) o[mi][j][0] = o[mi][j][1] = o[mi][j][2] = o[mi][j][3] = 0.f;
-    // Running max (raw scores) and per-thread partial sums of each thread row.
-    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
-    float l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-
-    for (int it = 0; it < ntiles; it++) {
-        if (it + 1 < ntiles) {
-            load_tile(it + 1, (it + 1) & 1);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        __syncthreads();
-        int k0 = it * KT;
-        const bf16* ks = kbuf + (it & 1) * KT * LD;
-        const bf16* vs = vbuf + (it & 1) * KT * LD;
-        if (k0 <= warp_last) {
-            float sc[2][KT / 8][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                for (int j = 0; j < KT / 8; j++) sc[mi][j][0] = sc[mi][j][1] = sc[mi][j][2] = sc[mi][j][3] = 0.f;
-#pragma unroll
-            for (int kd = 0; kd < HD / 16; kd++) {
-                unsigned qa0[4], qa1[4];
-                ldmatrix_x4(qa0, qrow + kd * 16);
-                ldmatrix_x4(qa1, qrow + 16 * LD + kd * 16);
-#pragma unroll
-                for (int jj = 0; jj < KT / 16; jj++) {
-                    unsigned kb[4];
-                    ldmatrix_x4(kb, ks + jj * 16 * LD + krow_off + kd * 16);
-                    mma_bf16(sc[0][2 * jj], qa0, kb);
-                    mma_bf16(sc[0][2 * jj + 1], qa0, kb + 2);
-                    mma_bf16(sc[1][2 * jj], qa1, kb);
-                    mma_bf16(sc[1][2 * jj + 1], qa1, kb + 2);
-                }
-            }
-            if (k0 + KT - 1 > warp_first) {
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                    for (int j = 0; j < KT / 8; j++)
-#pragma unroll
-                        for (int e = 0; e < 2; e++) {
-                            int key = k0 + j * 8 + t4 * 2 + e;
-                            if (key > pos[mi][0]) sc[mi][j][e] = -INFINITY;
-                            if (key > pos[mi][1]) sc[mi][j][2 + e] = -INFINITY;
-                        }
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                float mx_a = m[mi][0], mx_b = m[mi][1];
-#pragma unroll
-                for (int j = 0; j < KT / 8; j++) {
-                    mx_a = fmaxf(mx_a, fmaxf(sc[mi][j][0], sc[mi][j][1]));
-                    mx_b = fmaxf(mx_b, fmaxf(sc[mi][j][2], sc[mi][j][3]));
-                }
-#pragma unroll
-                for (int x = 1; x <= 2; x <<= 1) {
-                    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-                    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-                }
-                // In log2 units; a row with every key masked so far keeps
-                // max -inf and exponentiates against 0 (its scores give 0).
-                float base_a = mx_a == -INFINITY ? 0.f : mx_a * log2e;
-                float base_b = mx_b == -INFINITY ? 0.f : mx_b * log2e;
-                float corr_a = fast_exp2(m[mi][0] * log2e - base_a);
-                float corr_b = fast_exp2(m[mi][1] * log2e - base_b);
-                float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-                for (int j = 0; j < KT / 8; j++) {
-                    sc[mi][j][0] = fast_exp2(fmaf(sc[mi][j][0], log2e, -base_a));
-                    sc[mi][j][1] = fast_exp2(fmaf(sc[mi][j][1], log2e, -base_a));
-                    sc[mi][j][2] = fast_exp2(fmaf(sc[mi][j][2], log2e, -base_b));
-                    sc[mi][j][3] = fast_exp2(fmaf(sc[mi][j][3], log2e, -base_b));
-                    sum_a += sc[mi][j][0] + sc[mi][j][1];
-                    sum_b += sc[mi][j][2] + sc[mi][j][3];
-                }
-                l[mi][0] = l[mi][0] * corr_a + sum_a;
-                l[mi][1] = l[mi][1] * corr_b + sum_b;
-                m[mi][0] = mx_a;
-                m[mi][1] = mx_b;
-#pragma unroll
-                for (int j = 0; j < HD / 8; j++) {
-                    o[mi][j][0] *= corr_a;
-                    o[mi][j][1] *= corr_a;
-                    o[mi][j][2] *= corr_b;
-                    o[mi][j][3] *= corr_b;
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < KT / 16; kk++) {
-                unsigned pa0[4] = {pack_bf16(sc[0][2 * kk][0], sc[0][2 * kk][1]),
-                                   pack_bf16(sc[0][2 * kk][2], sc[0][2 * kk][3]),
-                                   pack_bf16(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]),
-                                   pack_bf16(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3])};
-                unsigned pa1[4] = {pack_bf16(sc[1][2 * kk][0], sc[1][2 * kk][1]),
-                                   pack_bf16(sc[1][2 * kk][2], sc[1][2 * kk][3]),
-                                   pack_bf16(sc[1][2 * kk + 1][0], sc[1][2 * kk + 1][1]),
-                                   pack_bf16(sc[1][2 * kk + 1][2], sc[1][2 * kk + 1][3])};
-                const bf16* vrow = vs + (kk * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
-#pragma unroll
-                for (int j = 0; j < HD / 8; j += 2) {
-                    unsigned b[4];
-                    ldmatrix_x4_trans(b, vrow + j * 8);
-                    mma_bf16(o[0][j], pa0, b);
-                    mma_bf16(o[0][j + 1], pa0, b + 2);
-                    mma_bf16(o[1][j], pa1, b);
-                    mma_bf16(o[1][j + 1], pa1, b + 2);
-                }
-            }
-        }
-        __syncthreads();  // this stage is free for the load two tiles ahead
-    }
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            float sum = l[mi][e];
-            sum += __shfl_xor_sync(0xffffffff, sum, 1);
-            sum += __shfl_xor_sync(0xffffffff, sum, 2);
-            int r = wrow + mi * 16 + g + 8 * e;
-            if (r < nrows) {
-                bf16* dst = out + (long long)(row0 + r) * q_dim + h * HD + t4 * 2;
-                float inv = 1.f / sum;
-#pragma unroll
-                for (int j = 0; j < HD / 8; j++)
-                    *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
-                        __floats2bfloat162_rn(o[mi][j][2 * e] * inv, o[mi][j][2 * e + 1] * inv);
-            }
-        }
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-    prefill_attention_fa64(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
-                           const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
-                           const float* inv_freq, const float* bias) {
-    prefill_attention_fa<64, 64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0,
-                                  tile_rows, nh, nkv, block_size, max_blocks, scale, inv_freq, bias);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-    prefill_attention_fa128(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
-                           const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,
-                           const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale,
-                           const float* inv_freq, const float* bias) {
-    prefill_attention_fa<128, 64>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0,
-                                  tile_rows, nh, nkv, block_size, max_blocks, scale, inv_freq, bias);
-}
-
-// Key tiles of 32: fewer registers (no spills at head_dim 128), twice the
-// barriers and softmax rescales per key.
-extern "C" __global__ void __launch_bounds__(256)
-    prefill_attention_fa128_k32(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
-                                const int* block_tables, const int* positions, const int* tile_seq,
-                                const int* tile_row0, const int* tile_rows, int nh, int nkv, int hd, int block_size,
-                                int max_blocks, float scale, const float* inv_freq, const float* bias) {
-    prefill_attention_fa<128, 32>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0, tile_rows,
-                                  nh, nkv, block_size, max_blocks, scale, inv_freq, bias);
+                              nh, nkv, block_size, max_blocks, scale);
 }
 
 extern "C" {

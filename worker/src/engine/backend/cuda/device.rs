@@ -36,11 +36,6 @@ pub(super) struct Kernels {
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
-    /// 32 query rows a warp (see [`super::PrefillAttention`]): head_dim 64
-    /// and 128 with 64-key tiles, and 128 with 32-key tiles.
-    pub prefill_attention_fa64: CudaFunction,
-    pub prefill_attention_fa128: CudaFunction,
-    pub prefill_attention_fa128_k32: CudaFunction,
     /// Fused small-batch projections, indexed by [`gemv_index`] of the
     /// step's token count (1, 2 or 4).
     pub gemv_qkv: Vec<CudaFunction>,
@@ -285,9 +280,6 @@ impl Gpu {
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
             prefill_attention_tc128: f("prefill_attention_tc128")?,
-            prefill_attention_fa64: f("prefill_attention_fa64")?,
-            prefill_attention_fa128: f("prefill_attention_fa128")?,
-            prefill_attention_fa128_k32: f("prefill_attention_fa128_k32")?,
             gemv_qkv: GEMV_TOKENS
                 .iter()
                 .map(|m| f(&format!("gemv_qkv_{m}")))
@@ -311,9 +303,6 @@ impl Gpu {
                 &kernels.prefill_attention,
                 &kernels.prefill_attention_tc64,
                 &kernels.prefill_attention_tc128,
-                &kernels.prefill_attention_fa64,
-                &kernels.prefill_attention_fa128,
-                &kernels.prefill_attention_fa128_k32,
             ])
             .chain(&kernels.gemv_qkv)
             .chain(&kernels.gemv_silu)
@@ -581,7 +570,6 @@ mod tests {
             for name in [
                 "decode_attention_4",
                 "prefill_attention",
-                "prefill_attention_fa128_k32",
                 "rope_kv_write",
                 "silu_mul",
                 "gemv_qkv_4",

@@ -40,7 +40,7 @@ mod weights;
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use cudarc::driver::{CudaFunction, CudaGraph, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 
 use super::{
     check_blocks_in_pool, check_kv_layer, check_sampling_rows, BackendError, ComputeBackend,
@@ -248,7 +248,7 @@ const DECODE_PARTITION: usize = 64;
 const DECODE_WARPS: usize = 8;
 /// Query rows per tile of the scalar prefill-attention kernel (`PF_Q` in
 /// llama.cu); the tensor-core kernel's tiles depend on the GQA group, see
-/// [`PrefillAttention::tile_rows`].
+/// [`prefill_tile`].
 const PREFILL_TILE: usize = 16;
 const PREFILL_KEYS: usize = 32;
 /// Threads per block of the prefill attention kernel (16 rows x 8).
@@ -384,8 +384,6 @@ pub struct CudaBackend {
     fused_gemv: bool,
     /// Programmatic dependent launches for the kernels that support them.
     pdl: bool,
-    /// The prefill attention kernel and its block shape.
-    prefill: PrefillAttention,
     gpu: Gpu,
 }
 
@@ -513,24 +511,6 @@ impl CudaBackend {
             kv_budget_mib = kv_budget >> 20,
             "CUDA backend ready"
         );
-        let prefill = PrefillAttention::from_env();
-        {
-            // Registers and spills of the prefill attention kernel: what
-            // decides how many of its blocks share an SM.
-            use cudarc::driver::sys::CUfunction_attribute_enum as attr;
-            let kernel = prefill.kernel(&cfg, &gpu.kernels);
-            tracing::info!(
-                ?prefill,
-                tile_rows = prefill.tile_rows(&cfg),
-                threads = prefill.threads(&cfg),
-                smem = prefill.smem(&cfg),
-                registers = kernel.num_regs().unwrap_or(-1),
-                local_bytes = kernel
-                    .get_attribute(attr::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
-                    .unwrap_or(-1),
-                "prefill attention"
-            );
-        }
         Ok(Self {
             cfg,
             opts,
@@ -549,7 +529,6 @@ impl CudaBackend {
             // slower (7.47 vs 6.39 ms) and SmolLM2's no faster (0.789 vs
             // 0.790 ms). Needs compute capability 9.0 or newer.
             pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", false),
-            prefill,
             gpu,
         })
     }
@@ -735,7 +714,7 @@ impl CudaBackend {
         let layout = pool.layout;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let decode = !batch.is_empty() && batch.iter().all(|s| s.tokens.len() == 1);
-        let tile_len = self.prefill.tile_rows(cfg);
+        let tile_len = prefill_tile(cfg);
         let tiles: usize = batch
             .iter()
             .map(|s| s.tokens.len().div_ceil(tile_len))
@@ -1060,9 +1039,6 @@ impl CudaBackend {
             shared_mem_bytes: (rows * k * 2) as u32,
         };
         let (q_dim_i, f_i, one) = (q_dim as i32, f as i32, 1i32);
-        // Steps through rope_kv_write whose prefill attention adds Q's bias
-        // and RoPE itself.
-        let fold_rope = gemv.is_none() && self.prefill.folds_rope(cfg);
         let pdl = self.pdl;
 
         let x = ws.x.ptr();
@@ -1103,9 +1079,7 @@ impl CudaBackend {
                     0.0,
                 )?;
                 mark!(self, "qkv_gemm");
-                // Q is left to the prefill attention kernel where it rotates it.
-                let rotate_q = i32::from(!(fold_rope && !plan.decode));
-                launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, inv_freq, positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd, rotate_q)?;
+                launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, inv_freq, positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
                 mark!(self, "rope_kv_write");
             }
 
@@ -1128,45 +1102,48 @@ impl CudaBackend {
                     qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
                     nh, nkv, hd, block_size, max_blocks, splits, scale)?;
             } else {
-                let prefill = self.prefill;
-                let kernel = prefill.kernel(cfg, &gpu.kernels);
-                // The tensor-core kernels run a KV head's query heads in one block.
-                let heads_in_grid = if tensor_core_prefill(cfg) { nkv } else { nh };
+                let group = cfg.num_heads / cfg.num_kv_heads;
+                let (kernel, threads, heads_in_grid) = match cfg.head_dim {
+                    64 if tensor_core_prefill(cfg) => (
+                        &gpu.kernels.prefill_attention_tc64,
+                        (2 * group * prefill_tile(cfg)) as u32,
+                        nkv,
+                    ),
+                    128 if tensor_core_prefill(cfg) => (
+                        &gpu.kernels.prefill_attention_tc128,
+                        (2 * group * prefill_tile(cfg)) as u32,
+                        nkv,
+                    ),
+                    _ => (&gpu.kernels.prefill_attention, PREFILL_THREADS, nh),
+                };
                 let launch = LaunchConfig {
                     grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
-                    block_dim: (prefill.threads(cfg), 1, 1),
-                    shared_mem_bytes: prefill.smem(cfg) as u32,
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: prefill_smem(cfg) as u32,
                 };
-                // The tensor-core kernels also take RoPE's frequencies and the
-                // QKV bias, null unless they rotate Q.
-                let (freq, q_bias) = if fold_rope {
-                    (inv_freq, bias)
-                } else {
-                    (null, null)
-                };
-                let mut builder = gpu.stream.launch_builder(kernel);
-                builder
-                    .arg(&attn)
-                    .arg(&qkv)
-                    .arg(&k_cache)
-                    .arg(&v_cache)
-                    .arg(&tables_p)
-                    .arg(&positions_p)
-                    .arg(&tile_seq_p)
-                    .arg(&tile_row0_p)
-                    .arg(&tile_rows_p)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&block_size)
-                    .arg(&max_blocks)
-                    .arg(&scale);
-                if tensor_core_prefill(cfg) {
-                    builder.arg(&freq).arg(&q_bias);
+                // SAFETY: as for the other launches; both prefill kernels
+                // take the same arguments.
+                unsafe {
+                    gpu.stream
+                        .launch_builder(kernel)
+                        .arg(&attn)
+                        .arg(&qkv)
+                        .arg(&k_cache)
+                        .arg(&v_cache)
+                        .arg(&tables_p)
+                        .arg(&positions_p)
+                        .arg(&tile_seq_p)
+                        .arg(&tile_row0_p)
+                        .arg(&tile_rows_p)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&block_size)
+                        .arg(&max_blocks)
+                        .arg(&scale)
+                        .launch(launch)
                 }
-                // SAFETY: as for the other launches; the arguments match the
-                // kernel's parameters in llama.cu.
-                unsafe { builder.launch(launch) }.map_err(CudaError::from)?;
+                .map_err(CudaError::from)?;
             }
             mark!(self, "attention");
             let act = ws.act.ptr();
@@ -1385,116 +1362,28 @@ fn tensor_core_prefill(cfg: &ModelConfig) -> bool {
     matches!(cfg.head_dim, 64 | 128)
 }
 
-/// Which tensor-core prefill attention runs (head_dim 64 and 128; other
-/// head dims take the scalar kernel) and the shape of its blocks. A block
-/// holds the `group` query heads of one KV head over one tile of rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PrefillAttention {
-    /// Warps a block of the 32-rows-a-warp kernel aims at (4 or 8: the tile
-    /// gets 32 * max(1, warps / group) rows); 0 picks the 16-rows-a-warp
-    /// kernel of at most 8 warps, kept for comparison.
-    warps: usize,
-    /// Keys per K/V tile of the 32-rows-a-warp kernel at head_dim 128 (64,
-    /// or 32: fewer registers, more rescaling); head_dim 64 always uses 64.
-    keys: usize,
-    /// The tensor-core kernel adds Q's bias and RoPE as it loads Q, so
-    /// `rope_kv_write` only handles K and V (one pass less over Q).
-    rope_q: bool,
+/// Query rows per prefill-attention tile: the tensor-core kernel puts the
+/// `group` query heads of one KV head in one block of at most 8 warps of 16
+/// rows; the scalar kernel takes 16 rows of one head.
+fn prefill_tile(cfg: &ModelConfig) -> usize {
+    if tensor_core_prefill(cfg) {
+        16 * (8 / (cfg.num_heads / cfg.num_kv_heads)).max(1)
+    } else {
+        PREFILL_TILE
+    }
 }
 
-impl PrefillAttention {
-    /// Measured on an H100 (docs/benchmarks.md): 4 warps of 32 rows and
-    /// 64-key tiles.
-    const DEFAULT: Self = Self {
-        warps: 4,
-        keys: 64,
-        rope_q: false,
-    };
-
-    /// The default, or `TANDEM_CUDA_PREFILL_WARPS` (0, 4 or 8) and
-    /// `TANDEM_CUDA_PREFILL_KEYS` (32 or 64) and `TANDEM_CUDA_PREFILL_ROPE_Q`
-    /// for comparing the kernels on a GPU machine without rebuilding.
-    fn from_env() -> Self {
-        let var = |name: &str, allowed: &[usize], default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|v| allowed.contains(v))
-                .unwrap_or(default)
-        };
-        Self {
-            warps: var("TANDEM_CUDA_PREFILL_WARPS", &[0, 4, 8], Self::DEFAULT.warps),
-            keys: var("TANDEM_CUDA_PREFILL_KEYS", &[32, 64], Self::DEFAULT.keys),
-            rope_q: env_switch("TANDEM_CUDA_PREFILL_ROPE_Q", Self::DEFAULT.rope_q),
-        }
-    }
-
-    /// Whether this kernel rotates Q itself (see `rope_q`).
-    fn folds_rope(&self, cfg: &ModelConfig) -> bool {
-        self.rope_q && tensor_core_prefill(cfg)
-    }
-
-    /// Query rows a warp of the tensor-core kernel owns.
-    fn warp_rows(&self) -> usize {
-        if self.warps == 0 {
-            16
-        } else {
-            32
-        }
-    }
-
-    /// Query rows per tile: the tensor-core kernels run `group` heads of
-    /// `tile / warp_rows` warps each; the scalar kernel 16 rows of one head.
-    fn tile_rows(&self, cfg: &ModelConfig) -> usize {
-        let group = cfg.num_heads / cfg.num_kv_heads;
-        match (tensor_core_prefill(cfg), self.warps) {
-            (false, _) => PREFILL_TILE,
-            (true, 0) => 16 * (8 / group).max(1),
-            (true, w) => 32 * (w / group).max(1),
-        }
-    }
-
-    /// Threads of a block.
-    fn threads(&self, cfg: &ModelConfig) -> u32 {
-        if !tensor_core_prefill(cfg) {
-            return PREFILL_THREADS;
-        }
-        let group = cfg.num_heads / cfg.num_kv_heads;
-        (32 * group * self.tile_rows(cfg) / self.warp_rows()) as u32
-    }
-
-    /// Keys per K/V tile of the tensor-core kernel.
-    fn keys(&self, cfg: &ModelConfig) -> usize {
-        if self.warps != 0 && cfg.head_dim == 128 {
-            self.keys
-        } else {
-            64
-        }
-    }
-
-    /// Dynamic shared memory of a block (the layouts in llama.cu).
-    fn smem(&self, cfg: &ModelConfig) -> usize {
-        let hd = cfg.head_dim;
-        if tensor_core_prefill(cfg) {
-            // K and V tiles, double-buffered, bf16 rows padded by 8, and
-            // each warp's query rows, padded alike.
-            let warps = self.threads(cfg) as usize / 32;
-            2 * 2 * self.keys(cfg) * (hd + 8) * 2 + warps * self.warp_rows() * (hd + 8) * 2
-        } else {
-            4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
-        }
-    }
-
-    /// The kernel; all of them take the same arguments.
-    fn kernel<'k>(&self, cfg: &ModelConfig, k: &'k device::Kernels) -> &'k CudaFunction {
-        match (cfg.head_dim, self.warps, self.keys) {
-            (64, 0, _) => &k.prefill_attention_tc64,
-            (128, 0, _) => &k.prefill_attention_tc128,
-            (64, _, _) => &k.prefill_attention_fa64,
-            (128, _, 32) => &k.prefill_attention_fa128_k32,
-            (128, _, _) => &k.prefill_attention_fa128,
-            _ => &k.prefill_attention,
-        }
+/// Dynamic shared memory of the prefill-attention kernel (the layouts in
+/// llama.cu).
+fn prefill_smem(cfg: &ModelConfig) -> usize {
+    let hd = cfg.head_dim;
+    if tensor_core_prefill(cfg) {
+        // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8,
+        // and 16 query rows per warp (group * tile / 16 warps), padded alike.
+        let warps = (cfg.num_heads / cfg.num_kv_heads) * prefill_tile(cfg) / 16;
+        2 * 2 * 64 * (hd + 8) * 2 + warps * 16 * (hd + 8) * 2
+    } else {
+        4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
     }
 }
 
@@ -1514,22 +1403,7 @@ fn check_geometry(cfg: &ModelConfig) -> Result<(), CudaError> {
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         )));
     }
-    // The most any choice of PrefillAttention asks for.
-    let smem = [0, 4, 8]
-        .iter()
-        .flat_map(|&warps| {
-            [32, 64].map(|keys| {
-                let rope_q = false;
-                PrefillAttention {
-                    warps,
-                    keys,
-                    rope_q,
-                }
-                .smem(cfg)
-            })
-        })
-        .max()
-        .unwrap_or(0);
+    let smem = prefill_smem(cfg);
     if smem > MAX_ATTENTION_SMEM as usize {
         return Err(CudaError::Unsupported(format!(
             "head_dim {} needs {smem} bytes of shared memory",
@@ -1818,45 +1692,6 @@ mod tests {
             assert_eq!(w[0].0 + w[0].1, w[1].0);
         }
         assert_eq!(l.len(), l.block_tables() + 35);
-    }
-
-    #[test]
-    fn every_prefill_attention_shape_launches_within_the_kernels_limits() {
-        // The kernels are compiled for 96 to 256 threads a block, take the
-        // group's heads as whole warps of `warp_rows` rows each, and get at
-        // most MAX_ATTENTION_SMEM bytes of shared memory.
-        let base = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
-        for head_dim in [64, 128] {
-            for group in 1..=8 {
-                let cfg = ModelConfig {
-                    head_dim,
-                    num_heads: 2 * group,
-                    num_kv_heads: 2,
-                    ..base.clone()
-                };
-                check_geometry(&cfg).unwrap();
-                for warps in [0, 4, 8] {
-                    for keys in [32, 64] {
-                        let p = PrefillAttention {
-                            warps,
-                            keys,
-                            rope_q: true,
-                        };
-                        let (threads, rows) = (p.threads(&cfg) as usize, p.tile_rows(&cfg));
-                        let what = format!("{p:?} head_dim {head_dim} group {group}");
-                        // PF_MIN_THREADS in llama.cu: the K/V tile loader's unrolling.
-                        assert!(
-                            (96..=256).contains(&threads) && threads % 32 == 0,
-                            "{what}: {threads} threads"
-                        );
-                        assert_eq!(rows % p.warp_rows(), 0, "{what}: {rows} rows");
-                        assert_eq!(threads / 32, group * rows / p.warp_rows(), "{what}");
-                        assert!(p.smem(&cfg) <= MAX_ATTENTION_SMEM as usize, "{what}");
-                        assert!(rows >= PREFILL_TILE, "{what}: fewer rows than planned for");
-                    }
-                }
-            }
-        }
     }
 
     #[test]
