@@ -214,6 +214,21 @@ __global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
     }
 }
 
+// The same from f32 gate/up products (the GEMM's f32 output): four per thread.
+__global__ void silu_mul_f32(bf16* act, const float* gu, int tokens, int f) {
+    long long n4 = (long long)tokens * f / 4;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long t = i / (f / 4), c = (i % (f / 4)) * 4;
+        float4 g = *reinterpret_cast<const float4*>(gu + t * 2 * f + c);
+        float4 u = *reinterpret_cast<const float4*>(gu + t * 2 * f + f + c);
+        __nv_bfloat162 lo = __floats2bfloat162_rn(g.x / (1.f + __expf(-g.x)) * u.x, g.y / (1.f + __expf(-g.y)) * u.y);
+        __nv_bfloat162 hi = __floats2bfloat162_rn(g.z / (1.f + __expf(-g.z)) * u.z, g.w / (1.f + __expf(-g.w)) * u.w);
+        *reinterpret_cast<uint2*>(act + t * f + c) =
+            make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
+    }
+}
+
 #define MAX_GROUP 8
 #define MAX_HEAD_DIM 256
 #define DECODE_WARPS 8

@@ -487,3 +487,102 @@ async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
     assert_eq!(again.cached_tokens, 20);
     assert_eq!(again.kv, whole.kv);
 }
+
+/// A CPU backend that reports when it is dropped.
+struct DropReporting(CpuBackend, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropReporting {
+    fn drop(&mut self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl tandem::engine::backend::ComputeBackend for DropReporting {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn kv_bytes_per_token(&self) -> usize {
+        self.0.kv_bytes_per_token()
+    }
+    fn init_kv_cache(
+        &mut self,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<(), tandem::engine::backend::BackendError> {
+        self.0.init_kv_cache(block_size, num_blocks)
+    }
+    fn forward(
+        &mut self,
+        batch: &[tandem::engine::backend::SeqInput<'_>],
+        logits: &mut Vec<f32>,
+        sink: Option<&mut dyn tandem::engine::backend::KvLayerSink>,
+    ) -> Result<(), tandem::engine::backend::BackendError> {
+        self.0.forward(batch, logits, sink)
+    }
+    fn read_kv(
+        &self,
+        block_ids: &[u32],
+        num_tokens: usize,
+    ) -> Result<tandem::engine::types::KvExport, tandem::engine::backend::BackendError> {
+        self.0.read_kv(block_ids, num_tokens)
+    }
+    fn write_kv_layer(
+        &mut self,
+        block_ids: &[u32],
+        start_pos: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), tandem::engine::backend::BackendError> {
+        self.0.write_kv_layer(block_ids, start_pos, layer, k, v)
+    }
+    fn copy_block(
+        &mut self,
+        src: u32,
+        dst: u32,
+    ) -> Result<(), tandem::engine::backend::BackendError> {
+        self.0.copy_block(src, dst)
+    }
+}
+
+/// `shutdown` returns once the engine thread has ended and dropped its
+/// backend (a GPU backend's state must be gone before the process exits),
+/// and reports a clone still holding the engine open.
+#[tokio::test]
+async fn shutdown_waits_until_the_backend_is_dropped() {
+    let (cfg, weights) = model();
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = DropReporting(
+        CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32).unwrap(),
+        dropped.clone(),
+    );
+    let handle = Engine::start(
+        Box::new(backend),
+        config(4, 32),
+        vec![0],
+        MAX_MODEL_LEN,
+        "test",
+    )
+    .unwrap();
+    let out = collect(
+        handle
+            .generate(request(prompt(1, 9), 4, SamplingParams::greedy()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(out.tokens.len(), 4);
+    let clone = handle.clone();
+    assert!(
+        !handle.shutdown(Duration::from_millis(200)),
+        "a live clone keeps the engine running"
+    );
+    assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(clone.shutdown(Duration::from_secs(10)));
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the backend is dropped by the time shutdown returns"
+    );
+}

@@ -251,7 +251,7 @@ impl Engine {
             }),
         });
         let (tx, rx) = mpsc::channel();
-        let mut engine_loop = EngineLoop {
+        let engine_loop = EngineLoop {
             backend,
             scheduler,
             requests: HashMap::new(),
@@ -276,6 +276,9 @@ impl Engine {
             .name(format!("tandem-{role}-engine"))
             .spawn(move || {
                 let _guard = guard;
+                // Declared after the guard, so dropped first: the backend (and
+                // its GPU state) is gone before the engine counts as stopped.
+                let mut engine_loop = engine_loop;
                 pool.install(|| engine_loop.run());
             })
             .map_err(|e| EngineError::Spawn(e.to_string()))?;
@@ -308,6 +311,26 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     limits: Arc<Limits>,
     kv_events: broadcast::Sender<KvEvent>,
+}
+
+impl EngineHandle {
+    /// Drops this handle and waits up to `timeout` for the engine thread to
+    /// end, which it does once every handle is gone and its backend is
+    /// dropped: a process that frees GPU state this way does not exit while
+    /// the engine thread still tears it down. Returns whether it ended (not
+    /// if another clone of the handle is still alive).
+    pub fn shutdown(self, timeout: std::time::Duration) -> bool {
+        let shared = self.shared.clone();
+        drop(self);
+        let deadline = std::time::Instant::now() + timeout;
+        while shared.alive.load(Ordering::SeqCst) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
+    }
 }
 
 /// Releases a queue slot unless the request reached the engine thread.

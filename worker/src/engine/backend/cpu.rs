@@ -1170,8 +1170,7 @@ impl ComputeBackend for CpuBackend {
             }
         };
         let all_decode = batch.iter().all(|seq| seq.tokens.len() == 1);
-        let bf16_attention =
-            emulate.is_some_and(|e| e.bf16_prefill_attention) && !all_decode;
+        let bf16_attention = emulate.is_some_and(|e| e.bf16_prefill_attention) && !all_decode;
         let bf16_gate_up = emulate.is_some_and(|e| !e.f32_gate_up_tokens.contains(&total));
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.rms_norm_eps, &mut s.normed);
@@ -1526,7 +1525,9 @@ mod tests {
     fn bf16_activations_round_the_cache_and_move_logits_by_bf16_noise() {
         let cfg = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
         let weights = crate::model::testing::random_weights(&cfg, 11);
-        let prompt: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % cfg.vocab_size as u32).collect();
+        let prompt: Vec<u32> = (0..9)
+            .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+            .collect();
         let run = |rounding: Option<Bf16Activations>, tokens: &[u32]| {
             let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32).unwrap();
             cpu.init_kv_cache(4, 8).unwrap();

@@ -97,12 +97,17 @@ pub fn same_choice(got: &[f32], want: &[f32]) -> bool {
 /// fused matrix-vector MLP (gate and up kept in f32) and whether multi-token
 /// steps use the tensor-core prefill attention (bf16 query and weights).
 pub fn mirror_rounding(cuda: &CudaBackend) -> Bf16Activations {
-    Bf16Activations {
-        f32_gate_up_tokens: super::device::GEMV_TOKENS
+    let f32_gate_up_tokens = if cuda.f32_gate_up {
+        (1..=cuda.opts.max_batch_tokens).collect()
+    } else {
+        super::device::GEMV_TOKENS
             .iter()
             .copied()
             .filter(|&t| cuda.gemv_for(t).is_some())
-            .collect(),
+            .collect()
+    };
+    Bf16Activations {
+        f32_gate_up_tokens,
         bf16_prefill_attention: super::tensor_core_prefill(&cuda.cfg),
     }
 }
@@ -607,6 +612,11 @@ pub fn engine_disaggregated(ordinal: usize) -> Result<Vec<CheckResult>, String> 
         let on_cpu = collect_tokens(cpu.generate(request()).map_err(i)?).await?;
         Ok::<_, String>((agg, disagg, on_cpu))
     })?;
+    // Free each engine's GPU state before returning: a process exiting while
+    // an engine thread still drops its backend can crash in the driver.
+    let stopped = [aggregated, prefill, decode, cpu]
+        .into_iter()
+        .all(|h| h.shutdown(std::time::Duration::from_secs(10)));
     let same_prefix = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
     Ok(vec![
         result(
@@ -625,6 +635,14 @@ pub fn engine_disaggregated(ordinal: usize) -> Result<Vec<CheckResult>, String> 
                 "equal prefix {} of {}",
                 same_prefix(&agg, &on_cpu),
                 agg.len()
+            ),
+        ),
+        result(
+            "engine: every engine stops and frees its backend when its handles are gone",
+            stopped,
+            format!(
+                "{} within 10 s",
+                if stopped { "stopped" } else { "NOT stopped" }
             ),
         ),
     ])
@@ -738,11 +756,7 @@ pub fn default_model(ordinal: usize, path: &Path) -> Result<Vec<CheckResult>, St
     )
     .map_err(e)?;
     mirror.set_bf16_activations(Some(mirror_rounding(&cuda)));
-    for b in [
-        &mut cuda as &mut dyn ComputeBackend,
-        &mut cpu,
-        &mut mirror,
-    ] {
+    for b in [&mut cuda as &mut dyn ComputeBackend, &mut cpu, &mut mirror] {
         b.init_kv_cache(16, 64).map_err(e)?;
     }
     let table: Vec<u32> = (0..64).rev().collect();

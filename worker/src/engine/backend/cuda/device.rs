@@ -31,6 +31,7 @@ pub(super) struct Kernels {
     pub rms_norm: CudaFunction,
     pub rope_kv_write: CudaFunction,
     pub silu_mul: CudaFunction,
+    pub silu_mul_f32: CudaFunction,
     /// The older decode attention, indexed by head_dim / 32 - 1; compiled
     /// only for the head dims `decode_attention_v2` does not cover.
     pub decode_attention: Vec<Option<CudaFunction>>,
@@ -293,6 +294,7 @@ impl Gpu {
             rms_norm: f("rms_norm")?,
             rope_kv_write: f("rope_kv_write")?,
             silu_mul: f("silu_mul")?,
+            silu_mul_f32: f("silu_mul_f32")?,
             decode_attention: (1..=8)
                 .map(|pl| {
                     let covered = DECODE_V2_HEAD_DIMS.contains(&(32 * pl));
@@ -610,6 +612,7 @@ mod tests {
                 "prefill_attention",
                 "rope_kv_write",
                 "silu_mul",
+                "silu_mul_f32",
                 "gemv_qkv_4",
                 "gemv_out_1",
                 "sample_rows",

@@ -409,6 +409,9 @@ pub struct CudaBackend {
     peer_writer: Option<ipc::PeerWriter>,
     /// Fused projections for steps of 1, 2 or 4 tokens (see llama.cu).
     fused_gemv: bool,
+    /// Multi-token steps keep the gate/up GEMM's output in f32 up to
+    /// SiLU·mul instead of rounding it to bf16 (`TANDEM_CUDA_F32_GATE_UP`).
+    f32_gate_up: bool,
     /// Programmatic dependent launches for the kernels that support them.
     pdl: bool,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
@@ -556,7 +559,8 @@ impl CudaBackend {
             normed: alloc(m * h * 2)?,
             qkv: alloc(m * (q_dim + 2 * kv_dim) * 4)?,
             attn: alloc(m * q_dim * 2)?,
-            gate_up: alloc(m * 2 * f * 2)?,
+            // f32 when the gate/up GEMM writes f32 (see `f32_gate_up`).
+            gate_up: alloc(m * 2 * f * if f32_gate_up_switch() { 4 } else { 2 })?,
             act: alloc(m * f * 2)?,
             kv_out: alloc(m * 2 * kv_dim * 4)?,
             part_max: alloc(part_rows * 4)?,
@@ -597,6 +601,7 @@ impl CudaBackend {
             profiler: None,
             peer_writer: None,
             fused_gemv: env_switch("TANDEM_CUDA_FUSED_GEMV", true),
+            f32_gate_up: f32_gate_up_switch(),
             // Off unless asked for: on an H100 it made 8B batch-1 decode
             // slower (7.47 vs 6.39 ms) and SmolLM2's no faster (0.789 vs
             // 0.790 ms). Needs compute capability 9.0 or newer.
@@ -1317,13 +1322,22 @@ impl CudaBackend {
                 Dtype::Bf16,
                 layer.w_gate_up.ptr(),
                 gu,
-                Dtype::Bf16,
+                if self.f32_gate_up {
+                    Dtype::F32
+                } else {
+                    Dtype::Bf16
+                },
                 0.0,
             )?;
             mark!(self, "gate_up_gemm");
             let (ti, fi) = (t as i32, f as i32);
-            let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
-            launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            if self.f32_gate_up {
+                let blocks = (t * f / 4).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
+                launch!(gpu, silu_mul_f32, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            } else {
+                let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
+                launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+            }
             mark!(self, "silu");
             // x += act · w_down^T
             gpu.gemm(
@@ -1483,6 +1497,12 @@ fn env_switch(name: &str, default: bool) -> bool {
         Ok("0") | Ok("off") | Ok("false") => false,
         _ => default,
     }
+}
+
+/// Whether multi-token steps keep the gate/up products in f32
+/// (`TANDEM_CUDA_F32_GATE_UP=1`; off by default).
+fn f32_gate_up_switch() -> bool {
+    env_switch("TANDEM_CUDA_F32_GATE_UP", false)
 }
 
 /// The batch size a decode step of `seqs` sequences is padded to: powers of
