@@ -78,13 +78,22 @@ const STEP_TIME: Duration = Duration::from_millis(1);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run explicitly in release"]
 async fn engine_host_time_per_decode_step() {
+    // Slow-step warnings on stderr (RUST_LOG, default warn).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .try_init();
     let cfg = tandem::model::dummy::config("llama3-8b").unwrap();
     let context = env_list("TANDEM_BENCH_CONTEXT", "3000")[0];
     // Decode steps measured; the sequences run longer, so the window
     // closes while all of them still run.
     let decode_steps = env_list("TANDEM_BENCH_STEPS", "500")[0];
+    let on = std::env::var("TANDEM_BENCH_DEVICE").unwrap_or_else(|_| "null backend".into());
     println!(
-        "engine host time per step, null backend, llama3-8b shape, {context}-token prompts, \
+        "engine host time per step, {on}, llama3-8b shape, {context}-token prompts, \
          {decode_steps} decode steps measured"
     );
     println!(
