@@ -780,9 +780,10 @@ impl Request {
 }
 
 /// Frees an installed prompt's KV on a short-lived thread of its own:
-/// returning hundreds of MB of received buffers to the system (an 8B
-/// model's 3000-token prompt is 393 MB) took 23 ms on an H100 host, a stall
-/// of every sequence decoding in the same step.
+/// an 8B model's 3000-token prompt is 393 MB of received buffers, and the
+/// step that installed one on an H100 host spent 23 ms of host time after
+/// the install, most likely returning them to the system; every sequence
+/// decoding in that step waited for it.
 fn free_elsewhere(kv: KvPieces) {
     let spawned = std::thread::Builder::new()
         .name("tandem-kv-free".into())
