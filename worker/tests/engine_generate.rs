@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use engine_support::*;
 use tandem::engine::backend::{CpuBackend, WeightStorage};
 use tandem::engine::types::{
-    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopParams,
+    FinishReason, GenerateEvent, GenerateRequest, KvDtype, SamplingParams, StopParams,
 };
 use tandem::engine::{Engine, EngineConfig, EngineHandle};
 use tandem::infer::{GenerateStream, Infer, InferError};
@@ -459,11 +459,16 @@ async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
             }
             PrefillEvent::Kv(c) => {
                 let width = cfg.num_kv_heads * cfg.head_dim;
-                assert_eq!(c.k.len(), c.num_tokens * width);
+                // The CPU pool's f32 values, as little-endian bytes.
+                assert_eq!(c.k.len(), c.num_tokens * width * 4);
+                let (ck, cv) = (
+                    KvDtype::F32.decode(&c.k).unwrap(),
+                    KvDtype::F32.decode(&c.v).unwrap(),
+                );
                 let (k, v) = &whole.kv.layers[c.layer];
                 let range = c.start_pos * width..(c.start_pos + c.num_tokens) * width;
-                assert_eq!(&k[range.clone()], &c.k[..], "layer {} K", c.layer);
-                assert_eq!(&v[range], &c.v[..], "layer {} V", c.layer);
+                assert_eq!(&k[range.clone()], &ck[..], "layer {} K", c.layer);
+                assert_eq!(&v[range], &cv[..], "layer {} V", c.layer);
                 for n in &mut seen[c.layer][c.start_pos..c.start_pos + c.num_tokens] {
                     *n += 1;
                 }

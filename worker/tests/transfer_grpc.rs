@@ -112,8 +112,10 @@ async fn remote_prefill_ships_the_exact_kv_and_decoding_continues_identically() 
             .unwrap();
 
         assert_eq!(remote.kv.num_tokens, len);
-        assert_eq!(remote.kv.num_layers(), cfg.num_layers);
-        for (layer, (got, want)) in remote.kv.layers.iter().zip(&local.kv.layers).enumerate() {
+        assert_eq!(remote.kv.num_layers, cfg.num_layers);
+        remote.kv.check().unwrap();
+        let received = remote.kv.to_export();
+        for (layer, (got, want)) in received.layers.iter().zip(&local.kv.layers).enumerate() {
             let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert!(
                 bits(&got.0) == bits(&want.0),
@@ -209,7 +211,8 @@ async fn a_prompt_of_several_prefill_chunks_arrives_intact() {
         .await
         .unwrap();
     let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    for (layer, (got, want)) in remote.kv.layers.iter().zip(&in_place.kv.layers).enumerate() {
+    let received = remote.kv.to_export();
+    for (layer, (got, want)) in received.layers.iter().zip(&in_place.kv.layers).enumerate() {
         assert!(bits(&got.0) == bits(&want.0), "K of layer {layer}");
         assert!(bits(&got.1) == bits(&want.1), "V of layer {layer}");
     }

@@ -1,7 +1,9 @@
-//! Benchmark, not a test: KV transfer throughput over loopback gRPC for a
-//! KV of 32 layers x 8 KV heads x 64 of random data, for 512, 2k and
-//! 8k-token prompts: in f32 (128 KiB per token, the size of Llama-3-8B's bf16
-//! KV, as earlier runs of this benchmark measured it). Run it in release:
+//! Benchmark, not a test: KV transfer throughput over loopback gRPC for
+//! Llama-3-8B's KV shape (32 layers x 8 KV heads x 128) of random data, for
+//! 512, 3000 (the goodput benchmark's prompts) and 8192-token prompts: bf16
+//! on the wire as a CUDA prefill worker ships it (128 KiB per token), and f32
+//! (256 KiB per token, up to 3000 tokens) as a CPU one does. Run it in
+//! release:
 //!
 //! ```text
 //! cargo test --release -p tandem --test transfer_throughput -- --ignored --nocapture
@@ -10,10 +12,10 @@
 //! Each transfer is timed from the request to the assembled `KvExport`, both
 //! sides in this process (server and client each on their own runtime).
 //!
-//! Also the same KV as a CUDA backend ships it: its bf16 values (exactly
-//! representable) in bf16 on the wire, 64 KiB per token, encoded from f32 per
-//! layer on the sending side and widened back to f32 on the receiving side as
-//! the real transport does.
+//! The sending side encodes each layer from f32 values once, as the prefill
+//! engine's KV sink does; the receiving side keeps the chunks as they arrive
+//! (a `KvPieces`), as the decode worker does before installing them.
+//! `TANDEM_BENCH_TOKENS` (e.g. `3000`) limits the prompt lengths.
 
 use std::time::{Duration, Instant};
 
@@ -26,13 +28,12 @@ use tandem::engine::types::{KvDtype as EngineKvDtype, SamplingParams, TokenOutpu
 use tandem::infer::InferError;
 use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService, PrefillSource};
 use tandem::transfer::pb::{KvDtype, KvLayout};
-use tandem::transfer::wire::encode;
 use tandem::transfer::{PrefillPart, RemotePrefillRequest, Transport};
 use tokio_stream::wrappers::TcpListenerStream;
 
 const LAYERS: u32 = 32;
 const KV_HEADS: u32 = 8;
-const HEAD_DIM: u32 = 64;
+const HEAD_DIM: u32 = 128;
 
 /// Ships pre-generated random KV of as many tokens as the prompt has, each
 /// layer copied out of the source and encoded as a prefill does it.
@@ -66,8 +67,8 @@ impl PrefillSource for RandomKv {
             Ok(PrefillPart::Kv {
                 layer: index,
                 start_pos: 0,
-                k: encode(values[..n].to_vec(), dtype),
-                v: encode(values[..n].to_vec(), dtype),
+                k: dtype.encode(&values[..n]),
+                v: dtype.encode(&values[..n]),
             })
         });
         let first = TokenOutput {
@@ -87,7 +88,11 @@ impl PrefillSource for RandomKv {
 #[test]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
 fn kv_transfer_throughput_over_loopback_grpc() {
-    let sizes = [512usize, 2048, 8192];
+    let sizes: Vec<usize> = std::env::var("TANDEM_BENCH_TOKENS")
+        .unwrap_or_else(|_| "512,3000,8192".into())
+        .split(',')
+        .map(|t| t.trim().parse().expect("prompt lengths"))
+        .collect();
     let max = *sizes.iter().max().unwrap();
     let mut rng = rand::rng();
     let values: Arc<Vec<f32>> = Arc::new(
@@ -95,9 +100,9 @@ fn kv_transfer_throughput_over_loopback_grpc() {
             .map(|_| half::bf16::from_f32(rng.random_range(-4.0f32..4.0)).to_f32())
             .collect(),
     );
-    for dtype in [EngineKvDtype::F32, EngineKvDtype::Bf16] {
-        measure(&sizes, values.clone(), dtype);
-    }
+    measure(&sizes, values.clone(), EngineKvDtype::Bf16);
+    let f32_sizes: Vec<usize> = sizes.iter().copied().filter(|&t| t <= 3000).collect();
+    measure(&f32_sizes, values, EngineKvDtype::F32);
 }
 
 fn measure(sizes: &[usize], values: Arc<Vec<f32>>, dtype: EngineKvDtype) {
@@ -147,9 +152,17 @@ fn measure(sizes: &[usize], values: Arc<Vec<f32>>, dtype: EngineKvDtype) {
             let got = client_rt.block_on(transport.prefill(request)).unwrap();
             let took = started.elapsed();
             assert_eq!(got.bytes, tokens * bytes_per_token);
+            got.kv.check().unwrap();
             // Exact in either dtype: the values are bf16-representable.
             let n = tokens * (KV_HEADS * HEAD_DIM) as usize;
-            assert_eq!(got.kv.layers[LAYERS as usize - 1].1[..], expected[..n]);
+            let last = LAYERS as usize - 1;
+            let mut v_last = vec![0f32; n];
+            for p in got.kv.pieces.iter().filter(|p| p.layer == last) {
+                let w = (KV_HEADS * HEAD_DIM) as usize;
+                v_last[p.start_pos * w..(p.start_pos + p.num_tokens) * w]
+                    .copy_from_slice(&dtype.decode(&p.v).unwrap());
+            }
+            assert_eq!(v_last[..], expected[..n]);
             if run > 0 {
                 // Run 0 warms the connection and the allocator.
                 times.push(took);

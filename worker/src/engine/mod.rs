@@ -33,12 +33,15 @@ pub mod backend;
 pub mod block_manager;
 pub mod sampler;
 pub mod scheduler;
+pub mod step_watch;
 pub mod types;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
 
 use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
@@ -48,9 +51,10 @@ use backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInpu
 use block_manager::{BlockManager, KvEvent};
 use sampler::Sampler;
 use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
+use step_watch::{StepFacts, StepWatch};
 use types::{
-    FinishReason, GenerateEvent, GenerateRequest, KvDtype, KvExport, KvLayerChunk, PrefillEvent,
-    PrefillOutput, SamplingParams, StopParams, TokenOutput,
+    FinishReason, GenerateEvent, GenerateRequest, KvDtype, KvExport, KvLayerChunk, KvPieces,
+    PrefillEvent, PrefillOutput, SamplingParams, StopParams, TokenOutput,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,11 @@ pub struct EngineStats {
     pub decode_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Time the engine thread spent in steps outside the backend (scheduling,
+    /// bookkeeping, streaming): what a GPU waits for between steps.
+    pub step_host_nanos: u64,
+    /// Time spent in the backend during steps.
+    pub step_backend_nanos: u64,
 }
 
 enum Command {
@@ -144,8 +153,8 @@ enum Command {
 
 /// A prompt's KV computed elsewhere.
 enum Import {
-    /// Shipped in the export format; installed into fresh blocks.
-    Kv(KvExport, TokenOutput),
+    /// Shipped in pieces; installed into fresh blocks.
+    Kv(KvPieces, TokenOutput),
     /// Already written into these reserved blocks by a peer (cuda-ipc).
     Reserved {
         reservation: u64,
@@ -266,6 +275,8 @@ impl Engine {
                 kv_blocks_total: num_blocks,
                 ..EngineStats::default()
             },
+            facts: StepFacts::default(),
+            watch: StepWatch::default(),
         };
         metrics()
             .kv_blocks_total
@@ -633,8 +644,13 @@ impl EngineHandle {
                     let (k, v) = &mut kv.layers[chunk.layer];
                     let range =
                         chunk.start_pos * width..(chunk.start_pos + chunk.num_tokens) * width;
-                    k[range.clone()].copy_from_slice(&chunk.k);
-                    v[range].copy_from_slice(&chunk.v);
+                    let widen = |bytes: &[u8]| {
+                        l.kv_dtype.decode(bytes).ok_or_else(|| {
+                            InferError::Unavailable("the engine streamed partial KV values".into())
+                        })
+                    };
+                    k[range.clone()].copy_from_slice(&widen(&chunk.k)?);
+                    v[range].copy_from_slice(&widen(&chunk.v)?);
                 }
                 PrefillEvent::Done(first_token) => {
                     return Ok(PrefillOutput {
@@ -657,14 +673,16 @@ impl EngineHandle {
     }
 
     /// Continues a request whose prompt was computed elsewhere: installs `kv`
-    /// (all prompt positions) into fresh blocks, emits `first_token`, and
-    /// decodes from there.
+    /// (all prompt positions: a [`KvPieces`] as a transfer received it, or a
+    /// [`KvExport`]) into fresh blocks, emits `first_token`, and decodes from
+    /// there.
     pub fn generate_with_kv(
         &self,
         request: GenerateRequest,
-        kv: KvExport,
+        kv: impl Into<KvPieces>,
         first_token: TokenOutput,
     ) -> Result<GenerateStream, InferError> {
+        let kv = kv.into();
         let l = &self.limits;
         if kv.num_tokens != request.prompt.len() {
             return Err(InferError::Invalid(format!(
@@ -673,23 +691,21 @@ impl EngineHandle {
                 request.prompt.len()
             )));
         }
-        let per_token = kv.kv_heads * kv.head_dim;
-        if kv.num_layers() != l.num_layers
+        let complete = kv.check();
+        if kv.num_layers != l.num_layers
             || kv.kv_heads != l.kv_heads
             || kv.head_dim != l.head_dim
-            || kv
-                .layers
-                .iter()
-                .any(|(k, v)| k.len() != kv.num_tokens * per_token || v.len() != k.len())
+            || complete.is_err()
         {
             return Err(InferError::Invalid(format!(
-                "the KV ({} layers x {} kv heads x head_dim {}) does not match this model ({} x {} x {}) or its data is truncated",
-                kv.num_layers(),
+                "the KV ({} layers x {} kv heads x head_dim {}) does not match this model ({} x {} x {}) or its data is truncated{}",
+                kv.num_layers,
                 kv.kv_heads,
                 kv.head_dim,
                 l.num_layers,
                 l.kv_heads,
-                l.head_dim
+                l.head_dim,
+                complete.err().map(|e| format!(": {e}")).unwrap_or_default()
             )));
         }
         if first_token.id as usize >= l.vocab_size {
@@ -786,25 +802,113 @@ impl Request {
     }
 }
 
+/// Frees an installed prompt's KV on a short-lived thread of its own:
+/// an 8B model's 3000-token prompt is 393 MB of received buffers, and the
+/// step that installed one on an H100 host spent 23 ms of host time after
+/// the install, most likely returning them to the system; every sequence
+/// decoding in that step waited for it.
+fn free_elsewhere(kv: KvPieces) {
+    let spawned = std::thread::Builder::new()
+        .name("tandem-kv-free".into())
+        .spawn(move || drop(kv));
+    // Without a thread (resource limits) the failed spawn drops it here.
+    if let Err(e) = spawned {
+        tracing::debug!("freeing imported KV on the engine thread: {e}");
+    }
+}
+
 /// Forwards the K and V of prefill-only sequences to their streams as each
-/// layer completes.
+/// layer completes, already as bytes of the pool's dtype (what the wire
+/// carries): one pass over the values, on the compute pool's threads, while
+/// the backend computes the next layer.
 struct StreamSink<'a> {
     /// Per batch entry: its stream (if it is a prefill-only sequence) and the
     /// position of its first new token.
     targets: Vec<(Option<&'a tmpsc::UnboundedSender<PrefillEvent>>, usize)>,
     kv_width: usize,
+    dtype: KvDtype,
 }
 
-impl KvLayerSink for StreamSink<'_> {
-    fn layer_computed(&mut self, layer: usize, seq_index: usize, k: &[f32], v: &[f32]) {
+/// Values converted per parallel task when a sink splits and encodes rows.
+const ENCODE_TASK_VALUES: usize = 1 << 16;
+
+impl StreamSink<'_> {
+    fn send(&self, seq_index: usize, layer: usize, num_tokens: usize, k: Bytes, v: Bytes) {
         if let Some((Some(tx), start_pos)) = self.targets.get(seq_index) {
             let _ = tx.send(PrefillEvent::Kv(KvLayerChunk {
                 layer,
                 start_pos: *start_pos,
-                num_tokens: k.len() / self.kv_width,
-                k: k.to_vec(),
-                v: v.to_vec(),
+                num_tokens,
+                k,
+                v,
             }));
+        }
+    }
+
+    fn wanted(&self, seq_index: usize) -> bool {
+        matches!(self.targets.get(seq_index), Some((Some(_), _)))
+    }
+}
+
+impl KvLayerSink for StreamSink<'_> {
+    fn layer_computed(&mut self, layer: usize, seq_index: usize, k: &[f32], v: &[f32]) {
+        if self.wanted(seq_index) {
+            let (kb, vb) = (self.dtype.encode(k), self.dtype.encode(v));
+            self.send(seq_index, layer, k.len() / self.kv_width, kb, vb);
+        }
+    }
+
+    fn layer_rows_computed(&mut self, layer: usize, seq_index: usize, rows: &[f32], kv_dim: usize) {
+        if !self.wanted(seq_index) {
+            return;
+        }
+        let (k, v) = split_encode_rows(rows, kv_dim, self.dtype);
+        self.send(seq_index, layer, rows.len() / (2 * kv_dim), k, v);
+    }
+}
+
+/// Splits rows of `[K | V]` into K and V bytes of `dtype`, in parallel over
+/// the current rayon pool for large layers.
+fn split_encode_rows(rows: &[f32], kv_dim: usize, dtype: KvDtype) -> (Bytes, Bytes) {
+    use rayon::prelude::*;
+    let row_values = 2 * kv_dim;
+    let tokens = rows.len() / row_values;
+    let row_bytes = kv_dim * dtype.size();
+    let mut k = vec![0u8; tokens * row_bytes];
+    let mut v = vec![0u8; tokens * row_bytes];
+    let rows_per_task = (ENCODE_TASK_VALUES / row_values).max(1);
+    let encode = |(src, (k, v)): (&[f32], (&mut [u8], &mut [u8]))| {
+        for ((row, k), v) in src
+            .chunks_exact(row_values)
+            .zip(k.chunks_exact_mut(row_bytes))
+            .zip(v.chunks_exact_mut(row_bytes))
+        {
+            encode_to(&row[..kv_dim], k, dtype);
+            encode_to(&row[kv_dim..], v, dtype);
+        }
+    };
+    let (src, dst) = (rows_per_task * row_values, rows_per_task * row_bytes);
+    if tokens > rows_per_task {
+        rows.par_chunks(src)
+            .zip(k.par_chunks_mut(dst).zip(v.par_chunks_mut(dst)))
+            .for_each(encode);
+    } else {
+        rows.chunks(src)
+            .zip(k.chunks_mut(dst).zip(v.chunks_mut(dst)))
+            .for_each(encode);
+    }
+    (Bytes::from(k), Bytes::from(v))
+}
+
+/// Writes `values` as little-endian bytes of `dtype` into `out` (exactly
+/// `values.len() * dtype.size()` bytes).
+fn encode_to(values: &[f32], out: &mut [u8], dtype: KvDtype) {
+    match dtype {
+        KvDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
+        KvDtype::Bf16 => {
+            for (x, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&types::bf16_bits(*x).to_le_bytes());
+            }
         }
     }
 }
@@ -822,25 +926,47 @@ struct EngineLoop {
     /// Blocks reserved for KV a peer writes, by reservation id.
     reservations: HashMap<u64, Vec<u32>>,
     stats: EngineStats,
+    /// What the current iteration held and where its time went.
+    facts: StepFacts,
+    watch: StepWatch,
 }
 
 impl EngineLoop {
     fn run(&mut self) {
         loop {
+            let mut woken_by = None;
             if self.scheduler.is_idle() {
                 // Nothing to compute: sleep until a command arrives.
                 match self.rx.recv() {
-                    Ok(cmd) => self.handle(cmd),
+                    Ok(cmd) => woken_by = Some(cmd),
                     Err(_) => return,
                 }
             }
-            while let Ok(cmd) = self.rx.try_recv() {
+            let started = Instant::now();
+            self.facts = StepFacts::default();
+            if let Some(cmd) = woken_by {
+                self.facts.commands += 1;
                 self.handle(cmd);
             }
-            if !self.scheduler.is_idle() {
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.facts.commands += 1;
+                self.handle(cmd);
+            }
+            let stepped = !self.scheduler.is_idle();
+            if stepped {
                 self.step();
+                // Accounted before publishing, so the stats of an engine
+                // that goes idle now include this step.
+                self.facts.total = started.elapsed();
+                self.stats.step_host_nanos += self.facts.host().as_nanos() as u64;
+                self.stats.step_backend_nanos += self.facts.backend.as_nanos() as u64;
             }
             self.publish();
+            if stepped {
+                if let Some(slow) = self.watch.observe(&self.facts, Instant::now()) {
+                    slow.log(self.role);
+                }
+            }
         }
     }
 
@@ -885,7 +1011,9 @@ impl EngineLoop {
                 }
             }
             Command::OpenPeer { pool, reply } => {
+                let started = Instant::now();
                 let result = self.backend.open_peer_kv(&pool).map_err(|e| e.to_string());
+                self.facts.backend += started.elapsed();
                 let _ = reply.send(result);
             }
             Command::Prefill {
@@ -995,12 +1123,16 @@ impl EngineLoop {
             }
             self.drop_request(id);
         }
+        self.facts.admitted = plan.admitted.len();
+        self.facts.imported = plan.imports.len();
+        self.facts.preempted = plan.preempted.len();
         for &(id, cached) in &plan.admitted {
             self.unqueue(id);
             let Some(req) = self.requests.get_mut(&id) else {
                 continue;
             };
             let seq = self.scheduler.get(id).expect("admitted");
+            self.facts.adopted += seq.kv_adopted as usize;
             if let Output::Prefill(tx) = &req.output {
                 let streams_kv = req.peer.is_none();
                 if !req.started {
@@ -1012,16 +1144,13 @@ impl EngineLoop {
                 // Cached positions are never computed here: send them now,
                 // layer by layer (again after a re-admission, harmlessly).
                 if cached > 0 && streams_kv {
-                    match self.backend.read_kv(&seq.blocks, cached) {
+                    let started = Instant::now();
+                    let read = self.backend.read_kv_pieces(&seq.blocks, cached);
+                    self.facts.backend += started.elapsed();
+                    match read {
                         Ok(kv) => {
-                            for (layer, (k, v)) in kv.layers.into_iter().enumerate() {
-                                let _ = tx.send(PrefillEvent::Kv(KvLayerChunk {
-                                    layer,
-                                    start_pos: 0,
-                                    num_tokens: cached,
-                                    k,
-                                    v,
-                                }));
+                            for piece in kv.pieces {
+                                let _ = tx.send(PrefillEvent::Kv(piece));
                             }
                         }
                         Err(e) => failed.push((id, format!("reading cached KV failed: {e}"))),
@@ -1045,9 +1174,13 @@ impl EngineLoop {
         for &id in &plan.imports {
             let kv = self.scheduler.take_import(id).expect("admitted with KV");
             let blocks = &self.scheduler.get(id).expect("admitted").blocks;
-            if let Err(e) = self.backend.write_kv(blocks, &kv) {
+            let started = Instant::now();
+            let written = self.backend.write_kv_pieces(blocks, &kv);
+            self.facts.backend += started.elapsed();
+            if let Err(e) = written {
                 failed.push((id, format!("installing the prompt's KV failed: {e}")));
             }
+            free_elsewhere(kv);
         }
         for (id, message) in failed {
             plan.chunks.retain(|c| c.id != id);
@@ -1079,10 +1212,14 @@ impl EngineLoop {
                 .collect()
         });
         let mut prefill_tokens = 0u64;
+        let mut decodes = 0;
+        let graphs_before = self.backend.graphs_captured();
+        let forward_started: Instant;
         let result = {
             let mut sink = StreamSink {
                 targets: Vec::with_capacity(plan.chunks.len()),
                 kv_width: self.backend.config().num_kv_heads * self.backend.config().head_dim,
+                dtype: self.backend.kv_dtype(),
             };
             let inputs: Vec<SeqInput<'_>> = plan
                 .chunks
@@ -1090,7 +1227,9 @@ impl EngineLoop {
                 .map(|c| {
                     let seq = self.scheduler.get(c.id).expect("scheduled sequence");
                     let decoding = c.len == 1 && c.start >= seq.prompt_len;
-                    if !decoding {
+                    if decoding {
+                        decodes += 1;
+                    } else {
                         prefill_tokens += c.len as u64;
                     }
                     let target = match self.requests.get(&c.id) {
@@ -1113,6 +1252,7 @@ impl EngineLoop {
             let any_target = sink.targets.iter().any(|t| t.0.is_some());
             let sink: Option<&mut dyn KvLayerSink> =
                 if any_target { Some(&mut sink) } else { None };
+            forward_started = Instant::now();
             if let Some(rules) = &device_rules {
                 self.backend.forward_sampled(&inputs, rules, sink).map(Some)
             } else {
@@ -1121,6 +1261,11 @@ impl EngineLoop {
                     .map(|()| None)
             }
         };
+        self.facts.backend += forward_started.elapsed();
+        self.facts.graphs_captured = self.backend.graphs_captured().saturating_sub(graphs_before);
+        self.facts.sequences = plan.chunks.len();
+        self.facts.decodes = decodes;
+        self.facts.prefill_tokens = prefill_tokens as usize;
         self.stats.prefill_tokens += prefill_tokens;
         metrics()
             .prefill_tokens
@@ -1178,9 +1323,11 @@ impl EngineLoop {
             if let Some(target) = &req.peer {
                 // Every prompt position is in this sequence's blocks now.
                 let seq = self.scheduler.get(id).expect("sampled sequence");
+                let started = Instant::now();
                 let written = self
                     .backend
                     .write_kv_to_peer(&seq.blocks, seq.prompt_len, target);
+                self.facts.backend += started.elapsed();
                 match written {
                     Ok(w) => {
                         let _ = tx.send(PrefillEvent::PeerWritten(w));
@@ -1237,5 +1384,35 @@ impl EngineLoop {
             .with_label_values(&role)
             .set(self.stats.kv_blocks_used as i64);
         *self.shared.stats.lock().expect("stats lock") = self.stats.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_of_k_and_v_split_into_encoded_k_and_v_in_parallel_or_not() {
+        let kv_dim = 3;
+        // Few rows (one task) and enough for several parallel tasks.
+        for tokens in [5, 3 * ENCODE_TASK_VALUES / (2 * kv_dim) + 7] {
+            let rows: Vec<f32> = (0..tokens)
+                .flat_map(|t| {
+                    let t = t as f32;
+                    [t, t + 0.25, t + 0.5, -t, -t - 0.25, -t - 0.5]
+                })
+                .collect();
+            for dtype in [KvDtype::F32, KvDtype::Bf16] {
+                let (k, v) = split_encode_rows(&rows, kv_dim, dtype);
+                let (k, v) = (dtype.decode(&k).unwrap(), dtype.decode(&v).unwrap());
+                assert_eq!(k.len(), tokens * kv_dim);
+                let round = |x: f32| dtype.decode(&dtype.encode(&[x])).unwrap()[0];
+                for t in [0, 1, tokens - 1] {
+                    let x = t as f32;
+                    assert_eq!(k[t * 3..t * 3 + 3], [x, x + 0.25, x + 0.5].map(round));
+                    assert_eq!(v[t * 3..t * 3 + 3], [-x, -x - 0.25, -x - 0.5].map(round));
+                }
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use super::block_manager::{block_hash, prefix_hashes, BlockHash, BlockManager};
-use super::types::{FinishReason, KvExport, StopParams};
+use super::types::{FinishReason, KvPieces, StopParams};
 
 pub type SeqId = u64;
 
@@ -40,7 +40,7 @@ pub struct Sequence {
     pub block_hashes: Vec<BlockHash>,
     pub stop: StopParams,
     /// KV computed elsewhere, installed when the sequence is admitted.
-    pub kv_import: Option<KvExport>,
+    pub kv_import: Option<KvPieces>,
     /// `blocks` already hold the prompt's KV (written by a prefill worker
     /// through cuda-ipc): admission keeps them instead of prefilling.
     pub kv_adopted: bool,
@@ -148,7 +148,7 @@ impl Scheduler {
     }
 
     /// Takes the KV to install for a sequence admitted with one.
-    pub fn take_import(&mut self, id: SeqId) -> Option<KvExport> {
+    pub fn take_import(&mut self, id: SeqId) -> Option<KvPieces> {
         self.get_running_mut(id)?.kv_import.take()
     }
 
@@ -557,12 +557,13 @@ mod tests {
     fn imported_kv_skips_prefill() {
         let mut s = scheduler(100, 8, 16, 4);
         let mut q = seq(1, 6);
-        q.kv_import = Some(KvExport {
+        q.kv_import = Some(KvPieces {
             dtype: super::super::types::KvDtype::F32,
+            num_layers: 0,
             num_tokens: 5,
             kv_heads: 1,
             head_dim: 2,
-            layers: vec![],
+            pieces: vec![],
         });
         s.add(q);
         let p = s.schedule();

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::engine::types::{KvExport, PrefillEvent, SamplingParams, TokenOutput};
+use crate::engine::types::{KvPieces, PrefillEvent, SamplingParams, TokenOutput};
 use crate::engine::EngineHandle;
 use crate::infer::InferError;
 
@@ -57,7 +57,8 @@ pub struct RemotePrefillRequest {
 /// A prompt prefilled elsewhere, ready for `EngineHandle::generate_with_kv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemotePrefill {
-    pub kv: KvExport,
+    /// The KV as it arrived: the wire's bytes, installed as they are.
+    pub kv: KvPieces,
     pub first_token: TokenOutput,
     /// Prompt tokens the prefill worker took from its prefix cache.
     pub cached_tokens: usize,
@@ -135,11 +136,12 @@ pub fn engine_prefill_parts(
                 layout.set_dtype(wire::wire_dtype(dtype));
                 Ok(PrefillPart::Layout(layout))
             }
+            // Already bytes of the pool's dtype: on the wire as they are.
             Some(PrefillEvent::Kv(chunk)) => Ok(PrefillPart::Kv {
                 layer: chunk.layer as u32,
                 start_pos: chunk.start_pos as u32,
-                k: wire::encode(chunk.k, dtype),
-                v: wire::encode(chunk.v, dtype),
+                k: chunk.k,
+                v: chunk.v,
             }),
             Some(PrefillEvent::Done(token)) => {
                 return Some((Ok(PrefillPart::FirstToken(token)), None))

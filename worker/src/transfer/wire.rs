@@ -4,14 +4,15 @@
 //! by [`KvSplitter`]. Transports move these chunks in whatever order the
 //! prefill computes them; [`KvAssembler`] puts them back together.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ops::Range;
 
 use bytes::Bytes;
 
 use super::pb;
 use super::TransferError;
-use crate::engine::types::{KvDtype, KvExport};
+pub use crate::engine::types::f32_bytes;
+use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 
 // Chunks carry the host's bytes; the format says little-endian.
 #[cfg(target_endian = "big")]
@@ -69,50 +70,13 @@ impl pb::KvLayout {
     }
 }
 
-/// Owns f32 data and lends it as bytes, so an export's layers go on the wire
-/// without a copy.
-struct F32Bytes(Vec<f32>);
-impl AsRef<[u8]> for F32Bytes {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
-    }
-}
-
-pub fn f32_bytes(data: Vec<f32>) -> Bytes {
-    Bytes::from_owner(F32Bytes(data))
-}
-
-/// Owns 16-bit words and lends them as bytes.
-struct U16Bytes(Vec<u16>);
-impl AsRef<[u8]> for U16Bytes {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
-    }
-}
-
-/// f32 values as wire bytes of `dtype`: as they are for f32; rounded to
-/// nearest-even for bf16, which is exact for values a bf16 pool holds (the
-/// CUDA backend's KV), so shipping half the bytes loses nothing.
+/// f32 values as wire bytes of `dtype` (see [`KvDtype::encode`]); f32 goes
+/// as it is, without a copy.
 pub fn encode(data: Vec<f32>, dtype: KvDtype) -> Bytes {
     match dtype {
         KvDtype::F32 => f32_bytes(data),
-        KvDtype::Bf16 => Bytes::from_owner(U16Bytes(data.iter().map(|&x| bf16_bits(x)).collect())),
+        KvDtype::Bf16 => dtype.encode(&data),
     }
-}
-
-/// `x` rounded to the nearest bf16, ties to even (as CUDA's
-/// `__float2bfloat16`); NaNs stay (quiet) NaNs. Branch-free so the loop over a
-/// layer vectorises: this runs over every value a prefill ships.
-#[inline]
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-    let quiet_nan = (b >> 16) | 0x40;
-    (if (b & 0x7fff_ffff) > 0x7f80_0000 {
-        quiet_nan
-    } else {
-        rounded
-    }) as u16
 }
 
 /// Wire bytes of `dtype` as f32 values (widening is exact).
@@ -300,16 +264,16 @@ impl KvSplitter {
 /// Rebuilds a prompt's KV from chunks of any (layer, position range) in any
 /// order. An identical re-send of an earlier chunk (same range, same bytes)
 /// is ignored; any other overlap is refused, so a complete assembly holds
-/// exactly one sent value per position.
+/// exactly one sent value per position. The chunks' bytes are kept as they
+/// arrived (no copy, no conversion): the receiving backend installs them.
 pub struct KvAssembler {
     layout: pb::KvLayout,
     row_bytes: usize,
-    /// Per layer, K and V, filled through a byte view; f32 storage so an f32
-    /// layout becomes a `KvExport` without a copy (other dtypes use the bytes).
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pieces: Vec<KvLayerChunk>,
     coverage: Coverage,
-    /// (layer, start, tokens) of every chunk taken, to recognise re-sends.
-    ranges: HashSet<(usize, usize, usize)>,
+    /// (layer, start, tokens) of every chunk taken, with its index in
+    /// `pieces`, to recognise re-sends.
+    ranges: HashMap<(usize, usize, usize), usize>,
     received_bytes: usize,
 }
 
@@ -322,16 +286,12 @@ impl KvAssembler {
                 layout.num_layers, layout.num_tokens
             )));
         }
-        let words = (layout.num_tokens as usize * row_bytes).div_ceil(4);
-        let layers = (0..layout.num_layers)
-            .map(|_| (vec![0f32; words], vec![0f32; words]))
-            .collect();
         Ok(Self {
             coverage: Coverage::new(layout.num_layers as usize, layout.num_tokens as usize),
             layout,
             row_bytes,
-            layers,
-            ranges: HashSet::new(),
+            pieces: Vec::new(),
+            ranges: HashMap::new(),
             received_bytes: 0,
         })
     }
@@ -375,14 +335,9 @@ impl KvAssembler {
                 chunk.v.len()
             )));
         }
-        let at = start * self.row_bytes;
-        let (k, v) = &mut self.layers[layer];
-        let (k, v) = (
-            &mut bytemuck::cast_slice_mut::<f32, u8>(k)[at..at + len],
-            &mut bytemuck::cast_slice_mut::<f32, u8>(v)[at..at + len],
-        );
-        if self.ranges.contains(&(layer, start, n)) {
-            if *k != chunk.k[..] || *v != chunk.v[..] {
+        if let Some(&i) = self.ranges.get(&(layer, start, n)) {
+            let earlier = &self.pieces[i];
+            if earlier.k != chunk.k || earlier.v != chunk.v {
                 return Err(TransferError::Protocol(format!(
                     "layer {layer} positions {start}..{} re-sent with different values",
                     start + n
@@ -396,45 +351,63 @@ impl KvAssembler {
                 start + n
             )));
         }
-        k.copy_from_slice(&chunk.k);
-        v.copy_from_slice(&chunk.v);
         self.coverage.cover_new(layer, positions);
-        self.ranges.insert((layer, start, n));
+        self.ranges.insert((layer, start, n), self.pieces.len());
         self.received_bytes += 2 * len;
+        self.pieces.push(KvLayerChunk {
+            layer,
+            start_pos: start,
+            num_tokens: n,
+            k: chunk.k,
+            v: chunk.v,
+        });
         Ok(())
     }
 
-    /// The assembled KV as the engine takes it: f32 values, widened from
-    /// the wire's bf16 or f16 (exactly) when it carried those. The receiving
-    /// backend stores them in its own pool's dtype.
-    pub fn into_export(self) -> Result<KvExport, TransferError> {
+    /// The assembled KV as the engine installs it: the pieces as they
+    /// arrived, in the wire's dtype (f16, which no pool holds, widened to
+    /// f32).
+    pub fn into_pieces(self) -> Result<KvPieces, TransferError> {
         if let Some((layer, pos)) = self.coverage.first_gap() {
             return Err(TransferError::Incomplete(format!(
                 "{} arrived; layer {layer} position {pos} is missing",
                 self.progress()
             )));
         }
-        let dtype = self.layout.dtype();
-        let layers = match dtype {
-            pb::KvDtype::F32 => self.layers,
+        let wire = self.layout.dtype();
+        let (dtype, pieces) = match wire {
+            pb::KvDtype::F32 => (KvDtype::F32, self.pieces),
+            pb::KvDtype::Bf16 => (KvDtype::Bf16, self.pieces),
             _ => {
-                let len = self.layout.num_tokens as usize * self.row_bytes;
-                let widen = |words: &Vec<f32>| {
-                    decode_to_f32(&bytemuck::cast_slice::<f32, u8>(words)[..len], dtype)
-                };
-                self.layers
-                    .iter()
-                    .map(|(k, v)| Ok((widen(k)?, widen(v)?)))
-                    .collect::<Result<_, TransferError>>()?
+                let widen = |b: &Bytes| decode_to_f32(b, wire).map(f32_bytes);
+                let pieces = self
+                    .pieces
+                    .into_iter()
+                    .map(|p| {
+                        Ok(KvLayerChunk {
+                            k: widen(&p.k)?,
+                            v: widen(&p.v)?,
+                            ..p
+                        })
+                    })
+                    .collect::<Result<_, TransferError>>()?;
+                (KvDtype::F32, pieces)
             }
         };
-        Ok(KvExport {
-            dtype: KvDtype::F32,
+        Ok(KvPieces {
+            dtype,
+            num_layers: self.layout.num_layers as usize,
             num_tokens: self.layout.num_tokens as usize,
             kv_heads: self.layout.kv_heads as usize,
             head_dim: self.layout.head_dim as usize,
-            layers,
+            pieces,
         })
+    }
+
+    /// The assembled KV as f32 values per layer (widened exactly from the
+    /// wire's dtype).
+    pub fn into_export(self) -> Result<KvExport, TransferError> {
+        Ok(self.into_pieces()?.to_export())
     }
 }
 
@@ -494,6 +467,39 @@ mod tests {
         let (k, v) = &kv.layers[layer];
         let r = positions.start * w..positions.end * w;
         (f32_bytes(k[r.clone()].to_vec()), f32_bytes(v[r].to_vec()))
+    }
+
+    #[test]
+    fn assembled_pieces_are_the_received_bytes_themselves() {
+        // bf16 on the wire: the pieces keep the chunks' bytes (no copy, no
+        // widening) for the backend to install.
+        let kv = export(2, 700, 8, 128);
+        let mut layout = layout_of(&kv);
+        layout.set_dtype(pb::KvDtype::Bf16);
+        let mut splitter = KvSplitter::new(layout.clone()).unwrap();
+        let mut asm = KvAssembler::new(layout).unwrap();
+        let mut sent = Vec::new();
+        for (i, (k, v)) in kv.layers.iter().enumerate() {
+            let (k, v) = (KvDtype::Bf16.encode(k), KvDtype::Bf16.encode(v));
+            for c in splitter.chunks(i as u32, 0, &k, &v).unwrap() {
+                sent.push((c.layer as usize, c.start_pos as usize, c.k.as_ptr()));
+                asm.push(c).unwrap();
+            }
+        }
+        let pieces = asm.into_pieces().unwrap();
+        assert_eq!(pieces.dtype, KvDtype::Bf16);
+        pieces.check().unwrap();
+        let kept: Vec<_> = pieces
+            .pieces
+            .iter()
+            .map(|p| (p.layer, p.start_pos, p.k.as_ptr()))
+            .collect();
+        assert_eq!(kept, sent);
+        // Widened, the values are the bf16-rounded originals.
+        let widened = pieces.to_export();
+        let round = |x: &f32| half::bf16::from_f32(*x).to_f32();
+        let want: Vec<f32> = kv.layers[1].1.iter().map(round).collect();
+        assert_eq!(widened.layers[1].1, want);
     }
 
     #[test]
@@ -665,7 +671,7 @@ mod tests {
         {
             let x = f32::from_bits(bits);
             let want = half::bf16::from_f32(x);
-            let got = half::bf16::from_bits(bf16_bits(x));
+            let got = half::bf16::from_bits(crate::engine::types::bf16_bits(x));
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{x:e} ({bits:#x}): {got} vs {want}"

@@ -1,6 +1,8 @@
 //! Shared by the engine tests: random tiny models and a naive reference forward.
 #![allow(dead_code)]
 
+pub mod null_backend;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem::model::config::Llama3RopeScaling;

@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod sampling;
 
-use crate::engine::types::KvExport;
+use crate::engine::types::{KvExport, KvLayerChunk, KvPieces};
 use crate::model::{ModelConfig, Tensor, Weights};
 
 pub use cpu::{Bf16Activations, CpuBackend, WeightStorage};
@@ -179,6 +179,19 @@ pub trait KvLayerSink {
     /// `k` and `v` are `[new_tokens, kv_heads, head_dim]` for sequence
     /// `seq_index` of the batch, positions `start_pos ..`.
     fn layer_computed(&mut self, layer: usize, seq_index: usize, k: &[f32], v: &[f32]);
+
+    /// The same as rows of `[K | V]` (each `kv_dim` values) per new token,
+    /// as a backend stages them: lets a sink convert them in one pass
+    /// instead of receiving split copies first.
+    fn layer_rows_computed(&mut self, layer: usize, seq_index: usize, rows: &[f32], kv_dim: usize) {
+        let mut k = Vec::with_capacity(rows.len() / 2);
+        let mut v = Vec::with_capacity(rows.len() / 2);
+        for row in rows.chunks_exact(2 * kv_dim) {
+            k.extend_from_slice(&row[..kv_dim]);
+            v.extend_from_slice(&row[kv_dim..]);
+        }
+        self.layer_computed(layer, seq_index, &k, &v);
+    }
 }
 
 /// Owns the weights and the paged KV pool of one model and runs forward steps.
@@ -236,6 +249,83 @@ pub trait ComputeBackend: Send {
         v: &[f32],
     ) -> Result<(), BackendError>;
 
+    /// Like [`ComputeBackend::read_kv`], as bytes of the pool's dtype
+    /// ([`ComputeBackend::kv_dtype`]), ready for the wire. This default
+    /// encodes `read_kv`'s values; a backend may copy its pool's bytes as
+    /// they are instead.
+    fn read_kv_pieces(
+        &self,
+        block_ids: &[u32],
+        num_tokens: usize,
+    ) -> Result<KvPieces, BackendError> {
+        let kv = self.read_kv(block_ids, num_tokens)?;
+        let dtype = self.kv_dtype();
+        Ok(KvPieces {
+            dtype,
+            num_layers: kv.layers.len(),
+            num_tokens,
+            kv_heads: kv.kv_heads,
+            head_dim: kv.head_dim,
+            pieces: kv
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(layer, (k, v))| KvLayerChunk {
+                    layer,
+                    start_pos: 0,
+                    num_tokens,
+                    k: dtype.encode(k),
+                    v: dtype.encode(v),
+                })
+                .collect(),
+        })
+    }
+
+    /// Writes one piece of K and V given as bytes of `dtype` (see
+    /// [`ComputeBackend::write_kv_layer`] for the positions). This default
+    /// widens them to f32 first; a backend whose pool has `dtype` may copy
+    /// them as they are.
+    fn write_kv_piece(
+        &mut self,
+        block_ids: &[u32],
+        dtype: crate::engine::types::KvDtype,
+        piece: &KvLayerChunk,
+    ) -> Result<(), BackendError> {
+        let widen = |bytes: &[u8]| {
+            dtype.decode(bytes).ok_or_else(|| {
+                BackendError::KvShapeMismatch(format!(
+                    "{} bytes are not whole {dtype:?} values",
+                    bytes.len()
+                ))
+            })
+        };
+        let (k, v) = (widen(&piece.k)?, widen(&piece.v)?);
+        self.write_kv_layer(block_ids, piece.start_pos, piece.layer, &k, &v)
+    }
+
+    /// Writes a prompt's KV delivered in pieces (see [`KvPieces`]).
+    fn write_kv_pieces(&mut self, block_ids: &[u32], kv: &KvPieces) -> Result<(), BackendError> {
+        let cfg = self.config();
+        if kv.num_layers != cfg.num_layers
+            || kv.kv_heads != cfg.num_kv_heads
+            || kv.head_dim != cfg.head_dim
+        {
+            return Err(BackendError::KvShapeMismatch(format!(
+                "KV of {} layers x {} kv heads x head_dim {}, model has {} x {} x {}",
+                kv.num_layers,
+                kv.kv_heads,
+                kv.head_dim,
+                cfg.num_layers,
+                cfg.num_kv_heads,
+                cfg.head_dim
+            )));
+        }
+        for piece in &kv.pieces {
+            self.write_kv_piece(block_ids, kv.dtype, piece)?;
+        }
+        Ok(())
+    }
+
     /// The KV pool as another process on this node can map it (cuda-ipc);
     /// `None` when the backend's pool cannot be shared that way.
     fn kv_pool_export(&self) -> Result<Option<cuda::ipc::KvPoolExport>, BackendError> {
@@ -285,6 +375,12 @@ pub trait ComputeBackend: Send {
             .zip(sampling)
             .map(|(row, s)| sampling::sample_row(row, s))
             .collect())
+    }
+
+    /// CUDA graphs captured so far (0 for a backend without them): the
+    /// engine tells a step that captured one, which stalls it, from others.
+    fn graphs_captured(&self) -> usize {
+        0
     }
 
     /// Copies every layer's K and V of block `src` into block `dst`.

@@ -52,7 +52,7 @@ use super::{
     check_blocks_in_pool, check_kv_layer, check_sampling_rows, BackendError, ComputeBackend,
     DeviceSampling, KvLayerSink, SeqInput,
 };
-use crate::engine::types::{KvDtype, KvExport};
+use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 use crate::model::{ModelConfig, Weights};
 use device::{
     alloc, alloc_pinned, decode_v2_index, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer,
@@ -1464,6 +1464,21 @@ impl CudaBackend {
     }
 }
 
+/// KV bytes of `dtype` as the pool's bf16: as they are, or f32 rounded.
+fn as_bf16(dtype: KvDtype, bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, BackendError> {
+    match dtype {
+        KvDtype::Bf16 => Ok(std::borrow::Cow::Borrowed(bytes)),
+        KvDtype::F32 => {
+            let values = KvDtype::F32
+                .decode(bytes)
+                .ok_or_else(|| BackendError::KvShapeMismatch("partial f32 values".into()))?;
+            Ok(std::borrow::Cow::Owned(
+                KvDtype::Bf16.encode(&values).to_vec(),
+            ))
+        }
+    }
+}
+
 /// Hands one layer's K and V rows (staged as `[rows, K | V]`) to the sink,
 /// per sequence.
 fn deliver(
@@ -1474,17 +1489,10 @@ fn deliver(
     sink: &mut dyn KvLayerSink,
 ) {
     let rows: &[f32] = staged.as_slice(plan.tokens * 2 * kv_dim);
-    let mut k = Vec::new();
-    let mut v = Vec::new();
     for (si, &(start, n)) in plan.seq_rows.iter().enumerate() {
-        k.clear();
-        v.clear();
-        for r in start..start + n {
-            let row = &rows[r * 2 * kv_dim..(r + 1) * 2 * kv_dim];
-            k.extend_from_slice(&row[..kv_dim]);
-            v.extend_from_slice(&row[kv_dim..]);
-        }
-        sink.layer_computed(layer, si, &k, &v);
+        // The sink splits K from V itself, in the same pass as it encodes.
+        let seq_rows = &rows[start * 2 * kv_dim..(start + n) * 2 * kv_dim];
+        sink.layer_rows_computed(layer, si, seq_rows, kv_dim);
     }
 }
 
@@ -1670,6 +1678,10 @@ impl ComputeBackend for CudaBackend {
         true
     }
 
+    fn graphs_captured(&self) -> usize {
+        self.captured_graphs()
+    }
+
     fn forward_sampled(
         &mut self,
         batch: &[SeqInput<'_>],
@@ -1683,14 +1695,26 @@ impl ComputeBackend for CudaBackend {
     }
 
     fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
+        let kv = self.read_kv_pieces(block_ids, num_tokens)?;
+        Ok(kv.to_export())
+    }
+
+    fn read_kv_pieces(
+        &self,
+        block_ids: &[u32],
+        num_tokens: usize,
+    ) -> Result<KvPieces, BackendError> {
         self.gpu.bind()?;
         let pool = self.pool()?;
         let kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim;
-        let mut layers = Vec::with_capacity(self.cfg.num_layers);
+        let layer_bytes = num_tokens * kv_dim * 2;
+        let mut pieces = Vec::with_capacity(self.cfg.num_layers);
         if num_tokens > 0 {
             let table = self.table_for(block_ids, num_tokens)?;
-            let k_out = alloc(num_tokens * kv_dim * 4)?;
-            let v_out = alloc(num_tokens * kv_dim * 4)?;
+            // The pool's bf16 bytes as they are: gathered on the device,
+            // copied once to the host, no conversion on either side.
+            let k_out = alloc(layer_bytes)?;
+            let v_out = alloc(layer_bytes)?;
             for layer in 0..self.cfg.num_layers {
                 let (kc, vc) = self.layer_cache(pool, layer);
                 let (n, w, bs) = (num_tokens as i32, kv_dim as i32, pool.block_size as i32);
@@ -1700,22 +1724,35 @@ impl ComputeBackend for CudaBackend {
                     shared_mem_bytes: 0,
                 };
                 launch!(self.gpu, kv_gather, launch; k_out.ptr(), v_out.ptr(), kc, vc, table.ptr(), n, w, bs)?;
-                let mut k = vec![0f32; num_tokens * kv_dim];
-                let mut v = vec![0f32; num_tokens * kv_dim];
+                let mut k = vec![0u8; layer_bytes];
+                let mut v = vec![0u8; layer_bytes];
                 self.gpu.copy_from(k_out.ptr(), &mut k)?;
                 self.gpu.copy_from(v_out.ptr(), &mut v)?;
                 self.gpu.synchronize()?;
-                layers.push((k, v));
+                pieces.push(KvLayerChunk {
+                    layer,
+                    start_pos: 0,
+                    num_tokens,
+                    k: k.into(),
+                    v: v.into(),
+                });
             }
         } else {
-            layers.resize(self.cfg.num_layers, (Vec::new(), Vec::new()));
+            pieces.extend((0..self.cfg.num_layers).map(|layer| KvLayerChunk {
+                layer,
+                start_pos: 0,
+                num_tokens: 0,
+                k: Default::default(),
+                v: Default::default(),
+            }));
         }
-        Ok(KvExport {
-            dtype: KvDtype::F32,
+        Ok(KvPieces {
+            dtype: KvDtype::Bf16,
+            num_layers: self.cfg.num_layers,
             num_tokens,
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
-            layers,
+            pieces,
         })
     }
 
@@ -1728,24 +1765,86 @@ impl ComputeBackend for CudaBackend {
         v: &[f32],
     ) -> Result<(), BackendError> {
         let w = check_kv_layer(&self.cfg, layer, k, v)?;
-        let tokens = k.len() / w;
-        if tokens == 0 {
+        let piece = KvLayerChunk {
+            layer,
+            start_pos,
+            num_tokens: k.len() / w,
+            k: KvDtype::Bf16.encode(k),
+            v: KvDtype::Bf16.encode(v),
+        };
+        self.write_kv_piece(block_ids, KvDtype::Bf16, &piece)
+    }
+
+    fn write_kv_piece(
+        &mut self,
+        block_ids: &[u32],
+        dtype: KvDtype,
+        piece: &KvLayerChunk,
+    ) -> Result<(), BackendError> {
+        let pieces = KvPieces {
+            dtype,
+            num_layers: self.cfg.num_layers,
+            num_tokens: piece.start_pos + piece.num_tokens,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            pieces: vec![piece.clone()],
+        };
+        self.write_kv_pieces(block_ids, &pieces)
+    }
+
+    fn write_kv_pieces(&mut self, block_ids: &[u32], kv: &KvPieces) -> Result<(), BackendError> {
+        let kv_dim = self.cfg.num_kv_heads * self.cfg.head_dim;
+        if kv.num_layers != self.cfg.num_layers
+            || kv.kv_heads * kv.head_dim != kv_dim
+            || kv.pieces.iter().any(|p| {
+                p.layer >= self.cfg.num_layers
+                    || p.k.len() != p.num_tokens * kv_dim * kv.dtype.size()
+                    || p.v.len() != p.k.len()
+            })
+        {
+            return Err(BackendError::KvShapeMismatch(format!(
+                "KV of {} layers x {} kv heads x head_dim {} (or a piece not of whole positions); \
+                 the model has {} x {} x {}",
+                kv.num_layers,
+                kv.kv_heads,
+                kv.head_dim,
+                self.cfg.num_layers,
+                self.cfg.num_kv_heads,
+                self.cfg.head_dim
+            )));
+        }
+        let most = kv.pieces.iter().map(|p| p.num_tokens).max().unwrap_or(0);
+        let end = kv
+            .pieces
+            .iter()
+            .map(|p| p.start_pos + p.num_tokens)
+            .max()
+            .unwrap_or(0);
+        if most == 0 {
             return Ok(());
         }
         self.gpu.bind()?;
-        let table = self.table_for(block_ids, start_pos + tokens)?;
+        // One block table and one device staging for every piece.
+        let table = self.table_for(block_ids, end)?;
+        let k_in = alloc(most * kv_dim * 2)?;
+        let v_in = alloc(most * kv_dim * 2)?;
         let pool = self.pool()?;
-        let (kc, vc) = self.layer_cache(pool, layer);
-        let k_in = self.gpu.upload(k)?;
-        let v_in = self.gpu.upload(v)?;
-        let (sp, wi, bs) = (start_pos as i32, w as i32, pool.block_size as i32);
-        let launch = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self.gpu, kv_scatter, launch; kc, vc, k_in.ptr(), v_in.ptr(), table.ptr(), sp, wi, bs)?;
-        self.gpu.synchronize()?;
+        for p in kv.pieces.iter().filter(|p| p.num_tokens > 0) {
+            let (kc, vc) = self.layer_cache(pool, p.layer);
+            let (k, v) = (as_bf16(kv.dtype, &p.k)?, as_bf16(kv.dtype, &p.v)?);
+            self.gpu.copy_to(&k_in, 0, &k[..])?;
+            self.gpu.copy_to(&v_in, 0, &v[..])?;
+            let (sp, wi, bs) = (p.start_pos as i32, kv_dim as i32, pool.block_size as i32);
+            let launch = LaunchConfig {
+                grid_dim: (p.num_tokens as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self.gpu, kv_scatter, launch; kc, vc, k_in.ptr(), v_in.ptr(), table.ptr(), sp, wi, bs)?;
+            // The host bytes must outlive the copies and the staging is
+            // reused by the next piece: wait for this one.
+            self.gpu.synchronize()?;
+        }
         Ok(())
     }
 
