@@ -583,7 +583,8 @@ pub async fn apply(
     })
 }
 
-/// Writes `status` with server-side apply under the one field manager.
+/// Writes `status` with server-side apply under the one field manager. An object deleted
+/// since the reconcile began has no status left to write: that is not an error.
 pub async fn patch_status(
     client: &Client,
     dd: &DisaggDeployment,
@@ -604,6 +605,10 @@ pub async fn patch_status(
     )
     .await
     .map(drop)
+    .or_else(|e| match e {
+        kube::Error::Api(status) if status.is_not_found() => Ok(()),
+        other => Err(other),
+    })
     .map_err(|source| Error::Api {
         action: "patch status of",
         kind: "DisaggDeployment".into(),

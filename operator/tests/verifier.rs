@@ -290,6 +290,27 @@ async fn reconcile_writes_status_by_apply_and_records_a_created_event() {
     assert_eq!(ctx.metrics.reconciles.with_label_values(&["ok"]).get(), 1);
 }
 
+/// A `DisaggDeployment` deleted while its reconcile runs: the status patch finds nothing (404)
+/// and the reconcile still succeeds, so deleting a deployment counts no reconcile error.
+#[tokio::test]
+async fn status_of_a_deployment_deleted_meanwhile_is_not_an_error() {
+    let dd = example("agg_router");
+    let (client, log) = mock(Arc::new(|seen: &Seen| {
+        if seen.method == Method::PATCH && seen.path.ends_with("/status") {
+            not_found(seen)
+        } else {
+            empty_namespace(seen)
+        }
+    }));
+    let ctx = context(client);
+    let result = reconcile(Arc::new(DeserializeGuard(Ok(dd))), ctx.clone()).await;
+    assert!(result.is_ok(), "{:?}", result.err());
+    assert!(log.lock().unwrap().iter().any(|s| s
+        .path
+        .ends_with("/disaggdeployments/llama-agg-router/status")));
+    assert_eq!(ctx.metrics.reconciles.with_label_values(&["ok"]).get(), 1);
+}
+
 #[tokio::test]
 async fn invalid_spec_reports_degraded_and_waits_for_a_change() {
     let mut dd = example("agg");
