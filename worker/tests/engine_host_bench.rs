@@ -115,6 +115,7 @@ async fn engine_host_time_per_decode_step() {
                     max_model_len,
                     gpu_memory_utilization: 0.9,
                     cuda_graphs: true,
+                    tensor_parallel_size: 1,
                 },
             )
             .unwrap(),
