@@ -120,7 +120,7 @@ export RATES_grpc_3000_150=${RATES_grpc_3000_150:-"1"}
 export PROBE="$probe send --prompts 4 --max-tokens 24"
 export TIME_LIMIT=$((${TIME_LIMIT:-300} - $(elapsed)))
 bash "$here/goodput.sh"
-mkdir -p /tmp/tp-probes && tar -C /tmp/tp-probes -xzf "$out/goodput.tar.gz" 2>/dev/null
+rm -rf /tmp/tp-probes && mkdir -p /tmp/tp-probes && tar -C /tmp/tp-probes -xzf "$out/goodput.tar.gz" 2>/dev/null
 p=/tmp/tp-probes/results
 for c in ipc grpc; do
   [ -f "$p/probe-agg.json" ] && [ -f "$p/probe-$c.json" ] \
