@@ -39,6 +39,8 @@ CONFIGS = [
     ("ipcpure", "disaggregated 1P+1D, cuda-ipc, never prefilling on the decode GPU"),
 ]
 ATTAINMENT = 0.90
+# The plot's title; params.json's "title" replaces it.
+TITLE = ["Goodput on two GPUs"]
 
 
 def percentile(values, q):
@@ -373,7 +375,7 @@ def plot(png, workloads, slos, runs, goodputs):
             ax.set_xlim(left=0)
         top.legend(fontsize=8)
         mid.legend(fontsize=8)
-    fig.suptitle("Goodput on two GPUs: dotted lines = goodput at 90% SLO attainment")
+    fig.suptitle(f"{TITLE[0]}: dotted lines = goodput at 90% SLO attainment")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -390,6 +392,10 @@ def main():
     ap.add_argument("--itl-mult", type=float, default=1.5)
     args = ap.parse_args()
     params = load(os.path.join(args.results, "params.json"))
+    # Deployments of other GPU counts (bench/gpu/tp.sh) name their own.
+    labels = params.get("labels") or {}
+    CONFIGS[:] = [(c, labels.get(c, label)) for c, label in CONFIGS]
+    TITLE[0] = params.get("title", TITLE[0])
     workloads = sorted({tuple(int(x) for x in re.match(r"calib-(\d+)-(\d+)", os.path.basename(p)).groups())
                         for p in glob.glob(os.path.join(args.results, "calib-*.json"))},
                        reverse=True)

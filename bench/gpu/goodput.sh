@@ -25,6 +25,11 @@
 #   ENGINE_ARGS  engine flags of every worker (vLLM's H100 defaults)
 #   WARMUP_ARGS  `tandem bench` flags of the unmeasured warm-up per deployment
 #                and workload (its --input-len is the workload's)
+#   GPUS         GPUs of every deployment, for tokens/s per GPU (2)
+#   LABELS_JSON  the report's names of the configurations ({}: its own)
+#   TITLE        the report's plot title
+#   PROBE        a command run with the frontend's URL and a results file
+#                once a deployment is warm (bench/gpu/tp.sh: greedy outputs)
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-goodput-out}
@@ -82,7 +87,8 @@ cat "$res/machine.txt"
 cat > "$res/params.json" <<EOF
 {"shape": "$SHAPE", "duration_s": $DURATION, "drain_s": $DRAIN, "calib_n": $CALIB_N,
  "engine_args": "$ENGINE_ARGS", "ipc_transfer": "$IPC_TRANSFER", "remote_min": "$REMOTE_MIN",
- "gpus": 2, "seed_per_run": true}
+ "gpus": ${GPUS:-2}, "seed_per_run": true, "labels": ${LABELS_JSON:-{\}},
+ "title": "${TITLE:-Goodput on two GPUs}"}
 EOF
 
 local_pid=
@@ -126,6 +132,9 @@ start_deployment() {
     "$bin" bench --url "http://127.0.0.1:$PORT" --endpoint completions --quiet --seed 99 \
       --input-len "${wl%:*}" $WARMUP_ARGS | sed -n "1s/^/$name warm-up ${wl%:*}: /p"
   done
+  if [ -n "${PROBE:-}" ]; then
+    $PROBE "http://127.0.0.1:$PORT" "$res/probe-$name.json" 2>&1 | sed "s/^/$name probe: /"
+  fi
 }
 
 # Every worker's and the frontend's /metrics, for the transfer and prefill counts.

@@ -58,6 +58,7 @@ fn pool(cfg: &ModelConfig) -> KvPoolExport {
             block_bytes,
             plane_stride_bytes: 64 * block_bytes,
         },
+        other_ranks: Vec::new(),
     }
 }
 

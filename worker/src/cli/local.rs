@@ -28,7 +28,9 @@ use crate::router::RouterMode;
 /// `--decode-arg '--threads 1' --worker-arg '--kv-cache-memory 256MiB'`.
 /// `{index}` in any of them becomes the child's index within its role, for
 /// per-replica settings: `--decode-arg '--device cuda:{index}'` puts each
-/// decode worker on its own GPU.
+/// decode worker on its own GPU; `{index*K}` is the index times K, so
+/// `--decode-arg '--device cuda:{index*2} --tensor-parallel-size 2'` gives each
+/// decode worker its own pair of GPUs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LocalArgs {
     /// Prefill workers to start.

@@ -58,8 +58,7 @@ fn transfer_info(engine: &EngineHandle, mode: KvTransferMode) -> anyhow::Result<
     let mut info = TransferInfo::of(engine);
     if mode == KvTransferMode::CudaIpc && !info.cuda_ipc {
         anyhow::bail!(
-            "--kv-transfer cuda-ipc needs the KV pool on a CUDA device (--device cuda[:N]), \
-             in one piece (--tensor-parallel-size 1: a tensor-parallel group has one pool per GPU)"
+            "--kv-transfer cuda-ipc needs the KV pool on a CUDA device (--device cuda[:N])"
         );
     }
     info.cuda_ipc &= mode != KvTransferMode::Grpc;
@@ -132,7 +131,7 @@ pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
                 KvTransferMode::Grpc => {
                     "this prefill worker runs with --kv-transfer grpc".to_string()
                 }
-                _ => "this prefill worker's KV pool is not on a CUDA device or is sharded (tensor parallelism)".to_string(),
+                _ => "this prefill worker's KV pool is not on a CUDA device".to_string(),
             });
             routes
                 .add_service(PrefillService::server_with(engine.clone(), cuda_ipc_off))

@@ -186,8 +186,41 @@ type SlotKey = (Role, usize);
 
 /// Replaced, in every argument a child gets, by the child's index within its
 /// role (`decode-1` gets `1`): per-replica settings such as `--device
-/// cuda:{index}`, one GPU per worker.
+/// cuda:{index}`, one GPU per worker. `{index*K}` becomes the index times K,
+/// for workers of K GPUs each: `--device cuda:{index*2} --tensor-parallel-size
+/// 2` puts decode-0 on GPUs 0-1 and decode-1 on GPUs 2-3.
 pub const INDEX_PLACEHOLDER: &str = "{index}";
+
+/// `arg` with every `{index}` replaced by `index` and every `{index*K}` (K a
+/// whole number) by `index * K`; anything else is left as it is.
+pub fn expand_index(arg: &str, index: usize) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(at) = rest.find("{index") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + "{index".len()..];
+        let close = tail.find('}');
+        let factor = match close {
+            Some(0) => Some(1),
+            Some(end) => tail[..end]
+                .strip_prefix('*')
+                .and_then(|k| k.trim().parse::<usize>().ok()),
+            None => None,
+        };
+        match (factor, close) {
+            (Some(k), Some(end)) => {
+                out.push_str(&(index * k).to_string());
+                rest = &tail[end + 1..];
+            }
+            _ => {
+                out.push_str("{index");
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 fn slot_name((role, index): SlotKey) -> String {
     format!("{role}-{index}")
@@ -586,7 +619,7 @@ impl Supervisor {
             c.common_args
                 .iter()
                 .chain(own)
-                .map(|a| OsString::from(a.replace(INDEX_PLACEHOLDER, &index.to_string()))),
+                .map(|a| OsString::from(expand_index(a, index))),
         );
         args
     }
@@ -972,5 +1005,27 @@ async fn prefix_lines(stream: impl AsyncRead + Unpin, name: String) {
             // Not UTF-8 or a read error: stop copying rather than spin.
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_placeholders_give_each_replica_its_own_gpus() {
+        assert_eq!(expand_index("cuda:{index}", 3), "cuda:3");
+        // Two GPUs a replica: decode-0 on 0-1, decode-1 on 2-3.
+        assert_eq!(expand_index("cuda:{index*2}", 0), "cuda:0");
+        assert_eq!(expand_index("cuda:{index*2}", 1), "cuda:2");
+        assert_eq!(expand_index("cuda:{index*4}", 1), "cuda:4");
+        assert_eq!(
+            expand_index("/tmp/{index}/log-{index*3}", 2),
+            "/tmp/2/log-6"
+        );
+        // Not a placeholder: left alone.
+        assert_eq!(expand_index("{index*x}-{index", 1), "{index*x}-{index");
+        assert_eq!(expand_index("{indexes}", 1), "{indexes}");
+        assert_eq!(expand_index("--threads 1", 5), "--threads 1");
     }
 }

@@ -23,7 +23,7 @@ use futures::StreamExt;
 use super::grpc::{Fetched, GrpcTransport, PrefillParts};
 use super::{pb, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError};
 use crate::engine::backend::cuda::ipc::{
-    KvPoolExport, KvPoolLayout, PeerKvTarget, PoolDtype, IPC_HANDLE_BYTES,
+    KvPoolExport, KvPoolLayout, PeerKvTarget, PoolDtype, RankPool, IPC_HANDLE_BYTES,
 };
 use crate::engine::types::{PrefillEvent, TokenOutput};
 use crate::engine::{EngineHandle, KvReservation};
@@ -83,7 +83,7 @@ pub fn choose(
         return Ok(Choice::Grpc(None));
     }
     let why_not = if own_pool.is_none() {
-        Some("this decode worker's KV pool is not on a CUDA device or is sharded (tensor parallelism)".to_string())
+        Some("this decode worker's KV pool is not on a CUDA device".to_string())
     } else {
         match peer {
             None => Some("the prefill worker has not reported its load yet".to_string()),
@@ -128,6 +128,14 @@ pub fn target_to_pb(pool: &KvPoolExport, block_ids: &[u32]) -> pb::CudaIpcTarget
         plane_stride_bytes: l.plane_stride_bytes as u64,
         device: pool.device.clone(),
         block_ids: block_ids.to_vec(),
+        other_ranks: pool
+            .other_ranks
+            .iter()
+            .map(|r| pb::CudaIpcRank {
+                mem_handle: r.mem_handle.clone(),
+                device: r.device.clone(),
+            })
+            .collect(),
     };
     target.set_dtype(dtype_to_pb(l.dtype));
     target
@@ -144,10 +152,14 @@ pub fn target_from_pb(t: pb::CudaIpcTarget) -> Result<PeerKvTarget, String> {
             ))
         }
     };
-    if t.mem_handle.len() != IPC_HANDLE_BYTES {
+    let handles = std::iter::once(&t.mem_handle).chain(t.other_ranks.iter().map(|r| &r.mem_handle));
+    if let Some((rank, h)) = handles
+        .enumerate()
+        .find(|(_, h)| h.len() != IPC_HANDLE_BYTES)
+    {
         return Err(format!(
-            "an IPC handle of {} bytes (expected {IPC_HANDLE_BYTES})",
-            t.mem_handle.len()
+            "an IPC handle of {} bytes for rank {rank} (expected {IPC_HANDLE_BYTES})",
+            h.len()
         ));
     }
     let layout = KvPoolLayout {
@@ -172,6 +184,14 @@ pub fn target_from_pb(t: pb::CudaIpcTarget) -> Result<PeerKvTarget, String> {
             mem_handle: t.mem_handle,
             device: t.device,
             layout,
+            other_ranks: t
+                .other_ranks
+                .into_iter()
+                .map(|r| RankPool {
+                    mem_handle: r.mem_handle,
+                    device: r.device,
+                })
+                .collect(),
         },
         block_ids: t.block_ids,
     })
@@ -297,6 +317,7 @@ mod tests {
                 block_bytes,
                 plane_stride_bytes: 40 * block_bytes,
             },
+            other_ranks: Vec::new(),
         }
     }
 
@@ -388,5 +409,38 @@ mod tests {
         assert!(target_from_pb(inconsistent)
             .unwrap_err()
             .contains("block_bytes"));
+    }
+
+    #[test]
+    fn a_tensor_parallel_pool_carries_one_handle_per_rank_over_the_wire() {
+        let mut group = pool();
+        group.layout.kv_heads = 1;
+        group.layout.block_bytes = 16 * 64 * 2;
+        group.layout.plane_stride_bytes = 40 * group.layout.block_bytes;
+        group.other_ranks = vec![
+            RankPool {
+                mem_handle: vec![7; IPC_HANDLE_BYTES],
+                device: "0000:3b:00.0".into(),
+            },
+            RankPool {
+                mem_handle: vec![9; IPC_HANDLE_BYTES],
+                device: "0000:4c:00.0".into(),
+            },
+        ];
+        let wire = target_to_pb(&group, &[5, 6]);
+        assert_eq!(wire.other_ranks.len(), 2);
+        let back = target_from_pb(wire.clone()).unwrap();
+        assert_eq!(back.pool, group);
+        assert_eq!(back.pool.ranks(), 3);
+        assert_eq!(
+            back.pool.rank(2).unwrap().mem_handle,
+            vec![9; IPC_HANDLE_BYTES]
+        );
+        assert_eq!(back.pool.rank(1).unwrap().device, "0000:3b:00.0");
+
+        let mut bad_rank = wire;
+        bad_rank.other_ranks[1].mem_handle.truncate(3);
+        let err = target_from_pb(bad_rank).unwrap_err();
+        assert!(err.contains("3 bytes for rank 2"), "{err}");
     }
 }

@@ -116,6 +116,12 @@ impl KvPoolLayout {
 }
 
 /// A KV pool as another process on the same node can map it.
+///
+/// A tensor-parallel worker's pool is one allocation per GPU (rank), each
+/// holding that rank's KV heads of every block: `mem_handle` and `device`
+/// are rank 0's, `other_ranks` ranks 1.. in order, and `layout` is one
+/// rank's (its `kv_heads` are a rank's share). A prefill group of the same
+/// size copies rank `r`'s heads into rank `r`'s pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvPoolExport {
     /// The `CUipcMemHandle` of the pool's allocation.
@@ -123,6 +129,83 @@ pub struct KvPoolExport {
     /// PCI bus id of the pool's GPU.
     pub device: String,
     pub layout: KvPoolLayout,
+    /// Ranks 1.. of a tensor-parallel group's pool; empty for one GPU.
+    pub other_ranks: Vec<RankPool>,
+}
+
+/// One rank's allocation of a tensor-parallel group's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankPool {
+    /// The `CUipcMemHandle` of the rank's allocation.
+    pub mem_handle: Vec<u8>,
+    /// PCI bus id of the rank's GPU.
+    pub device: String,
+}
+
+impl KvPoolExport {
+    /// GPUs the pool is split over (the exporting worker's tensor-parallel size).
+    pub fn ranks(&self) -> usize {
+        1 + self.other_ranks.len()
+    }
+
+    /// Rank `rank`'s allocation alone, as a one-GPU pool of `layout`.
+    pub fn rank(&self, rank: usize) -> Option<KvPoolExport> {
+        let (mem_handle, device) = match rank {
+            0 => (self.mem_handle.clone(), self.device.clone()),
+            r => {
+                let p = self.other_ranks.get(r - 1)?;
+                (p.mem_handle.clone(), p.device.clone())
+            }
+        };
+        Some(KvPoolExport {
+            mem_handle,
+            device,
+            layout: self.layout.clone(),
+            other_ranks: Vec::new(),
+        })
+    }
+
+    /// A group's pool from every rank's own export (rank order); `Err` when
+    /// they differ in geometry (they must hold the same blocks).
+    pub fn from_ranks(ranks: Vec<KvPoolExport>) -> Result<KvPoolExport, String> {
+        let mut ranks = ranks.into_iter();
+        let mut group = ranks.next().ok_or("a group of no ranks")?;
+        for (i, r) in ranks.enumerate() {
+            if r.layout != group.layout {
+                return Err(format!(
+                    "rank {}'s KV pool {:?} differs from rank 0's {:?}",
+                    i + 1,
+                    r.layout,
+                    group.layout
+                ));
+            }
+            group.other_ranks.push(RankPool {
+                mem_handle: r.mem_handle,
+                device: r.device,
+            });
+        }
+        Ok(group)
+    }
+}
+
+/// Checks that a prefill worker on `here` GPUs can copy into `pool` rank by
+/// rank: cuda-ipc between tensor-parallel groups needs groups of equal size
+/// (each rank holds the same share of the heads on both sides).
+pub fn check_ranks(here: usize, pool: &KvPoolExport) -> Result<(), String> {
+    let there = pool.ranks();
+    if here == there {
+        return Ok(());
+    }
+    let gpus = |n: usize| match n {
+        1 => "one GPU".to_string(),
+        n => format!("{n} GPUs (--tensor-parallel-size {n})"),
+    };
+    Err(format!(
+        "the decode worker's KV pool is split over {}, this prefill worker's over {}: cuda-ipc \
+         copies rank by rank and needs tensor-parallel groups of equal size",
+        gpus(there),
+        gpus(here)
+    ))
 }
 
 /// Blocks of a peer's pool to write a prompt's KV into, in position order.
@@ -147,6 +230,7 @@ pub fn check_copy(
     num_tokens: usize,
     target: &PeerKvTarget,
 ) -> Result<usize, String> {
+    check_ranks(1, &target.pool)?;
     local.compatible_with(&target.pool.layout)?;
     let blocks = num_tokens.div_ceil(local.block_size);
     if src_blocks.len() < blocks || target.block_ids.len() < blocks {
@@ -215,6 +299,7 @@ pub(super) fn export_pool(
         mem_handle: handle.reserved.iter().map(|&c| c as u8).collect(),
         device: pci_bus_id(gpu.ctx.cu_device())?,
         layout,
+        other_ranks: Vec::new(),
     })
 }
 
@@ -290,6 +375,7 @@ impl PeerWriter {
         local: &KvPoolLayout,
         pool: &KvPoolExport,
     ) -> Result<u64, CudaError> {
+        check_ranks(1, pool).map_err(CudaError::Unsupported)?;
         local
             .compatible_with(&pool.layout)
             .map_err(CudaError::Unsupported)?;
@@ -468,6 +554,7 @@ mod tests {
                 mem_handle: vec![0; IPC_HANDLE_BYTES],
                 device: "0000:00:00.0".into(),
                 layout: pool,
+                other_ranks: Vec::new(),
             },
             block_ids,
         }
@@ -525,5 +612,80 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("source block 100"), "{err}");
+    }
+
+    fn export(handle: u8, device: &str, layout: KvPoolLayout) -> KvPoolExport {
+        KvPoolExport {
+            mem_handle: vec![handle; IPC_HANDLE_BYTES],
+            device: device.into(),
+            layout,
+            other_ranks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_group_exports_one_handle_per_rank_and_each_rank_gets_its_own_back() {
+        let group = KvPoolExport::from_ranks(vec![
+            export(1, "0000:19:00.0", layout(16, 100)),
+            export(2, "0000:3b:00.0", layout(16, 100)),
+            export(3, "0000:4c:00.0", layout(16, 100)),
+        ])
+        .unwrap();
+        assert_eq!(group.ranks(), 3);
+        for (r, (handle, device)) in [
+            (1, "0000:19:00.0"),
+            (2, "0000:3b:00.0"),
+            (3, "0000:4c:00.0"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let one = group.rank(r).unwrap();
+            assert_eq!(one.mem_handle, vec![handle; IPC_HANDLE_BYTES]);
+            assert_eq!(one.device, device);
+            assert_eq!(one.ranks(), 1);
+            assert_eq!(one.layout, layout(16, 100));
+        }
+        assert_eq!(group.rank(3), None);
+
+        let err = KvPoolExport::from_ranks(vec![
+            export(1, "a", layout(16, 100)),
+            export(2, "b", layout(16, 99)),
+        ])
+        .unwrap_err();
+        assert!(err.contains("rank 1's KV pool"), "{err}");
+    }
+
+    #[test]
+    fn groups_of_unequal_size_are_refused_with_both_sizes_named() {
+        let one = export(1, "a", layout(16, 100));
+        let two =
+            KvPoolExport::from_ranks(vec![one.clone(), export(2, "b", layout(16, 100))]).unwrap();
+        assert_eq!(check_ranks(1, &one), Ok(()));
+        assert_eq!(check_ranks(2, &two), Ok(()));
+        let err = check_ranks(1, &two).unwrap_err();
+        assert!(
+            err.contains(
+                "split over 2 GPUs (--tensor-parallel-size 2), this prefill worker's over one GPU"
+            ),
+            "{err}"
+        );
+        let err = check_ranks(4, &one).unwrap_err();
+        assert!(
+            err.contains("split over one GPU, this prefill worker's over 4 GPUs"),
+            "{err}"
+        );
+        // One GPU's copy never writes into rank 0 of a group alone.
+        let err = check_copy(
+            &layout(16, 100),
+            &[7],
+            3,
+            &PeerKvTarget {
+                pool: two,
+                block_ids: vec![0],
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("groups of equal size"), "{err}");
     }
 }

@@ -19,12 +19,16 @@
 //! every block (the block ids are shared). Exports and imports (gRPC
 //! transfer, prefix streaming) carry whole heads: a rank reads and writes its
 //! slice, and the slices are merged here, so the wire format does not depend
-//! on the group size.
+//! on the group size. For cuda-ipc a group exports one pool handle per rank;
+//! a prefill group of the same size opens them and rank `r` copies its heads
+//! into the decode group's rank `r` (GPU to GPU, no merging); groups of
+//! different sizes are refused with both sizes named, and the transfer goes
+//! over gRPC.
 
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use super::ipc::{KvPoolExport, PeerKvTarget, PeerWrite};
+use super::ipc::{check_ranks, KvPoolExport, PeerKvTarget, PeerWrite};
 use super::nccl::NcclGroup;
 use super::{CudaBackend, CudaOptions};
 use crate::engine::backend::{
@@ -64,11 +68,9 @@ pub enum TpError {
     },
     #[error("tensor-parallel rank {0} stopped (its thread panicked); the worker must restart")]
     RankGone(usize),
-    #[error(
-        "cuda-ipc KV transfer is not available with --tensor-parallel-size {0} (one pool per \
-         rank is not exported); use --kv-transfer grpc"
-    )]
-    NoCudaIpc(usize),
+    /// cuda-ipc with a peer whose pool is split another way.
+    #[error("{0}")]
+    PeerGroup(String),
 }
 
 /// The config of one rank's shard: `1/size` of the query heads, KV heads and
@@ -609,24 +611,64 @@ impl ComputeBackend for TensorParallelBackend {
         Self::lead_result(results)
     }
 
-    /// No pool is exported: the cuda-ipc transport moves one pool per
-    /// worker, and a group has one per rank. Decode workers of a group
-    /// therefore advertise gRPC only.
+    /// Every rank's pool, one IPC handle each (rank order): a decode group's
+    /// pool as a prefill group of the same size writes into it, rank by rank.
     fn kv_pool_export(&self) -> Result<Option<KvPoolExport>, BackendError> {
-        Ok(None)
+        let job: RankJob<_> = Arc::new(|b: &mut CudaBackend, _| b.kv_pool_export());
+        let replies = self.dispatch(&job)?;
+        let mut ranks = Vec::with_capacity(self.size);
+        for r in Self::gather(self.lead.kv_pool_export(), replies)? {
+            match r? {
+                Some(pool) => ranks.push(pool),
+                None => return Ok(None),
+            }
+        }
+        KvPoolExport::from_ranks(ranks)
+            .map(Some)
+            .map_err(|e| BackendError::Cuda(super::CudaError::Unsupported(e)))
     }
 
-    fn open_peer_kv(&mut self, _pool: &KvPoolExport) -> Result<(), BackendError> {
-        Err(TpError::NoCudaIpc(self.size).into())
+    /// Maps rank `r` of the peer group's pool on rank `r` (peer access from
+    /// this group's GPU `r` to the peer's); the groups must be of equal size.
+    fn open_peer_kv(&mut self, pool: &KvPoolExport) -> Result<(), BackendError> {
+        check_ranks(self.size, pool).map_err(TpError::PeerGroup)?;
+        let pool = Arc::new(pool.clone());
+        let results = self.on_every_rank(move |b, rank| {
+            let own = pool.rank(rank).expect("sizes checked");
+            b.open_peer_kv(&own)
+        })?;
+        Self::lead_result(results)
     }
 
+    /// Every rank copies its heads of the prompt's blocks into the same
+    /// blocks of the peer's rank, all ranks at once; done when the slowest
+    /// copy is (its GPU time is reported).
     fn write_kv_to_peer(
         &mut self,
-        _block_ids: &[u32],
-        _num_tokens: usize,
-        _target: &PeerKvTarget,
+        block_ids: &[u32],
+        num_tokens: usize,
+        target: &PeerKvTarget,
     ) -> Result<PeerWrite, BackendError> {
-        Err(TpError::NoCudaIpc(self.size).into())
+        check_ranks(self.size, &target.pool).map_err(TpError::PeerGroup)?;
+        let ids = Arc::new(block_ids.to_vec());
+        let target = Arc::new(target.clone());
+        let results = self.on_every_rank(move |b, rank| {
+            let own = PeerKvTarget {
+                pool: target.pool.rank(rank).expect("sizes checked"),
+                block_ids: target.block_ids.clone(),
+            };
+            b.write_kv_to_peer(&ids, num_tokens, &own)
+        })?;
+        let mut total = PeerWrite {
+            bytes: 0,
+            seconds: 0.0,
+        };
+        for r in results {
+            let w = r?;
+            total.bytes += w.bytes;
+            total.seconds = total.seconds.max(w.seconds);
+        }
+        Ok(total)
     }
 }
 
