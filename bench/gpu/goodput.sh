@@ -69,8 +69,8 @@ WARMUP_ARGS=${WARMUP_ARGS:-"--concurrency 32 --num-requests 32 --output-len 24"}
 REMOTE_MIN=${REMOTE_MIN:-}
 dummy="--load-format dummy --dummy-shape $SHAPE"
 
-: "${RATES_agg_3000_150:=3 6 9 12}"
-: "${RATES_ipc_3000_150:=3 6 9 12}"
+: "${RATES_agg_3000_150:=1.5 3 4.5 6 9 12}"
+: "${RATES_ipc_3000_150:=1.5 3 4.5 6 9 12}"
 : "${RATES_grpc_3000_150:=0.5 1 2}"
 : "${RATES_agg_1000_300:=8 16 24}"
 : "${RATES_ipc_1000_300:=8 16 24}"
