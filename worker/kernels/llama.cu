@@ -1029,8 +1029,8 @@ __global__ void kv_scatter(bf16* k_cache, bf16* v_cache, const float* k_in, cons
 // ---------------------------------------------------------------------------
 
 #define GEMV_WARPS 8
-// 16-byte loads of each of a pair's rows a lane keeps in flight (tunable:
-// TANDEM_CUDA_DEFINES, see device.rs).
+// 16-byte loads of each of a pair's rows a lane issues at once (tunable for
+// measuring: TANDEM_CUDA_DEFINES, see device.rs).
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4
 #endif
@@ -1097,67 +1097,36 @@ __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
     }
 }
 
-// One lane's registers for GEMV_UNROLL 16-byte vectors of each of a pair of
-// weight rows: its loads in flight.
-struct GemvRegs {
-    uint4 a[GEMV_UNROLL], b[GEMV_UNROLL];
-};
-
-// Issues this lane's loads of the first GEMV_UNROLL vectors of rows wa and wb
-// (nv vectors each). Weights are never written during a step, so a kernel
-// issues these before waiting for the previous one (pdl_wait) and before
-// staging its input: the first loads' latency overlaps both.
-__device__ __forceinline__ void gemv_load_first(GemvRegs& r, const bf16* wa, const bf16* wb, int nv, int lane) {
-    const uint4* a4 = reinterpret_cast<const uint4*>(wa);
-    const uint4* b4 = reinterpret_cast<const uint4*>(wb);
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++) {
-        int v = lane + u * WARP;
-        if (v < nv) {
-            r.a[u] = __ldg(a4 + v);
-            r.b[u] = __ldg(b4 + v);
-        }
-    }
-}
-
 // acc[m][0] = wa · xs[m], acc[m][1] = wb · xs[m], summed over the warp (every
-// lane gets the sums). `r` holds this lane's first vectors of wa and wb
-// (gemv_load_first). Each register is refilled as soon as its vector is used:
-// with the vector GEMV_UNROLL * WARP further along the row, or, past the end
-// of the row, with the first vectors of the warp's next pair of rows (na, nb;
-// null when none). So a lane keeps up to 2 * GEMV_UNROLL loads in flight all
-// the way, across its reductions and epilogues too, instead of a burst per
-// chunk followed by none.
+// lane gets the sums).
 template <int M>
-__device__ __forceinline__ void gemv_dot2(float (&acc)[M][2], GemvRegs& r, const bf16* wa, const bf16* wb,
-                                          const bf16* na, const bf16* nb, const bf16* xs, int K, int lane) {
+__device__ __forceinline__ void gemv_dot2(float (&acc)[M][2], const bf16* wa, const bf16* wb, const bf16* xs, int K,
+                                          int lane) {
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = 0.f;
     const uint4* a4 = reinterpret_cast<const uint4*>(wa);
     const uint4* b4 = reinterpret_cast<const uint4*>(wb);
-    const uint4* na4 = reinterpret_cast<const uint4*>(na);
-    const uint4* nb4 = reinterpret_cast<const uint4*>(nb);
     const uint4* x4 = reinterpret_cast<const uint4*>(xs);
     int nv = K / 8;
     for (int v0 = lane; v0 < nv; v0 += WARP * GEMV_UNROLL) {
+        uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             int v = v0 + u * WARP;
             if (v < nv) {
-                uint4 wav = r.a[u], wbv = r.b[u];
-                int next = v + WARP * GEMV_UNROLL;
-                if (next < nv) {
-                    r.a[u] = __ldg(a4 + next);
-                    r.b[u] = __ldg(b4 + next);
-                } else if (na4) {
-                    r.a[u] = __ldg(na4 + lane + u * WARP);
-                    r.b[u] = __ldg(nb4 + lane + u * WARP);
-                }
+                ra[u] = __ldg(a4 + v);
+                rb[u] = __ldg(b4 + v);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int v = v0 + u * WARP;
+            if (v < nv) {
 #pragma unroll
                 for (int m = 0; m < M; m++) {
                     uint4 xv = x4[m * nv + v];
-                    fma8(acc[m][0], wav, xv);
-                    fma8(acc[m][1], wbv, xv);
+                    fma8(acc[m][0], ra[u], xv);
+                    fma8(acc[m][1], rb[u], xv);
                 }
             }
         }
@@ -1192,22 +1161,17 @@ __device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf
             b = a + 1;
         }
     };
-    GemvRegs r;
     {
         int p0 = min(blockIdx.x * GEMV_WARPS + warp, pairs - 1), a, b;
         rows_of(p0, a, b);
-        gemv_load_first(r, w + (long long)a * K, w + (long long)b * K, K / 8, lane);
         gemv_prologue(w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
-    int stride = gridDim.x * GEMV_WARPS;
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += stride) {
-        int a, b, na = -1, nb = -1;
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+        int a, b;
         rows_of(p, a, b);
-        if (p + stride < pairs) rows_of(p + stride, na, nb);
         float acc[M][2];
-        gemv_dot2<M>(acc, r, w + (long long)a * K, w + (long long)b * K, na < 0 ? nullptr : w + (long long)na * K,
-                     w + (long long)nb * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
 #pragma unroll
         for (int m = 0; m < M; m++) {
             if (lane != m) continue;  // lane m writes token m's results
@@ -1248,19 +1212,14 @@ __device__ void gemv_silu_impl(bf16* act, const bf16* w, const float* x, const f
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    GemvRegs r;
     {
         int p0 = min(blockIdx.x * GEMV_WARPS + warp, f - 1);
-        gemv_load_first(r, w + (long long)p0 * K, w + (long long)(f + p0) * K, K / 8, lane);
         gemv_prologue(w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
-    int stride = gridDim.x * GEMV_WARPS;
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < f; p += stride) {
-        int pn = p + stride;
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < f; p += gridDim.x * GEMV_WARPS) {
         float acc[M][2];
-        gemv_dot2<M>(acc, r, w + (long long)p * K, w + (long long)(f + p) * K,
-                     pn < f ? w + (long long)pn * K : nullptr, w + (long long)(f + pn) * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)p * K, w + (long long)(f + p) * K, xs, K, lane);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
@@ -1282,19 +1241,15 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
     bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int pairs = (N + 1) / 2;
-    GemvRegs r;
     {
         int a0 = 2 * min(blockIdx.x * GEMV_WARPS + warp, pairs - 1);
-        gemv_load_first(r, w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K / 8, lane);
         gemv_prologue(w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane);
     }
     gemv_stage<M>(xs, x, norm_w, rows, in, K, eps);
-    int stride = gridDim.x * GEMV_WARPS;
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += stride) {
-        int a = 2 * p, b = min(a + 1, N - 1), na = 2 * (p + stride), nb = min(na + 1, N - 1);
+    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+        int a = 2 * p, b = min(a + 1, N - 1);
         float acc[M][2];
-        gemv_dot2<M>(acc, r, w + (long long)a * K, w + (long long)b * K, na < N ? w + (long long)na * K : nullptr,
-                     w + (long long)nb * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {

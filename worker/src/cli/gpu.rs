@@ -114,8 +114,9 @@ pub enum BenchPart {
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
 /// of the fused kernels, programmatic dependent launch the other way than
-/// the model's default (on for small models, off for large ones), and sampling on the device
-/// ([`bench::BENCH_SAMPLING`], and top-p alone) instead of greedy.
+/// the model's default (on for small models, off for large ones), and
+/// sampling on the device ([`bench::BENCH_SAMPLING`], and top-p alone)
+/// instead of greedy.
 fn variants(
     b: &mut CudaBackend,
     shape: &str,

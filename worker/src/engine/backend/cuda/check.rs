@@ -257,12 +257,12 @@ fn options(max_model_len: usize) -> CudaOptions {
 /// chunks, a mixed batch and decode steps (CUDA-graph replays).
 pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     let mut out = Vec::new();
-    // One block per fused projection (last row): each warp then takes many
-    // row pairs, and with an FFN width of 1280 (160 16-byte vectors a down
-    // row, a partial last run of a lane's loads) the loads of a warp's next
-    // pair start inside the current one. That row also launches without
-    // programmatic dependent launch, which models this small get by default
-    // and large ones do not.
+    // One block per fused projection (last row): each warp then loops over
+    // many row pairs, as an 8B gate/up projection's warps do (about 7 each)
+    // and these small models' never do otherwise; an FFN width of 1280 gives
+    // down rows of 160 16-byte vectors, a partial last run of a lane's loads.
+    // That row also launches without programmatic dependent launch, which
+    // models this small get by default and large ones do not.
     for (arch, head_dim, fused, one_block) in [
         (Architecture::Llama, 64, true, false),
         (Architecture::Qwen2, 32, true, false),

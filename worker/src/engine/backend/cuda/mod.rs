@@ -46,7 +46,7 @@ mod weights;
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use cudarc::driver::{CudaFunction, CudaGraph, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 
 use super::{
     check_blocks_in_pool, check_kv_layer, check_sampling_rows, BackendError, ComputeBackend,
@@ -285,17 +285,6 @@ const SAMPLE_THREADS: u32 = 1024;
 /// Warps of a fused-projection block (`GEMV_WARPS` in llama.cu).
 const GEMV_WARPS: usize = 8;
 
-/// Blocks of a fused-projection launch over `pairs` row pairs (a warp takes
-/// one pair at a time, striding over the grid) when `resident` blocks fit on
-/// the GPU at once: every pair in as few rounds as those blocks allow, then
-/// as few blocks as take that many rounds, so every warp gets the same number
-/// of pairs. A grid of two blocks per SM left an 8B QKV projection (3072
-/// pairs, 2112 warps) a second pair for 960 warps while the others idled.
-fn gemv_blocks(pairs: usize, resident: usize) -> usize {
-    let rounds = pairs.div_ceil(resident.max(1) * GEMV_WARPS).max(1);
-    pairs.div_ceil(rounds * GEMV_WARPS).max(1)
-}
-
 /// Fixed device buffers of one step, sized for the largest step planned.
 struct Workspace {
     x: DeviceBuffer,
@@ -427,7 +416,7 @@ pub struct CudaBackend {
     pdl: bool,
     /// At most this many blocks in a fused-projection grid
     /// (`TANDEM_CUDA_GEMV_MAX_BLOCKS`, for measuring and checking); unset,
-    /// as many as the SMs hold at once.
+    /// two per SM.
     gemv_max_blocks: Option<usize>,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
     /// the model and sums the output and down projections with its peers.
@@ -676,9 +665,9 @@ impl CudaBackend {
         self.fused_gemv = on;
     }
 
-    /// Caps the fused projections' grids at `blocks` blocks (`None`: as many
-    /// as the SMs hold at once). One block makes each warp loop over many
-    /// row pairs, which small check models otherwise never do.
+    /// Caps the fused projections' grids at `blocks` blocks (`None`: two per
+    /// SM). One block makes each warp loop over many row pairs, which small
+    /// check models otherwise never do.
     pub fn set_gemv_max_blocks(&mut self, blocks: Option<usize>) {
         if self.gemv_max_blocks != blocks {
             self.graphs.clear();
@@ -1154,49 +1143,23 @@ impl CudaBackend {
         let norm_threads = (cfg.hidden_size.div_ceil(16 * 32) as u32 * 32).clamp(32, 1024);
         // Steps of 1, 2 or 4 tokens that stream no KV run the fused
         // projections; a block of GEMV_WARPS warps stages the step's input
-        // rows (width k) in shared memory, and the grid is as many blocks as
-        // the SMs hold at once, evened out over the row pairs
-        // ([`gemv_blocks`]).
+        // rows (width k) in shared memory, at most two blocks per SM.
         let gemv = if sink.is_none() {
             self.gemv_for(t)
         } else {
             None
         };
-        let gemv_cfg = |func: &CudaFunction, rows: usize, pairs: usize, k: usize| {
-            let shared_mem_bytes = (rows * k * 2) as u32;
-            let threads = 32 * GEMV_WARPS as u32;
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(
-                    threads,
-                    shared_mem_bytes as usize,
-                    None,
-                )
-                .map_err(CudaError::from)?;
-            let resident = per_sm as usize * gpu.num_sms as usize;
-            let resident = self
-                .gemv_max_blocks
-                .map_or(resident, |cap| resident.min(cap));
-            Ok::<_, BackendError>(LaunchConfig {
-                grid_dim: (gemv_blocks(pairs, resident) as u32, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes,
-            })
-        };
-        // The same four launches in every layer (the occupancy query is a
-        // driver call: once a step, not once a layer).
-        let gemv_cfgs = match gemv {
-            Some(mi) => {
-                let k = &gpu.kernels;
-                let qkv_pairs = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim / 2 + kv_dim / 2;
-                let hp = cfg.hidden_size.div_ceil(2);
-                Some([
-                    gemv_cfg(&k.gemv_qkv[mi], t, qkv_pairs, cfg.hidden_size)?,
-                    gemv_cfg(&k.gemv_out[mi], t, hp, q_dim)?,
-                    gemv_cfg(&k.gemv_silu[mi], t, f, cfg.hidden_size)?,
-                    gemv_cfg(&k.gemv_out[mi], t, hp, f)?,
-                ])
-            }
-            None => None,
+        let gemv_cfg = |rows: usize, pairs: usize, k: usize| LaunchConfig {
+            grid_dim: (
+                pairs
+                    .div_ceil(GEMV_WARPS)
+                    .min(2 * gpu.num_sms as usize)
+                    .min(self.gemv_max_blocks.unwrap_or(usize::MAX)) as u32,
+                1,
+                1,
+            ),
+            block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+            shared_mem_bytes: (rows * k * 2) as u32,
         };
         let (q_dim_i, f_i) = (q_dim as i32, f as i32);
         let pdl = self.pdl;
@@ -1223,9 +1186,10 @@ impl CudaBackend {
             let (k_cache, v_cache) = self.layer_cache(pool, li);
             let bias = layer.bqkv.as_ref().map_or(0, |b| b.ptr());
             let inv_freq = self.inv_freq.ptr();
-            if let (Some(mi), Some(cfgs)) = (gemv, gemv_cfgs) {
+            if let Some(mi) = gemv {
                 // RMSNorm, QKV, bias, RoPE and the KV write in one kernel.
-                launch_fn!(gpu, pdl, gpu.kernels.gemv_qkv[mi], cfgs[0];
+                let pairs = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim / 2 + kv_dim / 2;
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_qkv[mi], gemv_cfg(t, pairs, cfg.hidden_size);
                     qkv, k_cache, v_cache, layer.wqkv.ptr(), bias, x, layer.attn_norm.ptr(), eps,
                     inv_freq, positions_p, slots_p, h, nh, nkv, hd)?;
                 mark!(self, "norm_qkv_rope_gemv");
@@ -1330,9 +1294,10 @@ impl CudaBackend {
             }
             mark!(self, "attention");
             let act = ws.act.ptr();
-            if let (Some(mi), Some(cfgs)) = (gemv, gemv_cfgs) {
+            if let Some(mi) = gemv {
+                let hp = cfg.hidden_size.div_ceil(2);
                 // x += attn · wo^T
-                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], cfgs[1];
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, q_dim);
                     x, layer.wo.ptr(), attn, null, null, null, eps, q_dim_i, h, accumulate)?;
                 mark!(self, "o_gemv");
                 if let Some((comm, n)) = reduce_rows {
@@ -1340,11 +1305,11 @@ impl CudaBackend {
                     mark!(self, "all_reduce");
                 }
                 // act = silu(norm(x) · w_gate^T) * (norm(x) · w_up^T)
-                launch_fn!(gpu, pdl, gpu.kernels.gemv_silu[mi], cfgs[2];
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_silu[mi], gemv_cfg(t, f, cfg.hidden_size);
                     act, layer.w_gate_up.ptr(), x, layer.ffn_norm.ptr(), eps, h, f_i)?;
                 mark!(self, "norm_gate_up_silu_gemv");
                 // x += act · w_down^T
-                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], cfgs[3];
+                launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(t, hp, f);
                     x, layer.w_down.ptr(), act, null, null, null, eps, f_i, h, accumulate)?;
                 mark!(self, "down_gemv");
                 if let Some((comm, n)) = reduce_rows {
@@ -1439,13 +1404,7 @@ impl CudaBackend {
         if let (true, Some(mi)) = (head_rows > 0, self.gemv_for(head_rows)) {
             // Final norm of the gathered rows and the output head in one kernel.
             let (logits, vocab, zero) = (ws.logits.ptr(), cfg.vocab_size as i32, 0i32);
-            let head_cfg = gemv_cfg(
-                &gpu.kernels.gemv_out[mi],
-                head_rows,
-                cfg.vocab_size.div_ceil(2),
-                cfg.hidden_size,
-            )?;
-            launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], head_cfg;
+            launch_fn!(gpu, pdl, gpu.kernels.gemv_out[mi], gemv_cfg(head_rows, cfg.vocab_size.div_ceil(2), cfg.hidden_size);
                 logits, self.weights.output().ptr(), null, x, self.weights.final_norm.ptr(),
                 logit_rows_p, eps, h, vocab, zero)?;
             self.launch_sampler(head_rows, at(layout.sampling()))?;
@@ -1581,11 +1540,11 @@ const GEMV_PREFETCH_BYTES: usize = 16 << 20;
 
 /// Whether decode kernels launch early (programmatic dependent launch) unless
 /// `TANDEM_CUDA_PDL` says: when every matrix of a layer is small enough to be
-/// prefetched, each projection's weights then stream into L2 while the
+/// prefetched. Each projection's weights then stream into L2 while the
 /// previous kernel runs, and a step of such a model is bound by per-kernel
-/// latency (SmolLM2-135M on an H100: 0.68 vs 0.74 ms). Models with larger
-/// matrices are bound by bandwidth and early launch made them slower (8B:
-/// 6.89 vs 6.35 ms).
+/// latency: SmolLM2-135M batch-1 decode 0.691 vs 0.800 ms (H100, same call).
+/// Models with larger matrices are bound by bandwidth, and early launch made
+/// them slower: 8B 6.889 vs 6.370 ms.
 fn pdl_pays(cfg: &ModelConfig) -> bool {
     let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
     let largest = [
@@ -1861,32 +1820,6 @@ impl ComputeBackend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fused_projection_grids_give_every_warp_the_same_number_of_pairs() {
-        // H100: 132 SMs holding three blocks each.
-        let resident = 3 * 132;
-        for (pairs, blocks, rounds) in [
-            (3072, 384, 1),  // 8B QKV: one pair per warp, not 1 or 2
-            (2048, 256, 1),  // 8B output and down projections
-            (14336, 359, 5), // 8B gate/up
-            (288, 36, 1),    // SmolLM2 output and down projections
-            (5, 1, 1),
-        ] {
-            let got = gemv_blocks(pairs, resident);
-            assert_eq!(got, blocks, "{pairs} pairs");
-            assert!(got <= resident, "{pairs} pairs: one wave");
-            let warps = got * GEMV_WARPS;
-            assert_eq!(pairs.div_ceil(warps), rounds, "{pairs} pairs");
-            // No warp idles a whole round while others work.
-            assert!(warps * rounds - pairs < warps, "{pairs} pairs");
-        }
-        assert_eq!(
-            gemv_blocks(100, 0),
-            1,
-            "a block even where none seems to fit"
-        );
-    }
 
     #[test]
     fn early_launch_is_the_default_only_for_models_of_small_matrices() {
