@@ -1030,7 +1030,11 @@ __global__ void kv_scatter(bf16* k_cache, bf16* v_cache, const bf16* k_in, const
 // ---------------------------------------------------------------------------
 
 #define GEMV_WARPS 8
+// 16-byte loads of each of a pair's rows a lane issues at once (tunable for
+// measuring: TANDEM_CUDA_DEFINES, see device.rs).
+#ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4
+#endif
 
 // Stages M input rows of width K into xs (bf16): x (f32) normalised with
 // norm_w when given (rows gathered through `rows` when non-null), else the
@@ -1062,7 +1066,9 @@ __device__ void gemv_stage(bf16* xs, const float* x, const float* norm_w, const 
 // ones are bound by latency, and their rows fit in L2 next to the running
 // kernel's; prefetching a big one early would only compete with the running
 // kernel for memory bandwidth and evict its lines.
+#ifndef GEMV_PREFETCH_BYTES
 #define GEMV_PREFETCH_BYTES (16ll << 20)
+#endif
 
 // For a small matrix (rows x K bf16), starts pulling rows a and b into L2;
 // then lets the next kernel launch and waits for the previous one: the

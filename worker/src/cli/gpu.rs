@@ -113,9 +113,10 @@ pub enum BenchPart {
 }
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
-/// of the fused kernels, kernels started early (programmatic dependent
-/// launch, off by default), and sampling on the device
-/// ([`bench::BENCH_SAMPLING`], and top-p alone) instead of greedy.
+/// of the fused kernels, programmatic dependent launch the other way than
+/// the model's default (on for small models, off for large ones), and
+/// sampling on the device ([`bench::BENCH_SAMPLING`], and top-p alone)
+/// instead of greedy.
 fn variants(
     b: &mut CudaBackend,
     shape: &str,
@@ -127,11 +128,13 @@ fn variants(
     b.set_fused_gemv(true);
     let mut unfused = unfused.context("decode bench (cuBLAS projections)")?;
     unfused.shape = format!("{shape} (cuBLAS projections)");
-    b.set_pdl(true);
+    let pdl = b.pdl();
+    b.set_pdl(!pdl);
     let early = bench::decode(b, shape, 1, context, steps, None);
-    b.set_pdl(false);
-    let mut early = early.context("decode bench (PDL)")?;
-    early.shape = format!("{shape} (programmatic dependent launch)");
+    b.set_pdl(pdl);
+    let mut early = early.context("decode bench (PDL toggled)")?;
+    let toggled = if pdl { "without" } else { "with" };
+    early.shape = format!("{shape} ({toggled} programmatic dependent launch)");
     let mut sampled = bench::decode(b, shape, 1, context, steps, Some(bench::BENCH_SAMPLING))
         .context("decode bench (sampled)")?;
     sampled.shape = format!("{shape} (sampled on the device: T 0.8, top-k 50, top-p 0.95)");

@@ -257,27 +257,46 @@ fn options(max_model_len: usize) -> CudaOptions {
 /// chunks, a mixed batch and decode steps (CUDA-graph replays).
 pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     let mut out = Vec::new();
-    for (arch, head_dim, fused) in [
-        (Architecture::Llama, 64, true),
-        (Architecture::Qwen2, 32, true),
-        (Architecture::Llama, 128, true),
-        (Architecture::Llama, 64, false),
-        (Architecture::Qwen2, 32, false),
+    // One block per fused projection (last row): each warp then loops over
+    // many row pairs, as an 8B gate/up projection's warps do (about 7 each)
+    // and these small models' never do otherwise; an FFN width of 1280 gives
+    // down rows of 160 16-byte vectors, a partial last run of a lane's loads.
+    // That row also launches without programmatic dependent launch, which
+    // models this small get by default and large ones do not.
+    for (arch, head_dim, fused, one_block) in [
+        (Architecture::Llama, 64, true, false),
+        (Architecture::Qwen2, 32, true, false),
+        (Architecture::Llama, 128, true, false),
+        (Architecture::Llama, 64, false, false),
+        (Architecture::Qwen2, 32, false, false),
+        (Architecture::Llama, 64, true, true),
     ] {
         // head_dim 128 runs the other tensor-core prefill kernel (8B's).
+        let base = check_config(arch);
         let cfg = ModelConfig {
             head_dim,
             hidden_size: 4 * head_dim,
-            ..check_config(arch)
+            intermediate_size: if one_block {
+                1280
+            } else {
+                base.intermediate_size
+            },
+            ..base
         };
         let weights = bf16_rounded(&testing::random_weights(&cfg, 7));
         let mut cuda = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
         cuda.set_fused_gemv(fused);
+        if one_block {
+            cuda.set_gemv_max_blocks(Some(1));
+            cuda.set_pdl(false);
+        }
         let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)?;
         cuda.init_kv_cache(16, 64)?;
         cpu.init_kv_cache(16, 64)?;
         let (worst, disagree, rows) = compare_schedule(&mut cuda, &mut cpu, cfg.vocab_size, 20)?;
-        let path = if fused {
+        let path = if one_block {
+            "fused decode projections on one block, FFN 1280, no early launch"
+        } else if fused {
             "fused decode projections"
         } else {
             "cuBLAS decode projections"

@@ -119,6 +119,16 @@ fn arch_flag(major: i32, minor: i32) -> Result<&'static str, CudaError> {
     })
 }
 
+/// `-D` options for the kernels' tunable constants from
+/// `$TANDEM_CUDA_DEFINES` (whitespace-separated `NAME=VALUE`, e.g.
+/// `GEMV_UNROLL=8`): for measuring variants of the kernels on a GPU machine
+/// without rebuilding. Empty when unset.
+fn kernel_defines() -> Vec<String> {
+    std::env::var("TANDEM_CUDA_DEFINES")
+        .map(|v| v.split_whitespace().map(|d| format!("-D{d}")).collect())
+        .unwrap_or_default()
+}
+
 /// PTX per architecture, compiled once per process.
 fn compiled_ptx(arch: &'static str) -> Result<String, CudaError> {
     static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
@@ -131,7 +141,9 @@ fn compiled_ptx(arch: &'static str) -> Result<String, CudaError> {
     let opts = CompileOptions {
         arch: Some(arch),
         include_paths: vec![cuda_include_dir()],
-        options: vec!["--std=c++17".into()],
+        options: std::iter::once("--std=c++17".to_string())
+            .chain(kernel_defines())
+            .collect(),
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)

@@ -414,6 +414,10 @@ pub struct CudaBackend {
     f32_gate_up: bool,
     /// Programmatic dependent launches for the kernels that support them.
     pdl: bool,
+    /// At most this many blocks in a fused-projection grid
+    /// (`TANDEM_CUDA_GEMV_MAX_BLOCKS`, for measuring and checking); unset,
+    /// two per SM.
+    gemv_max_blocks: Option<usize>,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
     /// the model and sums the output and down projections with its peers.
     tp: Option<nccl::RankComm>,
@@ -587,6 +591,7 @@ impl CudaBackend {
             kv_budget_mib = kv_budget >> 20,
             "CUDA backend ready"
         );
+        let pdl_default = pdl_pays(&cfg);
         Ok(Self {
             cfg,
             opts,
@@ -602,10 +607,11 @@ impl CudaBackend {
             peer_writer: None,
             fused_gemv: env_switch("TANDEM_CUDA_FUSED_GEMV", true),
             f32_gate_up: f32_gate_up_switch(),
-            // Off unless asked for: on an H100 it made 8B batch-1 decode
-            // slower (7.47 vs 6.39 ms) and SmolLM2's no faster (0.789 vs
-            // 0.790 ms). Needs compute capability 9.0 or newer.
-            pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", false),
+            // Needs compute capability 9.0 or newer.
+            pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", pdl_default),
+            gemv_max_blocks: std::env::var("TANDEM_CUDA_GEMV_MAX_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             tp: None,
             gpu,
         })
@@ -657,6 +663,21 @@ impl CudaBackend {
             self.graphs.clear();
         }
         self.fused_gemv = on;
+    }
+
+    /// Caps the fused projections' grids at `blocks` blocks (`None`: two per
+    /// SM). One block makes each warp loop over many row pairs, which small
+    /// check models otherwise never do.
+    pub fn set_gemv_max_blocks(&mut self, blocks: Option<usize>) {
+        if self.gemv_max_blocks != blocks {
+            self.graphs.clear();
+        }
+        self.gemv_max_blocks = blocks;
+    }
+
+    /// Whether decode kernels launch early (programmatic dependent launch).
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
 
     /// Turns programmatic dependent launches on or off (compute capability
@@ -1130,7 +1151,10 @@ impl CudaBackend {
         };
         let gemv_cfg = |rows: usize, pairs: usize, k: usize| LaunchConfig {
             grid_dim: (
-                pairs.div_ceil(GEMV_WARPS).min(2 * gpu.num_sms as usize) as u32,
+                pairs
+                    .div_ceil(GEMV_WARPS)
+                    .min(2 * gpu.num_sms as usize)
+                    .min(self.gemv_max_blocks.unwrap_or(usize::MAX)) as u32,
                 1,
                 1,
             ),
@@ -1517,6 +1541,31 @@ fn f32_gate_up_switch() -> bool {
     env_switch("TANDEM_CUDA_F32_GATE_UP", true)
 }
 
+/// Largest weight matrix of a layer whose fused projection prefetches its
+/// first rows into L2 before waiting for the previous kernel
+/// (`GEMV_PREFETCH_BYTES` in llama.cu).
+const GEMV_PREFETCH_BYTES: usize = 16 << 20;
+
+/// Whether decode kernels launch early (programmatic dependent launch) unless
+/// `TANDEM_CUDA_PDL` says: when every matrix of a layer is small enough to be
+/// prefetched. Each projection's weights then stream into L2 while the
+/// previous kernel runs, and a step of such a model is bound by per-kernel
+/// latency: SmolLM2-135M batch-1 decode 0.691 vs 0.800 ms (H100, same call).
+/// Models with larger matrices are bound by bandwidth, and early launch made
+/// them slower: 8B 6.889 vs 6.370 ms.
+fn pdl_pays(cfg: &ModelConfig) -> bool {
+    let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
+    let largest = [
+        qkv * cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim * cfg.hidden_size,
+        2 * cfg.intermediate_size * cfg.hidden_size,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    2 * largest <= GEMV_PREFETCH_BYTES
+}
+
 /// The batch size a decode step of `seqs` sequences is padded to: powers of
 /// two up to the planned maximum, so a handful of graphs serve every size.
 fn graph_bucket(seqs: usize, max_seqs: usize) -> usize {
@@ -1870,6 +1919,14 @@ impl ComputeBackend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn early_launch_is_the_default_only_for_models_of_small_matrices() {
+        let small = crate::model::dummy::config("smollm2-135m").unwrap();
+        let large = crate::model::dummy::config("llama3-8b").unwrap();
+        assert!(pdl_pays(&small));
+        assert!(!pdl_pays(&large));
+    }
 
     #[test]
     fn device_spec_parses_cpu_cuda_and_ordinals_and_names_bad_input() {
