@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::check::pseudo_tokens;
 use super::{CudaBackend, CudaOptions};
 use crate::engine::backend::{BackendError, ComputeBackend, DeviceSampling, SeqInput};
 use crate::model::{dummy, ModelConfig};
@@ -45,7 +46,7 @@ pub struct PrefillResult {
     pub mfu_vs_790: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -83,12 +84,6 @@ fn decode_bytes(cfg: &ModelConfig, weight_bytes: usize, kv_tokens: usize) -> f64
         cfg.vocab_size * cfg.hidden_size * 2
     };
     (weight_bytes - embed) as f64 + (kv_tokens * cfg.kv_bytes_per_token(2)) as f64
-}
-
-fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
-        .collect()
 }
 
 /// A non-greedy rule for timing sampling on the device: temperature 0.8,
@@ -183,16 +178,14 @@ pub fn decode(
     })
 }
 
-/// One sequence of `tokens` prompt tokens, computed in one step (median of
-/// `reps` after a warm-up run).
-pub fn prefill(
-    b: &mut CudaBackend,
-    shape: &str,
+/// Median wall time in ms of prefilling one `tokens`-token prompt in one
+/// step (logits of its last token copied back), after a warm-up run.
+pub fn time_prefill(
+    b: &mut dyn ComputeBackend,
     tokens: usize,
     reps: usize,
-) -> Result<PrefillResult, BackendError> {
-    let cfg = b.config().clone();
-    let prompt = pseudo_tokens(tokens, cfg.vocab_size, 99);
+) -> Result<f64, BackendError> {
+    let prompt = pseudo_tokens(tokens, b.config().vocab_size, 99);
     let table: Vec<u32> = (0..tokens.div_ceil(BLOCK) as u32).collect();
     let mut logits = Vec::new();
     let mut times = Vec::new();
@@ -212,7 +205,19 @@ pub fn prefill(
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let ms = median(times);
+    Ok(median(times))
+}
+
+/// One sequence of `tokens` prompt tokens, computed in one step (median of
+/// `reps` after a warm-up run).
+pub fn prefill(
+    b: &mut CudaBackend,
+    shape: &str,
+    tokens: usize,
+    reps: usize,
+) -> Result<PrefillResult, BackendError> {
+    let cfg = b.config().clone();
+    let ms = time_prefill(b, tokens, reps)?;
     let t = tokens as f64;
     let flops = 2.0 * cfg.num_parameters() as f64 * t
         + 4.0 * cfg.num_layers as f64 * t * t * cfg.hidden_size as f64 / 2.0;

@@ -160,7 +160,8 @@ struct Seq {
     blocks: Vec<u32>,
 }
 
-fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+/// Deterministic token ids spread over the vocabulary (checks and benches).
+pub(super) fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
         .collect()

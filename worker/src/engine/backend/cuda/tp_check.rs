@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::check::{bf16_rounded, check_config, relative_error, same_choice, LOGITS_TOLERANCE};
+use super::bench::{median, time_prefill};
+use super::check::{
+    bf16_rounded, check_config, pseudo_tokens, relative_error, same_choice, LOGITS_TOLERANCE,
+};
 use super::tp::TensorParallelBackend;
 use super::{CudaBackend, CudaOptions};
 use crate::engine::backend::{
@@ -26,12 +29,6 @@ fn result(name: String, passed: bool, detail: String) -> CheckResult {
         passed,
         detail,
     }
-}
-
-fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab) as u32)
-        .collect()
 }
 
 fn options(tp: usize) -> CudaOptions {
@@ -368,11 +365,6 @@ pub struct TpTiming {
     pub ms: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median wall time of a decode step of `batch` sequences after a
 /// `context`-token prompt each (greedy, tokens fed back).
 pub fn time_decode(
@@ -418,36 +410,6 @@ pub fn time_decode(
         let started = Instant::now();
         next = b.forward_sampled(&inputs, &greedy(batch), None)?;
         if i >= warmup {
-            times.push(started.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(median(times))
-}
-
-/// Median wall time of prefilling one `tokens`-token prompt (logits of its
-/// last token copied back).
-pub fn time_prefill(
-    b: &mut dyn ComputeBackend,
-    tokens: usize,
-    reps: usize,
-) -> Result<f64, BackendError> {
-    let prompt = pseudo_tokens(tokens, b.config().vocab_size, 99);
-    let table: Vec<u32> = (0..tokens.div_ceil(BLOCK) as u32).collect();
-    let mut logits = Vec::new();
-    let mut times = Vec::new();
-    for i in 0..reps + 1 {
-        let started = Instant::now();
-        b.forward(
-            &[SeqInput {
-                tokens: &prompt,
-                start_pos: 0,
-                block_table: &table,
-                need_logits: true,
-            }],
-            &mut logits,
-            None,
-        )?;
-        if i > 0 {
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
     }
