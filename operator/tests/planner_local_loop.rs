@@ -50,9 +50,10 @@ const LOAD_INPUT_TOKENS: usize = 200;
 const LOAD_OUTPUT_TOKENS: usize = 4;
 const LOAD_SECONDS: u64 = 40;
 
-/// Range of the planner's queries. The request rate counts *answered* requests, and under the
-/// load step each one takes several seconds, so the window must hold several answers (at 6
-/// in flight, 20 s holds about ten even when TTFT reaches 10 s).
+/// Range of the planner's queries. The request rate counts arrivals, but TTFT, ITL and output
+/// length are observed only as requests get tokens and finish, and under the load step each
+/// one takes several seconds, so the window must hold several answers or the planner sees
+/// `MetricsMissing` (at 6 in flight, 20 s holds about ten even when TTFT reaches 10 s).
 const WINDOW_S: u64 = 20;
 
 /// Longest the whole deployment may take to load the model and answer `/health`.

@@ -122,7 +122,7 @@ pub struct PlannerConfig {
     pub kv_saturation: f64,
     /// A steady tier that breached its SLO at load `L` per replica is not planned above
     /// `L × target_latency_fraction` per replica; that ceiling rises by this fraction each
-    /// interval without a breach, so an old breach is forgotten over time. Default 0.02.
+    /// interval without a breach, so an old breach is forgotten over time. Default 0.005.
     pub breach_ceiling_relax: f64,
     /// Seconds from asking for a replica to it serving (scheduling, image, weights). The backlog
     /// surge counts the queue that builds meanwhile. Default 60.
