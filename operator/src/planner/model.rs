@@ -103,7 +103,9 @@ impl PrefillModel {
 /// `itl(n) = a + b·n`, with `n` the concurrent sequences per replica.
 ///
 /// `n` is not observed directly; Little's law gives it from the decode load per replica `L`
-/// (output tokens/s) and the ITL: `n = L · itl`. `a` and `b` come from an exponentially
+/// (output tokens/s) and the ITL: `n = L · itl`, counted as at least 1 (a replica decoding less
+/// than one sequence on average is idle between steps of one sequence; its ITL varies with what
+/// else runs on the machine, not with a batch, so such points must not pin a slope). `a` and `b` come from an exponentially
 /// forgetting least-squares fit over the intervals seen (scaling events move `n` at a given
 /// load, so the fit gets spread without profiling). Until the points spread enough to fit a
 /// slope, the model assumes `a = 0.65 × the lowest ITL seen` and draws the line through the
@@ -148,7 +150,7 @@ impl DecodeModel {
         if !(load_per_replica > 0.0 && itl_p90_s > 0.0) {
             return;
         }
-        let n = load_per_replica * itl_p90_s;
+        let n = (load_per_replica * itl_p90_s).max(1.0);
         self.sum_w = self.sum_w * FORGETTING + 1.0;
         self.sum_n = self.sum_n * FORGETTING + n;
         self.sum_itl = self.sum_itl * FORGETTING + itl_p90_s;
@@ -263,5 +265,18 @@ mod tests {
         );
         // At 30 ms: n = 40 sequences, 40 / 0.03 tokens/s.
         assert!((model.capacity_at(0.030).unwrap() - 40.0 / 0.030).abs() < 1e-3);
+    }
+
+    #[test]
+    fn latency_below_one_sequence_does_not_make_a_slope() {
+        // A nearly idle replica (1 token/s, 4-token answers) whose ITL went from 74 to 240 ms
+        // because prefill shared its CPU: the batch never exceeded one sequence. Taken at face
+        // value (n = 0.074 and 0.24) the points fit 1 s per sequence, one replica carries 1
+        // token/s at a 2.7 s target, and the planner scaled decode under a met SLO.
+        let mut model = DecodeModel::default();
+        model.observe(1.0, 0.074, None, 0.3);
+        model.observe(1.0, 0.240, None, 0.3);
+        let capacity = model.capacity_at(2.7).unwrap();
+        assert!(capacity > 10.0, "{capacity} tokens/s per replica");
     }
 }
