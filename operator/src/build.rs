@@ -408,7 +408,7 @@ fn statefulset(
 /// Where the worker finds the model inside its container.
 fn model_path(v: &Validated<'_>) -> String {
     match &v.source {
-        ModelSource::HuggingFace { repo } => format!("{MODEL_DIR}/hf/{repo}"),
+        ModelSource::HuggingFace { repo, .. } => format!("{MODEL_DIR}/hf/{repo}"),
         ModelSource::Pvc { path, .. } if path.is_empty() => MODEL_DIR.to_string(),
         ModelSource::Pvc { path, .. } => format!("{MODEL_DIR}/{path}"),
         ModelSource::File { path } => path.clone(),
@@ -598,7 +598,7 @@ fn pod_template(
         },
     ];
     match &v.source {
-        ModelSource::HuggingFace { repo } => {
+        ModelSource::HuggingFace { repo, revision } => {
             volumes.push(Volume {
                 name: "model".into(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -633,7 +633,10 @@ fn pod_template(
                 args: Some(vec![
                     "model".into(),
                     "fetch".into(),
-                    format!("hf://{repo}"),
+                    match revision {
+                        Some(rev) => format!("hf://{repo}@{rev}"),
+                        None => format!("hf://{repo}"),
+                    },
                     "--output".into(),
                     model_path(v),
                 ]),
@@ -914,6 +917,30 @@ spec:
             c.resources.as_ref().unwrap().limits.is_none(),
             "no GPU asked for on CPU"
         );
+    }
+
+    #[test]
+    fn hf_init_container_fetches_the_pinned_revision() {
+        let fetch_args = |source: &str| {
+            let mut dd = load(PLANNER);
+            dd.spec.model.source = source.into();
+            let children = build(&validate(&dd).unwrap());
+            let spec = children.decode.spec.unwrap().template.spec.unwrap();
+            let init = &spec.init_containers.unwrap()[0];
+            let worker_args = spec.containers[0].args.clone().unwrap();
+            (init.args.clone().unwrap(), worker_args)
+        };
+        let (args, worker) = fetch_args("hf://org/repo@0e9e39f2");
+        assert_eq!(
+            args,
+            ["model", "fetch", "hf://org/repo@0e9e39f2", "--output", "/models/hf/org/repo"]
+        );
+        assert!(
+            worker.windows(2).any(|w| w == ["--model", "/models/hf/org/repo"]),
+            "{worker:?}"
+        );
+        let (args, _) = fetch_args("hf://org/repo");
+        assert_eq!(args[2], "hf://org/repo");
     }
 
     #[test]

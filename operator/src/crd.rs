@@ -101,12 +101,14 @@ pub struct ModelSpec {
     )]
     #[schemars(length(max = 253))]
     pub name: String,
-    /// `hf://<org>/<repo>` (downloaded by an init container), `pvc://<claim>/<path>` (mounted
-    /// read-only) or `file:///<path>` (a path inside the image). Immutable: prefill and decode
-    /// pods of one deployment must hold the same weights for their KV caches to be compatible.
+    /// `hf://<org>/<repo>[@<revision>]` (downloaded by an init container; the revision is a
+    /// commit, tag or branch, the Hub's `main` when absent: pin a commit so that every pod
+    /// fetches the same weights), `pvc://<claim>/<path>` (mounted read-only) or `file:///<path>`
+    /// (a path inside the image). Immutable: prefill and decode pods of one deployment must hold
+    /// the same weights for their KV caches to be compatible.
     #[x_kube(
-        validation = Rule::new(r"self.matches('^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/]+)*/?|file:///.+)$')")
-            .message("model.source must be hf://<org>/<repo>, pvc://<claim>/<path> or file:///<path>"),
+        validation = Rule::new(r"self.matches('^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/]+)*/?|file:///.+)$')")
+            .message("model.source must be hf://<org>/<repo>[@<revision>], pvc://<claim>/<path> or file:///<path>"),
         validation = Rule::new("self == oldSelf").message("model.source is immutable: create a new DisaggDeployment to serve another model")
     )]
     #[schemars(length(max = 1024))]

@@ -27,8 +27,9 @@ Children of a deployment named `NAME`: Service `NAME` (OpenAI API, port 8000), D
 9000), ServiceAccount `NAME-tandem`, Role/RoleBinding `NAME-discovery` (EndpointSlice read for
 routers), PodDisruptionBudgets per tier (maxUnavailable 1).
 
-Model sources: `hf://org/repo` is downloaded by an init container (`tandem model fetch`) into an
-emptyDir at `/models/hf/org/repo`, with `HF_TOKEN` from `hfTokenSecretRef`; `pvc://claim/path`
+Model sources: `hf://org/repo[@revision]` is downloaded by an init container (`tandem model
+fetch`; a commit, tag or branch after `@`, `main` without) into an emptyDir at
+`/models/hf/org/repo`, with `HF_TOKEN` from `hfTokenSecretRef`; `pvc://claim/path`
 mounts the claim read-only at `/models`; `file:///path` is a path inside the image (Pod Security
 `restricted` forbids hostPath).
 

@@ -11,8 +11,12 @@ use crate::crd::{DisaggDeployment, Tier};
 /// Where model weights come from, parsed from `spec.model.source`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSource {
-    /// `hf://org/repo`: fetched by an init container.
-    HuggingFace { repo: String },
+    /// `hf://org/repo[@revision]`: fetched by an init container (revision: a commit, tag or
+    /// branch; the Hub's `main` when absent).
+    HuggingFace {
+        repo: String,
+        revision: Option<String>,
+    },
     /// `pvc://claim/path`: a PersistentVolumeClaim mounted read-only.
     Pvc { claim: String, path: String },
     /// `file:///path`: a path inside the image.
@@ -51,20 +55,40 @@ pub struct Validated<'a> {
     pub source: ModelSource,
 }
 
-/// Parses `hf://org/repo`, `pvc://claim[/path]` or `file:///path`.
+/// Parses `hf://org/repo[@revision]`, `pvc://claim[/path]` or `file:///path`.
 pub fn parse_model_source(source: &str) -> Result<ModelSource, ValidationError> {
     let bad = |reason| ValidationError::ModelSource {
         value: source.to_string(),
         reason,
     };
-    if let Some(repo) = source.strip_prefix("hf://") {
+    if let Some(rest) = source.strip_prefix("hf://") {
+        let (repo, revision) = match rest.split_once('@') {
+            Some((repo, rev)) => (repo, Some(rev)),
+            None => (rest, None),
+        };
         let mut parts = repo.split('/');
         let (org, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if org.is_empty() || name.is_empty() || parts.next().is_some() {
-            return Err(bad("hf:// sources are hf://<org>/<repo>"));
+        let valid_part = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        };
+        if !valid_part(org) || !valid_part(name) || parts.next().is_some() {
+            return Err(bad("hf:// sources are hf://<org>/<repo>[@<revision>]"));
+        }
+        let valid_revision = |r: &str| {
+            !r.is_empty()
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
+        };
+        if revision.is_some_and(|r| !valid_revision(r)) {
+            return Err(bad(
+                "the revision after @ is a commit, tag or branch of letters, digits and ._/-",
+            ));
         }
         Ok(ModelSource::HuggingFace {
             repo: repo.to_string(),
+            revision: revision.map(str::to_string),
         })
     } else if let Some(rest) = source.strip_prefix("pvc://") {
         let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -176,7 +200,22 @@ mod tests {
         assert_eq!(
             parse_model_source("hf://HuggingFaceTB/SmolLM2-135M-Instruct").unwrap(),
             ModelSource::HuggingFace {
-                repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into()
+                repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+                revision: None,
+            }
+        );
+        assert_eq!(
+            parse_model_source("hf://meta-llama/Llama-3.1-8B@0e9e39f2").unwrap(),
+            ModelSource::HuggingFace {
+                repo: "meta-llama/Llama-3.1-8B".into(),
+                revision: Some("0e9e39f2".into()),
+            }
+        );
+        assert_eq!(
+            parse_model_source("hf://org/repo@refs/pr/1").unwrap(),
+            ModelSource::HuggingFace {
+                repo: "org/repo".into(),
+                revision: Some("refs/pr/1".into()),
             }
         );
         assert_eq!(

@@ -153,6 +153,20 @@ fn assert_rejected(edit: impl FnOnce(&mut Value), message: &str) {
 }
 
 #[test]
+fn hf_sources_may_pin_a_revision() {
+    for source in [
+        "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+        "hf://meta-llama/Llama-3.1-8B@0e9e39f249a16976918f6564b8830bc894c89659",
+        "hf://org/repo@v1.0",
+        "hf://org/repo@refs/pr/1",
+    ] {
+        let mut v = base();
+        v["spec"]["model"]["source"] = json!(source);
+        assert_eq!(errors(&v, None), Vec::<String>::new(), "{source}");
+    }
+}
+
+#[test]
 fn cel_rules_reject_bad_objects_with_their_message() {
     assert_rejected(
         |v| v["spec"]["autoscaling"]["decode"] = json!({"minReplicas": 5, "maxReplicas": 2}),
@@ -169,6 +183,9 @@ fn cel_rules_reject_bad_objects_with_their_message() {
     for source in [
         "s3://bucket/model",
         "hf://no-repo",
+        "hf://org/repo@",
+        "hf://org/repo@rev with space",
+        "hf://org/repo/extra",
         "pvc://Bad_Claim/x",
         "file://relative",
         "http://x/y",
