@@ -14,7 +14,7 @@ export CARGO_TERM_COLOR ?= never
 # Per-area targets (operator, e2e, ...) live in mk/*.mk.
 include $(wildcard mk/*.mk)
 
-.PHONY: help run build model venv test test-rust test-python lint bench bench-cpu bench-disagg bench-transfer bench-planner
+.PHONY: help run build model venv nvrtc test test-rust test-python lint bench bench-cpu bench-disagg bench-transfer bench-planner
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,8 +38,20 @@ lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
-test-rust: model ## Every Rust test (unit, integration, real-model process tests)
-	TANDEM_BIN=$(abspath $(TANDEM)) $(CARGO) test --workspace --release
+# NVRTC and the CUDA headers from PyPI (no GPU needed): the Rust tests compile the CUDA kernels
+# with them for sm_90 and sm_80, against the same headers the worker image ships.
+NVRTC_WHEELS := nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88
+NVRTC_DIR := $(HOME)/.cache/tandem/cuda-13.0.88
+NVRTC_ENV := TANDEM_REQUIRE_NVRTC=1 LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} TANDEM_CUDA_INCLUDE=$(NVRTC_DIR)/nvidia/cu13/include
+
+nvrtc: $(NVRTC_DIR)/.installed ## NVRTC + CUDA headers (PyPI wheels) for compiling the kernels without a GPU
+$(NVRTC_DIR)/.installed: | $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(NVRTC_DIR) $(NVRTC_WHEELS)
+	test -f $(NVRTC_DIR)/nvidia/cu13/lib/libnvrtc.so.13 -a -f $(NVRTC_DIR)/nvidia/cu13/include/cuda_bf16.h
+	touch $@
+
+test-rust: model nvrtc ## Every Rust test (unit, integration, real-model process tests)
+	$(NVRTC_ENV) TANDEM_BIN=$(abspath $(TANDEM)) $(CARGO) test --workspace --release
 
 test-python: model venv ## The official openai client against a real `tandem serve`
 	TANDEM_BIN=$(abspath $(TANDEM)) $(VENV)/bin/python -m pytest -q tests/python
