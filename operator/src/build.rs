@@ -933,10 +933,18 @@ spec:
         let (args, worker) = fetch_args("hf://org/repo@0e9e39f2");
         assert_eq!(
             args,
-            ["model", "fetch", "hf://org/repo@0e9e39f2", "--output", "/models/hf/org/repo"]
+            [
+                "model",
+                "fetch",
+                "hf://org/repo@0e9e39f2",
+                "--output",
+                "/models/hf/org/repo"
+            ]
         );
         assert!(
-            worker.windows(2).any(|w| w == ["--model", "/models/hf/org/repo"]),
+            worker
+                .windows(2)
+                .any(|w| w == ["--model", "/models/hf/org/repo"]),
             "{worker:?}"
         );
         let (args, _) = fetch_args("hf://org/repo");
