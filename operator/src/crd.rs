@@ -133,7 +133,8 @@ pub struct SecretKeyRef {
     pub key: Option<String>,
 }
 
-/// Image pull policy, as in a Pod spec.
+// The generated schema describes `spec.imagePullPolicy` with this enum's doc, not the field's.
+/// Image pull policy of every Tandem container, as in a Pod spec.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PullPolicy {
     /// Pull on every pod start.

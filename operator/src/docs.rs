@@ -50,6 +50,23 @@ pub fn crd_markdown() -> String {
     )
     .expect("schema serializes");
     let mut out = String::from(INTRO);
+    // Rules on the object or on `spec` as a whole relate several fields; no one row carries them.
+    let across: Vec<&str> = [&schema, &schema["properties"]["spec"]]
+        .into_iter()
+        .flat_map(|s| {
+            s["x-kubernetes-validations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .filter_map(|rule| rule["message"].as_str())
+        .collect();
+    if !across.is_empty() {
+        out.push_str("\nRules across fields (*CEL*):\n\n");
+        for message in across {
+            let _ = writeln!(out, "- {message}.");
+        }
+    }
     for root in ["spec", "status"] {
         let _ = writeln!(
             out,
