@@ -526,6 +526,8 @@ spec:
 `, []string{"spec.disaggregation.kvTransfer", `Unsupported value: "rdma"`}},
 		{"model source scheme", strings.Replace(valid, "pvc://models/m", "s3://bucket/m", 1),
 			[]string{"spec.model.source", "model.source must be hf://"}},
+		{"hf revision with a space", strings.Replace(valid, "pvc://models/m", "hf://org/repo@v 1", 1),
+			[]string{"spec.model.source", "model.source must be hf://"}},
 		{"negative replicas", strings.Replace(valid, "decode: {replicas: 1}", "decode: {replicas: -1}", 1),
 			[]string{"spec.decode.replicas", "replicas must not be negative"}},
 		{"hfTokenSecretRef on a pvc:// source", strings.Replace(valid, `source: "pvc://models/m"}`,
@@ -542,6 +544,13 @@ spec:
 			if !strings.Contains(out, want) {
 				t.Errorf("%s: rejection does not mention %q:\n%s", c.name, want, out)
 			}
+		}
+	}
+	// A pinned hf:// revision (commit, tag, or a branch with slashes) is a valid source.
+	for _, source := range []string{"hf://org/repo@0e9e39f249a16976918f6564b8830bc894c89659", "hf://org/repo@refs/pr/1"} {
+		doc := strings.Replace(valid, "pvc://models/m", source, 1)
+		if out, err := e.kubectlStdin(doc, "create", "--dry-run=server", "-f", "-"); err != nil {
+			t.Errorf("source %s refused by the API server:\n%s", source, out)
 		}
 	}
 	// Immutable fields: the live flagship example may not switch models.
