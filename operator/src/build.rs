@@ -408,7 +408,7 @@ fn statefulset(
 /// Where the worker finds the model inside its container.
 fn model_path(v: &Validated<'_>) -> String {
     match &v.source {
-        ModelSource::HuggingFace { repo, .. } => format!("{MODEL_DIR}/hf/{repo}"),
+        ModelSource::HuggingFace { repo } => format!("{MODEL_DIR}/hf/{repo}"),
         ModelSource::Pvc { path, .. } if path.is_empty() => MODEL_DIR.to_string(),
         ModelSource::Pvc { path, .. } => format!("{MODEL_DIR}/{path}"),
         ModelSource::File { path } => path.clone(),
@@ -598,7 +598,7 @@ fn pod_template(
         },
     ];
     match &v.source {
-        ModelSource::HuggingFace { repo, revision } => {
+        ModelSource::HuggingFace { .. } => {
             volumes.push(Volume {
                 name: "model".into(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -633,10 +633,8 @@ fn pod_template(
                 args: Some(vec![
                     "model".into(),
                     "fetch".into(),
-                    match revision {
-                        Some(rev) => format!("hf://{repo}@{rev}"),
-                        None => format!("hf://{repo}"),
-                    },
+                    // hf://ORG/REPO[@REV], as validated.
+                    v.dd.spec.model.source.clone(),
                     "--output".into(),
                     model_path(v),
                 ]),

@@ -11,12 +11,9 @@ use crate::crd::{DisaggDeployment, Tier};
 /// Where model weights come from, parsed from `spec.model.source`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSource {
-    /// `hf://org/repo[@revision]`: fetched by an init container (revision: a commit, tag or
-    /// branch; the Hub's `main` when absent).
-    HuggingFace {
-        repo: String,
-        revision: Option<String>,
-    },
+    /// `hf://org/repo[@revision]`: fetched by an init container (`tandem model fetch` takes
+    /// the source as it is; the revision is checked here and needs no field).
+    HuggingFace { repo: String },
     /// `pvc://claim/path`: a PersistentVolumeClaim mounted read-only.
     Pvc { claim: String, path: String },
     /// `file:///path`: a path inside the image.
@@ -88,7 +85,6 @@ pub fn parse_model_source(source: &str) -> Result<ModelSource, ValidationError> 
         }
         Ok(ModelSource::HuggingFace {
             repo: repo.to_string(),
-            revision: revision.map(str::to_string),
         })
     } else if let Some(rest) = source.strip_prefix("pvc://") {
         let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -200,24 +196,29 @@ mod tests {
         assert_eq!(
             parse_model_source("hf://HuggingFaceTB/SmolLM2-135M-Instruct").unwrap(),
             ModelSource::HuggingFace {
-                repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
-                revision: None,
+                repo: "HuggingFaceTB/SmolLM2-135M-Instruct".into()
             }
         );
         assert_eq!(
             parse_model_source("hf://meta-llama/Llama-3.1-8B@0e9e39f2").unwrap(),
             ModelSource::HuggingFace {
-                repo: "meta-llama/Llama-3.1-8B".into(),
-                revision: Some("0e9e39f2".into()),
+                repo: "meta-llama/Llama-3.1-8B".into()
             }
         );
         assert_eq!(
             parse_model_source("hf://org/repo@refs/pr/1").unwrap(),
             ModelSource::HuggingFace {
-                repo: "org/repo".into(),
-                revision: Some("refs/pr/1".into()),
+                repo: "org/repo".into()
             }
         );
+        for bad in [
+            "hf://org/repo@",
+            "hf://org/repo@v 1",
+            "hf://org/repo/x",
+            "hf://org",
+        ] {
+            assert!(parse_model_source(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             parse_model_source("pvc://models/llama/8b/").unwrap(),
             ModelSource::Pvc {

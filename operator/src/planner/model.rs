@@ -105,8 +105,8 @@ impl PrefillModel {
 /// `n` is not observed directly; Little's law gives it from the decode load per replica `L`
 /// (output tokens/s) and the ITL: `n = L · itl`, counted as at least 1 (a replica decoding less
 /// than one sequence on average is idle between steps of one sequence; its ITL varies with what
-/// else runs on the machine, not with a batch, so such points must not pin a slope). `a` and `b` come from an exponentially
-/// forgetting least-squares fit over the intervals seen (scaling events move `n` at a given
+/// else runs on the machine, not with a batch, so such points must not pin a slope). `a` and `b`
+/// come from an exponentially forgetting least-squares fit over the intervals seen (scaling events move `n` at a given
 /// load, so the fit gets spread without profiling). Until the points spread enough to fit a
 /// slope, the model assumes `a = 0.65 × the lowest ITL seen` and draws the line through the
 /// recent (smoothed) point — a mildly pessimistic prior (a step's fixed cost is usually most of a
