@@ -185,6 +185,7 @@ pub fn load_engine(
     if device.load_format == LoadFormat::Auto && device.dummy_shape.is_some() {
         anyhow::bail!("--dummy-shape needs --load-format dummy");
     }
+    backend::preflight(&device.device, device.tensor_parallel_size)?;
     // Dummy weights need only the file's text side (tokenizer, chat template,
     // shape): no weight is read, so a tokenizer-only GGUF serves too.
     let (config, host_weights, tokenizer, chat_template) = match device.load_format {

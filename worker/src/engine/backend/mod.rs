@@ -420,6 +420,20 @@ pub enum WeightsSource<'a> {
     Dummy { seed: u64 },
 }
 
+/// Checks what [`create`] needs of the machine before any weight is read (a
+/// large model takes minutes to load; a missing driver should not be found
+/// after that): on CUDA the libraries, the driver and `tensor_parallel_size`
+/// GPUs from `cuda:N` on; on the CPU, no tensor parallelism.
+pub fn preflight(device: &DeviceSpec, tensor_parallel_size: usize) -> Result<(), BackendError> {
+    let tp = tensor_parallel_size;
+    match *device {
+        _ if tp == 0 => Err(cuda::tp::TpError::ZeroSize.into()),
+        DeviceSpec::Cpu if tp > 1 => Err(cuda::tp::TpError::NotOnCpu(tp).into()),
+        DeviceSpec::Cpu => Ok(()),
+        DeviceSpec::Cuda(first) => Ok(cuda::check_gpus(first, tp)?),
+    }
+}
+
 /// Creates the backend `device` names for a model. `cuda_options` sizes the
 /// GPU's workspace and KV budget (ignored on the CPU, which stores weights in
 /// its compact form) and says over how many GPUs, from `device` on, the model
@@ -431,11 +445,8 @@ pub fn create(
     cuda_options: &CudaOptions,
 ) -> Result<Box<dyn ComputeBackend>, BackendError> {
     let tp = cuda_options.tensor_parallel_size;
-    if tp == 0 {
-        return Err(cuda::tp::TpError::ZeroSize.into());
-    }
+    preflight(device, tp)?;
     Ok(match (device, weights) {
-        (DeviceSpec::Cpu, _) if tp > 1 => return Err(cuda::tp::TpError::NotOnCpu(tp).into()),
         (DeviceSpec::Cuda(first), weights) if tp > 1 => {
             Box::new(cuda::tp::TensorParallelBackend::new(
                 *first,

@@ -276,15 +276,30 @@ pub(super) fn decode_v2_index(head_dim: usize, group: usize) -> Option<usize> {
 /// and Ampere A100 give a block up to 227 and 163 KiB).
 pub(super) const MAX_ATTENTION_SMEM: u32 = 160 * 1024;
 
+/// Checks that `size` GPUs from `cuda:first` on can be opened: the libraries
+/// are present, the driver answers, and it sees that many devices.
+pub(crate) fn check_gpus(first: usize, size: usize) -> Result<(), CudaError> {
+    check_libraries()?;
+    let visible = CudaContext::device_count()
+        .map_err(|e| CudaError::Driver(e.to_string()))?
+        .max(0) as usize;
+    if first + size <= visible {
+        return Ok(());
+    }
+    Err(CudaError::NoDevice(if size > 1 {
+        format!(
+            "--tensor-parallel-size {size} from cuda:{first} needs GPUs {first}..={}, but the \
+             driver sees {visible} GPU(s) (check CUDA_VISIBLE_DEVICES)",
+            first + size - 1
+        )
+    } else {
+        format!("cuda:{first} asked for, but the driver sees {visible} device(s)")
+    }))
+}
+
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Self, CudaError> {
-        check_libraries()?;
-        let count = CudaContext::device_count().map_err(|e| CudaError::Driver(e.to_string()))?;
-        if ordinal >= count.max(0) as usize {
-            return Err(CudaError::NoDevice(format!(
-                "cuda:{ordinal} asked for, but the driver sees {count} device(s)"
-            )));
-        }
+        check_gpus(ordinal, 1)?;
         let ctx = CudaContext::new(ordinal)?;
         // The backend synchronises its single stream itself.
         // SAFETY: no CudaSlice is shared between streams.

@@ -43,6 +43,8 @@ pub mod tp;
 pub mod tp_check;
 mod weights;
 
+pub(crate) use device::check_gpus;
+
 use std::collections::HashMap;
 use std::str::FromStr;
 

@@ -56,16 +56,6 @@ pub enum TpError {
         what: &'static str,
         count: usize,
     },
-    #[error(
-        "--tensor-parallel-size {size} from cuda:{first} needs GPUs {first}..={last}, but the \
-         driver sees {visible} GPU(s) (check CUDA_VISIBLE_DEVICES)"
-    )]
-    TooFewGpus {
-        size: usize,
-        first: usize,
-        last: usize,
-        visible: usize,
-    },
     #[error("tensor-parallel rank {0} stopped (its thread panicked); the worker must restart")]
     RankGone(usize),
     /// cuda-ipc with a peer whose pool is split another way.
@@ -290,19 +280,7 @@ impl TensorParallelBackend {
         if let WeightsSource::Host(w) = weights {
             check_weights(&cfg, w)?;
         }
-        super::device::check_libraries()?;
-        let visible = cudarc::driver::CudaContext::device_count()
-            .map_err(|e| super::CudaError::Driver(e.to_string()))?
-            .max(0) as usize;
-        if first + size > visible {
-            return Err(TpError::TooFewGpus {
-                size,
-                first,
-                last: first + size - 1,
-                visible,
-            }
-            .into());
-        }
+        super::device::check_gpus(first, size)?;
         let ordinals: Vec<usize> = (first..first + size).collect();
         let group = NcclGroup::new(&ordinals)?;
         let mut backends = Vec::with_capacity(size);
