@@ -38,16 +38,18 @@ lint: ## cargo fmt --check and clippy -D warnings
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
-# NVRTC and the CUDA headers from PyPI (no GPU needed): the Rust tests compile the CUDA kernels
-# with them for sm_90 and sm_80, against the same headers the worker image ships.
-NVRTC_WHEELS := nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88
+# NVRTC, the CUDA headers and ptxas from PyPI (no GPU needed): the Rust tests compile the CUDA
+# kernels with them for sm_90a, sm_90 and sm_80, against the same headers the worker image ships,
+# and assemble the sm_90a PTX (inline wgmma included) with ptxas.
+NVRTC_WHEELS := nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88 nvidia-cuda-nvcc==13.0.88
 NVRTC_DIR := $(HOME)/.cache/tandem/cuda-13.0.88
-NVRTC_ENV := TANDEM_REQUIRE_NVRTC=1 LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} TANDEM_CUDA_INCLUDE=$(NVRTC_DIR)/nvidia/cu13/include
+NVRTC_ENV := TANDEM_REQUIRE_NVRTC=1 LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} TANDEM_CUDA_INCLUDE=$(NVRTC_DIR)/nvidia/cu13/include TANDEM_PTXAS=$(NVRTC_DIR)/nvidia/cu13/bin/ptxas
 
-nvrtc: $(NVRTC_DIR)/.installed ## NVRTC + CUDA headers (PyPI wheels) for compiling the kernels without a GPU
-$(NVRTC_DIR)/.installed: | $(VENV)/.installed
+nvrtc: $(NVRTC_DIR)/.installed-ptxas ## NVRTC, CUDA headers and ptxas (PyPI wheels) for compiling the kernels without a GPU
+$(NVRTC_DIR)/.installed-ptxas: | $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(NVRTC_DIR) $(NVRTC_WHEELS)
 	test -f $(NVRTC_DIR)/nvidia/cu13/lib/libnvrtc.so.13 -a -f $(NVRTC_DIR)/nvidia/cu13/include/cuda_bf16.h
+	$(NVRTC_DIR)/nvidia/cu13/bin/ptxas --version
 	touch $@
 
 test-rust: model nvrtc ## Every Rust test (unit, integration, real-model process tests)

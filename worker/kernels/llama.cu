@@ -988,6 +988,356 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                               nh, nkv, block_size, max_blocks, scale);
 }
 
+// ---------------------------------------------------------------------------
+// Hopper prefill attention (wgmma, sm_90a only). Same arithmetic as
+// prefill_attention_tc (Q scaled by 1/sqrt(d) and rounded to bf16, exp2
+// softmax in f32, probabilities rounded to bf16 for the P*V product, f32
+// accumulation), so the CPU mirror of the one serves the other.
+//
+// One block of two warpgroups per (64-row query tile, pair of query heads of
+// one KV head): each warpgroup takes one head's 64 rows, and both share the
+// K/V tiles. Key tiles of 64 positions are gathered from the paged cache into
+// shared memory with cp.async (double-buffered) in the "core matrix" layout
+// wgmma reads without swizzling: 8 rows x 16 bytes contiguous, the 16-byte
+// columns of a row group 128 bytes apart, row groups HD * 16 bytes apart;
+// with the copy loop below that is simply byte 16 * i for the i-th 16-byte
+// vector. S = Q K^T takes Q and K from shared memory (K-major); O += P V takes
+// P from registers (the accumulator layout of S is the A-fragment layout of
+// the second product) and V from shared memory, MN-major (transposed).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+#define WG_K 64
+// 1: the tiles in shared memory in wgmma's 128-byte swizzled layout; 0: the
+// layout without swizzling (for comparison).
+#ifndef WG_SWIZZLE
+#define WG_SWIZZLE 1
+#endif
+// Blocks an SM holds: 2 caps the kernel at 128 registers (no spills; 4k
+// prefill attention faster than with 1 block of up to 255 registers).
+#ifndef WG_MIN_BLOCKS
+#define WG_MIN_BLOCKS 2
+#endif
+
+// A shared-memory matrix descriptor without swizzling: start address,
+// leading-dimension byte offset, stride-dimension byte offset (all >> 4).
+__device__ __forceinline__ unsigned long long wg_desc(const void* smem, unsigned lbo, unsigned sbo) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (WG_SWIZZLE ? 1ull << 62 : 0ull);
+}
+
+// Byte offset of 16-byte column c of row r in a 64-row tile of HD bf16 per
+// row. 128-byte swizzle (WG_SWIZZLE): 64-dim blocks of 64 rows x 128 bytes,
+// 8 KiB apart, the column's place in its row XORed with r % 8, so the 8 rows
+// of a column lie in different banks. Without: "core matrices" of 8 rows x
+// 16 bytes, columns 128 bytes apart, 8-row groups HD * 16 bytes apart.
+template <int HD>
+__device__ __forceinline__ int wg_offset(int r, int c) {
+#if WG_SWIZZLE
+    return (c / 8) * 8192 + r * 128 + (((c % 8) ^ (r % 8)) * 16);
+#else
+    return (r / 8) * (HD * 16) + c * 128 + (r % 8) * 16;
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Writes by this thread to shared memory become visible to wgmma (the async
+// proxy) after a barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accesses of accumulators across the
+// asynchronous products that write them.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// d (64x64 f32, the m64nN accumulator layout) (+)= A (64x16, shared memory,
+// K-major) * B (16x64, shared memory, K-major); `accumulate` 0 overwrites d.
+__device__ __forceinline__ void wgmma_64x64_ss(float* d, unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// d (64x64 f32) += A (64x16 bf16 in registers, the m64k16 fragment layout)
+// * B (16x64, shared memory, MN-major, i.e. transposed).
+__device__ __forceinline__ void wgmma_64x64_rs(float* d, const unsigned* a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+// d (64x128 f32) += A (64x16 bf16 in registers, the m64k16 fragment layout)
+// * B (16x128, shared memory, MN-major, i.e. transposed).
+__device__ __forceinline__ void wgmma_64x128_rs(float* d, const unsigned* a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+template <int HD>
+__device__ __forceinline__ void wgmma_pv(float* o, const unsigned* a, unsigned long long b);
+template <>
+__device__ __forceinline__ void wgmma_pv<64>(float* o, const unsigned* a, unsigned long long b) {
+    wgmma_64x64_rs(o, a, b);
+}
+template <>
+__device__ __forceinline__ void wgmma_pv<128>(float* o, const unsigned* a, unsigned long long b) {
+    wgmma_64x128_rs(o, a, b);
+}
+
+template <int HD>
+__device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+                                     const int* block_tables, const int* positions, const int* tile_seq,
+                                     const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
+                                     int max_blocks, float scale) {
+    constexpr int TILE = WG_K * HD;    // bf16 per K (or V) tile
+    constexpr int VEC = HD / 8;        // 16-byte vectors per row
+    static_assert(HD % 64 == 0, "the copy loop takes 64-dim sectors");
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TILE]
+    bf16* vbuf = kbuf + 2 * TILE;                     // [2][TILE]
+    bf16* qbuf = vbuf + 2 * TILE;                     // [2 warpgroups][64 * HD]
+
+    int tile = gridDim.x - 1 - blockIdx.x;  // longest tiles first
+    int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
+    int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
+    int h = blockIdx.y * 2 + wg, kvh = h / (nh / nkv);
+    int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
+    int lane = wtid % WARP, g = lane >> 2, t4 = lane & 3;
+    const int* table = block_tables + (long long)s * max_blocks;
+
+    int ra = (wtid / WARP) * 16 + g, rb = ra + 8;
+    int pos_a = ra < nrows ? positions[row0 + ra] : -1;
+    int pos_b = rb < nrows ? positions[row0 + rb] : -1;
+    int warp_first = min(ra < nrows ? pos_a : 0x7fffffff, rb < nrows ? pos_b : 0x7fffffff);
+    for (int o = 16; o > 0; o >>= 1) warp_first = min(warp_first, __shfl_xor_sync(0xffffffff, warp_first, o));
+    int last_pos = positions[row0 + nrows - 1];
+    int ntiles = last_pos / WG_K + 1;
+
+    // Thread t copies key t % 64 of a tile: the 32-byte sectors of its row
+    // numbered t / 64, t / 64 + 4, ... (two 16-byte columns each). Its slot
+    // in the paged cache is looked up a tile ahead, so the block-table read
+    // never stalls the copy; -1 past the last key (zero-filled).
+    int kj = tid % WG_K, tg = tid / WG_K;
+    auto slot_of = [&](int it) -> int {
+        int pos = it * WG_K + kj;
+        return pos <= last_pos ? table[pos / block_size] * block_size + pos % block_size : -1;
+    };
+    auto load_tile = [&](int slot, int stage) {
+        bool valid = slot >= 0;
+        long long off = (long long)(valid ? slot : 0) * kv_dim + kvh * HD;
+#pragma unroll
+        for (int n = 0; n < HD / 64; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int c = 2 * (tg + 4 * n) + e;  // 16-byte column
+                int dst = stage * TILE + wg_offset<HD>(kj, c) / 2;
+                cp_async16(kbuf + dst, k_cache + off + c * 8, valid);
+                cp_async16(vbuf + dst, v_cache + off + c * 8, valid);
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    int next_slot = slot_of(1);
+    load_tile(slot_of(0), 0);
+
+    // This warpgroup's 64 query rows, scaled and rounded to bf16, in the same
+    // core-matrix layout (rows past the tile are zero).
+    bf16* qs = qbuf + wg * 64 * HD;
+    for (int i = wtid; i < 64 * VEC; i += 128) {
+        int r = i % 64, c = i / 64;  // row, 16-byte column
+        unsigned packed[4] = {0u, 0u, 0u, 0u};
+        if (r < nrows) {
+            const float4* src = reinterpret_cast<const float4*>(qkv + (long long)(row0 + r) * width + h * HD + c * 8);
+            float4 x = src[0], y = src[1];
+            packed[0] = pack_bf16(x.x * scale, x.y * scale);
+            packed[1] = pack_bf16(x.z * scale, x.w * scale);
+            packed[2] = pack_bf16(y.x * scale, y.y * scale);
+            packed[3] = pack_bf16(y.z * scale, y.w * scale);
+        }
+        *reinterpret_cast<uint4*>(qs + wg_offset<HD>(r, c) / 2) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+
+    const float log2e = 1.4426950408889634f;
+    float o[HD / 2];
+#pragma unroll
+    for (int j = 0; j < HD / 2; j++) o[j] = 0.f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+    // Descriptors (start, leading byte offset, stride byte offset). Swizzled:
+    // Q and K (K-major) step 32 bytes along a 128-byte row per 16 dims and 8
+    // KiB per 64 dims, 8-row groups 1 KiB apart (the leading offset is
+    // unused); V (MN-major) steps 2 KiB per 16 keys, its leading offset is
+    // the next 64 dims (8 KiB), its stride offset the next 8 keys (1 KiB).
+    // Unswizzled: for K-major operands the leading offset steps along K (the
+    // next 16-byte column, 128 bytes on) and the stride offset along M/N (the
+    // next 8 rows); for MN-major V the two exchange roles.
+#if WG_SWIZZLE
+    auto qk_desc = [](const bf16* base, int kd) {
+        return wg_desc(reinterpret_cast<const unsigned char*>(base) + (kd / 4) * 8192 + (kd % 4) * 32, 16, 1024);
+    };
+    auto v_desc = [](const bf16* base, int kk) {
+        return wg_desc(reinterpret_cast<const unsigned char*>(base) + kk * 2048, 8192, 1024);
+    };
+#else
+    constexpr unsigned GROUP_BYTES = HD * 16;  // 8 rows of HD bf16
+    auto qk_desc = [](const bf16* base, int kd) { return wg_desc(base + kd * 128, 128, GROUP_BYTES); };
+    auto v_desc = [](const bf16* base, int kk) { return wg_desc(base + kk * 2 * 8 * HD, GROUP_BYTES, 128); };
+#endif
+
+    for (int it = 0; it < ntiles; it++) {
+        // Tile `it` (copied during the previous iteration) has landed; after
+        // the barrier every warpgroup is done with tile it - 1, so its stage
+        // takes tile it + 1, which copies while this one computes.
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        fence_proxy_async();
+        __syncthreads();
+        if (it + 1 < ntiles) {
+            load_tile(next_slot, (it + 1) & 1);
+            next_slot = slot_of(it + 2);
+        }
+        int k0 = it * WG_K;
+        const bf16* ks = kbuf + (it & 1) * TILE;
+        const bf16* vs = vbuf + (it & 1) * TILE;
+
+        float sc[32];
+#pragma unroll
+        for (int j = 0; j < 32; j++) sc[j] = 0.f;
+        wgmma_fence();
+#pragma unroll
+        for (int kd = 0; kd < HD / 16; kd++)
+            wgmma_64x64_ss(sc, qk_desc(qs, kd), qk_desc(ks, kd), kd > 0);
+        wgmma_commit();
+        wgmma_wait0();
+#pragma unroll
+        for (int j = 0; j < 32; j++) reg_fence(sc[j]);
+
+#pragma unroll
+        for (int j = 0; j < 32; j++) sc[j] *= log2e;
+        if (k0 + WG_K - 1 > warp_first) {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int key = k0 + j * 8 + t4 * 2 + e;
+                    if (key > pos_a) sc[4 * j + e] = -INFINITY;
+                    if (key > pos_b) sc[4 * j + 2 + e] = -INFINITY;
+                }
+        }
+        float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            mx_a = fmaxf(mx_a, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx_b = fmaxf(mx_b, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        for (int x = 1; x <= 2; x <<= 1) {
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
+        }
+        // A row with every key masked so far keeps max -inf: exponentiate
+        // against 0 instead, which gives 0 for the masked scores.
+        float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
+        float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            sc[4 * j] = fast_exp2(sc[4 * j] - base_a);
+            sc[4 * j + 1] = fast_exp2(sc[4 * j + 1] - base_a);
+            sc[4 * j + 2] = fast_exp2(sc[4 * j + 2] - base_b);
+            sc[4 * j + 3] = fast_exp2(sc[4 * j + 3] - base_b);
+            sum_a += sc[4 * j] + sc[4 * j + 1];
+            sum_b += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
+        l_b = l_b * corr_b + sum_b;
+        m_a = mx_a;
+        m_b = mx_b;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            o[4 * j] *= corr_a;
+            o[4 * j + 1] *= corr_a;
+            o[4 * j + 2] *= corr_b;
+            o[4 * j + 3] *= corr_b;
+        }
+        unsigned p[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            p[kk][0] = pack_bf16(sc[8 * kk], sc[8 * kk + 1]);
+            p[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+            p[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+            p[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+        }
+#pragma unroll
+        for (int j = 0; j < HD / 2; j++) reg_fence(o[j]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<HD>(o, p[kk], v_desc(vs, kk));
+        wgmma_commit();
+        wgmma_wait0();
+#pragma unroll
+        for (int j = 0; j < HD / 2; j++) reg_fence(o[j]);
+    }
+    for (int x = 1; x <= 2; x <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffff, l_a, x);
+        l_b += __shfl_xor_sync(0xffffffff, l_b, x);
+    }
+    if (ra < nrows) {
+        bf16* dst = out + (long long)(row0 + ra) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_a;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
+                __floats2bfloat162_rn(o[4 * j] * inv, o[4 * j + 1] * inv);
+    }
+    if (rb < nrows) {
+        bf16* dst = out + (long long)(row0 + rb) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_b;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
+                __floats2bfloat162_rn(o[4 * j + 2] * inv, o[4 * j + 3] * inv);
+    }
+}
+
+#define PREFILL_ATTENTION_WG(HD)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, WG_MIN_BLOCKS) prefill_attention_wg##HD(                    \
+        bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* block_tables,         \
+        const int* positions, const int* tile_seq, const int* tile_row0, const int* tile_rows, int nh, int nkv, \
+        int hd, int block_size, int max_blocks, float scale) {                                                   \
+        prefill_attention_wg<HD>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0,      \
+                                 tile_rows, nh, nkv, block_size, max_blocks, scale);                            \
+    }
+PREFILL_ATTENTION_WG(64)
+PREFILL_ATTENTION_WG(128)
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 extern "C" {
 
 // Gathers K and V of `num_tokens` positions (through a block table) from one

@@ -255,6 +255,7 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
             "device": b.device_name(),
             "shape": a.shape,
             "weight_gib": b.weight_bytes() as f64 / (1u64 << 30) as f64,
+            "prefill_attention": b.prefill_kernel_name(),
         }));
         let prefills = if a.skip.contains(&BenchPart::Prefill) {
             &[][..]

@@ -41,6 +41,9 @@ pub(super) struct Kernels {
     pub prefill_attention: CudaFunction,
     pub prefill_attention_tc64: CudaFunction,
     pub prefill_attention_tc128: CudaFunction,
+    /// The Hopper (wgmma) prefill attention for head dims 64 and 128, in
+    /// that order; compiled only for `sm_90a`.
+    pub prefill_attention_wg: Option<[CudaFunction; 2]>,
     /// Fused small-batch projections, indexed by [`gemv_index`] of the
     /// step's token count (1, 2 or 4).
     pub gemv_qkv: Vec<CudaFunction>,
@@ -108,7 +111,9 @@ fn arch_flag(major: i32, minor: i32) -> Result<&'static str, CudaError> {
         (8, 6) => "sm_86",
         (8, 7) => "sm_87",
         (8, 9) => "sm_89",
-        (9, 0) => "sm_90",
+        // The architecture-specific target: wgmma (the Hopper prefill
+        // attention) exists only there.
+        (9, 0) => "sm_90a",
         (10, 0) => "sm_100",
         (12, 0) => "sm_120",
         _ => {
@@ -342,6 +347,11 @@ impl Gpu {
             prefill_attention: f("prefill_attention")?,
             prefill_attention_tc64: f("prefill_attention_tc64")?,
             prefill_attention_tc128: f("prefill_attention_tc128")?,
+            prefill_attention_wg: if arch == "sm_90a" {
+                Some([f("prefill_attention_wg64")?, f("prefill_attention_wg128")?])
+            } else {
+                None
+            },
             gemv_qkv: GEMV_TOKENS
                 .iter()
                 .map(|m| f(&format!("gemv_qkv_{m}")))
@@ -368,6 +378,7 @@ impl Gpu {
                 &kernels.prefill_attention_tc64,
                 &kernels.prefill_attention_tc128,
             ])
+            .chain(kernels.prefill_attention_wg.iter().flatten())
             .chain(&kernels.gemv_qkv)
             .chain(&kernels.gemv_silu)
             .chain(&kernels.gemv_out)
@@ -635,8 +646,12 @@ mod tests {
             eprintln!("skipping: no NVRTC library (libnvrtc.so) on this machine");
             return;
         }
-        for arch in ["sm_90", "sm_80"] {
+        for arch in ["sm_90a", "sm_90", "sm_80"] {
             let ptx = compiled_ptx(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            // wgmma exists only on the architecture-specific Hopper target.
+            for name in ["prefill_attention_wg64", "prefill_attention_wg128"] {
+                assert_eq!(ptx.contains(name), arch == "sm_90a", "{arch}: {name}");
+            }
             for name in [
                 "decode_attention_3",
                 "decode_attention_8",
@@ -653,5 +668,34 @@ mod tests {
                 assert!(ptx.contains(name), "{arch} PTX lacks {name}");
             }
         }
+        assemble_with_ptxas();
+    }
+
+    /// NVRTC passes inline PTX (wgmma, cp.async, ldmatrix) through unchecked;
+    /// ptxas, which the driver runs at load time, is what rejects a mistake.
+    /// With `$TANDEM_PTXAS` (set by `make test`) the sm_90a PTX is assembled
+    /// here too, so such a mistake fails CI instead of a GPU machine.
+    fn assemble_with_ptxas() {
+        let Some(ptxas) = std::env::var_os("TANDEM_PTXAS") else {
+            eprintln!("skipping ptxas: TANDEM_PTXAS is not set");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("tandem-ptxas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ptx_path = dir.join("llama.ptx");
+        std::fs::write(&ptx_path, compiled_ptx("sm_90a").unwrap()).unwrap();
+        let out = std::process::Command::new(&ptxas)
+            .args(["-arch=sm_90a", "-v", "-o"])
+            .arg(dir.join("llama.cubin"))
+            .arg(&ptx_path)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.to_string_lossy()));
+        let log = String::from_utf8_lossy(&out.stderr);
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            out.status.success(),
+            "ptxas rejected the sm_90a PTX:\n{log}"
+        );
+        assert!(log.contains("prefill_attention_wg128"), "{log}");
     }
 }

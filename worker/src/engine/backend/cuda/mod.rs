@@ -420,6 +420,8 @@ pub struct CudaBackend {
     /// (`TANDEM_CUDA_GEMV_MAX_BLOCKS`, for measuring and checking); unset,
     /// two per SM.
     gemv_max_blocks: Option<usize>,
+    /// The prefill-attention kernel ([`prefill_kernel`]).
+    prefill: PrefillKernel,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
     /// the model and sums the output and down projections with its peers.
     tp: Option<nccl::RankComm>,
@@ -594,6 +596,8 @@ impl CudaBackend {
             "CUDA backend ready"
         );
         let pdl_default = pdl_pays(&cfg);
+        let prefill = prefill_kernel(&cfg, gpu.kernels.prefill_attention_wg.is_some());
+        tracing::debug!(?prefill, "prefill attention kernel");
         Ok(Self {
             cfg,
             opts,
@@ -614,6 +618,7 @@ impl CudaBackend {
             gemv_max_blocks: std::env::var("TANDEM_CUDA_GEMV_MAX_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            prefill,
             tp: None,
             gpu,
         })
@@ -631,6 +636,16 @@ impl CudaBackend {
     /// The GPU's name, e.g. `NVIDIA H100 80GB HBM3`.
     pub fn device_name(&self) -> &str {
         &self.gpu.name
+    }
+
+    /// The prefill-attention kernel multi-token steps run: `wgmma`,
+    /// `mma.sync` or `scalar`.
+    pub fn prefill_kernel_name(&self) -> &'static str {
+        match self.prefill {
+            PrefillKernel::Wgmma => "wgmma",
+            PrefillKernel::TensorCore => "mma.sync",
+            PrefillKernel::Scalar => "scalar",
+        }
     }
 
     /// Bytes of device memory the weights occupy.
@@ -825,7 +840,7 @@ impl CudaBackend {
         let layout = pool.layout;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let decode = !batch.is_empty() && batch.iter().all(|s| s.tokens.len() == 1);
-        let tile_len = prefill_tile(cfg);
+        let tile_len = prefill_tile(cfg, self.prefill);
         let tiles: usize = batch
             .iter()
             .map(|s| s.tokens.len().div_ceil(tile_len))
@@ -1251,26 +1266,26 @@ impl CudaBackend {
                     qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
                     nh, nkv, hd, block_size, max_blocks, splits, scale)?;
             } else {
-                let group = cfg.num_heads / cfg.num_kv_heads;
-                let (kernel, threads, heads_in_grid) = match cfg.head_dim {
-                    64 if tensor_core_prefill(cfg) => (
-                        &gpu.kernels.prefill_attention_tc64,
-                        (2 * group * prefill_tile(cfg)) as u32,
-                        nkv,
-                    ),
-                    128 if tensor_core_prefill(cfg) => (
-                        &gpu.kernels.prefill_attention_tc128,
-                        (2 * group * prefill_tile(cfg)) as u32,
-                        nkv,
-                    ),
-                    _ => (&gpu.kernels.prefill_attention, PREFILL_THREADS, nh),
+                let kernel = match (self.prefill, cfg.head_dim) {
+                    (PrefillKernel::Wgmma, hd) => {
+                        let wg = gpu
+                            .kernels
+                            .prefill_attention_wg
+                            .as_ref()
+                            .expect("chosen only when compiled");
+                        &wg[usize::from(hd == 128)]
+                    }
+                    (PrefillKernel::TensorCore, 64) => &gpu.kernels.prefill_attention_tc64,
+                    (PrefillKernel::TensorCore, _) => &gpu.kernels.prefill_attention_tc128,
+                    (PrefillKernel::Scalar, _) => &gpu.kernels.prefill_attention,
                 };
+                let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
                 let launch = LaunchConfig {
                     grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
                     block_dim: (threads, 1, 1),
-                    shared_mem_bytes: prefill_smem(cfg) as u32,
+                    shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
                 };
-                // SAFETY: as for the other launches; both prefill kernels
+                // SAFETY: as for the other launches; the prefill kernels
                 // take the same arguments.
                 unsafe {
                     gpu.stream
@@ -1579,28 +1594,74 @@ fn tensor_core_prefill(cfg: &ModelConfig) -> bool {
     matches!(cfg.head_dim, 64 | 128)
 }
 
-/// Query rows per prefill-attention tile: the tensor-core kernel puts the
-/// `group` query heads of one KV head in one block of at most 8 warps of 16
-/// rows; the scalar kernel takes 16 rows of one head.
-fn prefill_tile(cfg: &ModelConfig) -> usize {
-    if tensor_core_prefill(cfg) {
-        16 * (8 / (cfg.num_heads / cfg.num_kv_heads)).max(1)
+/// The prefill-attention kernel of multi-token steps (llama.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrefillKernel {
+    /// `prefill_attention_wg*` (Hopper, wgmma): a block of two warpgroups
+    /// takes 64 query rows of two query heads sharing a KV head.
+    Wgmma,
+    /// `prefill_attention_tc*` (mma.sync): a block takes the `group` query
+    /// heads of one KV head, 16 rows a warp, at most 8 warps.
+    TensorCore,
+    /// `prefill_attention`: scalar f32, any head dim, 16 rows of one head.
+    Scalar,
+}
+
+/// The prefill kernel for `cfg`: wgmma where the GPU has it (`sm_90a`), the
+/// head dim is 64 or 128 and the GQA group is even (two heads a block),
+/// unless `TANDEM_CUDA_WGMMA=0`; else mma.sync for head dims 64 and 128; else
+/// the scalar kernel.
+fn prefill_kernel(cfg: &ModelConfig, wgmma_compiled: bool) -> PrefillKernel {
+    let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+    if !tensor_core_prefill(cfg) {
+        PrefillKernel::Scalar
+    } else if wgmma_compiled && group.is_multiple_of(2) && env_switch("TANDEM_CUDA_WGMMA", true) {
+        PrefillKernel::Wgmma
     } else {
-        PREFILL_TILE
+        PrefillKernel::TensorCore
+    }
+}
+
+/// Query rows per prefill-attention tile.
+fn prefill_tile(cfg: &ModelConfig, kernel: PrefillKernel) -> usize {
+    match kernel {
+        PrefillKernel::Wgmma => 64,
+        PrefillKernel::TensorCore => 16 * (8 / (cfg.num_heads / cfg.num_kv_heads)).max(1),
+        PrefillKernel::Scalar => PREFILL_TILE,
+    }
+}
+
+/// Threads of a prefill-attention block and the blocks along the grid's y
+/// axis (per query tile).
+fn prefill_block(cfg: &ModelConfig, kernel: PrefillKernel) -> (u32, usize) {
+    let group = cfg.num_heads / cfg.num_kv_heads;
+    match kernel {
+        PrefillKernel::Wgmma => (256, cfg.num_heads / 2),
+        PrefillKernel::TensorCore => (
+            (2 * group * prefill_tile(cfg, kernel)) as u32,
+            cfg.num_kv_heads,
+        ),
+        PrefillKernel::Scalar => (PREFILL_THREADS, cfg.num_heads),
     }
 }
 
 /// Dynamic shared memory of the prefill-attention kernel (the layouts in
 /// llama.cu).
-fn prefill_smem(cfg: &ModelConfig) -> usize {
+fn prefill_smem(cfg: &ModelConfig, kernel: PrefillKernel) -> usize {
     let hd = cfg.head_dim;
-    if tensor_core_prefill(cfg) {
+    match kernel {
+        // K and V tiles of 64 keys, double-buffered, and 64 query rows for
+        // each of the two warpgroups, all bf16 without padding.
+        PrefillKernel::Wgmma => (2 * 2 * 64 + 2 * 64) * hd * 2,
         // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8,
         // and 16 query rows per warp (group * tile / 16 warps), padded alike.
-        let warps = (cfg.num_heads / cfg.num_kv_heads) * prefill_tile(cfg) / 16;
-        2 * 2 * 64 * (hd + 8) * 2 + warps * 16 * (hd + 8) * 2
-    } else {
-        4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
+        PrefillKernel::TensorCore => {
+            let warps = (cfg.num_heads / cfg.num_kv_heads) * prefill_tile(cfg, kernel) / 16;
+            2 * 2 * 64 * (hd + 8) * 2 + warps * 16 * (hd + 8) * 2
+        }
+        PrefillKernel::Scalar => {
+            4 * (PREFILL_TILE * hd + PREFILL_KEYS * (2 * hd + 1) + PREFILL_TILE * PREFILL_KEYS)
+        }
     }
 }
 
@@ -1620,7 +1681,8 @@ fn check_geometry(cfg: &ModelConfig) -> Result<(), CudaError> {
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         )));
     }
-    let smem = prefill_smem(cfg);
+    // The wgmma kernel needs less than the mma.sync one it replaces.
+    let smem = prefill_smem(cfg, prefill_kernel(cfg, false));
     if smem > MAX_ATTENTION_SMEM as usize {
         return Err(CudaError::Unsupported(format!(
             "head_dim {} needs {smem} bytes of shared memory",
@@ -2073,6 +2135,40 @@ mod tests {
             assert_eq!(w[0].0 + w[0].1, w[1].0);
         }
         assert_eq!(l.len(), l.block_tables() + 35);
+    }
+
+    #[test]
+    fn prefill_kernel_follows_head_dim_group_and_architecture() {
+        let llama = crate::model::dummy::config("llama3-8b").unwrap(); // 32/8 heads, 128
+        let smol = crate::model::dummy::config("smollm2-135m").unwrap(); // 9/3 heads, 64
+        assert_eq!(prefill_kernel(&llama, true), PrefillKernel::Wgmma);
+        assert_eq!(prefill_kernel(&llama, false), PrefillKernel::TensorCore);
+        // Two heads a block: an odd group keeps the mma.sync kernel.
+        assert_eq!(prefill_kernel(&smol, true), PrefillKernel::TensorCore);
+        let mut odd = llama.clone();
+        odd.head_dim = 96;
+        assert_eq!(prefill_kernel(&odd, true), PrefillKernel::Scalar);
+
+        // The wgmma grid: 64-row tiles, one block per pair of query heads,
+        // both of the same KV head, in less shared memory than mma.sync's.
+        assert_eq!(prefill_tile(&llama, PrefillKernel::Wgmma), 64);
+        assert_eq!(prefill_block(&llama, PrefillKernel::Wgmma), (256, 16));
+        assert_eq!(prefill_block(&llama, PrefillKernel::TensorCore), (256, 8));
+        assert_eq!(prefill_smem(&llama, PrefillKernel::Wgmma), 96 * 1024);
+        assert!(
+            prefill_smem(&llama, PrefillKernel::Wgmma)
+                < prefill_smem(&llama, PrefillKernel::TensorCore)
+        );
+        // Two blocks fit an SM (228 KiB on Hopper), as WG_MIN_BLOCKS asks.
+        assert!(2 * prefill_smem(&llama, PrefillKernel::Wgmma) <= 227 * 1024);
+        // Every tiling fits the planned tile count (made for 16-row tiles).
+        for kernel in [
+            PrefillKernel::Wgmma,
+            PrefillKernel::TensorCore,
+            PrefillKernel::Scalar,
+        ] {
+            assert!(prefill_tile(&llama, kernel) >= PREFILL_TILE);
+        }
     }
 
     #[test]
