@@ -994,8 +994,8 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // softmax in f32, probabilities rounded to bf16 for the P*V product, f32
 // accumulation), so the CPU mirror of the one serves the other.
 //
-// One block of two warpgroups per (64-row query tile, pair of query heads of
-// one KV head): each warpgroup takes one head's 64 rows, and both share the
+// One block of two warpgroups per (pair of query heads of one KV head, 64-row
+// query tile): each warpgroup takes one head's 64 rows, and both share the
 // K/V tiles. Key tiles of 64 positions are gathered from the paged cache into
 // shared memory with cp.async (double-buffered) in the "core matrix" layout
 // wgmma reads without swizzling: 8 rows x 16 bytes contiguous, the 16-byte
@@ -1125,10 +1125,13 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
     bf16* vbuf = kbuf + 2 * TILE;                     // [2][TILE]
     bf16* qbuf = vbuf + 2 * TILE;                     // [2 warpgroups][64 * HD]
 
-    int tile = gridDim.x - 1 - blockIdx.x;  // longest tiles first
+    // Head pairs along x, tiles along y, last tile first: blocks start in
+    // x-major order, so every pair's longest tiles go first and the short
+    // ones fill the last wave.
+    int tile = gridDim.y - 1 - blockIdx.y;
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
     int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-    int h = blockIdx.y * 2 + wg, kvh = h / (nh / nkv);
+    int h = blockIdx.x * 2 + wg, kvh = h / (nh / nkv);
     int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
     int lane = wtid % WARP, g = lane >> 2, t4 = lane & 3;
     const int* table = block_tables + (long long)s * max_blocks;

@@ -1281,7 +1281,12 @@ impl CudaBackend {
                 };
                 let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
                 let launch = LaunchConfig {
-                    grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
+                    // The wgmma kernel takes its tiles along y (see llama.cu).
+                    grid_dim: if self.prefill == PrefillKernel::Wgmma {
+                        (heads_in_grid as u32, plan.tiles as u32, 1)
+                    } else {
+                        (plan.tiles as u32, heads_in_grid as u32, 1)
+                    },
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
                 };
@@ -1631,8 +1636,8 @@ fn prefill_tile(cfg: &ModelConfig, kernel: PrefillKernel) -> usize {
     }
 }
 
-/// Threads of a prefill-attention block and the blocks along the grid's y
-/// axis (per query tile).
+/// Threads of a prefill-attention block and its blocks per query tile (the
+/// grid's y axis; x for the wgmma kernel, whose tiles run along y).
 fn prefill_block(cfg: &ModelConfig, kernel: PrefillKernel) -> (u32, usize) {
     let group = cfg.num_heads / cfg.num_kv_heads;
     match kernel {
