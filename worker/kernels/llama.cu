@@ -763,6 +763,103 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// Flash-attention steps shared by the tensor-core prefill kernels. A thread
+// holds two query rows (g and g + 8 of its warp's 16, g = lane / 4) in the
+// m16n8 accumulator layout: sc[j] = keys 8j + 2 * (lane % 4) + {0, 1} of row g,
+// then of row g + 8; o[j] likewise for output dims.
+
+// Scores into log2 units; keys past a row's position masked out when the
+// tile reaches past the first row (`mask`).
+template <int NJ>
+__device__ __forceinline__ void scores_to_log2(float (&sc)[NJ][4], bool mask, int k0, int t4, int pos_a, int pos_b) {
+    const float log2e = 1.4426950408889634f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        sc[j][0] *= log2e;
+        sc[j][1] *= log2e;
+        sc[j][2] *= log2e;
+        sc[j][3] *= log2e;
+    }
+    if (mask) {
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = k0 + j * 8 + t4 * 2 + e;
+                if (key > pos_a) sc[j][e] = -INFINITY;
+                if (key > pos_b) sc[j][2 + e] = -INFINITY;
+            }
+    }
+}
+
+// One online-softmax step: the scores become exp2 weights against the new
+// running maxima (m_a, m_b), and the running sums (l_a, l_b, per thread;
+// reduced across the quad at the end) and the output rows are rescaled.
+template <int NJ, int NO>
+__device__ __forceinline__ void online_softmax(float (&sc)[NJ][4], float (&o)[NO][4], float& m_a, float& m_b,
+                                               float& l_a, float& l_b) {
+    float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
+    }
+    for (int x = 1; x <= 2; x <<= 1) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
+    }
+    // A row with every key masked so far keeps max -inf: exponentiate
+    // against 0 instead, which gives 0 for the masked scores.
+    float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
+    float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        sc[j][0] = fast_exp2(sc[j][0] - base_a);
+        sc[j][1] = fast_exp2(sc[j][1] - base_a);
+        sc[j][2] = fast_exp2(sc[j][2] - base_b);
+        sc[j][3] = fast_exp2(sc[j][3] - base_b);
+        sum_a += sc[j][0] + sc[j][1];
+        sum_b += sc[j][2] + sc[j][3];
+    }
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+    m_a = mx_a;
+    m_b = mx_b;
+#pragma unroll
+    for (int j = 0; j < NO; j++) {
+        o[j][0] *= corr_a;
+        o[j][1] *= corr_a;
+        o[j][2] *= corr_b;
+        o[j][3] *= corr_b;
+    }
+}
+
+// Sums the row totals across the quad and writes rows ra and rb of the tile
+// (those below `nrows`) of head h, normalised, as bf16.
+template <int HD>
+__device__ __forceinline__ void store_rows(bf16* out, const float (&o)[HD / 8][4], float l_a, float l_b, int ra,
+                                           int rb, int nrows, int row0, int q_dim, int h, int t4) {
+    for (int x = 1; x <= 2; x <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffff, l_a, x);
+        l_b += __shfl_xor_sync(0xffffffff, l_b, x);
+    }
+    if (ra < nrows) {
+        bf16* dst = out + (long long)(row0 + ra) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_a;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][0] * inv, o[j][1] * inv);
+    }
+    if (rb < nrows) {
+        bf16* dst = out + (long long)(row0 + rb) * q_dim + h * HD + t4 * 2;
+        float inv = 1.f / l_b;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][2] * inv, o[j][3] * inv);
+    }
+}
+
 // Tensor-core prefill attention (mma.sync bf16, f32 accumulation), flash
 // style. One block per (query tile, KV head): the `group` query heads sharing
 // that KV head run in the same block, so each K/V tile is loaded once for all
@@ -841,7 +938,6 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
         }
         __syncwarp();
     }
-    const float log2e = 1.4426950408889634f;
     // ldmatrix row addresses: lane l reads row l % 16, column block l / 16 of
     // a 16x16 A tile; for B (K) tiles, key row (l / 16) * 8 + l % 8 and
     // column block (l / 8) % 2.
@@ -880,58 +976,8 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
                     mma_bf16(sc[2 * jj + 1], qa, kb + 2);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] *= log2e;
-                sc[j][1] *= log2e;
-                sc[j][2] *= log2e;
-                sc[j][3] *= log2e;
-            }
-            if (k0 + TC_K - 1 > warp_first) {
-#pragma unroll
-                for (int j = 0; j < TC_K / 8; j++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        int key = k0 + j * 8 + t4 * 2 + e;
-                        if (key > pos_a) sc[j][e] = -INFINITY;
-                        if (key > pos_b) sc[j][2 + e] = -INFINITY;
-                    }
-            }
-            float mx_a = m_a, mx_b = m_b;
-#pragma unroll
-            for (int j = 0; j < TC_K / 8; j++) {
-                mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
-                mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
-            }
-            for (int x = 1; x <= 2; x <<= 1) {
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-            }
-            // A row with every key masked so far keeps max -inf: exponentiate
-            // against 0 instead, which gives 0 for the masked scores.
-            float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
-            float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
-            float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-            for (int j = 0; j < TC_K / 8; j++) {
-                sc[j][0] = fast_exp2(sc[j][0] - base_a);
-                sc[j][1] = fast_exp2(sc[j][1] - base_a);
-                sc[j][2] = fast_exp2(sc[j][2] - base_b);
-                sc[j][3] = fast_exp2(sc[j][3] - base_b);
-                sum_a += sc[j][0] + sc[j][1];
-                sum_b += sc[j][2] + sc[j][3];
-            }
-            l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
-            l_b = l_b * corr_b + sum_b;
-            m_a = mx_a;
-            m_b = mx_b;
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                o[j][0] *= corr_a;
-                o[j][1] *= corr_a;
-                o[j][2] *= corr_b;
-                o[j][3] *= corr_b;
-            }
+            scores_to_log2(sc, k0 + TC_K - 1 > warp_first, k0, t4, pos_a, pos_b);
+            online_softmax(sc, o, m_a, m_b, l_a, l_b);
 #pragma unroll
             for (int kk = 0; kk < TC_K / 16; kk++) {
                 unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
@@ -952,24 +998,7 @@ __device__ void prefill_attention_tc(bf16* out, const float* qkv, const bf16* k_
         }
         __syncthreads();  // this stage is free for the load two tiles ahead
     }
-    for (int x = 1; x <= 2; x <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffff, l_a, x);
-        l_b += __shfl_xor_sync(0xffffffff, l_b, x);
-    }
-    if (ra < nrows) {
-        bf16* dst = out + (long long)(row0 + ra) * q_dim + h * HD + t4 * 2;
-        float inv = 1.f / l_a;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++)
-            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][0] * inv, o[j][1] * inv);
-    }
-    if (rb < nrows) {
-        bf16* dst = out + (long long)(row0 + rb) * q_dim + h * HD + t4 * 2;
-        float inv = 1.f / l_b;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++)
-            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) = __floats2bfloat162_rn(o[j][2] * inv, o[j][3] * inv);
-    }
+    store_rows<HD>(out, o, l_a, l_b, ra, rb, nrows, row0, q_dim, h, t4);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -1188,10 +1217,10 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
         *reinterpret_cast<uint4*>(qs + wg_offset<HD>(r, c) / 2) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
 
-    const float log2e = 1.4426950408889634f;
-    float o[HD / 2];
+    float o[HD / 8][4];
 #pragma unroll
-    for (int j = 0; j < HD / 2; j++) o[j] = 0.f;
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float* of = &o[0][0];  // the same registers, flat, for the wgmma operands
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
     // Descriptors (start, leading byte offset, stride byte offset). Swizzled:
     // Q and K (K-major) step 32 bytes along a 128-byte row per 16 dims and 8
@@ -1229,103 +1258,40 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
         const bf16* ks = kbuf + (it & 1) * TILE;
         const bf16* vs = vbuf + (it & 1) * TILE;
 
-        float sc[32];
+        float sc[8][4];
+        float* sf = &sc[0][0];
 #pragma unroll
-        for (int j = 0; j < 32; j++) sc[j] = 0.f;
+        for (int j = 0; j < 32; j++) sf[j] = 0.f;
         wgmma_fence();
 #pragma unroll
         for (int kd = 0; kd < HD / 16; kd++)
-            wgmma_64x64_ss(sc, qk_desc(qs, kd), qk_desc(ks, kd), kd > 0);
+            wgmma_64x64_ss(sf, qk_desc(qs, kd), qk_desc(ks, kd), kd > 0);
         wgmma_commit();
         wgmma_wait0();
 #pragma unroll
-        for (int j = 0; j < 32; j++) reg_fence(sc[j]);
+        for (int j = 0; j < 32; j++) reg_fence(sf[j]);
 
-#pragma unroll
-        for (int j = 0; j < 32; j++) sc[j] *= log2e;
-        if (k0 + WG_K - 1 > warp_first) {
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = k0 + j * 8 + t4 * 2 + e;
-                    if (key > pos_a) sc[4 * j + e] = -INFINITY;
-                    if (key > pos_b) sc[4 * j + 2 + e] = -INFINITY;
-                }
-        }
-        float mx_a = m_a, mx_b = m_b;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            mx_a = fmaxf(mx_a, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx_b = fmaxf(mx_b, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        for (int x = 1; x <= 2; x <<= 1) {
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-        }
-        // A row with every key masked so far keeps max -inf: exponentiate
-        // against 0 instead, which gives 0 for the masked scores.
-        float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
-        float corr_a = fast_exp2(m_a - base_a), corr_b = fast_exp2(m_b - base_b);
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            sc[4 * j] = fast_exp2(sc[4 * j] - base_a);
-            sc[4 * j + 1] = fast_exp2(sc[4 * j + 1] - base_a);
-            sc[4 * j + 2] = fast_exp2(sc[4 * j + 2] - base_b);
-            sc[4 * j + 3] = fast_exp2(sc[4 * j + 3] - base_b);
-            sum_a += sc[4 * j] + sc[4 * j + 1];
-            sum_b += sc[4 * j + 2] + sc[4 * j + 3];
-        }
-        l_a = l_a * corr_a + sum_a;  // per-thread partial row sums, reduced at the end
-        l_b = l_b * corr_b + sum_b;
-        m_a = mx_a;
-        m_b = mx_b;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++) {
-            o[4 * j] *= corr_a;
-            o[4 * j + 1] *= corr_a;
-            o[4 * j + 2] *= corr_b;
-            o[4 * j + 3] *= corr_b;
-        }
+        scores_to_log2(sc, k0 + WG_K - 1 > warp_first, k0, t4, pos_a, pos_b);
+        online_softmax(sc, o, m_a, m_b, l_a, l_b);
         unsigned p[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            p[kk][0] = pack_bf16(sc[8 * kk], sc[8 * kk + 1]);
-            p[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
-            p[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
-            p[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+            p[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            p[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            p[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            p[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
         }
 #pragma unroll
-        for (int j = 0; j < HD / 2; j++) reg_fence(o[j]);
+        for (int j = 0; j < HD / 2; j++) reg_fence(of[j]);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_pv<HD>(o, p[kk], v_desc(vs, kk));
+        for (int kk = 0; kk < 4; kk++) wgmma_pv<HD>(of, p[kk], v_desc(vs, kk));
         wgmma_commit();
         wgmma_wait0();
 #pragma unroll
-        for (int j = 0; j < HD / 2; j++) reg_fence(o[j]);
+        for (int j = 0; j < HD / 2; j++) reg_fence(of[j]);
     }
-    for (int x = 1; x <= 2; x <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffff, l_a, x);
-        l_b += __shfl_xor_sync(0xffffffff, l_b, x);
-    }
-    if (ra < nrows) {
-        bf16* dst = out + (long long)(row0 + ra) * q_dim + h * HD + t4 * 2;
-        float inv = 1.f / l_a;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++)
-            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
-                __floats2bfloat162_rn(o[4 * j] * inv, o[4 * j + 1] * inv);
-    }
-    if (rb < nrows) {
-        bf16* dst = out + (long long)(row0 + rb) * q_dim + h * HD + t4 * 2;
-        float inv = 1.f / l_b;
-#pragma unroll
-        for (int j = 0; j < HD / 8; j++)
-            *reinterpret_cast<__nv_bfloat162*>(dst + j * 8) =
-                __floats2bfloat162_rn(o[4 * j + 2] * inv, o[4 * j + 3] * inv);
-    }
+    store_rows<HD>(out, o, l_a, l_b, ra, rb, nrows, row0, q_dim, h, t4);
 }
 
 #define PREFILL_ATTENTION_WG(HD)                                                                                   \
