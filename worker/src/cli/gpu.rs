@@ -113,9 +113,8 @@ pub enum BenchPart {
 }
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
-/// of the fused kernels, programmatic dependent launch and the whole-step
-/// decode kernel the other way than the model's default (on for small
-/// models, off for large ones), and
+/// of the fused kernels, programmatic dependent launch the other way than
+/// the model's default (on for small models, off for large ones), and
 /// sampling on the device ([`bench::BENCH_SAMPLING`], and top-p alone)
 /// instead of greedy.
 fn variants(
@@ -136,17 +135,6 @@ fn variants(
     let mut early = early.context("decode bench (PDL toggled)")?;
     let toggled = if pdl { "without" } else { "with" };
     early.shape = format!("{shape} ({toggled} programmatic dependent launch)");
-    let whole = b.whole_step();
-    b.set_whole_step(!whole)?;
-    let toggled = bench::decode(b, shape, 1, context, steps, None);
-    b.set_whole_step(whole)?;
-    let mut toggled = toggled.context("decode bench (whole-step kernel toggled)")?;
-    let other = if whole {
-        "one kernel per operation"
-    } else {
-        "the whole step in one kernel"
-    };
-    toggled.shape = format!("{shape} ({other})");
     let mut sampled = bench::decode(b, shape, 1, context, steps, Some(bench::BENCH_SAMPLING))
         .context("decode bench (sampled)")?;
     sampled.shape = format!("{shape} (sampled on the device: T 0.8, top-k 50, top-p 0.95)");
@@ -157,7 +145,7 @@ fn variants(
     let mut nucleus = bench::decode(b, shape, 1, context, steps, Some(top_p_only))
         .context("decode bench (top-p only)")?;
     nucleus.shape = format!("{shape} (sampled on the device: T 0.8, top-p 0.95)");
-    Ok(vec![unfused, early, toggled, sampled, nucleus])
+    Ok(vec![unfused, early, sampled, nucleus])
 }
 
 /// Runs `f` with per-operation profiling on and returns it as a JSON line.

@@ -314,48 +314,6 @@ pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     Ok(out)
 }
 
-/// The whole-step decode kernel (`decode_step.cu`) against the
-/// per-operation kernels on the same random model and schedule: the same
-/// device code over the same work split, so the logits must be equal bit
-/// for bit (Llama with head_dim 64; Qwen2 with head_dim 32 and QKV bias).
-pub fn whole_step(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
-    let mut out = Vec::new();
-    for (arch, head_dim) in [(Architecture::Llama, 64), (Architecture::Qwen2, 32)] {
-        let base = check_config(arch);
-        let cfg = ModelConfig {
-            head_dim,
-            hidden_size: 4 * head_dim,
-            ..base
-        };
-        let weights = bf16_rounded(&testing::random_weights(&cfg, 11));
-        let mut whole = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
-        let mut per_op = CudaBackend::new(ordinal, cfg.clone(), &weights, options(1024))?;
-        whole.set_whole_step(true)?;
-        per_op.set_whole_step(false)?;
-        let name = format!("random {arch} model, head_dim {head_dim}: whole-step decode kernel vs per-operation kernels");
-        if !whole.whole_step() {
-            out.push(result(
-                &name,
-                false,
-                "the whole-step kernel does not cover this model".into(),
-            ));
-            continue;
-        }
-        whole.init_kv_cache(16, 64)?;
-        per_op.init_kv_cache(16, 64)?;
-        let (worst, disagree, rows) =
-            compare_schedule(&mut whole, &mut per_op, cfg.vocab_size, 20)?;
-        out.push(result(
-            &name,
-            worst == 0.0 && disagree == 0,
-            format!(
-                "{rows} rows (20 decode steps of 2 sequences), max rel err {worst:.2e} (must be 0)"
-            ),
-        ));
-    }
-    Ok(out)
-}
-
 /// Decode at long contexts vs the CPU, and CUDA graphs vs eager steps:
 /// sequences of 20 to 1020 tokens whose decode crosses split boundaries
 /// (decode attention takes a split per 128 positions, up to the batch's
@@ -1057,10 +1015,6 @@ pub fn run_all(ordinal: usize, model: Option<&Path>) -> Vec<CheckResult> {
         random_models(ordinal).map_err(|e| e.to_string()),
     );
     add("KV paths", kv_paths(ordinal).map_err(|e| e.to_string()));
-    add(
-        "whole-step decode",
-        whole_step(ordinal).map_err(|e| e.to_string()),
-    );
     add(
         "long contexts",
         long_contexts(ordinal).map_err(|e| e.to_string()),

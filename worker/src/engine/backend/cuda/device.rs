@@ -20,21 +20,8 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::CudaError;
 
-/// The kernels' CUDA C source, compiled by NVRTC at start: the shared
-/// helpers and decode building blocks, then the kernels.
-const KERNEL_SOURCE: &str = concat!(
-    include_str!("../../../../kernels/common.cuh"),
-    include_str!("../../../../kernels/decode.cuh"),
-    include_str!("../../../../kernels/llama.cu"),
-);
-
-/// The whole-step decode kernel's source (`decode_step.cu`), compiled per
-/// head dim and GQA group bound when a backend uses it.
-const STEP_SOURCE: &str = concat!(
-    include_str!("../../../../kernels/common.cuh"),
-    include_str!("../../../../kernels/decode.cuh"),
-    include_str!("../../../../kernels/decode_step.cu"),
-);
+/// The kernels' CUDA C source, compiled by NVRTC at start.
+const KERNEL_SOURCE: &str = include_str!("../../../../kernels/llama.cu");
 
 /// Every kernel of `llama.cu`, loaded once per backend.
 pub(super) struct Kernels {
@@ -147,40 +134,12 @@ fn kernel_defines() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// PTX of the kernels (`llama.cu`) per architecture, compiled once per process.
+/// PTX per architecture, compiled once per process.
 fn compiled_ptx(arch: &'static str) -> Result<String, CudaError> {
-    compiled("kernels", KERNEL_SOURCE, arch, &[])
-}
-
-/// PTX of the whole-step decode kernels for head dim `hd` and GQA group
-/// bound `g` (see `decode_step.cu`), compiled once per process.
-pub(super) fn decode_step_ptx(
-    arch: &'static str,
-    hd: usize,
-    g: usize,
-) -> Result<String, CudaError> {
-    compiled(
-        "decode-step kernels",
-        STEP_SOURCE,
-        arch,
-        &[format!("-DSTEP_HD={hd}"), format!("-DSTEP_G={g}")],
-    )
-}
-
-/// `source` compiled for `arch` with `defines` (and `$TANDEM_CUDA_DEFINES`),
-/// cached per process by (what, arch, defines).
-fn compiled(
-    what: &'static str,
-    source: &'static str,
-    arch: &'static str,
-    defines: &[String],
-) -> Result<String, CudaError> {
-    type Key = (&'static str, &'static str, Vec<String>);
-    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    let key = (what, arch, defines.to_vec());
-    if let Some(ptx) = cache.get(&key) {
+    if let Some(ptx) = cache.get(arch) {
         return Ok(ptx.clone());
     }
     let started = std::time::Instant::now();
@@ -188,26 +147,19 @@ fn compiled(
         arch: Some(arch),
         include_paths: vec![cuda_include_dir()],
         options: std::iter::once("--std=c++17".to_string())
-            .chain(defines.iter().cloned())
             .chain(kernel_defines())
             .collect(),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
-        .map_err(|e| {
-            CudaError::Compile(format!(
-                "{what}: {e:?} (include path {})",
-                cuda_include_dir()
-            ))
-        })?
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)
+        .map_err(|e| CudaError::Compile(format!("{e:?} (include path {})", cuda_include_dir())))?
         .to_src();
     tracing::info!(
-        what,
         arch,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "compiled CUDA kernels"
     );
-    cache.insert(key, ptx.clone());
+    cache.insert(arch, ptx.clone());
     Ok(ptx)
 }
 
@@ -599,44 +551,6 @@ impl Gpu {
         attr.id =
             drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let attrs = if early {
-            std::slice::from_mut(&mut attr)
-        } else {
-            &mut []
-        };
-        // SAFETY: the caller's contract.
-        unsafe { self.launch_with(func, cfg, attrs, args) }
-    }
-
-    /// Launches `func` over `cfg` as a cooperative launch: the driver starts
-    /// every block at once or refuses the launch (for kernels whose blocks
-    /// wait for each other, such as `decode_step_*`).
-    ///
-    /// # Safety
-    /// As for [`Gpu::launch_ex`] without `early`.
-    pub unsafe fn launch_cooperative(
-        &self,
-        func: &CudaFunction,
-        cfg: LaunchConfig,
-        args: &mut [*mut c_void],
-    ) -> Result<(), CudaError> {
-        // SAFETY: a plain C struct; zero is a valid bit pattern.
-        let mut attr: drv_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-        attr.value.cooperative = 1;
-        // SAFETY: the caller's contract.
-        unsafe { self.launch_with(func, cfg, std::slice::from_mut(&mut attr), args) }
-    }
-
-    /// # Safety
-    /// As for [`Gpu::launch_ex`].
-    unsafe fn launch_with(
-        &self,
-        func: &CudaFunction,
-        cfg: LaunchConfig,
-        attrs: &mut [drv_sys::CUlaunchAttribute],
-        args: &mut [*mut c_void],
-    ) -> Result<(), CudaError> {
         let config = drv_sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -646,14 +560,14 @@ impl Gpu {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.cu_stream(),
-            attrs: if attrs.is_empty() {
-                std::ptr::null_mut()
+            attrs: if early {
+                &mut attr
             } else {
-                attrs.as_mut_ptr()
+                std::ptr::null_mut()
             },
-            numAttrs: attrs.len() as u32,
+            numAttrs: u32::from(early),
         };
-        // SAFETY: the caller's contract; `config` and `attrs` outlive the call.
+        // SAFETY: the caller's contract; `config` and `attr` outlive the call.
         unsafe {
             drv_sys::cuLaunchKernelEx(
                 &config,
@@ -664,25 +578,6 @@ impl Gpu {
             .result()?;
         }
         Ok(())
-    }
-
-    /// Loads the whole-step decode kernels (`decode_step_1`, `_2`, `_4`, in
-    /// [`GEMV_TOKENS`] order) for head dim `hd` and GQA group bound `g`.
-    pub fn load_decode_step(&self, hd: usize, g: usize) -> Result<Vec<CudaFunction>, CudaError> {
-        let module = self
-            .ctx
-            .load_module(Ptx::from_src(decode_step_ptx(self.arch, hd, g)?))?;
-        let kernels = GEMV_TOKENS
-            .iter()
-            .map(|m| module.load_function(&format!("decode_step_{m}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        for k in &kernels {
-            k.set_attribute(
-                drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                MAX_ATTENTION_SMEM as i32,
-            )?;
-        }
-        Ok(kernels)
     }
 
     /// Fills `n` bf16 at `ptr` with uniform values in `[-scale, scale]`.
@@ -773,18 +668,6 @@ mod tests {
                 assert!(ptx.contains(name), "{arch} PTX lacks {name}");
             }
         }
-        // The whole-step kernels, for the smallest and largest head dims and
-        // group bounds they are built for.
-        for (hd, g) in [(32, 8), (64, 4), (128, 1)] {
-            for arch in ["sm_90a", "sm_80"] {
-                let ptx = decode_step_ptx(arch, hd, g)
-                    .unwrap_or_else(|e| panic!("{arch}, head dim {hd}, group {g}: {e}"));
-                for m in GEMV_TOKENS {
-                    let name = format!("decode_step_{m}");
-                    assert!(ptx.contains(&name), "{arch} PTX lacks {name}");
-                }
-            }
-        }
         assemble_with_ptxas();
     }
 
@@ -799,27 +682,20 @@ mod tests {
         };
         let dir = std::env::temp_dir().join(format!("tandem-ptxas-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let assemble = |name: &str, ptx: String| {
-            let ptx_path = dir.join(format!("{name}.ptx"));
-            std::fs::write(&ptx_path, ptx).unwrap();
-            let out = std::process::Command::new(&ptxas)
-                .args(["-arch=sm_90a", "-v", "-o"])
-                .arg(dir.join(format!("{name}.cubin")))
-                .arg(&ptx_path)
-                .output()
-                .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.to_string_lossy()));
-            let log = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                out.status.success(),
-                "ptxas rejected the sm_90a PTX of {name}:\n{log}"
-            );
-            log
-        };
-        let log = assemble("llama", compiled_ptx("sm_90a").unwrap());
-        assert!(log.contains("prefill_attention_wg128"), "{log}");
-        // The grid barrier's acquire loads are inline PTX too.
-        let log = assemble("decode_step", decode_step_ptx("sm_90a", 64, 4).unwrap());
-        assert!(log.contains("decode_step_4"), "{log}");
+        let ptx_path = dir.join("llama.ptx");
+        std::fs::write(&ptx_path, compiled_ptx("sm_90a").unwrap()).unwrap();
+        let out = std::process::Command::new(&ptxas)
+            .args(["-arch=sm_90a", "-v", "-o"])
+            .arg(dir.join("llama.cubin"))
+            .arg(&ptx_path)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.to_string_lossy()));
+        let log = String::from_utf8_lossy(&out.stderr);
         std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            out.status.success(),
+            "ptxas rejected the sm_90a PTX:\n{log}"
+        );
+        assert!(log.contains("prefill_attention_wg128"), "{log}");
     }
 }

@@ -56,7 +56,6 @@ use super::{
 };
 use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 use crate::model::{ModelConfig, Weights};
-use cudarc::driver::CudaFunction;
 use device::{
     alloc, alloc_pinned, decode_v2_index, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer,
     DECODE_V2_GROUPS, MAX_ATTENTION_SMEM,
@@ -285,51 +284,8 @@ const PREFILL_KEYS: usize = 32;
 const PREFILL_THREADS: u32 = 128;
 /// Threads of a `sample_rows` block (`SAMPLE_THREADS` in llama.cu).
 const SAMPLE_THREADS: u32 = 1024;
-/// Warps of a fused-projection block (`GEMV_WARPS` in decode.cuh).
+/// Warps of a fused-projection block (`GEMV_WARPS` in llama.cu).
 const GEMV_WARPS: usize = 8;
-
-/// 64-bit words of one layer's entry in the whole-step kernel's table
-/// (`StepLayer` in decode_step.cu: nine pointers).
-const STEP_LAYER_WORDS: usize = 9;
-
-/// The whole-step decode kernel's argument (`StepParams` in decode_step.cu,
-/// field for field: device pointers, then 32-bit values).
-#[repr(C)]
-struct StepParams {
-    layers: u64,
-    x: u64,
-    qkv: u64,
-    attn: u64,
-    act: u64,
-    logits: u64,
-    embed: u64,
-    out_w: u64,
-    final_norm: u64,
-    inv_freq: u64,
-    tokens: u64,
-    positions: u64,
-    slots: u64,
-    logit_rows: u64,
-    tables: u64,
-    part_max: u64,
-    part_sum: u64,
-    part_out: u64,
-    counters: u64,
-    barrier: u64,
-    num_layers: i32,
-    hidden: i32,
-    nh: i32,
-    nkv: i32,
-    f: i32,
-    vocab: i32,
-    block_size: i32,
-    max_blocks: i32,
-    seqs: i32,
-    splits: i32,
-    accumulate: i32,
-    eps: f32,
-    scale: f32,
-}
 
 /// Fixed device buffers of one step, sized for the largest step planned.
 struct Workspace {
@@ -466,20 +422,6 @@ pub struct CudaBackend {
     gemv_max_blocks: Option<usize>,
     /// The prefill-attention kernel ([`prefill_kernel`]).
     prefill: PrefillKernel,
-    /// Decode steps of 1, 2 or 4 rows run as one kernel (`decode_step.cu`)
-    /// where [`CudaBackend::whole_step_for`] allows ([`whole_step_pays`]).
-    whole_step: bool,
-    /// The whole-step kernels, by [`gemv_index`], loaded when first on.
-    decode_step: Option<Vec<CudaFunction>>,
-    /// Per-layer pointer table of the whole-step kernel (`StepLayer` in
-    /// decode_step.cu), rebuilt with the KV pool.
-    step_layers: Option<DeviceBuffer>,
-    /// The whole-step kernel's grid barrier (count, generation); zero at
-    /// first, and zero again after every step.
-    step_barrier: DeviceBuffer,
-    /// At most this many blocks in the whole-step kernel's grid
-    /// (`TANDEM_CUDA_STEP_BLOCKS`, for measuring); unset, as many as fit.
-    step_blocks: Option<u32>,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
     /// the model and sums the output and down projections with its peers.
     tp: Option<nccl::RankComm>,
@@ -656,10 +598,7 @@ impl CudaBackend {
         let pdl_default = pdl_pays(&cfg);
         let prefill = prefill_kernel(&cfg, gpu.kernels.prefill_attention_wg.is_some());
         tracing::debug!(?prefill, "prefill attention kernel");
-        let step_barrier = alloc(8)?;
-        gpu.zero(&step_barrier)?;
-        let whole_step = env_switch("TANDEM_CUDA_DECODE_STEP", whole_step_pays(&cfg));
-        let mut backend = Self {
+        Ok(Self {
             cfg,
             opts,
             graphs: HashMap::new(),
@@ -680,74 +619,9 @@ impl CudaBackend {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             prefill,
-            whole_step: false,
-            decode_step: None,
-            step_layers: None,
-            step_barrier,
-            step_blocks: std::env::var("TANDEM_CUDA_STEP_BLOCKS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&b| b > 0),
             tp: None,
             gpu,
-        };
-        backend.set_whole_step(whole_step)?;
-        Ok(backend)
-    }
-
-    /// Turns the whole-step decode kernel on or off (loading it the first
-    /// time it is turned on, for models whose decode attention it covers).
-    pub fn set_whole_step(&mut self, on: bool) -> Result<(), BackendError> {
-        let group = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let covered = decode_v2_index(self.cfg.head_dim, group).map(|ki| {
-            (
-                self.cfg.head_dim,
-                DECODE_V2_GROUPS[ki % DECODE_V2_GROUPS.len()],
-            )
-        });
-        let on = on && covered.is_some();
-        if on && self.decode_step.is_none() {
-            let (hd, g) = covered.expect("checked above");
-            self.gpu.bind()?;
-            self.decode_step = Some(self.gpu.load_decode_step(hd, g)?);
-            self.build_step_layers()?;
-        }
-        if self.whole_step != on {
-            self.graphs.clear();
-        }
-        self.whole_step = on;
-        Ok(())
-    }
-
-    /// Whether decode steps run as one kernel now.
-    pub fn whole_step(&self) -> bool {
-        self.whole_step
-    }
-
-    /// Writes the whole-step kernel's per-layer pointer table (weights and
-    /// this layer's KV cache), once the kernel is loaded and the pool exists.
-    fn build_step_layers(&mut self) -> Result<(), BackendError> {
-        self.step_layers = None;
-        let (Some(_), Some(pool)) = (&self.decode_step, &self.kv) else {
-            return Ok(());
-        };
-        let mut table = Vec::with_capacity(self.weights.layers.len() * STEP_LAYER_WORDS);
-        for (li, l) in self.weights.layers.iter().enumerate() {
-            let (k, v) = self.layer_cache(pool, li);
-            table.extend([
-                l.wqkv.ptr(),
-                l.bqkv.as_ref().map_or(0, |b| b.ptr()),
-                l.attn_norm.ptr(),
-                l.wo.ptr(),
-                l.ffn_norm.ptr(),
-                l.w_gate_up.ptr(),
-                l.w_down.ptr(),
-                k,
-                v,
-            ]);
-        }
-        self.step_layers = Some(self.gpu.upload(&table)?);
-        Ok(())
+        })
     }
 
     /// Makes this backend rank `comm.rank` of a tensor-parallel group: its
@@ -1314,76 +1188,6 @@ impl CudaBackend {
         let reduce_rows = self.tp.map(|c| (c, t * cfg.hidden_size));
 
         let x = ws.x.ptr();
-        if let Some(step_kernel) = self.whole_step_kernel(plan, head_rows, gemv) {
-            let group = cfg.num_heads / cfg.num_kv_heads;
-            let g = decode_v2_index(cfg.head_dim, group)
-                .map(|ki| DECODE_V2_GROUPS[ki % DECODE_V2_GROUPS.len()])
-                .expect("whole step only where decode_attention_v2 covers the model");
-            let widest = cfg.hidden_size.max(q_dim).max(f);
-            let smem = (t * widest * 2).max(4 * DECODE_WARPS * g * (2 + cfg.head_dim));
-            let mut params = StepParams {
-                layers: self.step_layers.as_ref().expect("checked").ptr(),
-                x,
-                qkv: ws.qkv.ptr(),
-                attn: ws.attn.ptr(),
-                act: ws.act.ptr(),
-                logits: ws.logits.ptr(),
-                embed: self.weights.embed.ptr(),
-                out_w: self.weights.output().ptr(),
-                final_norm: self.weights.final_norm.ptr(),
-                inv_freq: self.inv_freq.ptr(),
-                tokens: tokens_p,
-                positions: positions_p,
-                slots: slots_p,
-                logit_rows: logit_rows_p,
-                tables: tables_p,
-                part_max: ws.part_max.ptr(),
-                part_sum: ws.part_sum.ptr(),
-                part_out: ws.part_out.ptr(),
-                counters: ws.split_counters.ptr(),
-                barrier: self.step_barrier.ptr(),
-                num_layers: cfg.num_layers as i32,
-                hidden: h,
-                nh,
-                nkv,
-                f: f as i32,
-                vocab: cfg.vocab_size as i32,
-                block_size,
-                max_blocks,
-                seqs: plan.seqs as i32,
-                splits: plan.splits as i32,
-                accumulate,
-                eps,
-                scale,
-            };
-            // As many blocks as fit at once (every block must be resident:
-            // they wait for each other), at most `TANDEM_CUDA_STEP_BLOCKS`.
-            let threads = 32 * GEMV_WARPS as u32;
-            let per_sm = step_kernel
-                .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
-                .map_err(CudaError::from)?
-                .max(1);
-            let blocks = (per_sm * gpu.num_sms).min(self.step_blocks.unwrap_or(u32::MAX));
-            let launch = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            // SAFETY: StepParams mirrors decode_step.cu's struct; every
-            // pointer addresses a buffer sized for this step (as for the
-            // per-operation launches below, which take the same buffers).
-            unsafe {
-                gpu.launch_cooperative(
-                    step_kernel,
-                    launch,
-                    &mut [&mut params as *mut StepParams as *mut std::ffi::c_void],
-                )?;
-            }
-            mark!(self, "decode_step");
-            self.launch_sampler(head_rows, at(layout.sampling()))?;
-            mark!(self, "sampling");
-            return Ok(());
-        }
         launch!(gpu, embed_gather, rows_cfg(t, 256); x, self.weights.embed.ptr(), tokens_p, h)?;
         mark!(self, "embed");
 
@@ -1648,25 +1452,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The whole-step kernel for this step, when it is on and loaded and the
-    /// step is a decode step that runs the fused projections (`gemv`) for
-    /// all its rows, on one GPU, with the default grid.
-    fn whole_step_kernel(
-        &self,
-        plan: &StepPlan,
-        head_rows: usize,
-        gemv: Option<usize>,
-    ) -> Option<&CudaFunction> {
-        let mi = gemv?;
-        let usable = self.whole_step
-            && plan.decode
-            && head_rows == plan.tokens
-            && self.tp.is_none()
-            && self.gemv_max_blocks.is_none()
-            && self.step_layers.is_some();
-        usable.then(|| self.decode_step.as_ref().map(|k| &k[mi]))?
-    }
-
     /// Which fused-projection kernels a step of `tokens` rows runs, if any:
     /// when they are on, compiled for that many rows, the widths are whole
     /// 16-byte vectors and the rows fit in shared memory.
@@ -1801,14 +1586,6 @@ fn pdl_pays(cfg: &ModelConfig) -> bool {
     .max()
     .unwrap_or(0);
     2 * largest <= GEMV_PREFETCH_BYTES
-}
-
-/// Whether decode steps run as one kernel (`decode_step.cu`) unless
-/// `TANDEM_CUDA_DECODE_STEP` says. Not yet by default: its first version
-/// measured slower than one kernel per operation with early launch
-/// (SmolLM2-135M batch 1 on H200: 0.990 vs 0.681 ms, same call).
-fn whole_step_pays(_cfg: &ModelConfig) -> bool {
-    false
 }
 
 /// The batch size a decode step of `seqs` sequences is padded to: powers of
@@ -1972,7 +1749,6 @@ impl ComputeBackend for CudaBackend {
             inputs,
             host_inputs,
         });
-        self.build_step_layers()?;
         Ok(())
     }
 
