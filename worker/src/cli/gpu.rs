@@ -95,6 +95,11 @@ pub struct GpuBenchArgs {
     /// a step's GPU time goes.
     #[arg(long)]
     pub profile: bool,
+    /// Only time the big shape's prefill GEMMs at these token counts:
+    /// cuBLAS as the backend runs them against cuBLASLt's other candidate
+    /// algorithms.
+    #[arg(long, value_delimiter = ',')]
+    pub gemm_algos: Vec<usize>,
     /// Parts of the run to leave out (for short runs of one question, such
     /// as long-context decode at batch).
     #[arg(long, value_delimiter = ',', value_enum)]
@@ -257,6 +262,14 @@ fn run_bench(a: GpuBenchArgs) -> anyhow::Result<()> {
             "weight_gib": b.weight_bytes() as f64 / (1u64 << 30) as f64,
             "prefill_attention": b.prefill_kernel_name(),
         }));
+        if !a.gemm_algos.is_empty() {
+            for &m in &a.gemm_algos {
+                for r in bench::gemm_algos(&b, m).context("GEMM algorithms")? {
+                    emit(serde_json::to_value(r)?);
+                }
+            }
+            return Ok(());
+        }
         let prefills = if a.skip.contains(&BenchPart::Prefill) {
             &[][..]
         } else {

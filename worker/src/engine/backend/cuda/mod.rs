@@ -38,6 +38,7 @@ pub mod bench;
 pub mod check;
 mod device;
 pub mod ipc;
+mod lt;
 mod nccl;
 pub mod tp;
 pub mod tp_check;
