@@ -282,21 +282,20 @@ pub fn gemm_algos(b: &CudaBackend, m: usize) -> Result<Vec<GemmResult>, BackendE
     gpu.fill_f32(c.ptr(), m * widest_n, 0.01)?;
     let lt = super::lt::Lt::new()?;
     let stream = gpu.cu_stream() as cudarc::cublaslt::sys::cudaStream_t;
+    let event = || {
+        gpu.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(super::CudaError::from)
+    };
     let time = |run: &dyn Fn() -> Result<(), super::CudaError>| -> Result<f64, BackendError> {
         for _ in 0..3 {
             run()?;
         }
-        let start = gpu
-            .stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(super::CudaError::from)?;
+        let start = event()?;
         for _ in 0..10 {
             run()?;
         }
-        let end = gpu
-            .stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(super::CudaError::from)?;
+        let end = event()?;
         end.synchronize().map_err(super::CudaError::from)?;
         Ok(start.elapsed_ms(&end).map_err(super::CudaError::from)? as f64 / 10.0)
     };
