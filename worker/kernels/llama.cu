@@ -1085,49 +1085,35 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 //
 // One block of two warpgroups per (pair of query heads of one KV head, 64-row
 // query tile): each warpgroup takes one head's 64 rows, and both share the
-// K/V tiles. Key tiles of 64 positions are gathered from the paged cache into
-// shared memory with cp.async (double-buffered) in the "core matrix" layout
-// wgmma reads without swizzling: 8 rows x 16 bytes contiguous, the 16-byte
-// columns of a row group 128 bytes apart, row groups HD * 16 bytes apart;
-// with the copy loop below that is simply byte 16 * i for the i-th 16-byte
-// vector. S = Q K^T takes Q and K from shared memory (K-major); O += P V takes
-// P from registers (the accumulator layout of S is the A-fragment layout of
-// the second product) and V from shared memory, MN-major (transposed).
+// K/V tiles. Key tiles of 64 positions come from the paged cache into shared
+// memory by TMA (two stages, see prefill_attention_wg), in wgmma's 128-byte
+// swizzled layout. S = Q K^T takes Q and K from shared memory (K-major); O +=
+// P V takes P from registers (the accumulator layout of S is the A-fragment
+// layout of the second product) and V from shared memory, MN-major
+// (transposed).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 #define WG_K 64
-// 1: the tiles in shared memory in wgmma's 128-byte swizzled layout; 0: the
-// layout without swizzling (for comparison).
-#ifndef WG_SWIZZLE
-#define WG_SWIZZLE 1
-#endif
-// Blocks an SM holds: 2 caps the kernel at 128 registers (no spills; 4k
-// prefill attention faster than with 1 block of up to 255 registers).
+// Blocks an SM holds: 2 caps the kernel at 128 registers (4k prefill
+// attention faster than with 1 block of up to 255 registers).
 #ifndef WG_MIN_BLOCKS
 #define WG_MIN_BLOCKS 2
 #endif
 
-// A shared-memory matrix descriptor without swizzling: start address,
+// A shared-memory matrix descriptor in the 128-byte swizzle: start address,
 // leading-dimension byte offset, stride-dimension byte offset (all >> 4).
 __device__ __forceinline__ unsigned long long wg_desc(const void* smem, unsigned lbo, unsigned sbo) {
     unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(sbo >> 4) << 32) | (WG_SWIZZLE ? 1ull << 62 : 0ull);
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 
 // Byte offset of 16-byte column c of row r in a 64-row tile of HD bf16 per
-// row. 128-byte swizzle (WG_SWIZZLE): 64-dim blocks of 64 rows x 128 bytes,
-// 8 KiB apart, the column's place in its row XORed with r % 8, so the 8 rows
-// of a column lie in different banks. Without: "core matrices" of 8 rows x
-// 16 bytes, columns 128 bytes apart, 8-row groups HD * 16 bytes apart.
-template <int HD>
-__device__ __forceinline__ int wg_offset(int r, int c) {
-#if WG_SWIZZLE
-    return (c / 8) * 8192 + r * 128 + (((c % 8) ^ (r % 8)) * 16);
-#else
-    return (r / 8) * (HD * 16) + c * 128 + (r % 8) * 16;
-#endif
-}
+// row, in the 128-byte swizzle (what TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B): 64-dim blocks of 64 rows x 128 bytes, 8 KiB
+// apart, the column's place in its row XORed with r % 8, so the 8 rows of a
+// column lie in different banks.
+__device__ __forceinline__ int wg_offset(int r, int c) { return (c / 8) * 8192 + r * 128 + (((c % 8) ^ (r % 8)) * 16); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -1195,18 +1181,67 @@ __device__ __forceinline__ void wgmma_pv<128>(float* o, const unsigned* a, unsig
     wgmma_64x128_rs(o, a, b);
 }
 
+// A TMA tensor map (CUtensorMap, opaque), passed by value.
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// One arrival that also expects `bytes` of asynchronous copies.
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+// Waits until the barrier's phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done)
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+}
+
+// A box of the tensor map at (c0 = column, c1 = row) into shared memory,
+// counted against `bar`'s expected bytes; rows past the map arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int c0, int c1, unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// K and V tiles come from the paged cache by TMA: `kv_map` views the whole
+// pool as rows of kv_dim bf16 (`[layer][k|v][slot]`), boxes of 64 dims x
+// min(block_size, 64) slots in the 128-byte swizzle that wgmma reads, so a
+// 64-key tile is 64 / rows-per-box boxes per 64-dim sector for each of K and
+// V. Two stages; the warpgroup that finishes a tile last refills its stage
+// with the tile two ahead (one thread per box of its first warp issues the
+// copies, the boxes' cache rows looked up a tile earlier), so the two
+// warpgroups never wait on each other except for a tile's data.
 template <int HD>
-__device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache,
+__device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* kv_map, int k_row0, int v_row0,
                                      const int* block_tables, const int* positions, const int* tile_seq,
                                      const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
                                      int max_blocks, float scale) {
-    constexpr int TILE = WG_K * HD;    // bf16 per K (or V) tile
-    constexpr int VEC = HD / 8;        // 16-byte vectors per row
-    static_assert(HD % 64 == 0, "the copy loop takes 64-dim sectors");
+    constexpr int TILE = WG_K * HD;           // bf16 per K (or V) tile
+    constexpr int VEC = HD / 8;               // 16-byte vectors per row
+    constexpr unsigned STAGE_BYTES = TILE * 4;  // a K and a V tile
+    static_assert(HD % 64 == 0, "TMA boxes are 64-dim sectors");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem_raw);  // [2][TILE]
     bf16* vbuf = kbuf + 2 * TILE;                     // [2][TILE]
     bf16* qbuf = vbuf + 2 * TILE;                     // [2 warpgroups][64 * HD]
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(qbuf + 2 * 64 * HD);  // [2]: a stage landed
+    unsigned* finished = reinterpret_cast<unsigned*>(full + 2);  // [2]: warpgroups done with a stage, ever
 
     // Head pairs along x, tiles along y, last tile first: blocks start in
     // x-major order, so every pair's longest tiles go first and the short
@@ -1217,6 +1252,7 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
     int h = blockIdx.x * 2 + wg, kvh = h / (nh / nkv);
     int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
     int lane = wtid % WARP, g = lane >> 2, t4 = lane & 3;
+    bool copier = wtid < WARP;  // the first warp of each warpgroup
     const int* table = block_tables + (long long)s * max_blocks;
 
     int ra = (wtid / WARP) * 16 + g, rb = ra + 8;
@@ -1227,35 +1263,42 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
     int last_pos = positions[row0 + nrows - 1];
     int ntiles = last_pos / WG_K + 1;
 
-    // Thread t copies key t % 64 of a tile: the 32-byte sectors of its row
-    // numbered t / 64, t / 64 + 4, ... (two 16-byte columns each). Its slot
-    // in the paged cache is looked up a tile ahead, so the block-table read
-    // never stalls the copy; -1 past the last key (zero-filled).
-    int kj = tid % WG_K, tg = tid / WG_K;
-    auto slot_of = [&](int it) -> int {
-        int pos = it * WG_K + kj;
-        return pos <= last_pos ? table[pos / block_size] * block_size + pos % block_size : -1;
+    // Lane b of a copier warp fetches box b of a tile: its cache row (slot),
+    // or a row past the map (zeros) when the box starts past the last key.
+    int box_rows = min(block_size, WG_K), boxes = WG_K / box_rows;
+    auto box_row = [&](int it) -> int {
+        int key = it * WG_K + lane * box_rows;
+        return lane < boxes && key <= last_pos ? table[key / block_size] * block_size + key % block_size : -1;
     };
-    auto load_tile = [&](int slot, int stage) {
-        bool valid = slot >= 0;
-        long long off = (long long)(valid ? slot : 0) * kv_dim + kvh * HD;
+    auto fetch = [&](int it, int row) {
+        int st = it & 1;
+        if (lane == 0) mbar_expect_tx(&full[st], STAGE_BYTES);
+        __syncwarp();
+        if (lane < boxes) {
+            int kr = row < 0 ? 0x7fff0000 : k_row0 + row, vr = row < 0 ? 0x7fff0000 : v_row0 + row;
 #pragma unroll
-        for (int n = 0; n < HD / 64; n++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int c = 2 * (tg + 4 * n) + e;  // 16-byte column
-                int dst = stage * TILE + wg_offset<HD>(kj, c) / 2;
-                cp_async16(kbuf + dst, k_cache + off + c * 8, valid);
-                cp_async16(vbuf + dst, v_cache + off + c * 8, valid);
+            for (int n = 0; n < HD / 64; n++) {
+                int off = st * TILE + n * 64 * WG_K + lane * box_rows * 64;
+                tma_load_2d(kbuf + off, kv_map, kvh * HD + n * 64, kr, &full[st]);
+                tma_load_2d(vbuf + off, kv_map, kvh * HD + n * 64, vr, &full[st]);
             }
         }
-        asm volatile("cp.async.commit_group;\n" ::);
     };
-    int next_slot = slot_of(1);
-    load_tile(slot_of(0), 0);
+    if (tid == 0) {
+        mbar_init(&full[0], 1);
+        mbar_init(&full[1], 1);
+        finished[0] = finished[1] = 0;
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0 && copier) {
+        fetch(0, box_row(0));
+        if (ntiles > 1) fetch(1, box_row(1));
+    }
+    int next_row = copier ? box_row(2) : -1;
 
     // This warpgroup's 64 query rows, scaled and rounded to bf16, in the same
-    // core-matrix layout (rows past the tile are zero).
+    // swizzled layout (rows past the tile are zero).
     bf16* qs = qbuf + wg * 64 * HD;
     for (int i = wtid; i < 64 * VEC; i += 128) {
         int r = i % 64, c = i / 64;  // row, 16-byte column
@@ -1268,49 +1311,34 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
             packed[2] = pack_bf16(y.x * scale, y.y * scale);
             packed[3] = pack_bf16(y.z * scale, y.w * scale);
         }
-        *reinterpret_cast<uint4*>(qs + wg_offset<HD>(r, c) / 2) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        *reinterpret_cast<uint4*>(qs + wg_offset(r, c) / 2) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
+    fence_proxy_async();
+    __syncthreads();
 
     float o[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float* of = &o[0][0];  // the same registers, flat, for the wgmma operands
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
-    // Descriptors (start, leading byte offset, stride byte offset). Swizzled:
-    // Q and K (K-major) step 32 bytes along a 128-byte row per 16 dims and 8
-    // KiB per 64 dims, 8-row groups 1 KiB apart (the leading offset is
-    // unused); V (MN-major) steps 2 KiB per 16 keys, its leading offset is
-    // the next 64 dims (8 KiB), its stride offset the next 8 keys (1 KiB).
-    // Unswizzled: for K-major operands the leading offset steps along K (the
-    // next 16-byte column, 128 bytes on) and the stride offset along M/N (the
-    // next 8 rows); for MN-major V the two exchange roles.
-#if WG_SWIZZLE
+    // Descriptors (start, leading byte offset, stride byte offset), 128-byte
+    // swizzle: Q and K (K-major) step 32 bytes along a 128-byte row per 16
+    // dims and 8 KiB per 64 dims, 8-row groups 1 KiB apart (the leading
+    // offset is unused); V (MN-major) steps 2 KiB per 16 keys, its leading
+    // offset is the next 64 dims (8 KiB), its stride offset the next 8 keys.
     auto qk_desc = [](const bf16* base, int kd) {
         return wg_desc(reinterpret_cast<const unsigned char*>(base) + (kd / 4) * 8192 + (kd % 4) * 32, 16, 1024);
     };
     auto v_desc = [](const bf16* base, int kk) {
         return wg_desc(reinterpret_cast<const unsigned char*>(base) + kk * 2048, 8192, 1024);
     };
-#else
-    constexpr unsigned GROUP_BYTES = HD * 16;  // 8 rows of HD bf16
-    auto qk_desc = [](const bf16* base, int kd) { return wg_desc(base + kd * 128, 128, GROUP_BYTES); };
-    auto v_desc = [](const bf16* base, int kk) { return wg_desc(base + kk * 2 * 8 * HD, GROUP_BYTES, 128); };
-#endif
 
     for (int it = 0; it < ntiles; it++) {
-        // Tile `it` (copied during the previous iteration) has landed; after
-        // the barrier every warpgroup is done with tile it - 1, so its stage
-        // takes tile it + 1, which copies while this one computes.
-        asm volatile("cp.async.wait_group 0;\n" ::);
-        fence_proxy_async();
-        __syncthreads();
-        if (it + 1 < ntiles) {
-            load_tile(next_slot, (it + 1) & 1);
-            next_slot = slot_of(it + 2);
-        }
+        int st = it & 1;
+        mbar_wait(&full[st], (it >> 1) & 1);
         int k0 = it * WG_K;
-        const bf16* ks = kbuf + (it & 1) * TILE;
-        const bf16* vs = vbuf + (it & 1) * TILE;
+        const bf16* ks = kbuf + st * TILE;
+        const bf16* vs = vbuf + st * TILE;
 
         float sc[8][4];
         float* sf = &sc[0][0];
@@ -1344,17 +1372,27 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const bf16* k_
         wgmma_wait0();
 #pragma unroll
         for (int j = 0; j < HD / 2; j++) reg_fence(of[j]);
+
+        // This warpgroup's products over the stage are complete; the second
+        // warpgroup to get here refills it with the tile two ahead.
+        if (copier) {
+            unsigned before = 0;
+            if (lane == 0) before = atomicAdd(&finished[st], 1u);
+            bool last = __shfl_sync(0xffffffff, before, 0) & 1;
+            if (last && it + 2 < ntiles) fetch(it + 2, next_row);
+            next_row = box_row(it + 3);
+        }
     }
     store_rows<HD>(out, o, l_a, l_b, ra, rb, nrows, row0, q_dim, h, t4);
 }
 
 #define PREFILL_ATTENTION_WG(HD)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, WG_MIN_BLOCKS) prefill_attention_wg##HD(                    \
-        bf16* out, const float* qkv, const bf16* k_cache, const bf16* v_cache, const int* block_tables,         \
-        const int* positions, const int* tile_seq, const int* tile_row0, const int* tile_rows, int nh, int nkv, \
-        int hd, int block_size, int max_blocks, float scale) {                                                   \
-        prefill_attention_wg<HD>(out, qkv, k_cache, v_cache, block_tables, positions, tile_seq, tile_row0,      \
-                                 tile_rows, nh, nkv, block_size, max_blocks, scale);                            \
+        bf16* out, const float* qkv, const __grid_constant__ TmaMap kv_map, int k_row0, int v_row0,             \
+        const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,               \
+        const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {           \
+        prefill_attention_wg<HD>(out, qkv, &kv_map, k_row0, v_row0, block_tables, positions, tile_seq,          \
+                                 tile_row0, tile_rows, nh, nkv, block_size, max_blocks, scale);                 \
     }
 PREFILL_ATTENTION_WG(64)
 PREFILL_ATTENTION_WG(128)

@@ -195,6 +195,67 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// A TMA tensor map, passed to a kernel by value (`TmaMap` in llama.cu).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub(super) struct TmaMap(drv_sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 128-aligned struct, which the kernels take as a
+// `__grid_constant__` parameter of the same size.
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+/// Rows a TMA box of the KV pool takes for `block_size`: one page, or 64
+/// keys of one; `None` where tiles of 64 keys don't fall on whole boxes or a
+/// box isn't a whole number of 8-row swizzle atoms.
+pub(super) fn kv_box_rows(block_size: usize) -> Option<u32> {
+    let whole = if block_size <= 64 {
+        block_size > 0 && 64 % block_size == 0
+    } else {
+        block_size.is_multiple_of(64)
+    };
+    let rows = block_size.min(64);
+    (whole && rows.is_multiple_of(8)).then_some(rows as u32)
+}
+
+/// The KV pool at `base` as a TMA tensor map: `rows` rows of `row_elems`
+/// bf16, read in boxes of 64 values x `box_rows` rows with the 128-byte
+/// swizzle that the wgmma prefill kernel's shared-memory tiles use; rows past
+/// the end read as zeros.
+pub(super) fn kv_tensor_map(
+    base: u64,
+    rows: usize,
+    row_elems: usize,
+    box_rows: u32,
+) -> Result<TmaMap, CudaError> {
+    use drv_sys::*;
+    let dims: [cuuint64_t; 2] = [row_elems as u64, rows as u64];
+    let strides: [cuuint64_t; 1] = [row_elems as u64 * 2];
+    let boxes: [cuuint32_t; 2] = [64, box_rows];
+    let steps: [cuuint32_t; 2] = [1, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: every pointer is to a local array of the rank's length, and the
+    // map is written in full on success.
+    let rc = unsafe {
+        cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    rc.result().map_err(CudaError::from)?;
+    // SAFETY: initialised by the successful call above.
+    Ok(TmaMap(unsafe { map.assume_init() }))
+}
+
 /// Page-locked host memory: device-to-host copies into it run at full PCIe
 /// speed and can be asynchronous.
 pub(super) struct PinnedBuffer {

@@ -58,8 +58,8 @@ use super::{
 use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 use crate::model::{ModelConfig, Weights};
 use device::{
-    alloc, alloc_pinned, decode_v2_index, gemv_index, DeviceBuffer, Dtype, Gpu, PinnedBuffer,
-    DECODE_V2_GROUPS, MAX_ATTENTION_SMEM,
+    alloc, alloc_pinned, decode_v2_index, gemv_index, kv_box_rows, kv_tensor_map, DeviceBuffer,
+    Dtype, Gpu, PinnedBuffer, TmaMap, DECODE_V2_GROUPS, MAX_ATTENTION_SMEM,
 };
 use weights::DeviceWeights;
 
@@ -357,6 +357,9 @@ struct KvPool {
     num_blocks: usize,
     /// K and V of every layer: `[layer][k|v][num_blocks * block_size, kv_dim]`.
     data: DeviceBuffer,
+    /// `data` as one TMA tensor map of `2 * layers * num_blocks * block_size`
+    /// rows, for the wgmma prefill kernel (when it runs).
+    tma: Option<TmaMap>,
     layout: InputLayout,
     inputs: DeviceBuffer,
     host_inputs: PinnedBuffer,
@@ -421,7 +424,10 @@ pub struct CudaBackend {
     /// (`TANDEM_CUDA_GEMV_MAX_BLOCKS`, for measuring and checking); unset,
     /// two per SM.
     gemv_max_blocks: Option<usize>,
-    /// The prefill-attention kernel ([`prefill_kernel`]).
+    /// The prefill-attention kernel for this model and GPU ([`prefill_kernel`]).
+    prefill_preferred: PrefillKernel,
+    /// The one multi-token steps run with the current KV pool: the wgmma
+    /// kernel needs the pool's TMA map, else mma.sync stands in.
     prefill: PrefillKernel,
     /// This backend's rank in a tensor-parallel group: it holds a shard of
     /// the model and sums the output and down projections with its peers.
@@ -619,6 +625,7 @@ impl CudaBackend {
             gemv_max_blocks: std::env::var("TANDEM_CUDA_GEMV_MAX_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            prefill_preferred: prefill,
             prefill,
             tp: None,
             gpu,
@@ -1266,28 +1273,58 @@ impl CudaBackend {
                 launch_fn!(gpu, pdl, *kernel, launch;
                     qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
                     nh, nkv, hd, block_size, max_blocks, splits, scale)?;
+            } else if let (PrefillKernel::Wgmma, Some(map)) = (self.prefill, pool.tma.as_ref()) {
+                let wg = gpu
+                    .kernels
+                    .prefill_attention_wg
+                    .as_ref()
+                    .expect("chosen only when compiled");
+                let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
+                let launch = LaunchConfig {
+                    // Tiles along y (see llama.cu).
+                    grid_dim: (heads_in_grid as u32, plan.tiles as u32, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
+                };
+                let slots = pool.num_blocks * pool.block_size;
+                let k_row0 = (2 * li * slots) as i32;
+                let v_row0 = k_row0 + slots as i32;
+                // SAFETY: as for the other launches; the map covers the whole
+                // pool, and the kernel reads rows of this layer's K and V
+                // (or past the map, which reads zeros).
+                unsafe {
+                    gpu.stream
+                        .launch_builder(&wg[usize::from(cfg.head_dim == 128)])
+                        .arg(&attn)
+                        .arg(&qkv)
+                        .arg(map)
+                        .arg(&k_row0)
+                        .arg(&v_row0)
+                        .arg(&tables_p)
+                        .arg(&positions_p)
+                        .arg(&tile_seq_p)
+                        .arg(&tile_row0_p)
+                        .arg(&tile_rows_p)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&block_size)
+                        .arg(&max_blocks)
+                        .arg(&scale)
+                        .launch(launch)
+                }
+                .map_err(CudaError::from)?;
             } else {
                 let kernel = match (self.prefill, cfg.head_dim) {
-                    (PrefillKernel::Wgmma, hd) => {
-                        let wg = gpu
-                            .kernels
-                            .prefill_attention_wg
-                            .as_ref()
-                            .expect("chosen only when compiled");
-                        &wg[usize::from(hd == 128)]
-                    }
                     (PrefillKernel::TensorCore, 64) => &gpu.kernels.prefill_attention_tc64,
-                    (PrefillKernel::TensorCore, _) => &gpu.kernels.prefill_attention_tc128,
+                    (PrefillKernel::TensorCore, _) | (PrefillKernel::Wgmma, _) => {
+                        &gpu.kernels.prefill_attention_tc128
+                    }
                     (PrefillKernel::Scalar, _) => &gpu.kernels.prefill_attention,
                 };
                 let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
                 let launch = LaunchConfig {
-                    // The wgmma kernel takes its tiles along y (see llama.cu).
-                    grid_dim: if self.prefill == PrefillKernel::Wgmma {
-                        (heads_in_grid as u32, plan.tiles as u32, 1)
-                    } else {
-                        (plan.tiles as u32, heads_in_grid as u32, 1)
-                    },
+                    grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
                 };
@@ -1657,8 +1694,9 @@ fn prefill_smem(cfg: &ModelConfig, kernel: PrefillKernel) -> usize {
     let hd = cfg.head_dim;
     match kernel {
         // K and V tiles of 64 keys, double-buffered, and 64 query rows for
-        // each of the two warpgroups, all bf16 without padding.
-        PrefillKernel::Wgmma => (2 * 2 * 64 + 2 * 64) * hd * 2,
+        // each of the two warpgroups, all bf16 without padding; then the two
+        // stages' barriers and counters.
+        PrefillKernel::Wgmma => (2 * 2 * 64 + 2 * 64) * hd * 2 + 32,
         // K and V tiles of 64 keys, double-buffered, bf16 rows padded by 8,
         // and 16 query rows per warp (group * tile / 16 warps), padded alike.
         PrefillKernel::TensorCore => {
@@ -1733,6 +1771,23 @@ impl ComputeBackend for CudaBackend {
         let bytes = self.cfg.kv_bytes_per_token(2) * block_size * num_blocks;
         let data = alloc(bytes)?;
         self.gpu.zero(&data)?;
+        let slots = block_size * num_blocks;
+        let rows = 2 * self.cfg.num_layers * slots;
+        let row_elems = self.cfg.num_kv_heads * self.cfg.head_dim;
+        // The kernel addresses rows with i32 coordinates.
+        let tma = match kv_box_rows(block_size) {
+            Some(box_rows)
+                if self.prefill_preferred == PrefillKernel::Wgmma && rows < 0x7fff_0000 =>
+            {
+                Some(kv_tensor_map(data.ptr(), rows, row_elems, box_rows)?)
+            }
+            _ => None,
+        };
+        self.prefill = match (self.prefill_preferred, &tma) {
+            (PrefillKernel::Wgmma, None) => PrefillKernel::TensorCore,
+            (kernel, _) => kernel,
+        };
+        tracing::debug!(prefill = ?self.prefill, block_size, "prefill attention kernel for the KV pool");
         let layout = InputLayout {
             max_tokens: self.opts.max_batch_tokens,
             max_seqs: self.opts.max_num_seqs,
@@ -1746,6 +1801,7 @@ impl ComputeBackend for CudaBackend {
             block_size,
             num_blocks,
             data,
+            tma,
             layout,
             inputs,
             host_inputs,
@@ -2144,6 +2200,22 @@ mod tests {
     }
 
     #[test]
+    fn kv_tma_boxes_are_whole_swizzle_atoms_that_tile_64_keys() {
+        // One page a box up to 64 keys, 64 keys of a page beyond.
+        assert_eq!(kv_box_rows(16), Some(16));
+        assert_eq!(kv_box_rows(8), Some(8));
+        assert_eq!(kv_box_rows(32), Some(32));
+        assert_eq!(kv_box_rows(64), Some(64));
+        assert_eq!(kv_box_rows(256), Some(64));
+        // Pages of 4 rows would split the 8-row swizzle atom; 48 or 96 keys
+        // don't tile 64; these pools run the mma.sync kernel.
+        assert_eq!(kv_box_rows(4), None);
+        assert_eq!(kv_box_rows(48), None);
+        assert_eq!(kv_box_rows(96), None);
+        assert_eq!(kv_box_rows(0), None);
+    }
+
+    #[test]
     fn prefill_kernel_follows_head_dim_group_and_architecture() {
         let llama = crate::model::dummy::config("llama3-8b").unwrap(); // 32/8 heads, 128
         let smol = crate::model::dummy::config("smollm2-135m").unwrap(); // 9/3 heads, 64
@@ -2160,7 +2232,7 @@ mod tests {
         assert_eq!(prefill_tile(&llama, PrefillKernel::Wgmma), 64);
         assert_eq!(prefill_block(&llama, PrefillKernel::Wgmma), (256, 16));
         assert_eq!(prefill_block(&llama, PrefillKernel::TensorCore), (256, 8));
-        assert_eq!(prefill_smem(&llama, PrefillKernel::Wgmma), 96 * 1024);
+        assert_eq!(prefill_smem(&llama, PrefillKernel::Wgmma), 96 * 1024 + 32);
         assert!(
             prefill_smem(&llama, PrefillKernel::Wgmma)
                 < prefill_smem(&llama, PrefillKernel::TensorCore)
