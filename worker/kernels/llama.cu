@@ -1078,10 +1078,13 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 }
 
 // ---------------------------------------------------------------------------
-// Hopper prefill attention (wgmma, sm_90a only). Same arithmetic as
+// Hopper prefill attention (wgmma, sm_90a only). The arithmetic of
 // prefill_attention_tc (Q scaled by 1/sqrt(d) and rounded to bf16, exp2
 // softmax in f32, probabilities rounded to bf16 for the P*V product, f32
-// accumulation), so the CPU mirror of the one serves the other.
+// accumulation), so the CPU mirror of the one serves the other, except that
+// the probabilities are rounded relative to a running maximum that may trail
+// the true one by up to 2^WG_MAX_SLACK (softmax_wg): the same relative
+// rounding error, on slightly different values.
 //
 // One block of two warpgroups per (pair of query heads of one KV head, 64-row
 // query tile): each warpgroup takes one head's 64 rows, and both share the
@@ -1098,6 +1101,12 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // attention faster than with 1 block of up to 255 registers).
 #ifndef WG_MIN_BLOCKS
 #define WG_MIN_BLOCKS 2
+#endif
+// How far (log2 units) a row's running maximum may trail a tile's before
+// the row's output and sum are rescaled (see softmax_wg); 0 rescales on every
+// increase.
+#ifndef WG_MAX_SLACK
+#define WG_MAX_SLACK 8
 #endif
 
 // A shared-memory matrix descriptor in the 128-byte swizzle: start address,
@@ -1219,6 +1228,72 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int c0
         : "memory");
 }
 
+// The online-softmax step of the wgmma kernel. Scores stay in natural units
+// up to the exponent (one FFMA a score: s * log2e - m), and a row's running
+// maximum m moves only when a tile's exceeds it by more than WG_MAX_SLACK
+// (log2 units): the weights exp2(s - m) then reach at most 2^WG_MAX_SLACK,
+// harmless in f32 and for bf16's relative rounding, and the rescaling of the
+// output and sum (a multiply per output value) runs only in warps where some
+// row's maximum moved, which after the first tiles is rare.
+template <int NO>
+__device__ __forceinline__ void softmax_wg(float (&sc)[8][4], float (&o)[NO][4], float& m_a, float& m_b, float& l_a,
+                                           float& l_b, bool mask, int k0, int t4, int pos_a, int pos_b) {
+    const float log2e = 1.4426950408889634f;
+    if (mask) {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = k0 + j * 8 + t4 * 2 + e;
+                if (key > pos_a) sc[j][e] = -INFINITY;
+                if (key > pos_b) sc[j][2 + e] = -INFINITY;
+            }
+    }
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
+    }
+    for (int x = 1; x <= 2; x <<= 1) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
+    }
+    mx_a *= log2e;
+    mx_b *= log2e;
+    bool up_a = mx_a > m_a + (float)WG_MAX_SLACK, up_b = mx_b > m_b + (float)WG_MAX_SLACK;
+    float new_a = up_a ? mx_a : m_a, new_b = up_b ? mx_b : m_b;
+    // A row with every key masked so far keeps max -inf: exponentiate
+    // against 0 instead, which gives 0 for the masked scores.
+    float base_a = new_a == -INFINITY ? 0.f : new_a, base_b = new_b == -INFINITY ? 0.f : new_b;
+    if (__any_sync(0xffffffff, up_a || up_b)) {
+        float corr_a = up_a ? fast_exp2(m_a - base_a) : 1.f, corr_b = up_b ? fast_exp2(m_b - base_b) : 1.f;
+        l_a *= corr_a;
+        l_b *= corr_b;
+#pragma unroll
+        for (int j = 0; j < NO; j++) {
+            o[j][0] *= corr_a;
+            o[j][1] *= corr_a;
+            o[j][2] *= corr_b;
+            o[j][3] *= corr_b;
+        }
+    }
+    m_a = new_a;
+    m_b = new_b;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        sc[j][0] = fast_exp2(fmaf(sc[j][0], log2e, -base_a));
+        sc[j][1] = fast_exp2(fmaf(sc[j][1], log2e, -base_a));
+        sc[j][2] = fast_exp2(fmaf(sc[j][2], log2e, -base_b));
+        sc[j][3] = fast_exp2(fmaf(sc[j][3], log2e, -base_b));
+        sum_a += sc[j][0] + sc[j][1];
+        sum_b += sc[j][2] + sc[j][3];
+    }
+    l_a += sum_a;
+    l_b += sum_b;
+}
+
 // K and V tiles come from the paged cache by TMA: `kv_map` views the whole
 // pool as rows of kv_dim bf16 (`[layer][k|v][slot]`), boxes of 64 dims x
 // min(block_size, 64) slots in the 128-byte swizzle that wgmma reads, so a
@@ -1246,10 +1321,10 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* 
     // Head pairs along x, tiles along y, last tile first: blocks start in
     // x-major order, so every pair's longest tiles go first and the short
     // ones fill the last wave.
-    int tile = gridDim.y - 1 - blockIdx.y;
+    int tile = gridDim.y - 1 - blockIdx.y, pair = blockIdx.x;
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
     int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
-    int h = blockIdx.x * 2 + wg, kvh = h / (nh / nkv);
+    int h = pair * 2 + wg, kvh = h / (nh / nkv);
     int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
     int lane = wtid % WARP, g = lane >> 2, t4 = lane & 3;
     bool copier = wtid < WARP;  // the first warp of each warpgroup
@@ -1353,8 +1428,7 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* 
 #pragma unroll
         for (int j = 0; j < 32; j++) reg_fence(sf[j]);
 
-        scores_to_log2(sc, k0 + WG_K - 1 > warp_first, k0, t4, pos_a, pos_b);
-        online_softmax(sc, o, m_a, m_b, l_a, l_b);
+        softmax_wg(sc, o, m_a, m_b, l_a, l_b, k0 + WG_K - 1 > warp_first, k0, t4, pos_a, pos_b);
         unsigned p[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {

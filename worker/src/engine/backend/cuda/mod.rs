@@ -1317,10 +1317,11 @@ impl CudaBackend {
             } else {
                 let kernel = match (self.prefill, cfg.head_dim) {
                     (PrefillKernel::TensorCore, 64) => &gpu.kernels.prefill_attention_tc64,
-                    (PrefillKernel::TensorCore, _) | (PrefillKernel::Wgmma, _) => {
-                        &gpu.kernels.prefill_attention_tc128
-                    }
+                    (PrefillKernel::TensorCore, _) => &gpu.kernels.prefill_attention_tc128,
                     (PrefillKernel::Scalar, _) => &gpu.kernels.prefill_attention,
+                    (PrefillKernel::Wgmma, _) => {
+                        unreachable!("init_kv_cache picks wgmma only with the pool's TMA map")
+                    }
                 };
                 let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
                 let launch = LaunchConfig {
