@@ -828,6 +828,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // m16n8 accumulator layout: sc[j] = keys 8j + 2 * (lane % 4) + {0, 1} of row g,
 // then of row g + 8; o[j] likewise for output dims.
 
+// Keys past a row's position masked out (-inf) in a tile of scores starting
+// at key k0.
+template <int NJ>
+__device__ __forceinline__ void mask_scores(float (&sc)[NJ][4], int k0, int t4, int pos_a, int pos_b) {
+#pragma unroll
+    for (int j = 0; j < NJ; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int key = k0 + j * 8 + t4 * 2 + e;
+            if (key > pos_a) sc[j][e] = -INFINITY;
+            if (key > pos_b) sc[j][2 + e] = -INFINITY;
+        }
+}
+
 // Scores into log2 units; keys past a row's position masked out when the
 // tile reaches past the first row (`mask`).
 template <int NJ>
@@ -840,15 +854,33 @@ __device__ __forceinline__ void scores_to_log2(float (&sc)[NJ][4], bool mask, in
         sc[j][2] *= log2e;
         sc[j][3] *= log2e;
     }
-    if (mask) {
+    if (mask) mask_scores(sc, k0, t4, pos_a, pos_b);
+}
+
+// Row maxima of a tile of scores, starting from (mx_a, mx_b), across the quad
+// that holds each row.
+template <int NJ>
+__device__ __forceinline__ void quad_row_max(const float (&sc)[NJ][4], float& mx_a, float& mx_b) {
 #pragma unroll
-        for (int j = 0; j < NJ; j++)
+    for (int j = 0; j < NJ; j++) {
+        mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
+        mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
+    }
+    for (int x = 1; x <= 2; x <<= 1) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
+    }
+}
+
+// Output rows a and b of a thread scaled by corr_a and corr_b.
+template <int NO>
+__device__ __forceinline__ void scale_rows(float (&o)[NO][4], float corr_a, float corr_b) {
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int key = k0 + j * 8 + t4 * 2 + e;
-                if (key > pos_a) sc[j][e] = -INFINITY;
-                if (key > pos_b) sc[j][2 + e] = -INFINITY;
-            }
+    for (int j = 0; j < NO; j++) {
+        o[j][0] *= corr_a;
+        o[j][1] *= corr_a;
+        o[j][2] *= corr_b;
+        o[j][3] *= corr_b;
     }
 }
 
@@ -859,15 +891,7 @@ template <int NJ, int NO>
 __device__ __forceinline__ void online_softmax(float (&sc)[NJ][4], float (&o)[NO][4], float& m_a, float& m_b,
                                                float& l_a, float& l_b) {
     float mx_a = m_a, mx_b = m_b;
-#pragma unroll
-    for (int j = 0; j < NJ; j++) {
-        mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
-        mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
-    }
-    for (int x = 1; x <= 2; x <<= 1) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-    }
+    quad_row_max(sc, mx_a, mx_b);
     // A row with every key masked so far keeps max -inf: exponentiate
     // against 0 instead, which gives 0 for the masked scores.
     float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
@@ -886,13 +910,7 @@ __device__ __forceinline__ void online_softmax(float (&sc)[NJ][4], float (&o)[NO
     l_b = l_b * corr_b + sum_b;
     m_a = mx_a;
     m_b = mx_b;
-#pragma unroll
-    for (int j = 0; j < NO; j++) {
-        o[j][0] *= corr_a;
-        o[j][1] *= corr_a;
-        o[j][2] *= corr_b;
-        o[j][3] *= corr_b;
-    }
+    scale_rows(o, corr_a, corr_b);
 }
 
 // Sums the row totals across the quad and writes rows ra and rb of the tile
@@ -1239,26 +1257,9 @@ template <int NO>
 __device__ __forceinline__ void softmax_wg(float (&sc)[8][4], float (&o)[NO][4], float& m_a, float& m_b, float& l_a,
                                            float& l_b, bool mask, int k0, int t4, int pos_a, int pos_b) {
     const float log2e = 1.4426950408889634f;
-    if (mask) {
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int key = k0 + j * 8 + t4 * 2 + e;
-                if (key > pos_a) sc[j][e] = -INFINITY;
-                if (key > pos_b) sc[j][2 + e] = -INFINITY;
-            }
-    }
+    if (mask) mask_scores(sc, k0, t4, pos_a, pos_b);
     float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        mx_a = fmaxf(mx_a, fmaxf(sc[j][0], sc[j][1]));
-        mx_b = fmaxf(mx_b, fmaxf(sc[j][2], sc[j][3]));
-    }
-    for (int x = 1; x <= 2; x <<= 1) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffff, mx_a, x));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffff, mx_b, x));
-    }
+    quad_row_max(sc, mx_a, mx_b);
     mx_a *= log2e;
     mx_b *= log2e;
     bool up_a = mx_a > m_a + (float)WG_MAX_SLACK, up_b = mx_b > m_b + (float)WG_MAX_SLACK;
@@ -1270,13 +1271,7 @@ __device__ __forceinline__ void softmax_wg(float (&sc)[8][4], float (&o)[NO][4],
         float corr_a = up_a ? fast_exp2(m_a - base_a) : 1.f, corr_b = up_b ? fast_exp2(m_b - base_b) : 1.f;
         l_a *= corr_a;
         l_b *= corr_b;
-#pragma unroll
-        for (int j = 0; j < NO; j++) {
-            o[j][0] *= corr_a;
-            o[j][1] *= corr_a;
-            o[j][2] *= corr_b;
-            o[j][3] *= corr_b;
-        }
+        scale_rows(o, corr_a, corr_b);
     }
     m_a = new_a;
     m_b = new_b;

@@ -1273,85 +1273,60 @@ impl CudaBackend {
                 launch_fn!(gpu, pdl, *kernel, launch;
                     qkv, k_cache, v_cache, tables_p, positions_p, pm, ps, po, counters, attn,
                     nh, nkv, hd, block_size, max_blocks, splits, scale)?;
-            } else if let (PrefillKernel::Wgmma, Some(map)) = (self.prefill, pool.tma.as_ref()) {
-                let wg = gpu
-                    .kernels
-                    .prefill_attention_wg
-                    .as_ref()
-                    .expect("chosen only when compiled");
-                let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
-                let launch = LaunchConfig {
-                    // Tiles along y (see llama.cu).
-                    grid_dim: (heads_in_grid as u32, plan.tiles as u32, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
-                };
-                let slots = pool.num_blocks * pool.block_size;
-                let k_row0 = (2 * li * slots) as i32;
-                let v_row0 = k_row0 + slots as i32;
-                // SAFETY: as for the other launches; the map covers the whole
-                // pool, and the kernel reads rows of this layer's K and V
-                // (or past the map, which reads zeros).
-                unsafe {
-                    gpu.stream
-                        .launch_builder(&wg[usize::from(cfg.head_dim == 128)])
-                        .arg(&attn)
-                        .arg(&qkv)
-                        .arg(map)
-                        .arg(&k_row0)
-                        .arg(&v_row0)
-                        .arg(&tables_p)
-                        .arg(&positions_p)
-                        .arg(&tile_seq_p)
-                        .arg(&tile_row0_p)
-                        .arg(&tile_rows_p)
-                        .arg(&nh)
-                        .arg(&nkv)
-                        .arg(&hd)
-                        .arg(&block_size)
-                        .arg(&max_blocks)
-                        .arg(&scale)
-                        .launch(launch)
-                }
-                .map_err(CudaError::from)?;
             } else {
                 let kernel = match (self.prefill, cfg.head_dim) {
+                    (PrefillKernel::Wgmma, hd) => {
+                        let wg = gpu
+                            .kernels
+                            .prefill_attention_wg
+                            .as_ref()
+                            .expect("chosen only when compiled");
+                        &wg[usize::from(hd == 128)]
+                    }
                     (PrefillKernel::TensorCore, 64) => &gpu.kernels.prefill_attention_tc64,
                     (PrefillKernel::TensorCore, _) => &gpu.kernels.prefill_attention_tc128,
                     (PrefillKernel::Scalar, _) => &gpu.kernels.prefill_attention,
-                    (PrefillKernel::Wgmma, _) => {
-                        unreachable!("init_kv_cache picks wgmma only with the pool's TMA map")
-                    }
                 };
                 let (threads, heads_in_grid) = prefill_block(cfg, self.prefill);
                 let launch = LaunchConfig {
-                    grid_dim: (plan.tiles as u32, heads_in_grid as u32, 1),
+                    // The wgmma kernel takes its tiles along y (see llama.cu).
+                    grid_dim: if self.prefill == PrefillKernel::Wgmma {
+                        (heads_in_grid as u32, plan.tiles as u32, 1)
+                    } else {
+                        (plan.tiles as u32, heads_in_grid as u32, 1)
+                    },
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: prefill_smem(cfg, self.prefill) as u32,
                 };
-                // SAFETY: as for the other launches; the prefill kernels
-                // take the same arguments.
-                unsafe {
-                    gpu.stream
-                        .launch_builder(kernel)
-                        .arg(&attn)
-                        .arg(&qkv)
-                        .arg(&k_cache)
-                        .arg(&v_cache)
-                        .arg(&tables_p)
-                        .arg(&positions_p)
-                        .arg(&tile_seq_p)
-                        .arg(&tile_row0_p)
-                        .arg(&tile_rows_p)
-                        .arg(&nh)
-                        .arg(&nkv)
-                        .arg(&hd)
-                        .arg(&block_size)
-                        .arg(&max_blocks)
-                        .arg(&scale)
-                        .launch(launch)
-                }
-                .map_err(CudaError::from)?;
+                // The wgmma kernel reads K and V through the pool's TMA map,
+                // from this layer's rows; the others through the pointers.
+                let slots = pool.num_blocks * pool.block_size;
+                let k_row0 = (2 * li * slots) as i32;
+                let v_row0 = k_row0 + slots as i32;
+                let mut args = gpu.stream.launch_builder(kernel);
+                args.arg(&attn).arg(&qkv);
+                match (self.prefill, pool.tma.as_ref()) {
+                    (PrefillKernel::Wgmma, Some(map)) => args.arg(map).arg(&k_row0).arg(&v_row0),
+                    (PrefillKernel::Wgmma, None) => {
+                        unreachable!("init_kv_cache picks wgmma only with the pool's TMA map")
+                    }
+                    _ => args.arg(&k_cache).arg(&v_cache),
+                };
+                args.arg(&tables_p)
+                    .arg(&positions_p)
+                    .arg(&tile_seq_p)
+                    .arg(&tile_row0_p)
+                    .arg(&tile_rows_p)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&hd)
+                    .arg(&block_size)
+                    .arg(&max_blocks)
+                    .arg(&scale);
+                // SAFETY: as for the other launches; the prefill kernels take
+                // these arguments, and the TMA map covers the whole pool (rows
+                // past it read as zeros).
+                unsafe { args.launch(launch) }.map_err(CudaError::from)?;
             }
             mark!(self, "attention");
             let act = ws.act.ptr();
