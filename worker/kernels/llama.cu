@@ -310,6 +310,39 @@ __global__ void silu_mul_f32(bf16* act, const float* gu, int tokens, int f) {
 // per-lane arrays stay in registers.
 #define DECODE_PER_WARP (DECODE_PARTITION / DECODE_WARPS)
 
+// Called by every thread of a split's block once its partial results are
+// written: the last of the `used` splits of one (sequence, KV head) to finish
+// combines them all into `out`, for that KV head's `group` query heads
+// (head0, head0 + 1, ...), and resets the counter for the next step (graph
+// replays reuse it).
+__device__ __forceinline__ void combine_if_last_split(int* counter, int used, const float* part_max,
+                                                      const float* part_sum, const float* part_out, bf16* out,
+                                                      long long head0, int group, int hd, int splits) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == used - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+        int g = i / hd, d = i % hd;
+        long long base = (head0 + g) * splits;
+        float m = -INFINITY;
+        for (int j = 0; j < used; j++) m = fmaxf(m, __ldcg(part_max + base + j));
+        float sum = 0.f, o = 0.f;
+        for (int j = 0; j < used; j++) {
+            float w = __expf(__ldcg(part_max + base + j) - m);
+            sum += w * __ldcg(part_sum + base + j);
+            o += w * __ldcg(part_out + (base + j) * hd + d);
+        }
+        out[(head0 + g) * hd + d] = __float2bfloat16(o / sum);
+    }
+}
+
 template <int PL>
 __device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, const bf16* v_cache,
                                       const int* block_tables, const int* positions, float* part_max,
@@ -412,34 +445,10 @@ __device__ void decode_attention_impl(const float* qkv, const bf16* k_cache, con
         int g = i / hd, d = i % hd;
         part_out[(part_base + (long long)g * splits) * hd + d] = o;
     }
-    // The last split of this (sequence, KV head) to finish combines all of
-    // them into `out` (phase 2 without another launch); it resets the counter
-    // for the next step (graph replays reuse it).
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
+    // Phase 2 without another launch.
     int used = min(splits, (ctx + DECODE_PARTITION - 1) / DECODE_PARTITION);
-    if (threadIdx.x == 0) {
-        int* counter = counters + s * nkv + kvh;
-        last = atomicAdd(counter, 1) == used - 1;
-        if (last) *counter = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
-        int g = i / hd, d = i % hd;
-        long long base = ((long long)s * nh + kvh * group + g) * splits;
-        float m = -INFINITY;
-        for (int j = 0; j < used; j++) m = fmaxf(m, __ldcg(part_max + base + j));
-        float sum = 0.f, o = 0.f;
-        for (int j = 0; j < used; j++) {
-            float w = __expf(__ldcg(part_max + base + j) - m);
-            sum += w * __ldcg(part_sum + base + j);
-            o += w * __ldcg(part_out + (base + j) * hd + d);
-        }
-        out[((long long)s * nh + kvh * group + g) * hd + d] = __float2bfloat16(o / sum);
-    }
+    combine_if_last_split(counters + s * nkv + kvh, used, part_max, part_sum, part_out, out,
+                          (long long)s * nh + kvh * group, group, hd, splits);
 }
 
 #define DECODE_ATTENTION(PL)                                                                                      \
@@ -647,32 +656,8 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
         }
     }
     if (used == 1) return;
-    // The last split of this (sequence, KV head) to finish combines them all;
-    // it resets the counter for the next step (graph replays reuse it).
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* counter = counters + s * nkv + kvh;
-        last = atomicAdd(counter, 1) == used - 1;
-        if (last) *counter = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        int g = i / HD, dd = i % HD;
-        long long pb = (head0 + g) * splits;
-        float mx = -INFINITY;
-        for (int j = 0; j < used; j++) mx = fmaxf(mx, __ldcg(part_max + pb + j));
-        float sum = 0.f, o = 0.f;
-        for (int j = 0; j < used; j++) {
-            float w = __expf(__ldcg(part_max + pb + j) - mx);
-            sum += w * __ldcg(part_sum + pb + j);
-            o += w * __ldcg(part_out + (pb + j) * HD + dd);
-        }
-        out[(head0 + g) * HD + dd] = __float2bfloat16(o / sum);
-    }
+    combine_if_last_split(counters + s * nkv + kvh, used, part_max, part_sum, part_out, out, head0, group, HD,
+                          splits);
 }
 
 #define DECODE_ATTENTION_V2(HD, G)                                                                                \
