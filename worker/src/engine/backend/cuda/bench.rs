@@ -31,6 +31,10 @@ pub struct DecodeResult {
     /// floor_ms / ms_per_step.
     pub fraction_of_floor: f64,
     pub tokens_per_s: f64,
+    /// Device time of one step: the last step's CUDA graph replayed back to
+    /// back (`None` without graphs). `ms_per_step` minus this is the host's
+    /// share: inputs, launch latency, copying the tokens back.
+    pub graph_ms: Option<f64>,
     /// CUDA graphs captured during this run (prompt, warm-up and timed
     /// steps): one per batch bucket not seen before, never one per context.
     pub graph_captures: usize,
@@ -162,6 +166,7 @@ pub fn decode(
         }
     }
     let ms = median(times);
+    let graph_ms = b.time_last_graph(32)?;
     // The median step reads the context at its middle.
     let kv_tokens = batch * (context + warmup + steps / 2);
     let floor_ms = decode_bytes(&cfg, b.weight_bytes(), kv_tokens) / FLOOR_BANDWIDTH * 1e3;
@@ -174,6 +179,7 @@ pub fn decode(
         floor_ms,
         fraction_of_floor: floor_ms / ms,
         tokens_per_s: batch as f64 / ms * 1e3,
+        graph_ms,
         graph_captures: b.captured_graphs().saturating_sub(graphs_before),
     })
 }

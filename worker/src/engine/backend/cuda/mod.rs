@@ -402,6 +402,8 @@ pub struct CudaBackend {
     opts: CudaOptions,
     // Field order is drop order: graphs and buffers go before the context.
     graphs: HashMap<(usize, usize), DecodeGraph>,
+    /// Key of the graph the last decode step replayed.
+    last_graph: Option<(usize, usize)>,
     kv: Option<KvPool>,
     ws: Workspace,
     inv_freq: DeviceBuffer,
@@ -609,6 +611,7 @@ impl CudaBackend {
             cfg,
             opts,
             graphs: HashMap::new(),
+            last_graph: None,
             kv: None,
             ws,
             inv_freq,
@@ -795,6 +798,34 @@ impl CudaBackend {
     /// Number of CUDA graphs captured so far (one per decode bucket seen).
     pub fn captured_graphs(&self) -> usize {
         self.graphs.len()
+    }
+
+    /// Device time in ms of one replay of the last decode step's graph,
+    /// timed over `n` replays back to back (the same step again: same
+    /// tokens, same cache slots). What a step costs the GPU without the
+    /// host's share (inputs, launch, copying the tokens back); `None` when no
+    /// graph has run yet.
+    pub fn time_last_graph(&self, n: usize) -> Result<Option<f64>, BackendError> {
+        use cudarc::driver::sys::CUevent_flags;
+        let Some(graph) = self.last_graph.and_then(|k| self.graphs.get(&k)) else {
+            return Ok(None);
+        };
+        self.gpu.bind()?;
+        let event = || {
+            self.gpu
+                .stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(CudaError::from)
+        };
+        graph.0.launch().map_err(CudaError::from)?;
+        let start = event()?;
+        for _ in 0..n {
+            graph.0.launch().map_err(CudaError::from)?;
+        }
+        let end = event()?;
+        end.synchronize().map_err(CudaError::from)?;
+        let ms = start.elapsed_ms(&end).map_err(CudaError::from)? as f64;
+        Ok(Some(ms / n.max(1) as f64))
     }
 
     /// The KV pool's geometry as the cuda-ipc transport describes it.
@@ -1044,8 +1075,12 @@ impl CudaBackend {
                     self.graphs.insert(key, graph);
                 }
                 self.graphs[&key].0.launch().map_err(CudaError::from)?;
+                self.last_graph = Some(key);
             }
-            None => self.enqueue(&plan, head_rows, sink)?,
+            None => {
+                self.last_graph = None;
+                self.enqueue(&plan, head_rows, sink)?
+            }
         }
         // Rows of the head output that belong to sequences wanting logits.
         let wanted: Vec<usize> = if bucket.is_some() {
@@ -1080,10 +1115,14 @@ impl CudaBackend {
                 }
             }
             StepOutput::Sampled(_, tokens) => {
+                // Into page-locked memory (the logits' buffer, unused here):
+                // a copy to pageable memory is staged by the driver and costs
+                // more than a step of a small model's kernels.
                 let n = wanted.last().map_or(0, |&r| r + 1);
-                let mut ids = vec![0i32; n];
-                self.gpu.copy_from(self.ws.next_tokens.ptr(), &mut ids)?;
+                let ids: &mut [i32] = self.host_logits.as_mut_slice(n);
+                self.gpu.copy_from(self.ws.next_tokens.ptr(), ids)?;
                 self.gpu.synchronize()?;
+                let ids: &[i32] = self.host_logits.as_slice(n);
                 tokens.clear();
                 tokens.extend(wanted.iter().map(|&r| ids[r] as u32));
             }
