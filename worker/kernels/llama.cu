@@ -486,6 +486,12 @@ DECODE_ATTENTION(8)
 // and the last to finish (counted in `counters`) combines them.
 #define DECODE_MIN_CHUNK 128
 
+// Positions a block loads in one round (before the first use of any), when
+// registers allow (tunable for measuring: TANDEM_CUDA_DEFINES).
+#ifndef DECODE_V2_ROUND
+#define DECODE_V2_ROUND 128
+#endif
+
 template <int HD, int G>
 __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, const bf16* v_cache,
                                          const int* block_tables, const int* positions, float* part_max,
@@ -494,22 +500,73 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
     constexpr int T = HD / 8;
     constexpr int KPW = WARP / T;
     constexpr int STRIDE = DECODE_WARPS * KPW;
-    // Positions in flight per lane: about 128 per block, fewer for large
-    // groups (registers).
+    // Positions in flight per lane: DECODE_V2_ROUND per block, at most 4 a
+    // lane for large groups and 8 for the others (registers).
     constexpr int UNROLL_CAP = G > 4 ? 4 : 8;
-    constexpr int UNROLL = HD / 16 < UNROLL_CAP ? HD / 16 : UNROLL_CAP;
+    constexpr int UNROLL_WANT = DECODE_V2_ROUND / STRIDE > 0 ? DECODE_V2_ROUND / STRIDE : 1;
+    constexpr int UNROLL = UNROLL_WANT < UNROLL_CAP ? UNROLL_WANT : UNROLL_CAP;
+    constexpr int ROUND = STRIDE * UNROLL;
     extern __shared__ float decode_smem[];
     int s = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int group = nh / nkv;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int sub = lane / T, part = lane % T;
     pdl_trigger();
-    pdl_wait();
-    int ctx = positions[s] + 1;
+    // Until pdl_wait only what the step had before it began is read: its
+    // inputs (positions, block tables) and the cache rows of earlier
+    // positions. Q and the newest position's K and V come from the kernel
+    // before, still running. Every block waits before it ends (see
+    // pdl_trigger).
+    int ctx = positions[s] + 1, newest = ctx - 1;
     int used = min(splits, max(1, ctx / DECODE_MIN_CHUNK));
-    if (split >= used) return;
+    if (split >= used) {
+        pdl_wait();
+        return;
+    }
     int chunk = (ctx + used - 1) / used;
     int begin = split * chunk, end = min(begin + chunk, ctx);
+    const int* table = block_tables + (long long)s * max_blocks;
+    long long kv_dim = (long long)nkv * HD;
+    const bf16* kbase = k_cache + kvh * HD + part * 8;
+    const bf16* vbase = v_cache + kvh * HD + part * 8;
+    auto row_of = [&](int p) { return (long long)table[p / block_size] * block_size + p % block_size; };
+    // The first round's rows in registers (but the newest position's), the
+    // rest of the chunk's into L2, one prefetch per 128-byte line.
+    int base0 = begin + warp * KPW;
+    uint4 kr[UNROLL], vr[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+        int p = min(base0 + sub + u * STRIDE, end - 1);
+        if (p != newest) {
+            long long slot = row_of(p);
+            kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
+            vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
+        }
+    }
+    int old_end = min(end, newest);
+    if (part % 8 == 0) {
+        for (int b = base0 + ROUND; b < old_end; b += ROUND) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                int p = b + sub + u * STRIDE;
+                if (p < old_end) {
+                    long long slot = row_of(p);
+                    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kbase + slot * kv_dim));
+                    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(vbase + slot * kv_dim));
+                }
+            }
+        }
+    }
+    pdl_wait();
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+        int p = min(base0 + sub + u * STRIDE, end - 1);
+        if (p == newest) {
+            long long slot = row_of(p);
+            kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
+            vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
+        }
+    }
 
     int width = (nh + 2 * nkv) * HD;
     const float* qrow = qkv + (long long)s * width + kvh * group * HD + part * 8;
@@ -524,10 +581,6 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
         q[g][0] = a.x * scale, q[g][1] = a.y * scale, q[g][2] = a.z * scale, q[g][3] = a.w * scale;
         q[g][4] = b.x * scale, q[g][5] = b.y * scale, q[g][6] = b.z * scale, q[g][7] = b.w * scale;
     }
-    const int* table = block_tables + (long long)s * max_blocks;
-    long long kv_dim = (long long)nkv * HD;
-    const bf16* kbase = k_cache + kvh * HD + part * 8;
-    const bf16* vbase = v_cache + kvh * HD + part * 8;
     float m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -538,14 +591,14 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
     }
     // `base` is uniform over the warp, so every lane runs the same
     // iterations (the shuffles below need the whole warp).
-    for (int base = begin + warp * KPW; base < end; base += STRIDE * UNROLL) {
-        uint4 kr[UNROLL], vr[UNROLL];
+    for (int base = base0; base < end; base += ROUND) {
+        if (base != base0) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            int p = min(base + sub + u * STRIDE, end - 1);
-            long long slot = (long long)table[p / block_size] * block_size + p % block_size;
-            kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
-            vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
+            for (int u = 0; u < UNROLL; u++) {
+                long long slot = row_of(min(base + sub + u * STRIDE, end - 1));
+                kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
+                vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
+            }
         }
         float d[G][UNROLL];
 #pragma unroll
@@ -1538,7 +1591,10 @@ __device__ void gemv_stage(bf16* xs, const float* x, const float* norm_w, const 
 // For a small matrix (rows x K bf16), starts pulling rows a and b into L2;
 // then lets the next kernel launch and waits for the previous one: the
 // weights stream in while the previous kernel finishes.
-__device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, int K, long long rows, int lane) {
+// The block's norm weights (K floats, when given) go into L1: the staging
+// reads them right after the wait.
+__device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, int K, long long rows, int lane,
+                                              const float* norm_w = nullptr) {
     if (rows * K * 2 <= GEMV_PREFETCH_BYTES) {
         const char* pa = reinterpret_cast<const char*>(wa);
         const char* pb = reinterpret_cast<const char*>(wb);
@@ -1547,6 +1603,9 @@ __device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, in
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(pb + off));
         }
     }
+    if (norm_w)
+        for (int i = threadIdx.x * 32; i < K; i += blockDim.x * 32)
+            asm volatile("prefetch.global.L1 [%0];\n" ::"l"(norm_w + i));
     pdl_trigger();
     pdl_wait();
 }
@@ -1627,13 +1686,18 @@ __device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf
             b = a + 1;
         }
     };
+    // The rotation of the warp's first pair, computed before the wait: the
+    // positions are the step's inputs (lane m holds token m's).
+    int p_first = blockIdx.x * GEMV_WARPS + warp;
+    float s_first = 0.f, c_first = 1.f;
+    if (p_first < rot_pairs && lane < M) sincosf((float)positions[lane] * inv_freq[p_first % half], &s_first, &c_first);
     {
-        int p0 = min(blockIdx.x * GEMV_WARPS + warp, pairs - 1), a, b;
+        int p0 = min(p_first, pairs - 1), a, b;
         rows_of(p0, a, b);
-        gemv_prologue(w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane);
+        gemv_prologue(w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane, norm_w);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+    for (int p = p_first; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a, b;
         rows_of(p, a, b);
         float acc[M][2];
@@ -1649,8 +1713,8 @@ __device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf
             int slot = slots[m];
             if (p < rot_pairs) {
                 int j = p % half, head = p / half;
-                float s, c;
-                sincosf((float)positions[m] * inv_freq[j], &s, &c);
+                float s = s_first, c = c_first;
+                if (p != p_first) sincosf((float)positions[m] * inv_freq[j], &s, &c);
                 float y0 = ya * c - yb * s, y1 = ya * s + yb * c;
                 if (head < nh) {
                     qkv[(long long)m * width + a] = y0;
@@ -1680,7 +1744,7 @@ __device__ void gemv_silu_impl(bf16* act, const bf16* w, const float* x, const f
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     {
         int p0 = min(blockIdx.x * GEMV_WARPS + warp, f - 1);
-        gemv_prologue(w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane);
+        gemv_prologue(w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane, norm_w);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
     for (int p = blockIdx.x * GEMV_WARPS + warp; p < f; p += gridDim.x * GEMV_WARPS) {
@@ -1709,19 +1773,26 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
     int pairs = (N + 1) / 2;
     {
         int a0 = 2 * min(blockIdx.x * GEMV_WARPS + warp, pairs - 1);
-        gemv_prologue(w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane);
+        gemv_prologue(w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane, norm_w);
     }
     gemv_stage<M>(xs, x, norm_w, rows, in, K, eps);
     for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a = 2 * p, b = min(a + 1, N - 1);
+        // Lane m reads what it adds to before the dot products, so the load
+        // is in flight while they run.
+        float prev_a = 0.f, prev_b = 0.f;
+        if (accumulate && lane < M) {
+            prev_a = out[(long long)lane * N + a];
+            prev_b = out[(long long)lane * N + b];
+        }
         float acc[M][2];
         gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
                 float* o = out + (long long)m * N;
-                o[a] = accumulate ? o[a] + acc[m][0] : acc[m][0];
-                if (b != a) o[b] = accumulate ? o[b] + acc[m][1] : acc[m][1];
+                o[a] = prev_a + acc[m][0];
+                if (b != a) o[b] = prev_b + acc[m][1];
             }
     }
 }
