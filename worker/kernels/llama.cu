@@ -484,7 +484,9 @@ DECODE_ATTENTION(8)
 // the warp with shuffles and across warps once through shared memory. With
 // several splits, each writes its partial max, sum and unnormalised output,
 // and the last to finish (counted in `counters`) combines them.
+#ifndef DECODE_MIN_CHUNK
 #define DECODE_MIN_CHUNK 128
+#endif
 
 // Positions a block loads in one round (before the first use of any), when
 // registers allow (tunable for measuring: TANDEM_CUDA_DEFINES).
@@ -1588,14 +1590,34 @@ __device__ void gemv_stage(bf16* xs, const float* x, const float* norm_w, const 
 #define GEMV_PREFETCH_BYTES (16ll << 20)
 #endif
 
-// For a small matrix (rows x K bf16), starts pulling rows a and b into L2;
-// then lets the next kernel launch and waits for the previous one: the
-// weights stream in while the previous kernel finishes.
-// The block's norm weights (K floats, when given) go into L1: the staging
-// reads them right after the wait.
-__device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, int K, long long rows, int lane,
+// Loads 16-byte vectors v0, v0 + 32, ... (GEMV_UNROLL of them, those below
+// nv) of rows a and b.
+__device__ __forceinline__ void gemv_load(uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], const bf16* wa,
+                                          const bf16* wb, int v0, int nv) {
+    const uint4* a4 = reinterpret_cast<const uint4*>(wa);
+    const uint4* b4 = reinterpret_cast<const uint4*>(wb);
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        int v = v0 + u * WARP;
+        if (v < nv) {
+            ra[u] = __ldg(a4 + v);
+            rb[u] = __ldg(b4 + v);
+        }
+    }
+}
+
+// For a small matrix (rows x K bf16), loads the first vectors of the warp's
+// first rows a and b into ra and rb and starts pulling the rest of them into
+// L2; the block's norm weights (K floats, when given) go into L1. Then lets
+// the next kernel launch and waits for the previous one: weights do not
+// depend on it, so they stream in while it finishes. Returns whether ra and
+// rb were loaded.
+__device__ __forceinline__ bool gemv_prologue(uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], const bf16* wa,
+                                              const bf16* wb, int K, long long rows, int lane,
                                               const float* norm_w = nullptr) {
-    if (rows * K * 2 <= GEMV_PREFETCH_BYTES) {
+    bool small = rows * K * 2 <= GEMV_PREFETCH_BYTES;
+    if (small) {
+        gemv_load(ra, rb, wa, wb, lane, K / 8);
         const char* pa = reinterpret_cast<const char*>(wa);
         const char* pb = reinterpret_cast<const char*>(wb);
         for (int off = lane * 128; off < K * 2; off += WARP * 128) {
@@ -1608,6 +1630,7 @@ __device__ __forceinline__ void gemv_prologue(const bf16* wa, const bf16* wb, in
             asm volatile("prefetch.global.L1 [%0];\n" ::"l"(norm_w + i));
     pdl_trigger();
     pdl_wait();
+    return small;
 }
 
 __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
@@ -1623,26 +1646,17 @@ __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
 }
 
 // acc[m][0] = wa · xs[m], acc[m][1] = wb · xs[m], summed over the warp (every
-// lane gets the sums).
+// lane gets the sums). `loaded`: ra and rb already hold the first vectors
+// (gemv_prologue).
 template <int M>
 __device__ __forceinline__ void gemv_dot2(float (&acc)[M][2], const bf16* wa, const bf16* wb, const bf16* xs, int K,
-                                          int lane) {
+                                          int lane, uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], bool loaded) {
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = 0.f;
-    const uint4* a4 = reinterpret_cast<const uint4*>(wa);
-    const uint4* b4 = reinterpret_cast<const uint4*>(wb);
     const uint4* x4 = reinterpret_cast<const uint4*>(xs);
     int nv = K / 8;
     for (int v0 = lane; v0 < nv; v0 += WARP * GEMV_UNROLL) {
-        uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            int v = v0 + u * WARP;
-            if (v < nv) {
-                ra[u] = __ldg(a4 + v);
-                rb[u] = __ldg(b4 + v);
-            }
-        }
+        if (!loaded || v0 != lane) gemv_load(ra, rb, wa, wb, v0, nv);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             int v = v0 + u * WARP;
@@ -1691,17 +1705,19 @@ __device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf
     int p_first = blockIdx.x * GEMV_WARPS + warp;
     float s_first = 0.f, c_first = 1.f;
     if (p_first < rot_pairs && lane < M) sincosf((float)positions[lane] * inv_freq[p_first % half], &s_first, &c_first);
+    uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
+    bool loaded;
     {
         int p0 = min(p_first, pairs - 1), a, b;
         rows_of(p0, a, b);
-        gemv_prologue(w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane, norm_w);
+        loaded = gemv_prologue(ra, rb, w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane, norm_w);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
     for (int p = p_first; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a, b;
         rows_of(p, a, b);
         float acc[M][2];
-        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, loaded && p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++) {
             if (lane != m) continue;  // lane m writes token m's results
@@ -1742,14 +1758,14 @@ __device__ void gemv_silu_impl(bf16* act, const bf16* w, const float* x, const f
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    {
-        int p0 = min(blockIdx.x * GEMV_WARPS + warp, f - 1);
-        gemv_prologue(w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane, norm_w);
-    }
+    int p_first = blockIdx.x * GEMV_WARPS + warp, p0 = min(p_first, f - 1);
+    uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
+    bool loaded = gemv_prologue(ra, rb, w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane, norm_w);
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < f; p += gridDim.x * GEMV_WARPS) {
+    for (int p = p_first; p < f; p += gridDim.x * GEMV_WARPS) {
         float acc[M][2];
-        gemv_dot2<M>(acc, w + (long long)p * K, w + (long long)(f + p) * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)p * K, w + (long long)(f + p) * K, xs, K, lane, ra, rb,
+                     loaded && p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
@@ -1771,12 +1787,12 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
     bf16* xs = reinterpret_cast<bf16*>(gemv_smem);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int pairs = (N + 1) / 2;
-    {
-        int a0 = 2 * min(blockIdx.x * GEMV_WARPS + warp, pairs - 1);
-        gemv_prologue(w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane, norm_w);
-    }
+    int p_first = blockIdx.x * GEMV_WARPS + warp, a0 = 2 * min(p_first, pairs - 1);
+    uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
+    bool loaded =
+        gemv_prologue(ra, rb, w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane, norm_w);
     gemv_stage<M>(xs, x, norm_w, rows, in, K, eps);
-    for (int p = blockIdx.x * GEMV_WARPS + warp; p < pairs; p += gridDim.x * GEMV_WARPS) {
+    for (int p = p_first; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a = 2 * p, b = min(a + 1, N - 1);
         // Lane m reads what it adds to before the dot products, so the load
         // is in flight while they run.
@@ -1786,7 +1802,7 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
             prev_b = out[(long long)lane * N + b];
         }
         float acc[M][2];
-        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, loaded && p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
