@@ -15,7 +15,10 @@ pub enum GpuCommand {
     /// tokens, KV export/import/streaming, graphs vs eager. Exits non-zero if
     /// any check fails.
     Check(CheckArgs),
-    /// Decode and prefill timings with dummy weights (8B and SmolLM2 shapes).
+    /// Decode and prefill timings with dummy weights (8B and SmolLM2 shapes),
+    /// one JSON line each. Decode lines give `ms_per_step` (wall time of a
+    /// step, host side included) and `graph_ms` (device time of the step's
+    /// CUDA graph replayed back to back).
     Bench(GpuBenchArgs),
     /// KV transfer between a prefill and a decode worker on two GPUs (or
     /// one): peer-copy ceiling, cuda-ipc and gRPC GB/s, greedy tokens equal.
