@@ -532,18 +532,20 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
     const bf16* kbase = k_cache + kvh * HD + part * 8;
     const bf16* vbase = v_cache + kvh * HD + part * 8;
     auto row_of = [&](int p) { return (long long)table[p / block_size] * block_size + p % block_size; };
+    uint4 kr[UNROLL], vr[UNROLL];
+    // This lane's part of position p's K and V into kr[u] and vr[u].
+    auto load_kv = [&](int u, int p) {
+        long long slot = row_of(p);
+        kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
+        vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
+    };
     // The first round's rows in registers (but the newest position's), the
     // rest of the chunk's into L2, one prefetch per 128-byte line.
     int base0 = begin + warp * KPW;
-    uint4 kr[UNROLL], vr[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
         int p = min(base0 + sub + u * STRIDE, end - 1);
-        if (p != newest) {
-            long long slot = row_of(p);
-            kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
-            vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
-        }
+        if (p != newest) load_kv(u, p);
     }
     int old_end = min(end, newest);
     if (part % 8 == 0) {
@@ -563,11 +565,7 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
         int p = min(base0 + sub + u * STRIDE, end - 1);
-        if (p == newest) {
-            long long slot = row_of(p);
-            kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
-            vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
-        }
+        if (p == newest) load_kv(u, p);
     }
 
     int width = (nh + 2 * nkv) * HD;
@@ -596,11 +594,7 @@ __device__ void decode_attention_v2_impl(const float* qkv, const bf16* k_cache, 
     for (int base = base0; base < end; base += ROUND) {
         if (base != base0) {
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
-                long long slot = row_of(min(base + sub + u * STRIDE, end - 1));
-                kr[u] = *reinterpret_cast<const uint4*>(kbase + slot * kv_dim);
-                vr[u] = *reinterpret_cast<const uint4*>(vbase + slot * kv_dim);
-            }
+            for (int u = 0; u < UNROLL; u++) load_kv(u, min(base + sub + u * STRIDE, end - 1));
         }
         float d[G][UNROLL];
 #pragma unroll

@@ -257,7 +257,6 @@ pub struct GemmResult {
 /// (mean of 10 runs after 3 warm-up runs each, random inputs).
 pub fn gemm_algos(b: &CudaBackend, m: usize) -> Result<Vec<GemmResult>, BackendError> {
     use super::device::{alloc, Dtype};
-    use cudarc::driver::sys::CUevent_flags;
     let cfg = b.config().clone();
     let gpu = &b.gpu;
     gpu.bind()?;
@@ -288,20 +287,15 @@ pub fn gemm_algos(b: &CudaBackend, m: usize) -> Result<Vec<GemmResult>, BackendE
     gpu.fill_f32(c.ptr(), m * widest_n, 0.01)?;
     let lt = super::lt::Lt::new()?;
     let stream = gpu.cu_stream() as cudarc::cublaslt::sys::cudaStream_t;
-    let event = || {
-        gpu.stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(super::CudaError::from)
-    };
     let time = |run: &dyn Fn() -> Result<(), super::CudaError>| -> Result<f64, BackendError> {
         for _ in 0..3 {
             run()?;
         }
-        let start = event()?;
+        let start = gpu.timing_event()?;
         for _ in 0..10 {
             run()?;
         }
-        let end = event()?;
+        let end = gpu.timing_event()?;
         end.synchronize().map_err(super::CudaError::from)?;
         Ok(start.elapsed_ms(&end).map_err(super::CudaError::from)? as f64 / 10.0)
     };

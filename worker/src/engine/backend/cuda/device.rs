@@ -488,6 +488,14 @@ impl Gpu {
         Ok(())
     }
 
+    /// An event recorded on the stream now, with timing (for `elapsed_ms`
+    /// between two of them).
+    pub fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, CudaError> {
+        Ok(self
+            .stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
     /// (free, total) bytes of device memory.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
         Ok(self.ctx.mem_get_info()?)

@@ -437,8 +437,7 @@ impl PeerWriter {
         gpu.bind()?;
         let src_table = gpu.upload(&src_blocks[..blocks])?;
         let dst_table = gpu.upload(&target.block_ids[..blocks])?;
-        let timing = Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = gpu.stream.record_event(timing)?;
+        let start = gpu.timing_event()?;
         let (src_plane, dst_plane, block_bytes) = (
             local.plane_stride_bytes as u64,
             target.pool.layout.plane_stride_bytes as u64,
@@ -465,7 +464,7 @@ impl PeerWriter {
                 .arg(&block_bytes)
                 .launch(launch)
         }?;
-        let end = gpu.stream.record_event(timing)?;
+        let end = gpu.timing_event()?;
         end.synchronize()?;
         let ms = start.elapsed_ms(&end)?;
         Ok(PeerWrite {

@@ -448,11 +448,7 @@ struct Profiler {
 
 impl Profiler {
     fn mark(&mut self, name: &'static str, gpu: &Gpu) -> Result<(), CudaError> {
-        use cudarc::driver::sys::CUevent_flags;
-        let event = gpu
-            .stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        self.marks.push((name, event));
+        self.marks.push((name, gpu.timing_event()?));
         Ok(())
     }
 
@@ -806,23 +802,16 @@ impl CudaBackend {
     /// host's share (inputs, launch, copying the tokens back); `None` when no
     /// graph has run yet.
     pub fn time_last_graph(&self, n: usize) -> Result<Option<f64>, BackendError> {
-        use cudarc::driver::sys::CUevent_flags;
         let Some(graph) = self.last_graph.and_then(|k| self.graphs.get(&k)) else {
             return Ok(None);
         };
         self.gpu.bind()?;
-        let event = || {
-            self.gpu
-                .stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(CudaError::from)
-        };
         graph.0.launch().map_err(CudaError::from)?;
-        let start = event()?;
+        let start = self.gpu.timing_event()?;
         for _ in 0..n {
             graph.0.launch().map_err(CudaError::from)?;
         }
-        let end = event()?;
+        let end = self.gpu.timing_event()?;
         end.synchronize().map_err(CudaError::from)?;
         let ms = start.elapsed_ms(&end).map_err(CudaError::from)? as f64;
         Ok(Some(ms / n.max(1) as f64))
