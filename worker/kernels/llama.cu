@@ -1600,18 +1600,18 @@ __device__ __forceinline__ void gemv_load(uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[
     }
 }
 
-// For a small matrix (rows x K bf16), loads the first vectors of the warp's
-// first rows a and b into ra and rb and starts pulling the rest of them into
-// L2; the block's norm weights (K floats, when given) go into L1. Then lets
-// the next kernel launch and waits for the previous one: weights do not
-// depend on it, so they stream in while it finishes. Returns whether ra and
-// rb were loaded.
-__device__ __forceinline__ bool gemv_prologue(uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], const bf16* wa,
+// Loads the first vectors of the warp's first rows a and b into ra and rb
+// (one round of loads, whose latency then overlaps the staging of the input
+// rows whether or not the kernel launched early), and for a matrix (rows x K
+// bf16) of at most GEMV_PREFETCH_BYTES starts pulling the rest of those rows
+// into L2; the block's norm weights (K floats, when given) go into L1. Then
+// lets the next kernel launch and waits for the previous one: weights do not
+// depend on it, so they stream in while it finishes.
+__device__ __forceinline__ void gemv_prologue(uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], const bf16* wa,
                                               const bf16* wb, int K, long long rows, int lane,
                                               const float* norm_w = nullptr) {
-    bool small = rows * K * 2 <= GEMV_PREFETCH_BYTES;
-    if (small) {
-        gemv_load(ra, rb, wa, wb, lane, K / 8);
+    gemv_load(ra, rb, wa, wb, lane, K / 8);
+    if (rows * K * 2 <= GEMV_PREFETCH_BYTES) {
         const char* pa = reinterpret_cast<const char*>(wa);
         const char* pb = reinterpret_cast<const char*>(wb);
         for (int off = lane * 128; off < K * 2; off += WARP * 128) {
@@ -1624,7 +1624,6 @@ __device__ __forceinline__ bool gemv_prologue(uint4 (&ra)[GEMV_UNROLL], uint4 (&
             asm volatile("prefetch.global.L1 [%0];\n" ::"l"(norm_w + i));
     pdl_trigger();
     pdl_wait();
-    return small;
 }
 
 __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
@@ -1641,7 +1640,7 @@ __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
 
 // acc[m][0] = wa · xs[m], acc[m][1] = wb · xs[m], summed over the warp (every
 // lane gets the sums). `loaded`: ra and rb already hold the first vectors
-// (gemv_prologue).
+// (gemv_prologue loads them for the warp's first pair).
 template <int M>
 __device__ __forceinline__ void gemv_dot2(float (&acc)[M][2], const bf16* wa, const bf16* wb, const bf16* xs, int K,
                                           int lane, uint4 (&ra)[GEMV_UNROLL], uint4 (&rb)[GEMV_UNROLL], bool loaded) {
@@ -1700,18 +1699,17 @@ __device__ void gemv_qkv_impl(float* qkv, bf16* k_cache, bf16* v_cache, const bf
     float s_first = 0.f, c_first = 1.f;
     if (p_first < rot_pairs && lane < M) sincosf((float)positions[lane] * inv_freq[p_first % half], &s_first, &c_first);
     uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
-    bool loaded;
     {
         int p0 = min(p_first, pairs - 1), a, b;
         rows_of(p0, a, b);
-        loaded = gemv_prologue(ra, rb, w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane, norm_w);
+        gemv_prologue(ra, rb, w + (long long)a * K, w + (long long)b * K, K, 2ll * pairs, lane, norm_w);
     }
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
     for (int p = p_first; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a, b;
         rows_of(p, a, b);
         float acc[M][2];
-        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, loaded && p == p_first);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++) {
             if (lane != m) continue;  // lane m writes token m's results
@@ -1754,12 +1752,12 @@ __device__ void gemv_silu_impl(bf16* act, const bf16* w, const float* x, const f
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int p_first = blockIdx.x * GEMV_WARPS + warp, p0 = min(p_first, f - 1);
     uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
-    bool loaded = gemv_prologue(ra, rb, w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane, norm_w);
+    gemv_prologue(ra, rb, w + (long long)p0 * K, w + (long long)(f + p0) * K, K, 2ll * f, lane, norm_w);
     gemv_stage<M>(xs, x, norm_w, nullptr, nullptr, K, eps);
     for (int p = p_first; p < f; p += gridDim.x * GEMV_WARPS) {
         float acc[M][2];
         gemv_dot2<M>(acc, w + (long long)p * K, w + (long long)(f + p) * K, xs, K, lane, ra, rb,
-                     loaded && p == p_first);
+                     p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
@@ -1783,8 +1781,7 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
     int pairs = (N + 1) / 2;
     int p_first = blockIdx.x * GEMV_WARPS + warp, a0 = 2 * min(p_first, pairs - 1);
     uint4 ra[GEMV_UNROLL], rb[GEMV_UNROLL];
-    bool loaded =
-        gemv_prologue(ra, rb, w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane, norm_w);
+    gemv_prologue(ra, rb, w + (long long)a0 * K, w + (long long)min(a0 + 1, N - 1) * K, K, N, lane, norm_w);
     gemv_stage<M>(xs, x, norm_w, rows, in, K, eps);
     for (int p = p_first; p < pairs; p += gridDim.x * GEMV_WARPS) {
         int a = 2 * p, b = min(a + 1, N - 1);
@@ -1796,7 +1793,7 @@ __device__ void gemv_out_impl(float* out, const bf16* w, const bf16* in, const f
             prev_b = out[(long long)lane * N + b];
         }
         float acc[M][2];
-        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, loaded && p == p_first);
+        gemv_dot2<M>(acc, w + (long long)a * K, w + (long long)b * K, xs, K, lane, ra, rb, p == p_first);
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {

@@ -122,7 +122,7 @@ pub enum BenchPart {
 
 /// Batch-1 decode of `shape` other ways: every projection on cuBLAS instead
 /// of the fused kernels, programmatic dependent launch the other way than
-/// the model's default (on for small models, off for large ones), and
+/// the default (on where the GPU has it: compute capability 9.0 and newer), and
 /// sampling on the device ([`bench::BENCH_SAMPLING`], and top-p alone)
 /// instead of greedy.
 fn variants(
@@ -137,9 +137,9 @@ fn variants(
     let mut unfused = unfused.context("decode bench (cuBLAS projections)")?;
     unfused.shape = format!("{shape} (cuBLAS projections)");
     let pdl = b.pdl();
-    b.set_pdl(!pdl);
+    b.set_pdl(!pdl)?;
     let early = bench::decode(b, shape, 1, context, steps, None);
-    b.set_pdl(pdl);
+    b.set_pdl(pdl)?;
     let mut early = early.context("decode bench (PDL toggled)")?;
     let toggled = if pdl { "without" } else { "with" };
     early.shape = format!("{shape} ({toggled} programmatic dependent launch)");

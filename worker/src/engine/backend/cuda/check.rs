@@ -262,8 +262,8 @@ pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     // many row pairs, as an 8B gate/up projection's warps do (about 7 each)
     // and these small models' never do otherwise; an FFN width of 1280 gives
     // down rows of 160 16-byte vectors, a partial last run of a lane's loads.
-    // That row also launches without programmatic dependent launch, which
-    // models this small get by default and large ones do not.
+    // That row also launches without programmatic dependent launch (the
+    // default on compute capability 9.0 and newer), as older GPUs run.
     for (arch, head_dim, fused, one_block) in [
         (Architecture::Llama, 64, true, false),
         (Architecture::Qwen2, 32, true, false),
@@ -289,7 +289,7 @@ pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
         cuda.set_fused_gemv(fused);
         if one_block {
             cuda.set_gemv_max_blocks(Some(1));
-            cuda.set_pdl(false);
+            cuda.set_pdl(false)?;
         }
         let mut cpu = CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32)?;
         cuda.init_kv_cache(16, 64)?;

@@ -315,6 +315,8 @@ pub(super) struct Gpu {
     pub name: String,
     pub arch: &'static str,
     pub num_sms: u32,
+    /// Shared memory an SM holds for all its resident blocks (bytes).
+    pub smem_per_sm: u32,
     pub stream: Arc<CudaStream>,
     pub ctx: Arc<CudaContext>,
 }
@@ -378,6 +380,9 @@ impl Gpu {
         let num_sms = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as u32;
+        let smem_per_sm = ctx.attribute(
+            drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+        )? as u32;
         let module = ctx.load_module(Ptx::from_src(compiled_ptx(arch)?))?;
         let f = |name: &str| module.load_function(name);
         let kernels = Kernels {
@@ -469,6 +474,7 @@ impl Gpu {
             name,
             arch,
             num_sms,
+            smem_per_sm,
             stream,
             ctx,
         })

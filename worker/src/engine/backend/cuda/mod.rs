@@ -426,6 +426,11 @@ pub struct CudaBackend {
     /// (`TANDEM_CUDA_GEMV_MAX_BLOCKS`, for measuring and checking); unset,
     /// two per SM.
     gemv_max_blocks: Option<usize>,
+    /// With early launch, fused projections ask for enough shared memory
+    /// that at most this many of their blocks share an SM
+    /// (`TANDEM_CUDA_GEMV_RESIDENT`, default [`GEMV_RESIDENT`], 0 for no
+    /// limit; see [`gemv_smem_floor`]).
+    gemv_resident: Option<usize>,
     /// The prefill-attention kernel for this model and GPU ([`prefill_kernel`]).
     prefill_preferred: PrefillKernel,
     /// The one multi-token steps run with the current KV pool: the wgmma
@@ -600,10 +605,13 @@ impl CudaBackend {
             kv_budget_mib = kv_budget >> 20,
             "CUDA backend ready"
         );
-        let pdl_default = pdl_pays(&cfg);
+        let gemv_resident = match std::env::var("TANDEM_CUDA_GEMV_RESIDENT") {
+            Ok(v) => v.parse::<usize>().ok().filter(|&n| n > 0),
+            Err(_) => Some(GEMV_RESIDENT),
+        };
         let prefill = prefill_kernel(&cfg, gpu.kernels.prefill_attention_wg.is_some());
         tracing::debug!(?prefill, "prefill attention kernel");
-        Ok(Self {
+        let mut backend = Self {
             cfg,
             opts,
             graphs: HashMap::new(),
@@ -620,15 +628,19 @@ impl CudaBackend {
             fused_gemv: env_switch("TANDEM_CUDA_FUSED_GEMV", true),
             f32_gate_up: f32_gate_up_switch(),
             // Needs compute capability 9.0 or newer.
-            pdl: !gpu.arch.starts_with("sm_8") && env_switch("TANDEM_CUDA_PDL", pdl_default),
+            pdl: false,
             gemv_max_blocks: std::env::var("TANDEM_CUDA_GEMV_MAX_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            gemv_resident,
             prefill_preferred: prefill,
             prefill,
             tp: None,
             gpu,
-        })
+        };
+        // Needs compute capability 9.0 or newer (set_pdl checks).
+        backend.set_pdl(env_switch("TANDEM_CUDA_PDL", true))?;
+        Ok(backend)
     }
 
     /// Makes this backend rank `comm.rank` of a tensor-parallel group: its
@@ -707,13 +719,35 @@ impl CudaBackend {
     /// Turns programmatic dependent launches on or off (compute capability
     /// 9.0 and newer; off elsewhere): each decode kernel starts, and
     /// prefetches its weights, while the previous one finishes; off, kernels
-    /// start one after the other.
-    pub fn set_pdl(&mut self, on: bool) {
+    /// start one after the other. With them on, the fused projections are
+    /// held to `gemv_resident` blocks an SM ([`gemv_smem_floor`]), which
+    /// needs all of an SM's L1/shared memory given to shared memory.
+    pub fn set_pdl(&mut self, on: bool) -> Result<(), BackendError> {
         let on = on && !self.gpu.arch.starts_with("sm_8");
         if self.pdl != on {
             self.graphs.clear();
         }
         self.pdl = on;
+        // CU_SHAREDMEM_CARVEOUT_DEFAULT (-1) leaves the choice to the driver.
+        let carveout = if on && self.gemv_resident.is_some() {
+            100
+        } else {
+            -1
+        };
+        let kernels = &self.gpu.kernels;
+        for k in kernels
+            .gemv_qkv
+            .iter()
+            .chain(&kernels.gemv_silu)
+            .chain(&kernels.gemv_out)
+        {
+            k.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                carveout,
+            )
+            .map_err(CudaError::from)?;
+        }
+        Ok(())
     }
 
     /// Runs the device sampler alone: row `i` of `logits` (`[rows, vocab]`,
@@ -1202,6 +1236,10 @@ impl CudaBackend {
         } else {
             None
         };
+        let gemv_floor = match (self.pdl, self.gemv_resident) {
+            (true, Some(n)) => gemv_smem_floor(gpu.smem_per_sm, n),
+            _ => 0,
+        };
         let gemv_cfg = |rows: usize, pairs: usize, k: usize| LaunchConfig {
             grid_dim: (
                 pairs
@@ -1212,7 +1250,7 @@ impl CudaBackend {
                 1,
             ),
             block_dim: (32 * GEMV_WARPS as u32, 1, 1),
-            shared_mem_bytes: (rows * k * 2) as u32,
+            shared_mem_bytes: ((rows * k * 2) as u32).max(gemv_floor),
         };
         let (q_dim_i, f_i) = (q_dim as i32, f as i32);
         let pdl = self.pdl;
@@ -1595,6 +1633,26 @@ fn env_switch(name: &str, default: bool) -> bool {
     }
 }
 
+/// Blocks of a fused projection an SM holds at once when kernels launch
+/// early: as many as the grid has per SM (at most two per SM, see
+/// `gemv_cfg`). 8B batch-1 decode on H200, same call: 4.90 ms without early
+/// launch, 6.59 with it and no limit, 4.82 with it and this limit (with the
+/// first weights loaded before staging); SmolLM2-135M 0.575 vs 0.549 ms.
+const GEMV_RESIDENT: usize = 2;
+
+/// Dynamic shared memory (bytes) that lets at most `blocks` blocks share an
+/// SM of `smem_per_sm` bytes (each block also costs the 1 KiB the driver
+/// reserves for it). With early launch, the next kernel's blocks take SMs as
+/// the running kernel's leave them, and an SM that empties first can take
+/// more of them than the others hold; a projection whose blocks are
+/// unevenly spread over the SMs streams its weights more slowly.
+fn gemv_smem_floor(smem_per_sm: u32, blocks: usize) -> u32 {
+    let share = smem_per_sm / (blocks as u32 + 1);
+    // (blocks + 1) blocks of `share - 1024 + 16` (+ the reserved 1 KiB)
+    // overflow the SM; `blocks` of them fit.
+    (share + 16).saturating_sub(1024).min(MAX_ATTENTION_SMEM)
+}
+
 /// Whether multi-token steps keep the gate/up products in f32 up to SiLU·mul
 /// (on unless `TANDEM_CUDA_F32_GATE_UP=0`). Rounding them to bf16 (the GEMM
 /// writing bf16) was the largest single share of the default model's logits
@@ -1603,31 +1661,6 @@ fn env_switch(name: &str, default: bool) -> bool {
 /// gate/up workspace.
 fn f32_gate_up_switch() -> bool {
     env_switch("TANDEM_CUDA_F32_GATE_UP", true)
-}
-
-/// Largest weight matrix of a layer whose fused projection prefetches its
-/// first rows into L2 before waiting for the previous kernel
-/// (`GEMV_PREFETCH_BYTES` in llama.cu).
-const GEMV_PREFETCH_BYTES: usize = 16 << 20;
-
-/// Whether decode kernels launch early (programmatic dependent launch) unless
-/// `TANDEM_CUDA_PDL` says: when every matrix of a layer is small enough to be
-/// prefetched. Each projection's weights then stream into L2 while the
-/// previous kernel runs, and a step of such a model is bound by per-kernel
-/// latency: SmolLM2-135M batch-1 decode 0.691 vs 0.800 ms (H100, same call).
-/// Models with larger matrices are bound by bandwidth, and early launch made
-/// them slower: 8B 6.889 vs 6.370 ms.
-fn pdl_pays(cfg: &ModelConfig) -> bool {
-    let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
-    let largest = [
-        qkv * cfg.hidden_size,
-        cfg.num_heads * cfg.head_dim * cfg.hidden_size,
-        2 * cfg.intermediate_size * cfg.hidden_size,
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0);
-    2 * largest <= GEMV_PREFETCH_BYTES
 }
 
 /// The batch size a decode step of `seqs` sequences is padded to: powers of
@@ -2051,14 +2084,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn early_launch_is_the_default_only_for_models_of_small_matrices() {
-        let small = crate::model::dummy::config("smollm2-135m").unwrap();
-        let large = crate::model::dummy::config("llama3-8b").unwrap();
-        assert!(pdl_pays(&small));
-        assert!(!pdl_pays(&large));
-    }
-
-    #[test]
     fn device_spec_parses_cpu_cuda_and_ordinals_and_names_bad_input() {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
         assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
@@ -2103,6 +2128,22 @@ mod tests {
         assert!(parse_utilization("most")
             .unwrap_err()
             .contains("not a number"));
+    }
+
+    /// H100/H200: 228 KiB an SM.
+    #[test]
+    fn gemv_smem_floor_admits_exactly_the_asked_blocks() {
+        let sm = 233_472u32;
+        for blocks in 1..=4u32 {
+            let floor = gemv_smem_floor(sm, blocks as usize);
+            let per_block = floor + 1024;
+            assert!(blocks * per_block <= sm, "{blocks} blocks fit");
+            assert!(
+                (blocks + 1) * per_block > sm,
+                "{} blocks do not",
+                blocks + 1
+            );
+        }
     }
 
     #[test]
