@@ -627,7 +627,7 @@ impl CudaBackend {
             peer_writer: None,
             fused_gemv: env_switch("TANDEM_CUDA_FUSED_GEMV", true),
             f32_gate_up: f32_gate_up_switch(),
-            // Needs compute capability 9.0 or newer.
+            // Set below by set_pdl, with the fused projections' carveout.
             pdl: false,
             gemv_max_blocks: std::env::var("TANDEM_CUDA_GEMV_MAX_BLOCKS")
                 .ok()
@@ -729,11 +729,7 @@ impl CudaBackend {
         }
         self.pdl = on;
         // CU_SHAREDMEM_CARVEOUT_DEFAULT (-1) leaves the choice to the driver.
-        let carveout = if on && self.gemv_resident.is_some() {
-            100
-        } else {
-            -1
-        };
+        let carveout = if self.gemv_floor() > 0 { 100 } else { -1 };
         let kernels = &self.gpu.kernels;
         for k in kernels
             .gemv_qkv
@@ -748,6 +744,15 @@ impl CudaBackend {
             .map_err(CudaError::from)?;
         }
         Ok(())
+    }
+
+    /// Shared memory each fused-projection block asks for at least: with
+    /// early launch on, enough to hold them to `gemv_resident` an SM; else 0.
+    fn gemv_floor(&self) -> u32 {
+        match (self.pdl, self.gemv_resident) {
+            (true, Some(n)) => gemv_smem_floor(self.gpu.smem_per_sm, n),
+            _ => 0,
+        }
     }
 
     /// Runs the device sampler alone: row `i` of `logits` (`[rows, vocab]`,
@@ -1236,10 +1241,7 @@ impl CudaBackend {
         } else {
             None
         };
-        let gemv_floor = match (self.pdl, self.gemv_resident) {
-            (true, Some(n)) => gemv_smem_floor(gpu.smem_per_sm, n),
-            _ => 0,
-        };
+        let gemv_floor = self.gemv_floor();
         let gemv_cfg = |rows: usize, pairs: usize, k: usize| LaunchConfig {
             grid_dim: (
                 pairs
