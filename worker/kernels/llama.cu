@@ -140,152 +140,144 @@ __global__ void rms_norm(bf16* out, const float* x, const float* w, const int* r
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(in[i] * inv * w[i]);
 }
 
+// Two floats rounded to bf16 and packed, lo in the low half.
+__device__ __forceinline__ unsigned pack_bf16_rn(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// The step's rotations: cs[t * half + j] = (cos, sin) of positions[t] *
+// inv_freq[j], once per step for every layer's rope_kv_write and the wgmma
+// prefill attention (which rotates Q as it loads it).
+__global__ void rope_table(float2* cs, const float* inv_freq, const int* positions, int tokens, int half) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < tokens * half; i += gridDim.x * blockDim.x) {
+        float sn, c;
+        sincosf((float)positions[i / half] * inv_freq[i % half], &sn, &c);
+        cs[i] = make_float2(c, sn);
+    }
+}
+
 // Per token t (one block each): add the QKV bias (when present), rotate the
-// Q and K heads (half-split RoPE) in place, and write K and V as bf16 into the
-// cache at slots[t] (skipped for padding rows, slot < 0). When `kv_out` is set,
-// also writes K and V as stored (bf16-rounded, f32) to kv_out[t] = [K | V] for
-// streaming the new KV to the host. The token's cos/sin pairs are computed
-// once (not once per head) into shared memory; when hd % 8 == 0 each thread
-// rotates four pairs with 16-byte loads.
-#define ROPE_MAX_HALF 128
-__global__ void rope_kv_write(float* qkv, const float* bias, const float* inv_freq, const int* positions,
-                              const int* slots, bf16* k_cache, bf16* v_cache, float* kv_out, int nh, int nkv,
-                              int hd) {
-    __shared__ float cos_s[ROPE_MAX_HALF], sin_s[ROPE_MAX_HALF];
+// Q and K heads (half-split RoPE, by the step's rope_table), write K and V as
+// bf16 into the cache at slots[t] (skipped for padding rows, slot < 0), and
+// the rotated Q either back in place (f32) or, when q_out is set, scaled by
+// q_scale and rounded to bf16 at q_out[t] (what the wgmma prefill attention
+// reads: half the bytes). When `kv_out` is set, also writes K and V as stored
+// (bf16-rounded, f32) to kv_out[t] = [K | V] for streaming the new KV to the
+// host. A thread rotates four pairs with 16-byte loads (hd % 8 == 0: head
+// dims are multiples of 32, see check_geometry).
+__global__ void rope_kv_write(float* qkv, const float* bias, const float2* rope_cs, const int* slots,
+                              bf16* k_cache, bf16* v_cache, float* kv_out, bf16* q_out, float q_scale, int nh,
+                              int nkv, int hd) {
     int t = blockIdx.x;
-    int half = hd / 2;
+    int half = hd / 2, quarter = half / 4;  // float4s per half head
     int q_dim = nh * hd, kv_dim = nkv * hd, width = q_dim + 2 * kv_dim;
     float* row = qkv + (long long)t * width;
-    float pos = (float)positions[t];
+    const float4* cs = reinterpret_cast<const float4*>(rope_cs + (long long)t * half);
     int slot = slots[t];
-    for (int j = threadIdx.x; j < half; j += blockDim.x) sincosf(pos * inv_freq[j], &sin_s[j], &cos_s[j]);
-    __syncthreads();
-    // Rotates the pair (x0, x1) at frequency j.
-    auto rotate = [&](int j, float x0, float x1, float& y0, float& y1) {
-        float c = cos_s[j], sn = sin_s[j];
-        y0 = x0 * c - x1 * sn;
-        y1 = x0 * sn + x1 * c;
-    };
-    if (hd % 8 == 0 && !bias) {
-        int quarter = half / 4;  // float4s per half head
-        for (int i = threadIdx.x; i < (nh + nkv) * quarter; i += blockDim.x) {
-            int head = i / quarter, j = (i % quarter) * 4;
-            int a = head * hd + j, b = a + half;
-            float4 x0 = *reinterpret_cast<const float4*>(row + a);
-            float4 x1 = *reinterpret_cast<const float4*>(row + b);
-            float4 y0, y1;
-            rotate(j, x0.x, x1.x, y0.x, y1.x);
-            rotate(j + 1, x0.y, x1.y, y0.y, y1.y);
-            rotate(j + 2, x0.z, x1.z, y0.z, y1.z);
-            rotate(j + 3, x0.w, x1.w, y0.w, y1.w);
-            if (head < nh) {
+    auto add = [](float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); };
+    for (int i = threadIdx.x; i < (nh + nkv) * quarter; i += blockDim.x) {
+        int head = i / quarter, j = (i % quarter) * 4;
+        int a = head * hd + j, b = a + half;
+        float4 x0 = *reinterpret_cast<const float4*>(row + a);
+        float4 x1 = *reinterpret_cast<const float4*>(row + b);
+        if (bias) {
+            x0 = add(x0, *reinterpret_cast<const float4*>(bias + a));
+            x1 = add(x1, *reinterpret_cast<const float4*>(bias + b));
+        }
+        // (cos, sin) of pairs j, j + 1 and of j + 2, j + 3.
+        float4 c01 = cs[j / 2], c23 = cs[j / 2 + 1];
+        float4 y0 = make_float4(x0.x * c01.x - x1.x * c01.y, x0.y * c01.z - x1.y * c01.w, x0.z * c23.x - x1.z * c23.y,
+                                x0.w * c23.z - x1.w * c23.w);
+        float4 y1 = make_float4(x0.x * c01.y + x1.x * c01.x, x0.y * c01.w + x1.y * c01.z, x0.z * c23.y + x1.z * c23.x,
+                                x0.w * c23.w + x1.w * c23.z);
+        if (head < nh) {
+            if (q_out) {
+                bf16* dst = q_out + (long long)t * q_dim + a;
+                *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16_rn(y0.x * q_scale, y0.y * q_scale),
+                                                            pack_bf16_rn(y0.z * q_scale, y0.w * q_scale));
+                *reinterpret_cast<uint2*>(dst + half) = make_uint2(pack_bf16_rn(y1.x * q_scale, y1.y * q_scale),
+                                                                   pack_bf16_rn(y1.z * q_scale, y1.w * q_scale));
+            } else {
                 *reinterpret_cast<float4*>(row + a) = y0;
                 *reinterpret_cast<float4*>(row + b) = y1;
-            } else {
-                int kh = head - nh;
-                __nv_bfloat162 k0a = __floats2bfloat162_rn(y0.x, y0.y), k0b = __floats2bfloat162_rn(y0.z, y0.w);
-                __nv_bfloat162 k1a = __floats2bfloat162_rn(y1.x, y1.y), k1b = __floats2bfloat162_rn(y1.z, y1.w);
-                if (slot >= 0) {
-                    bf16* dst = k_cache + (long long)slot * kv_dim + kh * hd + j;
-                    *reinterpret_cast<uint2*>(dst) =
-                        make_uint2(*reinterpret_cast<unsigned*>(&k0a), *reinterpret_cast<unsigned*>(&k0b));
-                    *reinterpret_cast<uint2*>(dst + half) =
-                        make_uint2(*reinterpret_cast<unsigned*>(&k1a), *reinterpret_cast<unsigned*>(&k1b));
-                }
-                if (kv_out) {
-                    float* dst = kv_out + (long long)t * 2 * kv_dim + kh * hd + j;
-                    float2 lo0 = __bfloat1622float2(k0a), hi0 = __bfloat1622float2(k0b);
-                    float2 lo1 = __bfloat1622float2(k1a), hi1 = __bfloat1622float2(k1b);
-                    *reinterpret_cast<float4*>(dst) = make_float4(lo0.x, lo0.y, hi0.x, hi0.y);
-                    *reinterpret_cast<float4*>(dst + half) = make_float4(lo1.x, lo1.y, hi1.x, hi1.y);
-                }
             }
-        }
-        for (int i = threadIdx.x; i < kv_dim / 4; i += blockDim.x) {
-            float4 v = *reinterpret_cast<const float4*>(row + q_dim + kv_dim + 4 * i);
-            __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-            if (slot >= 0)
-                *reinterpret_cast<uint2*>(v_cache + (long long)slot * kv_dim + 4 * i) =
-                    make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
-            if (kv_out) {
-                float2 l = __bfloat1622float2(lo), h = __bfloat1622float2(hi);
-                *reinterpret_cast<float4*>(kv_out + (long long)t * 2 * kv_dim + kv_dim + 4 * i) =
-                    make_float4(l.x, l.y, h.x, h.y);
-            }
-        }
-        return;
-    }
-    // Q and K heads, one rotation pair per iteration.
-    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
-        int head = i / half, j = i % half;
-        int a = head * hd + j, b = a + half;
-        float x0 = row[a], x1 = row[b];
-        if (bias) {
-            x0 += bias[a];
-            x1 += bias[b];
-        }
-        float y0, y1;
-        rotate(j, x0, x1, y0, y1);
-        if (head < nh) {
-            row[a] = y0;
-            row[b] = y1;
         } else {
             int kh = head - nh;
-            bf16 k0 = __float2bfloat16(y0), k1 = __float2bfloat16(y1);
+            __nv_bfloat162 k0a = __floats2bfloat162_rn(y0.x, y0.y), k0b = __floats2bfloat162_rn(y0.z, y0.w);
+            __nv_bfloat162 k1a = __floats2bfloat162_rn(y1.x, y1.y), k1b = __floats2bfloat162_rn(y1.z, y1.w);
             if (slot >= 0) {
-                bf16* dst = k_cache + (long long)slot * kv_dim + kh * hd;
-                dst[j] = k0;
-                dst[j + half] = k1;
+                bf16* dst = k_cache + (long long)slot * kv_dim + kh * hd + j;
+                *reinterpret_cast<uint2*>(dst) =
+                    make_uint2(*reinterpret_cast<unsigned*>(&k0a), *reinterpret_cast<unsigned*>(&k0b));
+                *reinterpret_cast<uint2*>(dst + half) =
+                    make_uint2(*reinterpret_cast<unsigned*>(&k1a), *reinterpret_cast<unsigned*>(&k1b));
             }
             if (kv_out) {
-                float* dst = kv_out + (long long)t * 2 * kv_dim + kh * hd;
-                dst[j] = __bfloat162float(k0);
-                dst[j + half] = __bfloat162float(k1);
+                float* dst = kv_out + (long long)t * 2 * kv_dim + kh * hd + j;
+                float2 lo0 = __bfloat1622float2(k0a), hi0 = __bfloat1622float2(k0b);
+                float2 lo1 = __bfloat1622float2(k1a), hi1 = __bfloat1622float2(k1b);
+                *reinterpret_cast<float4*>(dst) = make_float4(lo0.x, lo0.y, hi0.x, hi0.y);
+                *reinterpret_cast<float4*>(dst + half) = make_float4(lo1.x, lo1.y, hi1.x, hi1.y);
             }
         }
     }
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        float v = row[q_dim + kv_dim + i];
-        if (bias) v += bias[q_dim + kv_dim + i];
-        bf16 vb = __float2bfloat16(v);
-        if (slot >= 0) v_cache[(long long)slot * kv_dim + i] = vb;
-        if (kv_out) kv_out[(long long)t * 2 * kv_dim + kv_dim + i] = __bfloat162float(vb);
+    for (int i = threadIdx.x; i < kv_dim / 4; i += blockDim.x) {
+        float4 v = *reinterpret_cast<const float4*>(row + q_dim + kv_dim + 4 * i);
+        if (bias) v = add(v, *reinterpret_cast<const float4*>(bias + q_dim + kv_dim + 4 * i));
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        if (slot >= 0)
+            *reinterpret_cast<uint2*>(v_cache + (long long)slot * kv_dim + 4 * i) =
+                make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
+        if (kv_out) {
+            float2 l = __bfloat1622float2(lo), h = __bfloat1622float2(hi);
+            *reinterpret_cast<float4*>(kv_out + (long long)t * 2 * kv_dim + kv_dim + 4 * i) =
+                make_float4(l.x, l.y, h.x, h.y);
+        }
     }
 }
 
 // act[t, i] = silu(gu[t, i]) * gu[t, f + i], eight bf16 per thread (f % 8 == 0).
+// Grid: x along the row, y over tokens (striding by gridDim.y), so no
+// thread divides to find its token.
 __global__ void silu_mul(bf16* act, const bf16* gu, int tokens, int f) {
-    long long n8 = (long long)tokens * f / 8;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n8;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long t = i / (f / 8), c = (i % (f / 8)) * 8;
-        uint4 g4 = *reinterpret_cast<const uint4*>(gu + t * 2 * f + c);
-        uint4 u4 = *reinterpret_cast<const uint4*>(gu + t * 2 * f + f + c);
-        const bf16* g = reinterpret_cast<const bf16*>(&g4);
-        const bf16* u = reinterpret_cast<const bf16*>(&u4);
-        uint4 o4;
-        bf16* o = reinterpret_cast<bf16*>(&o4);
+    int n8 = f / 8;
+    for (int t = blockIdx.y; t < tokens; t += gridDim.y) {
+        const bf16* row = gu + (long long)t * 2 * f;
+        bf16* dst = act + (long long)t * f;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+            uint4 g4 = *reinterpret_cast<const uint4*>(row + 8 * i);
+            uint4 u4 = *reinterpret_cast<const uint4*>(row + f + 8 * i);
+            const bf16* g = reinterpret_cast<const bf16*>(&g4);
+            const bf16* u = reinterpret_cast<const bf16*>(&u4);
+            uint4 o4;
+            bf16* o = reinterpret_cast<bf16*>(&o4);
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float gv = __bfloat162float(g[k]);
-            o[k] = __float2bfloat16(gv / (1.f + __expf(-gv)) * __bfloat162float(u[k]));
+            for (int k = 0; k < 8; k++) {
+                float gv = __bfloat162float(g[k]);
+                o[k] = __float2bfloat16(gv / (1.f + __expf(-gv)) * __bfloat162float(u[k]));
+            }
+            *reinterpret_cast<uint4*>(dst + 8 * i) = o4;
         }
-        *reinterpret_cast<uint4*>(act + t * f + c) = o4;
     }
 }
 
-// The same from f32 gate/up products (the GEMM's f32 output): four per thread.
+// The same from f32 gate/up products (the GEMM's f32 output): eight per
+// thread (f % 8 == 0), two 16-byte loads of each of gate and up in flight.
 __global__ void silu_mul_f32(bf16* act, const float* gu, int tokens, int f) {
-    long long n4 = (long long)tokens * f / 4;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long t = i / (f / 4), c = (i % (f / 4)) * 4;
-        float4 g = *reinterpret_cast<const float4*>(gu + t * 2 * f + c);
-        float4 u = *reinterpret_cast<const float4*>(gu + t * 2 * f + f + c);
-        __nv_bfloat162 lo = __floats2bfloat162_rn(g.x / (1.f + __expf(-g.x)) * u.x, g.y / (1.f + __expf(-g.y)) * u.y);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(g.z / (1.f + __expf(-g.z)) * u.z, g.w / (1.f + __expf(-g.w)) * u.w);
-        *reinterpret_cast<uint2*>(act + t * f + c) =
-            make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
+    int n8 = f / 8;
+    for (int t = blockIdx.y; t < tokens; t += gridDim.y) {
+        const float* row = gu + (long long)t * 2 * f;
+        bf16* dst = act + (long long)t * f;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += gridDim.x * blockDim.x) {
+            const float4* g4 = reinterpret_cast<const float4*>(row + 8 * i);
+            const float4* u4 = reinterpret_cast<const float4*>(row + f + 8 * i);
+            float4 ga = g4[0], gb = g4[1], ua = u4[0], ub = u4[1];
+            auto sm = [](float g, float u) { return g / (1.f + __expf(-g)) * u; };
+            uint4 o = make_uint4(pack_bf16_rn(sm(ga.x, ua.x), sm(ga.y, ua.y)), pack_bf16_rn(sm(ga.z, ua.z), sm(ga.w, ua.w)),
+                                 pack_bf16_rn(sm(gb.x, ub.x), sm(gb.y, ub.y)), pack_bf16_rn(sm(gb.z, ub.z), sm(gb.w, ub.w)));
+            *reinterpret_cast<uint4*>(dst + 8 * i) = o;
+        }
     }
 }
 
@@ -1332,10 +1324,10 @@ __device__ __forceinline__ void softmax_wg(float (&sc)[8][4], float (&o)[NO][4],
 // copies, the boxes' cache rows looked up a tile earlier), so the two
 // warpgroups never wait on each other except for a tile's data.
 template <int HD>
-__device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* kv_map, int k_row0, int v_row0,
+__device__ void prefill_attention_wg(bf16* out, const bf16* q16, const TmaMap* kv_map, int k_row0, int v_row0,
                                      const int* block_tables, const int* positions, const int* tile_seq,
                                      const int* tile_row0, const int* tile_rows, int nh, int nkv, int block_size,
-                                     int max_blocks, float scale) {
+                                     int max_blocks) {
     constexpr int TILE = WG_K * HD;           // bf16 per K (or V) tile
     constexpr int VEC = HD / 8;               // 16-byte vectors per row
     constexpr unsigned STAGE_BYTES = TILE * 4;  // a K and a V tile
@@ -1354,7 +1346,7 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* 
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
     int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
     int h = pair * 2 + wg, kvh = h / (nh / nkv);
-    int q_dim = nh * HD, kv_dim = nkv * HD, width = q_dim + 2 * kv_dim;
+    int q_dim = nh * HD;
     int lane = wtid % WARP, g = lane >> 2, t4 = lane & 3;
     bool copier = wtid < WARP;  // the first warp of each warpgroup
     const int* table = block_tables + (long long)s * max_blocks;
@@ -1401,21 +1393,15 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* 
     }
     int next_row = copier ? box_row(2) : -1;
 
-    // This warpgroup's 64 query rows, scaled and rounded to bf16, in the same
-    // swizzled layout (rows past the tile are zero).
+    // This warpgroup's 64 query rows (rope_kv_write stored them rotated,
+    // scaled and rounded to bf16), in the same swizzled layout (rows past the
+    // tile are zero).
     bf16* qs = qbuf + wg * 64 * HD;
     for (int i = wtid; i < 64 * VEC; i += 128) {
         int r = i % 64, c = i / 64;  // row, 16-byte column
-        unsigned packed[4] = {0u, 0u, 0u, 0u};
-        if (r < nrows) {
-            const float4* src = reinterpret_cast<const float4*>(qkv + (long long)(row0 + r) * width + h * HD + c * 8);
-            float4 x = src[0], y = src[1];
-            packed[0] = pack_bf16(x.x * scale, x.y * scale);
-            packed[1] = pack_bf16(x.z * scale, x.w * scale);
-            packed[2] = pack_bf16(y.x * scale, y.y * scale);
-            packed[3] = pack_bf16(y.z * scale, y.w * scale);
-        }
-        *reinterpret_cast<uint4*>(qs + wg_offset(r, c) / 2) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < nrows) v = *reinterpret_cast<const uint4*>(q16 + (long long)(row0 + r) * q_dim + h * HD + c * 8);
+        *reinterpret_cast<uint4*>(qs + wg_offset(r, c) / 2) = v;
     }
     fence_proxy_async();
     __syncthreads();
@@ -1491,11 +1477,11 @@ __device__ void prefill_attention_wg(bf16* out, const float* qkv, const TmaMap* 
 
 #define PREFILL_ATTENTION_WG(HD)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, WG_MIN_BLOCKS) prefill_attention_wg##HD(                    \
-        bf16* out, const float* qkv, const __grid_constant__ TmaMap kv_map, int k_row0, int v_row0,             \
+        bf16* out, const bf16* q16, const __grid_constant__ TmaMap kv_map, int k_row0, int v_row0,             \
         const int* block_tables, const int* positions, const int* tile_seq, const int* tile_row0,               \
-        const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks, float scale) {           \
-        prefill_attention_wg<HD>(out, qkv, &kv_map, k_row0, v_row0, block_tables, positions, tile_seq,          \
-                                 tile_row0, tile_rows, nh, nkv, block_size, max_blocks, scale);                 \
+        const int* tile_rows, int nh, int nkv, int hd, int block_size, int max_blocks) {                        \
+        prefill_attention_wg<HD>(out, q16, &kv_map, k_row0, v_row0, block_tables, positions, tile_seq,          \
+                                 tile_row0, tile_rows, nh, nkv, block_size, max_blocks);                        \
     }
 PREFILL_ATTENTION_WG(64)
 PREFILL_ATTENTION_WG(128)

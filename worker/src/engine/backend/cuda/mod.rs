@@ -297,6 +297,8 @@ struct Workspace {
     gate_up: DeviceBuffer,
     act: DeviceBuffer,
     kv_out: DeviceBuffer,
+    /// The step's RoPE (cos, sin) per token and frequency (`rope_table`).
+    rope_cs: DeviceBuffer,
     part_max: DeviceBuffer,
     part_sum: DeviceBuffer,
     part_out: DeviceBuffer,
@@ -581,6 +583,7 @@ impl CudaBackend {
             gate_up: alloc(m * 2 * f * if f32_gate_up_switch() { 4 } else { 2 })?,
             act: alloc(m * f * 2)?,
             kv_out: alloc(m * 2 * kv_dim * 4)?,
+            rope_cs: alloc(m * hd / 2 * 8)?,
             part_max: alloc(part_rows * 4)?,
             part_sum: alloc(part_rows * 4)?,
             part_out: alloc(part_rows * hd * 4)?,
@@ -1272,6 +1275,21 @@ impl CudaBackend {
         } else {
             null
         };
+        // Multi-token steps on the wgmma prefill attention: rope_kv_write
+        // stores the rotated query scaled and in bf16, where the attention
+        // writes its output (each block reads its rows' query before it
+        // writes the same rows' output; no block reads another's).
+        let wgmma_step = gemv.is_none() && !plan.decode && self.prefill == PrefillKernel::Wgmma;
+        let q_out: u64 = if wgmma_step { ws.attn.ptr() } else { 0 };
+        let rope_cs = ws.rope_cs.ptr();
+        if gemv.is_none() {
+            // The step's rotations, for every layer's rope_kv_write.
+            let (ti, half) = (t as i32, hd / 2);
+            let n = t * cfg.head_dim / 2;
+            let blocks = n.div_ceil(256).min(4 * gpu.num_sms as usize);
+            launch!(gpu, rope_table, rows_cfg(blocks, 256); rope_cs, self.inv_freq.ptr(), positions_p, ti, half)?;
+            mark!(self, "rope_table");
+        }
         let mut pending: Option<(usize, cudarc::driver::CudaEvent)> = None;
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let normed = ws.normed.ptr();
@@ -1301,7 +1319,7 @@ impl CudaBackend {
                     0.0,
                 )?;
                 mark!(self, "qkv_gemm");
-                launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, inv_freq, positions_p, slots_p, k_cache, v_cache, kv_out, nh, nkv, hd)?;
+                launch!(gpu, rope_kv_write, rows_cfg(t, 256); qkv, bias, rope_cs, slots_p, k_cache, v_cache, kv_out, q_out, scale, nh, nkv, hd)?;
                 mark!(self, "rope_kv_write");
             }
 
@@ -1372,13 +1390,16 @@ impl CudaBackend {
                 let k_row0 = (2 * li * slots) as i32;
                 let v_row0 = k_row0 + slots as i32;
                 let mut args = gpu.stream.launch_builder(kernel);
-                args.arg(&attn).arg(&qkv);
+                args.arg(&attn);
                 match (self.prefill, pool.tma.as_ref()) {
-                    (PrefillKernel::Wgmma, Some(map)) => args.arg(map).arg(&k_row0).arg(&v_row0),
+                    // The query, as rope_kv_write left it (`q_out`).
+                    (PrefillKernel::Wgmma, Some(map)) => {
+                        args.arg(&q_out).arg(map).arg(&k_row0).arg(&v_row0)
+                    }
                     (PrefillKernel::Wgmma, None) => {
                         unreachable!("init_kv_cache picks wgmma only with the pool's TMA map")
                     }
-                    _ => args.arg(&k_cache).arg(&v_cache),
+                    _ => args.arg(&qkv).arg(&k_cache).arg(&v_cache),
                 };
                 args.arg(&tables_p)
                     .arg(&positions_p)
@@ -1389,8 +1410,10 @@ impl CudaBackend {
                     .arg(&nkv)
                     .arg(&hd)
                     .arg(&block_size)
-                    .arg(&max_blocks)
-                    .arg(&scale);
+                    .arg(&max_blocks);
+                if self.prefill != PrefillKernel::Wgmma {
+                    args.arg(&scale);
+                }
                 // SAFETY: as for the other launches; the prefill kernels take
                 // these arguments, and the TMA map covers the whole pool (rows
                 // past it read as zeros).
@@ -1459,12 +1482,16 @@ impl CudaBackend {
             )?;
             mark!(self, "gate_up_gemm");
             let (ti, fi) = (t as i32, f as i32);
+            // Eight values a thread: x along a row, y over the tokens.
+            let silu_cfg = LaunchConfig {
+                grid_dim: ((f / 8).div_ceil(256) as u32, t.min(65535) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             if self.f32_gate_up {
-                let blocks = (t * f / 4).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
-                launch!(gpu, silu_mul_f32, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+                launch!(gpu, silu_mul_f32, silu_cfg; act, gu, ti, fi)?;
             } else {
-                let blocks = (t * f / 8).div_ceil(256).min(gpu.num_sms as usize * 16) as u32;
-                launch!(gpu, silu_mul, rows_cfg(blocks as usize, 256); act, gu, ti, fi)?;
+                launch!(gpu, silu_mul, silu_cfg; act, gu, ti, fi)?;
             }
             mark!(self, "silu");
             // x += act · w_down^T
