@@ -109,22 +109,25 @@ __global__ void rms_norm(bf16* out, const float* x, const float* w, const int* r
     int n4 = hidden / 4;
     if (hidden % 4 == 0 && n4 <= RMS_VEC * (int)blockDim.x) {
         const float4* in4 = reinterpret_cast<const float4*>(in);
-        float4 v[RMS_VEC];
+        const float4* w4 = reinterpret_cast<const float4*>(w);
+        // The weights are loaded with the row, so the scaling after the
+        // block-wide sum waits on nothing.
+        float4 v[RMS_VEC], wv[RMS_VEC];
         float ss = 0.f;
 #pragma unroll
         for (int j = 0; j < RMS_VEC; j++) {
             int i = threadIdx.x + j * blockDim.x;
             v[j] = i < n4 ? in4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            wv[j] = i < n4 ? w4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
             ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
         }
         ss = block_sum(ss, scratch);
         float inv = rsqrtf(ss / hidden + eps);
-        const float4* w4 = reinterpret_cast<const float4*>(w);
 #pragma unroll
         for (int j = 0; j < RMS_VEC; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < n4) {
-                float4 g = w4[i];
+                float4 g = wv[j];
                 __nv_bfloat162 lo = __floats2bfloat162_rn(v[j].x * inv * g.x, v[j].y * inv * g.y);
                 __nv_bfloat162 hi = __floats2bfloat162_rn(v[j].z * inv * g.z, v[j].w * inv * g.w);
                 uint2 packed = make_uint2(*reinterpret_cast<unsigned*>(&lo), *reinterpret_cast<unsigned*>(&hi));
@@ -1146,6 +1149,11 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #ifndef WG_MIN_BLOCKS
 #define WG_MIN_BLOCKS 2
 #endif
+// Whether grids that fit at once pair long and short query tiles on an SM
+// (see prefill_attention_wg).
+#ifndef WG_ZIGZAG
+#define WG_ZIGZAG 1
+#endif
 // How far (log2 units) a row's running maximum may trail a tile's before
 // the row's output and sum are rescaled (see softmax_wg); 0 rescales on every
 // increase.
@@ -1343,6 +1351,22 @@ __device__ void prefill_attention_wg(bf16* out, const bf16* q16, const TmaMap* k
     // x-major order, so every pair's longest tiles go first and the short
     // ones fill the last wave.
     int tile = gridDim.y - 1 - blockIdx.y, pair = blockIdx.x;
+#if WG_ZIGZAG
+    {
+        // A grid that fits at once (WG_MIN_BLOCKS blocks an SM; a short
+        // prompt's): blocks are dealt to the SMs in order, one each, then a
+        // second each, so the first round takes the longest tiles and the
+        // second the shortest first, and an SM holds one long and one short
+        // tile rather than two long ones (8B shape, 1k prompt: attention
+        // 1.55 -> 1.44 ms a step on H200).
+        unsigned sms;
+        asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
+        int n = gridDim.x * gridDim.y, l = blockIdx.y * gridDim.x + blockIdx.x;
+        if (n <= WG_MIN_BLOCKS * (int)sms && l >= (int)sms) l = n - 1 - (l - (int)sms);
+        tile = gridDim.y - 1 - l / gridDim.x;
+        pair = l % gridDim.x;
+    }
+#endif
     int s = tile_seq[tile], row0 = tile_row0[tile], nrows = tile_rows[tile];
     int tid = threadIdx.x, wg = tid / 128, wtid = tid % 128;
     int h = pair * 2 + wg, kvh = h / (nh / nkv);
