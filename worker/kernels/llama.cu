@@ -67,6 +67,18 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
+// Two f32 rounded to bf16 and packed in one register, the first in the low half
+// (also the bf16 pair of an mma operand register).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) {
+    __nv_bfloat162 v = __halves2bfloat162(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
 extern "C" {
 
 // out[i] = uniform(-scale, scale) (bf16), for --load-format dummy.
@@ -143,15 +155,8 @@ __global__ void rms_norm(bf16* out, const float* x, const float* w, const int* r
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(in[i] * inv * w[i]);
 }
 
-// Two floats rounded to bf16 and packed, lo in the low half.
-__device__ __forceinline__ unsigned pack_bf16_rn(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
 // The step's rotations: cs[t * half + j] = (cos, sin) of positions[t] *
-// inv_freq[j], once per step for every layer's rope_kv_write and the wgmma
-// prefill attention (which rotates Q as it loads it).
+// inv_freq[j], once per step for every layer's rope_kv_write.
 __global__ void rope_table(float2* cs, const float* inv_freq, const int* positions, int tokens, int half) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < tokens * half; i += gridDim.x * blockDim.x) {
         float sn, c;
@@ -197,10 +202,10 @@ __global__ void rope_kv_write(float* qkv, const float* bias, const float2* rope_
         if (head < nh) {
             if (q_out) {
                 bf16* dst = q_out + (long long)t * q_dim + a;
-                *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16_rn(y0.x * q_scale, y0.y * q_scale),
-                                                            pack_bf16_rn(y0.z * q_scale, y0.w * q_scale));
-                *reinterpret_cast<uint2*>(dst + half) = make_uint2(pack_bf16_rn(y1.x * q_scale, y1.y * q_scale),
-                                                                   pack_bf16_rn(y1.z * q_scale, y1.w * q_scale));
+                *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16(y0.x * q_scale, y0.y * q_scale),
+                                                            pack_bf16(y0.z * q_scale, y0.w * q_scale));
+                *reinterpret_cast<uint2*>(dst + half) = make_uint2(pack_bf16(y1.x * q_scale, y1.y * q_scale),
+                                                                   pack_bf16(y1.z * q_scale, y1.w * q_scale));
             } else {
                 *reinterpret_cast<float4*>(row + a) = y0;
                 *reinterpret_cast<float4*>(row + b) = y1;
@@ -277,8 +282,8 @@ __global__ void silu_mul_f32(bf16* act, const float* gu, int tokens, int f) {
             const float4* u4 = reinterpret_cast<const float4*>(row + f + 8 * i);
             float4 ga = g4[0], gb = g4[1], ua = u4[0], ub = u4[1];
             auto sm = [](float g, float u) { return g / (1.f + __expf(-g)) * u; };
-            uint4 o = make_uint4(pack_bf16_rn(sm(ga.x, ua.x), sm(ga.y, ua.y)), pack_bf16_rn(sm(ga.z, ua.z), sm(ga.w, ua.w)),
-                                 pack_bf16_rn(sm(gb.x, ub.x), sm(gb.y, ub.y)), pack_bf16_rn(sm(gb.z, ub.z), sm(gb.w, ub.w)));
+            uint4 o = make_uint4(pack_bf16(sm(ga.x, ua.x), sm(ga.y, ua.y)), pack_bf16(sm(ga.z, ua.z), sm(ga.w, ua.w)),
+                                 pack_bf16(sm(gb.x, ub.x), sm(gb.y, ub.y)), pack_bf16(sm(gb.z, ub.z), sm(gb.w, ub.w)));
             *reinterpret_cast<uint4*>(dst + 8 * i) = o;
         }
     }
@@ -800,17 +805,6 @@ __global__ void prefill_attention(bf16* out, const float* qkv, const bf16* k_cac
 }
 
 }  // extern "C"
-
-// Two f32 as the bf16 pair of one mma operand register (first in the low half).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
-
-__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) {
-    __nv_bfloat162 v = __halves2bfloat162(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-}
 
 // c += a (16x16 bf16, row) * b (16x8 bf16, col), f32 accumulators, in the
 // m16n8k16 fragment layouts of the PTX ISA.
