@@ -179,6 +179,9 @@ fn compare_schedule(
 ) -> Result<(f64, usize, usize), BackendError> {
     // Sequence 0: 150 tokens in chunks 37 + 113; sequence 1: 61 tokens in one
     // chunk, joining in the second step. Blocks interleaved and reversed.
+    // Sequence 2: a 4-token prompt in two steps of 2 tokens alone (steps of
+    // 1, 2 or 4 tokens are the fused projections' size, and these are not
+    // decode steps).
     let seqs = [
         Seq {
             tokens: pseudo_tokens(150 + decode_steps, vocab, 1),
@@ -187,6 +190,10 @@ fn compare_schedule(
         Seq {
             tokens: pseudo_tokens(61 + decode_steps, vocab, 2),
             blocks: (0..16).map(|i| 41 - 2 * i).collect(),
+        },
+        Seq {
+            tokens: pseudo_tokens(4, vocab, 3),
+            blocks: vec![5],
         },
     ];
     let mut worst = 0f64;
@@ -223,6 +230,14 @@ fn compare_schedule(
             need_logits: true,
         },
     ])?;
+    for start in [0, 2] {
+        step(&[SeqInput {
+            tokens: &seqs[2].tokens[start..start + 2],
+            start_pos: start,
+            block_table: &seqs[2].blocks,
+            need_logits: true,
+        }])?;
+    }
     for d in 0..decode_steps {
         let (p0, p1) = (150 + d, 61 + d);
         step(&[
@@ -255,7 +270,8 @@ fn options(max_model_len: usize) -> CudaOptions {
 }
 
 /// CUDA vs CPU logits on random models (Llama and Qwen2 flavours), prefill
-/// chunks, a mixed batch and decode steps (CUDA-graph replays).
+/// chunks, a mixed batch, a prompt in steps of 2 tokens and decode steps
+/// (CUDA-graph replays).
 pub fn random_models(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     let mut out = Vec::new();
     // One block per fused projection (last row): each warp then loops over

@@ -1236,10 +1236,17 @@ impl CudaBackend {
         // A warp's worth of threads per 16 values (RMS_VEC float4s each in
         // llama.cu), at most 1024.
         let norm_threads = (cfg.hidden_size.div_ceil(16 * 32) as u32 * 32).clamp(32, 1024);
-        // Steps of 1, 2 or 4 tokens that stream no KV run the fused
+        // Prefill steps on the wgmma attention: rope_kv_write stores the
+        // rotated query scaled and in bf16 where the attention writes its
+        // output (each block reads its rows' query before it writes the same
+        // rows' output; no block reads another's), which is what that kernel
+        // reads. So those steps run rope_kv_write, never the fused QKV
+        // projection (which leaves an f32 query).
+        let wgmma_step = !plan.decode && self.prefill == PrefillKernel::Wgmma;
+        // Other steps of 1, 2 or 4 tokens that stream no KV run the fused
         // projections; a block of GEMV_WARPS warps stages the step's input
         // rows (width k) in shared memory, at most two blocks per SM.
-        let gemv = if sink.is_none() {
+        let gemv = if sink.is_none() && !wgmma_step {
             self.gemv_for(t)
         } else {
             None
@@ -1275,11 +1282,6 @@ impl CudaBackend {
         } else {
             null
         };
-        // Multi-token steps on the wgmma prefill attention: rope_kv_write
-        // stores the rotated query scaled and in bf16, where the attention
-        // writes its output (each block reads its rows' query before it
-        // writes the same rows' output; no block reads another's).
-        let wgmma_step = gemv.is_none() && !plan.decode && self.prefill == PrefillKernel::Wgmma;
         let q_out: u64 = if wgmma_step { ws.attn.ptr() } else { 0 };
         let rope_cs = ws.rope_cs.ptr();
         if gemv.is_none() {
