@@ -92,7 +92,7 @@ fn tandem_invocations(objects: &[Value]) -> Vec<(String, Vec<String>)> {
 /// The subcommand path (`serve`, `model fetch`) at the head of `args`, and the rest; `None`
 /// when the worker CLI has no such subcommand.
 fn split_subcommand(args: &[String]) -> Option<(String, Vec<String>)> {
-    let mut cmd = tandem::cli::Cli::command();
+    let mut cmd = tandem_api::args::RoleCli::command();
     let mut path = Vec::new();
     let mut rest = args;
     while let Some((head, tail)) = rest.split_first() {
@@ -106,9 +106,9 @@ fn split_subcommand(args: &[String]) -> Option<(String, Vec<String>)> {
     Some((path.join(" "), rest.to_vec()))
 }
 
-fn parse(args: impl IntoIterator<Item = String>) -> Result<tandem::cli::Cli, clap::Error> {
+fn parse(args: impl IntoIterator<Item = String>) -> Result<tandem_api::args::RoleCli, clap::Error> {
     use clap::Parser;
-    tandem::cli::Cli::try_parse_from(std::iter::once("tandem".to_string()).chain(args))
+    tandem_api::args::RoleCli::try_parse_from(std::iter::once("tandem".to_string()).chain(args))
 }
 
 #[test]

@@ -1,65 +1,108 @@
-//! [`LocalTarget`] against the real `tandem local` supervisor (the worker crate's library) with
-//! stand-in children (the worker's `fixtures/fake_worker.py`, which serves `/health`), so it runs
-//! in seconds without a model: the planner reads the tiers' replicas and readiness, resizes them,
-//! and gets the control endpoint's own error message when it asks for too much. The loop with
-//! the real model and a real Prometheus is `planner_local_loop.rs`.
+//! [`LocalTarget`], the planner's client of `tandem local`'s control endpoint, against an
+//! endpoint that speaks the contract's JSON (`tandem_api::control`, the same types the
+//! supervisor serves) and answers errors the way the supervisor does. The supervisor's own
+//! side of the endpoint is tested in the worker (`worker/tests/local_supervisor.rs`), and the
+//! whole loop — the real `tandem local`, a real Prometheus, this target — in
+//! `planner_local_loop.rs`.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tandem::local::{self, LocalConfig};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tandem_api::control::{ScaleRequest, TierStatus, Tiers};
 use tandem_operator::planner::local::LocalTarget;
 use tandem_operator::planner::{ScaleTarget, Tier, TierReplicas};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Most replicas a tier may have, as the supervisor enforces.
+const MAX_REPLICAS: usize = 64;
+
+type Shared = Arc<Mutex<Tiers>>;
+
+fn tier_of<'a>(tiers: &'a mut Tiers, name: &str) -> Option<&'a mut TierStatus> {
+    match name {
+        "prefill" => Some(&mut tiers.prefill),
+        "decode" => Some(&mut tiers.decode),
+        _ => None,
+    }
 }
 
-async fn wait_for(
-    target: &LocalTarget,
-    tier: Tier,
-    what: &str,
-    done: impl Fn(TierReplicas) -> bool,
-) -> TierReplicas {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(replicas) = target.replicas(tier).await {
-            if done(replicas) {
-                return replicas;
-            }
+fn error(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": {"message": message}})),
+    )
+        .into_response()
+}
+
+async fn get_tier(State(state): State<Shared>, Path(name): Path<String>) -> Response {
+    let mut tiers = state.lock().unwrap();
+    match tier_of(&mut tiers, &name) {
+        Some(tier) => Json(*tier).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no tier {name:?}")),
+    }
+}
+
+/// Resizes at once and reports every worker ready, like a supervisor whose workers load
+/// instantly.
+async fn put_tier(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    Json(request): Json<ScaleRequest>,
+) -> Response {
+    let mut tiers = state.lock().unwrap();
+    if request.replicas > MAX_REPLICAS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} {name} replicas is more than the {MAX_REPLICAS} tandem local runs per tier",
+                request.replicas
+            ),
+        );
+    }
+    match tier_of(&mut tiers, &name) {
+        Some(tier) => {
+            *tier = TierStatus {
+                replicas: request.replicas,
+                ready: request.replicas,
+            };
+            Json(*tiers).into_response()
         }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        None => error(StatusCode::NOT_FOUND, format!("no tier {name:?}")),
     }
 }
 
 #[tokio::test]
-async fn the_planner_reads_and_resizes_tandem_local_tiers() {
-    let dir = std::env::temp_dir().join(format!("tandem-local-target-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake_worker =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/fake_worker.py");
-    let mut config = LocalConfig::new("python3".into(), 1, 1, dir.join("endpoints.json"));
-    config.program_args = vec![fake_worker.into()];
-    config.frontend_port = 0;
-    config.shutdown_grace = Duration::from_secs(5);
-    config.health_interval = Duration::from_millis(50);
-    let control_port = free_port();
-    config.control_port = Some(control_port);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let supervisor = tokio::spawn(local::run(config, async move {
-        let _ = stopped.await;
+async fn the_planner_reads_and_resizes_tiers_through_the_control_contract() {
+    let one = TierStatus {
+        replicas: 1,
+        ready: 1,
+    };
+    let state: Shared = Arc::new(Mutex::new(Tiers {
+        prefill: one,
+        decode: one,
     }));
+    let app = Router::new()
+        .route("/tiers/{tier}", get(get_tier).put(put_tier))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
 
-    let mut target = LocalTarget::new(&format!("http://127.0.0.1:{control_port}")).unwrap();
-    // The control endpoint opens once every process is up.
-    let prefill = wait_for(&target, Tier::Prefill, "the control endpoint", |_| true).await;
+    // The URL may name the tiers path too.
+    let mut target = LocalTarget::new(&format!("http://127.0.0.1:{port}/tiers/")).unwrap();
     assert_eq!(
-        prefill,
+        target.replicas(Tier::Prefill).await.unwrap(),
         TierReplicas {
             desired: 1,
             ready: 1
@@ -67,12 +110,18 @@ async fn the_planner_reads_and_resizes_tandem_local_tiers() {
     );
 
     target.set_desired(Tier::Prefill, 3).await.unwrap();
-    let grown = target.replicas(Tier::Prefill).await.unwrap();
-    assert_eq!(grown.desired, 3, "desired at once, ready as workers load");
-    wait_for(&target, Tier::Prefill, "3 ready prefill workers", |r| {
-        r.ready == 3
-    })
-    .await;
+    assert_eq!(
+        state.lock().unwrap().prefill.replicas,
+        3,
+        "the PUT reached the tier"
+    );
+    assert_eq!(
+        target.replicas(Tier::Prefill).await.unwrap(),
+        TierReplicas {
+            desired: 3,
+            ready: 3
+        }
+    );
     assert_eq!(
         target.replicas(Tier::Decode).await.unwrap(),
         TierReplicas {
@@ -82,16 +131,7 @@ async fn the_planner_reads_and_resizes_tandem_local_tiers() {
         "the other tier is untouched"
     );
 
-    target.set_desired(Tier::Prefill, 1).await.unwrap();
-    assert_eq!(
-        target.replicas(Tier::Prefill).await.unwrap(),
-        TierReplicas {
-            desired: 1,
-            ready: 1
-        },
-        "stopped workers leave at once"
-    );
-
+    // The endpoint's own error message reaches the planner.
     let error = target
         .set_desired(Tier::Decode, 65)
         .await
@@ -103,9 +143,9 @@ async fn the_planner_reads_and_resizes_tandem_local_tiers() {
     );
 
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(30), supervisor)
+    tokio::time::timeout(Duration::from_secs(10), server)
         .await
-        .expect("tandem local stops")
+        .expect("the endpoint stops")
         .unwrap()
         .unwrap();
     let error = target.replicas(Tier::Decode).await.unwrap_err().to_string();
@@ -113,5 +153,4 @@ async fn the_planner_reads_and_resizes_tandem_local_tiers() {
         error.contains("is `tandem local --control-port` running?"),
         "{error}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

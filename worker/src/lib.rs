@@ -1,15 +1,12 @@
-//! Tandem: disaggregated LLM serving. The `tandem` binary's library: the engine,
-//! model loading, the OpenAI server, the router, KV transfer, the
-//! disaggregated roles, worker discovery and the local supervisor.
+//! Tandem: disaggregated LLM serving. The `tandem` binary's serving crate: the OpenAI
+//! server, the router, the disaggregated roles and their KV transfer, worker discovery, the
+//! local supervisor and the command line. The engine (`tandem-engine`), the model files
+//! (`tandem-model`), the contracts (`tandem-api`) and the load generator (`tandem-loadgen`)
+//! are crates of their own (docs/architecture.md).
 
-pub mod bench;
 pub mod cli;
 pub mod discovery;
-pub mod engine;
-pub mod infer;
 pub mod local;
-pub mod metrics;
-pub mod model;
 pub mod roles;
 pub mod router;
 pub mod server;

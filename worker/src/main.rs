@@ -2,17 +2,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use tandem::cli::{self, Cli, Command};
+use tandem::cli::{self, Cli, Command, RoleCommand};
 
 fn main() -> ExitCode {
     cli::init_tracing();
     let args = Cli::parse();
     let result = match args.command {
-        Command::Serve(a) => cli::serve::run(a),
-        Command::Frontend(a) => cli::frontend::run(a),
-        Command::Prefill(a) => cli::worker::run_prefill(a),
-        Command::Decode(a) => cli::worker::run_decode(a),
-        Command::Model(c) => cli::model::run(c),
+        Command::Role(RoleCommand::Serve(a)) => cli::serve::run(a),
+        Command::Role(RoleCommand::Frontend(a)) => cli::frontend::run(a),
+        Command::Role(RoleCommand::Prefill(a)) => cli::worker::run_prefill(a),
+        Command::Role(RoleCommand::Decode(a)) => cli::worker::run_decode(a),
+        Command::Role(RoleCommand::Model(c)) => cli::model::run(c),
         Command::Bench(a) => cli::bench::run(*a),
         Command::Gpu(c) => cli::gpu::run(c),
         Command::Local(a) => cli::local::run(a),

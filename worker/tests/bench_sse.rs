@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tandem::bench::{self, Arrivals, BenchConfig, Endpoint, LengthSpec, PromptSource, Slo, Stop};
+use tandem_loadgen::{
+    self as bench, Arrivals, BenchConfig, Endpoint, LengthSpec, PromptSource, Slo, Stop,
+};
 
 const FIRST_TOKEN_MS: u64 = 80;
 const GAP_MS: u64 = 30;

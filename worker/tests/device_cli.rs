@@ -5,11 +5,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tandem::model::quant::GgmlType;
-use tandem::model::testing::{random_weights, save_gguf_as, tiny_config, TokenizerSource};
-use tandem::model::Architecture;
+use tandem_model::quant::GgmlType;
+use tandem_model::testing::{random_weights, save_gguf_as, tiny_config, TokenizerSource};
+use tandem_model::Architecture;
 
-/// What the model loader logs once the weights are read (`tandem::model`).
+/// What the model loader logs once the weights are read (`tandem_model`).
 const WEIGHTS_READ: &str = "model loaded";
 
 fn tiny_model() -> tempfile::TempDir {

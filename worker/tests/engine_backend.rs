@@ -4,8 +4,8 @@
 mod engine_support;
 
 use engine_support::*;
-use tandem::engine::backend::cpu::dequantized_weights;
-use tandem::engine::backend::{ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage};
+use tandem_engine::backend::cpu::dequantized_weights;
+use tandem_engine::backend::{ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage};
 
 const VARIANTS: [(&str, Variant); 5] = [
     ("gqa tied", GQA),
@@ -292,7 +292,7 @@ fn bad_inputs_are_refused_with_named_errors() {
     assert!(err.to_string().contains("block id 7"), "{err}");
 
     let mut bad = weights.clone();
-    bad.layers[1].wk = tandem::model::Tensor::zeros(vec![3, 3]);
+    bad.layers[1].wk = tandem_model::Tensor::zeros(vec![3, 3]);
     let err = CpuBackend::new(cfg, &bad, WeightStorage::F32)
         .err()
         .unwrap();

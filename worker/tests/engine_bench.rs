@@ -7,12 +7,12 @@ mod engine_support;
 use std::time::Instant;
 
 use engine_support::{q4_rounded, random_weights};
-use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::Infer;
-use tandem::model::Weights;
-use tandem::model::{Architecture, ModelConfig};
+use tandem_api::infer::Infer;
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::backend::{CpuBackend, WeightStorage};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::Weights;
+use tandem_model::{Architecture, ModelConfig};
 
 fn smollm2_135m_shape() -> ModelConfig {
     ModelConfig {
@@ -166,7 +166,7 @@ fn process_cpu_seconds() -> f64 {
 #[test]
 #[ignore = "benchmark; run explicitly in release"]
 fn smollm2_shaped_forward_cost_per_core() {
-    use tandem::engine::backend::{ComputeBackend, SeqInput};
+    use tandem_engine::backend::{ComputeBackend, SeqInput};
     let cfg = smollm2_135m_shape();
     let weights = default_model_like_weights(&cfg);
     let pool = rayon::ThreadPoolBuilder::new()

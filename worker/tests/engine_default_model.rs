@@ -8,12 +8,12 @@ mod engine_support;
 use std::time::Instant;
 
 use engine_support::{reference_logits, relative_error};
-use tandem::engine::backend::cpu::dequantized_weights;
-use tandem::engine::backend::{ComputeBackend, CpuBackend, SeqInput, WeightStorage};
-use tandem::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::Infer;
-use tandem::model::{load, resolve, ChatMessage, LoadedModel};
+use tandem_api::infer::Infer;
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::backend::cpu::dequantized_weights;
+use tandem_engine::backend::{ComputeBackend, CpuBackend, SeqInput, WeightStorage};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::{load, resolve, ChatMessage, LoadedModel};
 
 fn default_model() -> LoadedModel {
     let path = resolve(None).expect("the default model is in the cache (make model)");

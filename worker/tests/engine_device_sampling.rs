@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use engine_support::*;
-use tandem::engine::backend::{
+use tandem_api::infer::{GenerateStream, Infer};
+use tandem_api::types::{GenerateEvent, GenerateRequest, KvExport, SamplingParams, StopParams};
+use tandem_engine::backend::{
     BackendError, ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage,
 };
-use tandem::engine::types::{GenerateEvent, GenerateRequest, KvExport, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::{GenerateStream, Infer};
-use tandem::model::ModelConfig;
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::ModelConfig;
 
 /// The CPU backend, claiming to sample on the device, counting the steps
 /// that asked it for tokens.
@@ -69,7 +69,7 @@ impl ComputeBackend for SamplingCpu {
     fn forward_sampled(
         &mut self,
         batch: &[SeqInput<'_>],
-        sampling: &[tandem::engine::backend::DeviceSampling],
+        sampling: &[tandem_engine::backend::DeviceSampling],
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<Vec<u32>, BackendError> {
         self.sampled_steps.fetch_add(1, Ordering::SeqCst);
@@ -80,7 +80,7 @@ impl ComputeBackend for SamplingCpu {
         Ok(logits
             .chunks(vocab)
             .zip(sampling)
-            .map(|(row, s)| tandem::engine::backend::sampling::sample_row(row, s))
+            .map(|(row, s)| tandem_engine::backend::sampling::sample_row(row, s))
             .collect())
     }
 }

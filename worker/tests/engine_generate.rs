@@ -7,14 +7,14 @@ mod engine_support;
 use std::time::{Duration, Instant};
 
 use engine_support::*;
-use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::types::{
+use tandem_api::infer::{GenerateStream, Infer, InferError};
+use tandem_api::metrics::metrics;
+use tandem_api::types::{
     FinishReason, GenerateEvent, GenerateRequest, KvDtype, SamplingParams, StopParams,
 };
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::{GenerateStream, Infer, InferError};
-use tandem::metrics::metrics;
-use tandem::model::{ModelConfig, Weights};
+use tandem_engine::backend::{CpuBackend, WeightStorage};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::{ModelConfig, Weights};
 
 const MAX_MODEL_LEN: usize = 256;
 
@@ -108,7 +108,7 @@ fn reference_greedy(cfg: &ModelConfig, w: &Weights, prompt: &[u32], n: usize) ->
 async fn wait_until(
     e: &EngineHandle,
     what: &str,
-    cond: impl Fn(&tandem::engine::EngineStats) -> bool,
+    cond: impl Fn(&tandem_engine::EngineStats) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -420,7 +420,7 @@ async fn mismatched_kv_import_is_refused() {
 
 #[tokio::test]
 async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
-    use tandem::engine::types::PrefillEvent;
+    use tandem_api::types::PrefillEvent;
     let (cfg, w) = model();
     // Chunks of 8 tokens: a 21-token prompt takes three steps.
     let e = engine(
@@ -502,7 +502,7 @@ impl Drop for DropReporting {
     }
 }
 
-impl tandem::engine::backend::ComputeBackend for DropReporting {
+impl tandem_engine::backend::ComputeBackend for DropReporting {
     fn name(&self) -> &'static str {
         self.0.name()
     }
@@ -516,22 +516,22 @@ impl tandem::engine::backend::ComputeBackend for DropReporting {
         &mut self,
         block_size: usize,
         num_blocks: usize,
-    ) -> Result<(), tandem::engine::backend::BackendError> {
+    ) -> Result<(), tandem_engine::backend::BackendError> {
         self.0.init_kv_cache(block_size, num_blocks)
     }
     fn forward(
         &mut self,
-        batch: &[tandem::engine::backend::SeqInput<'_>],
+        batch: &[tandem_engine::backend::SeqInput<'_>],
         logits: &mut Vec<f32>,
-        sink: Option<&mut dyn tandem::engine::backend::KvLayerSink>,
-    ) -> Result<(), tandem::engine::backend::BackendError> {
+        sink: Option<&mut dyn tandem_engine::backend::KvLayerSink>,
+    ) -> Result<(), tandem_engine::backend::BackendError> {
         self.0.forward(batch, logits, sink)
     }
     fn read_kv(
         &self,
         block_ids: &[u32],
         num_tokens: usize,
-    ) -> Result<tandem::engine::types::KvExport, tandem::engine::backend::BackendError> {
+    ) -> Result<tandem_api::types::KvExport, tandem_engine::backend::BackendError> {
         self.0.read_kv(block_ids, num_tokens)
     }
     fn write_kv_layer(
@@ -541,14 +541,14 @@ impl tandem::engine::backend::ComputeBackend for DropReporting {
         layer: usize,
         k: &[f32],
         v: &[f32],
-    ) -> Result<(), tandem::engine::backend::BackendError> {
+    ) -> Result<(), tandem_engine::backend::BackendError> {
         self.0.write_kv_layer(block_ids, start_pos, layer, k, v)
     }
     fn copy_block(
         &mut self,
         src: u32,
         dst: u32,
-    ) -> Result<(), tandem::engine::backend::BackendError> {
+    ) -> Result<(), tandem_engine::backend::BackendError> {
         self.0.copy_block(src, dst)
     }
 }

@@ -24,11 +24,11 @@ mod engine_support;
 use std::time::{Duration, Instant};
 
 use engine_support::null_backend::NullBackend;
-use tandem::engine::backend::{self, ComputeBackend, CudaOptions, DeviceSpec, WeightsSource};
-use tandem::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::Infer;
 use tandem::roles::event_to_pb;
+use tandem_api::infer::Infer;
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::backend::{self, ComputeBackend, CudaOptions, DeviceSpec, WeightsSource};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -86,7 +86,7 @@ async fn engine_host_time_per_decode_step() {
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .try_init();
-    let cfg = tandem::model::dummy::config("llama3-8b").unwrap();
+    let cfg = tandem_model::dummy::config("llama3-8b").unwrap();
     let context = env_list("TANDEM_BENCH_CONTEXT", "3000")[0];
     // Decode steps measured; the sequences run longer, so the window
     // closes while all of them still run.

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use engine_support::null_backend::NullBackend;
 use engine_support::{tiny_config, GQA};
-use tandem::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig};
-use tandem::infer::Infer;
+use tandem_api::infer::Infer;
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::{Engine, EngineConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_time_is_counted_apart_from_the_engines_own() {

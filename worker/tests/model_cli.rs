@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tandem::model::quant::GgmlType;
-use tandem::model::testing::{
+use tandem_model::quant::GgmlType;
+use tandem_model::testing::{
     random_weights, save_gguf_as, save_hf_dir, tiny_config, TokenizerSource,
 };
-use tandem::model::Architecture;
+use tandem_model::Architecture;
 
 fn tandem(cache: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -135,12 +135,12 @@ fn unknown_models_are_an_error_listing_what_is_accepted() {
 #[test]
 fn fetch_is_idempotent_when_cached() {
     let cache = tempfile::tempdir().unwrap();
-    let real = tandem::model::cache_dir().join(tandem::model::fetch::DEFAULT_FILE);
+    let real = tandem_model::cache_dir().join(tandem_model::fetch::DEFAULT_FILE);
     assert!(
         real.is_file(),
         "the default model must be cached for this test"
     );
-    std::os::unix::fs::symlink(&real, cache.path().join(tandem::model::fetch::DEFAULT_FILE))
+    std::os::unix::fs::symlink(&real, cache.path().join(tandem_model::fetch::DEFAULT_FILE))
         .unwrap();
     let out = stdout(&tandem(cache.path(), &["model", "fetch"]));
     assert!(out.contains("already cached"), "{out}");

@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use tandem::model::{self, ChatMessage, LoadedModel, ModelConfig, Tensor};
+use tandem_model::{self as model, ChatMessage, LoadedModel, ModelConfig, Tensor};
 
 fn default_model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
@@ -268,7 +268,7 @@ fn unpermuted_qk_with_half_split_rope_equals_llama_cpp_interleaved_rope() {
     // un-permuted weights with HF's half-split RoPE. Attention scores must agree.
     let m = default_model();
     let cfg = &m.config;
-    let f = tandem::model::gguf::GgufFile::open(&m.path).unwrap();
+    let f = tandem_model::gguf::GgufFile::open(&m.path).unwrap();
     let h: Vec<f32> = (0..cfg.hidden_size)
         .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
         .collect();

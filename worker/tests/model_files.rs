@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use tandem::model::gguf::{write_gguf, GgufFile, MetadataValue, TensorData};
-use tandem::model::gguf_model::permute_qk;
-use tandem::model::quant::GgmlType;
-use tandem::model::testing::{
+use tandem_model::gguf::{write_gguf, GgufFile, MetadataValue, TensorData};
+use tandem_model::gguf_model::permute_qk;
+use tandem_model::quant::GgmlType;
+use tandem_model::testing::{
     random_weights, save_gguf, save_gguf_as, save_hf_dir, tiny_config, TokenizerSource,
 };
-use tandem::model::{self, Architecture, ModelConfig, Weights};
+use tandem_model::{self as model, Architecture, ModelConfig, Weights};
 
 fn variants() -> Vec<(&'static str, ModelConfig)> {
     let llama = tiny_config(Architecture::Llama);
@@ -584,7 +584,7 @@ fn hf_special_tokens_come_from_tokenizer_and_generation_configs() {
 fn llama3_rope_scaling_survives_gguf_and_hf() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig {
-        rope_scaling: Some(tandem::model::config::Llama3RopeScaling {
+        rope_scaling: Some(tandem_model::config::Llama3RopeScaling {
             factor: 8.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,

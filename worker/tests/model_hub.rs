@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use tandem::model::testing::{random_weights, save_hf_dir, tiny_config};
-use tandem::model::Architecture;
+use tandem_model::testing::{random_weights, save_hf_dir, tiny_config};
+use tandem_model::Architecture;
 
 const TOKEN: &str = "hf_test_token";
 
@@ -268,7 +268,7 @@ fn fetched_directory_loads_and_a_second_fetch_downloads_nothing() {
         );
     }
 
-    let loaded = tandem::model::load(&out).unwrap();
+    let loaded = tandem_model::load(&out).unwrap();
     let cfg = tiny_config(Architecture::Llama);
     assert_eq!(loaded.config.num_layers, cfg.num_layers);
     assert_eq!(loaded.config.vocab_size, cfg.vocab_size);
@@ -331,7 +331,7 @@ fn a_partial_download_is_resumed_and_an_oversized_one_replaced() {
         (last.file.as_str(), last.range),
         ("model.safetensors", None)
     );
-    tandem::model::load(&out).unwrap();
+    tandem_model::load(&out).unwrap();
 }
 
 #[test]
@@ -347,7 +347,7 @@ fn an_index_decides_which_weights_are_fetched() {
         !out.join("consolidated.safetensors").exists(),
         "{fetched:?}"
     );
-    tandem::model::load(&out).unwrap();
+    tandem_model::load(&out).unwrap();
 }
 
 #[test]

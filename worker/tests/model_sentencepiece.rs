@@ -4,10 +4,10 @@
 //! `LlamaTokenizer` over merges from its `generate_merges`.
 
 use serde::Deserialize;
-use tandem::model::gguf::{GgufFile, MetadataValue};
-use tandem::model::testing::{random_weights, save_gguf, tiny_config, TokenizerSource};
-use tandem::model::tokenizer::{SentencePieceVocab, Tokenizer};
-use tandem::model::{self, Architecture, ModelConfig};
+use tandem_model::gguf::{GgufFile, MetadataValue};
+use tandem_model::testing::{random_weights, save_gguf, tiny_config, TokenizerSource};
+use tandem_model::tokenizer::{SentencePieceVocab, Tokenizer};
+use tandem_model::{self as model, Architecture, ModelConfig};
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -73,7 +73,7 @@ fn gguf_with_a_sentencepiece_vocab_loads_and_adds_bos_by_default() {
         (
             "tokenizer.ggml.scores".into(),
             MetadataValue::Array(
-                tandem::model::gguf::ValueType::F32,
+                tandem_model::gguf::ValueType::F32,
                 fx.scores.iter().map(|s| MetadataValue::F32(*s)).collect(),
             ),
         ),
@@ -87,7 +87,7 @@ fn gguf_with_a_sentencepiece_vocab_loads_and_adds_bos_by_default() {
     let tensors = f
         .tensors
         .iter()
-        .map(|t| tandem::model::gguf::TensorData {
+        .map(|t| tandem_model::gguf::TensorData {
             name: t.name.clone(),
             shape: t.shape(),
             ggml_type: t.ggml_type,
@@ -95,7 +95,7 @@ fn gguf_with_a_sentencepiece_vocab_loads_and_adds_bos_by_default() {
         })
         .collect::<Vec<_>>();
     let path = dir.path().join("spm.gguf");
-    tandem::model::gguf::write_gguf(&path, &meta, &tensors).unwrap();
+    tandem_model::gguf::write_gguf(&path, &meta, &tensors).unwrap();
 
     let m = model::load(&path).unwrap();
     assert!(m.tokenizer.add_bos_token());

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem::engine::block_manager::{prefix_hashes, BlockHash, KvEvent};
 use tandem::router::{RouteTicket, Router, RouterConfig, RouterMode, WorkerId};
+use tandem_engine::block_manager::{prefix_hashes, BlockHash, KvEvent};
 
 const BLOCK_SIZE: usize = 16;
 const SYSTEM_PROMPT_TOKENS: usize = 1024;

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use tandem::engine::block_manager::{prefix_hashes, KvEvent};
 use tandem::router::{Router, RouterConfig, RouterError, RouterMode, WorkerId};
+use tandem_engine::block_manager::{prefix_hashes, KvEvent};
 
 const BLOCK_SIZE: usize = 16;
 

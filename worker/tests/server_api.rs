@@ -569,7 +569,7 @@ async fn not_ready_until_the_model_is_set() {
     state.set_model(tandem::server::ServedModel {
         infer: Arc::new(FakeInfer::replying(encode("ready now"))),
         tokenizer: tokenizer(),
-        chat_template: Some(tandem::model::ChatTemplate::new(CHATML, "", "").unwrap()),
+        chat_template: Some(tandem_model::ChatTemplate::new(CHATML, "", "").unwrap()),
         max_model_len: CONTEXT,
     });
     let (status, _) = send_json(&app, get("/health")).await;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use server_support::*;
-use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::model::{ChatTemplate, ModelConfig};
 use tandem::server::{router, AppState, ServedModel, ServerConfig};
+use tandem_engine::backend::{CpuBackend, WeightStorage};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::{ChatTemplate, ModelConfig};
 use tokio::io::AsyncReadExt;
 
 const MAX_MODEL_LEN: usize = 256;
@@ -113,7 +113,7 @@ async fn client_disconnect_frees_the_sequence_blocks() {
 
 /// The engine's counters once it has nothing running (stats are published
 /// after each engine step, so wait for the snapshot that follows the work).
-async fn settled_stats(engine: &EngineHandle) -> tandem::engine::EngineStats {
+async fn settled_stats(engine: &EngineHandle) -> tandem_engine::EngineStats {
     assert!(
         eventually(|| {
             let s = engine.stats();

@@ -28,7 +28,7 @@ fn state_with_grace(fake: Arc<FakeInfer>, grace: Duration) -> Arc<AppState> {
         ServedModel {
             infer: fake,
             tokenizer: tokenizer(),
-            chat_template: Some(tandem::model::ChatTemplate::new(CHATML, "", "").unwrap()),
+            chat_template: Some(tandem_model::ChatTemplate::new(CHATML, "", "").unwrap()),
             max_model_len: CONTEXT,
         },
     )

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tandem::engine::types::SamplingParams;
-use tandem::infer::InferError;
 use tandem::transfer::grpc::{GrpcTransport, PrefillSource};
 use tandem::transfer::pb::{KvDtype, KvLayout};
 use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError, Transport};
+use tandem_api::infer::InferError;
+use tandem_api::types::SamplingParams;
 use transfer_support::serve_killable;
 
 /// Sends the layout and the first of two layers, then either stalls forever

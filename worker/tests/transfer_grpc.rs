@@ -6,14 +6,14 @@ mod engine_support;
 mod transfer_support;
 
 use engine_support::*;
-use tandem::engine::backend::{CpuBackend, WeightStorage};
-use tandem::engine::types::{GenerateRequest, SamplingParams, StopParams};
-use tandem::engine::{Engine, EngineConfig, EngineHandle};
-use tandem::infer::Infer;
-use tandem::metrics::metrics;
-use tandem::model::{ModelConfig, Weights};
 use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService};
 use tandem::transfer::{RemotePrefillRequest, TransferError, Transport};
+use tandem_api::infer::Infer;
+use tandem_api::metrics::metrics;
+use tandem_api::types::{GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::backend::{CpuBackend, WeightStorage};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model::{ModelConfig, Weights};
 use tokio_stream::wrappers::TcpListenerStream;
 use transfer_support::tokens;
 

@@ -24,11 +24,11 @@ use futures::StreamExt;
 use std::sync::Arc;
 
 use rand::Rng;
-use tandem::engine::types::{KvDtype as EngineKvDtype, SamplingParams, TokenOutput};
-use tandem::infer::InferError;
 use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService, PrefillSource};
 use tandem::transfer::pb::{KvDtype, KvLayout};
 use tandem::transfer::{PrefillPart, RemotePrefillRequest, Transport};
+use tandem_api::infer::InferError;
+use tandem_api::types::{KvDtype as EngineKvDtype, SamplingParams, TokenOutput};
 use tokio_stream::wrappers::TcpListenerStream;
 
 const LAYERS: u32 = 32;

@@ -1,4 +1,4 @@
-//! `tandem bench`: flags, then [`crate::bench::run`], then the table and JSON.
+//! `tandem bench`: flags, then [`tandem_loadgen::run`], then the table and JSON.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use crate::bench::{
-    self, workload, Arrivals, BenchConfig, Endpoint, LengthSpec, PromptSource, Slo, Stop,
+use tandem_loadgen::{
+    self as bench, self, workload, Arrivals, BenchConfig, Endpoint, LengthSpec, PromptSource, Slo,
+    Stop,
 };
 
 /// Load-test an OpenAI endpoint: TTFT, ITL and E2E percentiles, throughput, goodput.

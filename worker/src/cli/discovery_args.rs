@@ -1,80 +1,42 @@
-//! Flags that say how a role finds the workers of the tier it calls: decode
-//! workers find prefill workers, the frontend finds decode workers.
+//! How a role finds the workers of the tier it calls: decode workers find prefill workers,
+//! the frontend finds decode workers. The flags are `tandem_api::args`'.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use tokio::sync::watch;
 
+pub use tandem_api::args::{DecodeDiscoveryArgs, DiscoveryMode, PrefillDiscoveryArgs};
+
 use crate::discovery::{self, DiscoveryConfig, DiscoveryFlags, Role};
 
-/// Where the addresses of the other tier come from.
-pub use crate::discovery::DiscoveryMode as DiscoveryKind;
-
-/// How a decode worker finds prefill workers.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PrefillDiscoveryArgs {
-    /// Where prefill workers are found: `static` (`--prefill-workers`), `file`
-    /// (`--endpoints-file`), `kubernetes` (`--prefill-service`).
-    #[arg(long, env = "TANDEM_DISCOVERY", value_enum, default_value = "static")]
-    pub discovery: DiscoveryKind,
-
-    /// The prefill tier's headless Service (with `--discovery kubernetes`).
-    #[arg(long, env = "TANDEM_PREFILL_SERVICE")]
-    pub prefill_service: Option<String>,
-
-    /// `tandem local`'s endpoints file (with `--discovery file`).
-    #[arg(long, env = "TANDEM_ENDPOINTS_FILE")]
-    pub endpoints_file: Option<PathBuf>,
+/// The prefill workers a decode worker may call, kept current.
+pub async fn prefill_membership(
+    args: &PrefillDiscoveryArgs,
+    static_list: &[String],
+) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
+    membership(DiscoveryFlags {
+        mode: Some(args.discovery),
+        workers: static_list.to_vec(),
+        service: args.prefill_service.clone(),
+        endpoints_file: args.endpoints_file.clone(),
+        ..DiscoveryFlags::new(Role::Prefill)
+    })
+    .await
 }
 
-/// How the frontend finds decode workers.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DecodeDiscoveryArgs {
-    /// Where decode workers are found: `static` (`--decode-workers`), `file`
-    /// (`--endpoints-file`), `kubernetes` (`--decode-service`).
-    #[arg(long, env = "TANDEM_DISCOVERY", value_enum, default_value = "static")]
-    pub discovery: DiscoveryKind,
-
-    /// The decode tier's headless Service (with `--discovery kubernetes`).
-    #[arg(long, env = "TANDEM_DECODE_SERVICE")]
-    pub decode_service: Option<String>,
-
-    /// `tandem local`'s endpoints file (with `--discovery file`).
-    #[arg(long, env = "TANDEM_ENDPOINTS_FILE")]
-    pub endpoints_file: Option<PathBuf>,
-}
-
-impl PrefillDiscoveryArgs {
-    pub async fn membership(
-        &self,
-        static_list: &[String],
-    ) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
-        membership(DiscoveryFlags {
-            mode: Some(self.discovery),
-            workers: static_list.to_vec(),
-            service: self.prefill_service.clone(),
-            endpoints_file: self.endpoints_file.clone(),
-            ..DiscoveryFlags::new(Role::Prefill)
-        })
-        .await
-    }
-}
-
-impl DecodeDiscoveryArgs {
-    pub async fn membership(
-        &self,
-        static_list: &[String],
-    ) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
-        membership(DiscoveryFlags {
-            mode: Some(self.discovery),
-            workers: static_list.to_vec(),
-            service: self.decode_service.clone(),
-            endpoints_file: self.endpoints_file.clone(),
-            ..DiscoveryFlags::new(Role::Decode)
-        })
-        .await
-    }
+/// The decode workers the frontend may route to, kept current.
+pub async fn decode_membership(
+    args: &DecodeDiscoveryArgs,
+    static_list: &[String],
+) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {
+    membership(DiscoveryFlags {
+        mode: Some(args.discovery),
+        workers: static_list.to_vec(),
+        service: args.decode_service.clone(),
+        endpoints_file: args.endpoints_file.clone(),
+        ..DiscoveryFlags::new(Role::Decode)
+    })
+    .await
 }
 
 async fn membership(flags: DiscoveryFlags) -> anyhow::Result<watch::Receiver<BTreeSet<String>>> {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-use crate::engine::backend::cuda::{bench, check, tp_check, CudaBackend};
-use crate::engine::backend::{DeviceSampling, DeviceSpec};
+use tandem_engine::backend::cuda::{bench, check, tp_check, CudaBackend};
+use tandem_engine::backend::{DeviceSampling, DeviceSpec};
 
 #[derive(Debug, Subcommand)]
 pub enum GpuCommand {

@@ -26,16 +26,16 @@ use clap::Args;
 use serde_json::json;
 
 use super::common;
-use crate::engine::backend::cuda::ipc::peer_copy_gbps;
-use crate::engine::backend::{self, CudaOptions, DeviceSpec, WeightsSource};
-use crate::engine::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
-use crate::engine::{Engine, EngineConfig, EngineHandle};
-use crate::infer::Infer;
-use crate::model;
 use crate::roles::worker_service::WorkerService;
 use crate::transfer::cuda_ipc::{self, IpcPrefill};
 use crate::transfer::grpc::{incoming, server_builder, GrpcTransport, PrefillService};
 use crate::transfer::{RemotePrefillRequest, Transport};
+use tandem_api::infer::Infer;
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_engine::backend::cuda::ipc::peer_copy_gbps;
+use tandem_engine::backend::{self, CudaOptions, DeviceSpec, WeightsSource};
+use tandem_engine::{Engine, EngineConfig, EngineHandle};
+use tandem_model as model;
 
 #[derive(Debug, Clone, Args)]
 pub struct TransferBenchArgs {
@@ -232,7 +232,7 @@ fn greedy_request(id: &str, prompt: Vec<u32>, max_tokens: usize) -> GenerateRequ
     }
 }
 
-async fn tokens_of(mut stream: crate::infer::GenerateStream) -> anyhow::Result<Vec<u32>> {
+async fn tokens_of(mut stream: tandem_api::infer::GenerateStream) -> anyhow::Result<Vec<u32>> {
     let mut out = Vec::new();
     while let Some(event) = stream.next_event().await {
         match event {

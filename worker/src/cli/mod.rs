@@ -12,6 +12,7 @@ pub mod serve;
 pub mod worker;
 
 use clap::{Parser, Subcommand};
+pub use tandem_api::args::RoleCommand;
 
 /// Tandem serves large language models with prefill and decode on separate,
 /// separately scaled workers.
@@ -22,27 +23,16 @@ pub struct Cli {
     pub command: Command,
 }
 
-// Parsed once at startup: the size of the serve variant does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// One process, aggregated: the OpenAI API and the engine together.
-    Serve(serve::ServeArgs),
-    /// The OpenAI API in front of decode workers: tokenizes, routes (KV-aware),
-    /// migrates requests off failed workers. Loads no weights.
-    Frontend(frontend::FrontendArgs),
-    /// A prefill worker: runs prompts and streams their KV to decode workers.
-    Prefill(worker::PrefillArgs),
-    /// A decode worker: generates tokens; prefills long uncached prompts on
-    /// prefill workers, short ones itself.
-    Decode(worker::DecodeArgs),
+    /// The roles the operator renders (`serve`, `frontend`, `prefill`, `decode`, `model`):
+    /// their flags are `tandem_api::args`', shared with the operator.
+    #[command(flatten)]
+    Role(RoleCommand),
     // The help text is `LocalArgs`' doc comment.
     Local(local::LocalArgs),
     // The help text is `BenchArgs`' doc comment.
     Bench(Box<bench::BenchArgs>),
-    /// Fetch, list and inspect models.
-    #[command(subcommand)]
-    Model(model::ModelCommand),
     /// The CUDA backend on this machine's GPU: correctness checks, benchmarks.
     #[command(subcommand)]
     Gpu(gpu::GpuCommand),

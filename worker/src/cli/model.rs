@@ -4,42 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-use crate::model::hub::{HubClient, HubRepo};
-use crate::model::{self, fetch, ModelInfo};
-
-#[derive(Debug, clap::Subcommand)]
-pub enum ModelCommand {
-    /// Download the default model into the cache (does nothing if it is there), or a
-    /// Hugging Face repository (`hf://ORG/REPO[@REVISION]`) into a directory.
-    ///
-    /// From the Hub it fetches config.json, the tokenizer files, generation_config.json
-    /// and the safetensors weights, sending HF_TOKEN as a bearer token when set, from
-    /// HF_ENDPOINT (default https://huggingface.co). Complete files are skipped and an
-    /// interrupted download is continued, so a restarted fetch resumes.
-    Fetch {
-        /// The default model's name, or hf://ORG/REPO[@REVISION] (revision default: main).
-        #[arg(default_value = model::DEFAULT_MODEL)]
-        name: String,
-        /// Where to put the model. For hf:// the directory to fill (default: the
-        /// cache's ORG--REPO); for the default model its .gguf file is copied into
-        /// this directory after it is in the cache.
-        #[arg(long)]
-        output: Option<PathBuf>,
-    },
-    /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models).
-    List {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show what a model is: a cached name, a .gguf path or an HF directory.
-    Show {
-        model: String,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
+use tandem_api::args::ModelCommand;
+use tandem_model::hub::{HubClient, HubRepo};
+use tandem_model::{self as model, fetch, ModelInfo};
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {

@@ -12,27 +12,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::common::{self, EngineArgs, ModelHttpArgs};
+pub use tandem_api::args::ServeArgs;
+
+use super::common;
 use crate::server::{self, AppState, ServedModel};
 
 pub use super::common::{parse_byte_size, DEFAULT_MODEL_ALIAS};
 
 /// The `role` label of this process's worker metrics.
 const ROLE: &str = "aggregated";
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub http: ModelHttpArgs,
-
-    #[command(flatten)]
-    pub engine: EngineArgs,
-
-    /// Tokens generated when a request gives no `max_tokens` (never more than
-    /// the room left in the context).
-    #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = common::DEFAULT_MAX_TOKENS)]
-    pub default_max_tokens: usize,
-}
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     common::runtime()?.block_on(serve(args))
@@ -41,9 +29,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = common::resolve_model(&args.http)?;
     let max_model_len = model.max_model_len;
-    let config = args
-        .http
-        .server_config(&model.info.name, args.default_max_tokens);
+    let config = common::server_config(&args.http, &model.info.name, args.default_max_tokens);
 
     let addr = args.http.listen_address();
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -96,9 +82,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::EngineConfig;
     use clap::Parser;
     use std::time::Duration;
+    use tandem_engine::EngineConfig;
 
     #[test]
     fn flags_parse_and_names_default_to_the_model_plus_alias() {
@@ -113,25 +99,23 @@ mod tests {
             "256MiB",
         ])
         .unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
+        let crate::cli::Command::Role(crate::cli::RoleCommand::Serve(args)) = cli.command else {
             panic!("serve")
         };
         assert_eq!(args.http.port, 0);
         assert_eq!(args.engine.kv_cache_memory, 256 << 20);
-        let config = args
-            .http
-            .server_config("SmolLM2-135M-Instruct", args.default_max_tokens);
+        let config =
+            common::server_config(&args.http, "SmolLM2-135M-Instruct", args.default_max_tokens);
         assert_eq!(config.model_name, "smol");
         assert_eq!(config.model_aliases, vec!["tiny", "default"]);
         assert_eq!(config.shutdown_grace, Duration::from_secs(30));
 
         let cli = crate::cli::Cli::try_parse_from(["tandem", "serve"]).unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
+        let crate::cli::Command::Role(crate::cli::RoleCommand::Serve(args)) = cli.command else {
             panic!("serve")
         };
-        let config = args
-            .http
-            .server_config("SmolLM2-135M-Instruct", args.default_max_tokens);
+        let config =
+            common::server_config(&args.http, "SmolLM2-135M-Instruct", args.default_max_tokens);
         assert_eq!(config.model_name, "SmolLM2-135M-Instruct");
         assert_eq!(config.model_aliases, vec!["default"]);
         assert_eq!(config.default_max_tokens, server::DEFAULT_MAX_TOKENS);
@@ -140,7 +124,7 @@ mod tests {
     #[test]
     fn defaults_are_the_engine_defaults() {
         let cli = crate::cli::Cli::try_parse_from(["tandem", "serve"]).unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
+        let crate::cli::Command::Role(crate::cli::RoleCommand::Serve(args)) = cli.command else {
             panic!("serve")
         };
         let engine = EngineConfig::default();
@@ -170,7 +154,7 @@ mod tests {
         // The default memory budget does not conflict with an explicit block count.
         let cli =
             crate::cli::Cli::try_parse_from(["tandem", "serve", "--num-blocks", "100"]).unwrap();
-        let crate::cli::Command::Serve(args) = cli.command else {
+        let crate::cli::Command::Role(crate::cli::RoleCommand::Serve(args)) = cli.command else {
             panic!("serve")
         };
         assert_eq!(args.engine.num_blocks, Some(100));

@@ -15,122 +15,38 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::common::{self, EngineArgs, ModelHttpArgs};
-use crate::engine::EngineHandle;
-use crate::roles::decode::{
-    DecodeConfig, DecodeService, DecodeWorker, DEFAULT_REMOTE_PREFILL_MIN_TOKENS,
-};
+pub use tandem_api::args::{DecodeArgs, PrefillArgs, WorkerArgs, DEFAULT_GRPC_PORT};
+use tandem_engine::EngineHandle;
+
+use super::common;
+use crate::roles::decode::{DecodeConfig, DecodeService, DecodeWorker};
 use crate::roles::http::{self as worker_http, WorkerHealth};
 use crate::roles::worker_service::{TransferInfo, WorkerService};
-use crate::transfer::cuda_ipc::KvTransferMode;
+use crate::transfer::cuda_ipc::KvTransfer;
 use crate::transfer::grpc::{incoming, server_builder, PrefillService};
-
-/// Default `--grpc-port` (the operator's headless Services use it too).
-pub const DEFAULT_GRPC_PORT: u16 = 9000;
-
-/// KV transports a worker can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum KvTransfer {
-    /// `cuda-ipc` when prefill and decode both use CUDA on the same node
-    /// (decided per peer), else gRPC.
-    Auto,
-    /// Streamed gRPC messages: works between any two hosts.
-    Grpc,
-    /// The prefill worker writes the KV straight into the decode worker's GPU
-    /// pool; only for workers on one node, both on CUDA. A decode worker does
-    /// not use prefill workers it cannot reach this way.
-    CudaIpc,
-}
-
-impl KvTransfer {
-    pub fn mode(self) -> KvTransferMode {
-        match self {
-            KvTransfer::Auto => KvTransferMode::Auto,
-            KvTransfer::Grpc => KvTransferMode::Grpc,
-            KvTransfer::CudaIpc => KvTransferMode::CudaIpc,
-        }
-    }
-}
 
 /// The `Load` report's transfer fields for a worker in `mode`; refuses a
 /// forced cuda-ipc on an engine whose pool cannot be shared.
-fn transfer_info(engine: &EngineHandle, mode: KvTransferMode) -> anyhow::Result<TransferInfo> {
+fn transfer_info(engine: &EngineHandle, mode: KvTransfer) -> anyhow::Result<TransferInfo> {
     let mut info = TransferInfo::of(engine);
-    if mode == KvTransferMode::CudaIpc && !info.cuda_ipc {
+    if mode == KvTransfer::CudaIpc && !info.cuda_ipc {
         anyhow::bail!(
             "--kv-transfer cuda-ipc needs the KV pool on a CUDA device (--device cuda[:N])"
         );
     }
-    info.cuda_ipc &= mode != KvTransferMode::Grpc;
+    info.cuda_ipc &= mode != KvTransfer::Grpc;
     Ok(info)
 }
 
-/// Flags of every engine-owning worker role.
-#[derive(Debug, Clone, clap::Args)]
-pub struct WorkerArgs {
-    #[command(flatten)]
-    pub http: ModelHttpArgs,
-
-    #[command(flatten)]
-    pub engine: EngineArgs,
-
-    /// gRPC port for the worker protocol (0 picks a free one; the log says which).
-    #[arg(long, env = "TANDEM_GRPC_PORT", default_value_t = DEFAULT_GRPC_PORT)]
-    pub grpc_port: u16,
-
-    /// How prompt KV travels from prefill to decode workers.
-    #[arg(long, env = "TANDEM_KV_TRANSFER", value_enum, default_value = "auto")]
-    pub kv_transfer: KvTransfer,
-}
-
-/// `tandem prefill`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PrefillArgs {
-    #[command(flatten)]
-    pub worker: WorkerArgs,
-}
-
-/// `tandem decode`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DecodeArgs {
-    #[command(flatten)]
-    pub worker: WorkerArgs,
-
-    /// Prefill workers' gRPC addresses (`host:port`, comma-separated), for
-    /// `--discovery static`. None: every prompt is prefilled locally.
-    #[arg(long, env = "TANDEM_PREFILL_WORKERS", value_delimiter = ',')]
-    pub prefill_workers: Vec<String>,
-
-    #[command(flatten)]
-    pub discovery: super::discovery_args::PrefillDiscoveryArgs,
-
-    /// Prompts with fewer tokens missing from this worker's prefix cache are
-    /// prefilled here rather than on a prefill worker.
-    #[arg(long, env = "TANDEM_REMOTE_PREFILL_MIN_TOKENS", default_value_t = DEFAULT_REMOTE_PREFILL_MIN_TOKENS)]
-    pub remote_prefill_min_tokens: usize,
-
-    /// A prefill worker with this many requests waiting has no room; prompts
-    /// are then prefilled locally.
-    #[arg(long, env = "TANDEM_PREFILL_MAX_QUEUE", default_value_t = DecodeConfig::default().prefill_max_queue)]
-    pub prefill_max_queue: usize,
-
-    /// Seconds without a message after which a KV transfer is abandoned (the
-    /// prompt is then prefilled elsewhere).
-    #[arg(long, env = "TANDEM_KV_TRANSFER_TIMEOUT_SECS", default_value_t = DecodeConfig::default().transfer_timeout.as_secs_f64())]
-    pub kv_transfer_timeout_secs: f64,
-}
-
 pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
-    let mode = args.worker.kv_transfer.mode();
+    let mode = args.worker.kv_transfer;
     common::runtime()?.block_on(run_worker(
         args.worker,
         "prefill",
         move |engine, mut routes| {
             let info = transfer_info(&engine, mode)?;
             let cuda_ipc_off = (!info.cuda_ipc).then(|| match mode {
-                KvTransferMode::Grpc => {
-                    "this prefill worker runs with --kv-transfer grpc".to_string()
-                }
+                KvTransfer::Grpc => "this prefill worker runs with --kv-transfer grpc".to_string(),
                 _ => "this prefill worker's KV pool is not on a CUDA device".to_string(),
             });
             routes
@@ -149,13 +65,14 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
             .ok()
             .filter(|d| !d.is_zero())
             .context("--kv-transfer-timeout-secs must be a positive number of seconds")?,
-        kv_transfer: args.worker.kv_transfer.mode(),
+        kv_transfer: args.worker.kv_transfer,
         ..DecodeConfig::default()
     };
     let prefill_workers = args.prefill_workers.clone();
     let discovery = args.discovery.clone();
     common::runtime()?.block_on(async move {
-        let membership = discovery.membership(&prefill_workers).await?;
+        let membership =
+            super::discovery_args::prefill_membership(&discovery, &prefill_workers).await?;
         run_worker(args.worker, "decode", move |engine, mut routes| {
             let info = transfer_info(&engine, config.kv_transfer)?;
             let worker = DecodeWorker::start(engine.clone(), config, membership)?;
@@ -270,10 +187,10 @@ async fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backend::{CpuBackend, WeightStorage};
-    use crate::engine::{Engine, EngineConfig};
-    use crate::model::testing::{random_weights, tiny_config};
-    use crate::model::Architecture;
+    use tandem_engine::backend::{CpuBackend, WeightStorage};
+    use tandem_engine::{Engine, EngineConfig};
+    use tandem_model::testing::{random_weights, tiny_config};
+    use tandem_model::Architecture;
 
     fn cpu_engine() -> EngineHandle {
         let cfg = tiny_config(Architecture::Llama);
@@ -290,12 +207,12 @@ mod tests {
     #[test]
     fn a_cpu_worker_never_offers_cuda_ipc_and_refuses_to_be_forced() {
         let engine = cpu_engine();
-        for mode in [KvTransferMode::Auto, KvTransferMode::Grpc] {
+        for mode in [KvTransfer::Auto, KvTransfer::Grpc] {
             let info = transfer_info(&engine, mode).unwrap();
             assert!(!info.cuda_ipc, "{mode:?}");
             assert_eq!(info.node_id, crate::transfer::cuda_ipc::node_id());
         }
-        let err = transfer_info(&engine, KvTransferMode::CudaIpc)
+        let err = transfer_info(&engine, KvTransfer::CudaIpc)
             .unwrap_err()
             .to_string();
         assert!(

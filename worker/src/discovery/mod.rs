@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 pub use file::{EndpointsFile, ProcessEntry, FILE_POLL_INTERVAL};
 pub use kubernetes::{ready_grpc_addresses, watch_endpoint_slices};
+pub use tandem_api::args::DiscoveryMode;
 
 /// The environment variable the operator fills with the pod's namespace
 /// (downward API); the default namespace of Kubernetes discovery.
@@ -111,34 +112,6 @@ impl Role {
 }
 
 impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `--discovery`: where a tier's worker addresses come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DiscoveryMode {
-    /// A fixed list of addresses (`--decode-workers` / `--prefill-workers`).
-    Static,
-    /// The endpoints file `tandem local` writes (`--endpoints-file`).
-    File,
-    /// The EndpointSlices of the tier's headless Service
-    /// (`--decode-service` / `--prefill-service`).
-    Kubernetes,
-}
-
-impl DiscoveryMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiscoveryMode::Static => "static",
-            DiscoveryMode::File => "file",
-            DiscoveryMode::Kubernetes => "kubernetes",
-        }
-    }
-}
-
-impl fmt::Display for DiscoveryMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

@@ -18,25 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{LocalError, Request};
 use crate::discovery::Role;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TierStatus {
-    /// Processes wanted (running, starting or waiting to restart).
-    pub replicas: usize,
-    /// Of those, the ones answering `/health` with 200.
-    pub ready: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Tiers {
-    pub prefill: TierStatus,
-    pub decode: TierStatus,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScaleRequest {
-    pub replicas: usize,
-}
+pub use tandem_api::control::{ScaleRequest, TierStatus, Tiers};
 
 pub(super) async fn serve(listener: tokio::net::TcpListener, supervisor: mpsc::Sender<Request>) {
     let app = Router::new()

@@ -1,7 +1,7 @@
 //! The decode worker's `Decode.Generate`: admits a request, has its prompt
 //! prefilled remotely or locally, and streams the tokens back.
 //!
-//! Conditional disaggregation (DESIGN.md "Request flow", step 3): the prompt
+//! Conditional disaggregation (docs/architecture.md, "Request flow", step 3): the prompt
 //! goes to a prefill worker only when at least `remote_prefill_min_tokens` of
 //! it are not in this worker's prefix cache and some prefill worker has room
 //! (fewer than `prefill_max_queue` requests waiting). A remote prefill that
@@ -21,15 +21,15 @@ use tonic::{Request, Response, Status};
 
 use super::pool::{PoolConfig, WorkerPool};
 use super::{event_to_pb, request_from_pb};
-use crate::engine::types::GenerateRequest;
-use crate::engine::EngineHandle;
-use crate::infer::{GenerateStream, Infer, InferError};
-use crate::metrics::metrics;
 use crate::router::{PrefixIndex, Router, RouterConfig, WorkerId};
-use crate::transfer::cuda_ipc::{self, Choice, IpcPrefill, KvTransferMode};
+use crate::transfer::cuda_ipc::{self, Choice, IpcPrefill, KvTransfer};
 use crate::transfer::grpc::{status_of, GrpcTransport};
 use crate::transfer::pb;
 use crate::transfer::{RemotePrefillRequest, TransferError, Transport};
+use tandem_api::infer::{GenerateStream, Infer, InferError};
+use tandem_api::metrics::metrics;
+use tandem_api::types::GenerateRequest;
+use tandem_engine::EngineHandle;
 
 /// The `role` label of the decode worker's metrics.
 pub const ROLE: &str = "decode";
@@ -46,24 +46,23 @@ pub struct DecodeConfig {
     /// A transfer with no message for this long is abandoned.
     pub transfer_timeout: Duration,
     /// Whether to offer prefill workers this worker's KV pool (cuda-ipc).
-    pub kv_transfer: KvTransferMode,
+    pub kv_transfer: KvTransfer,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
         Self {
             remote_prefill_min_tokens: DEFAULT_REMOTE_PREFILL_MIN_TOKENS,
-            prefill_max_queue: 4,
+            prefill_max_queue: DEFAULT_PREFILL_MAX_QUEUE,
             prefill_attempts: 2,
-            transfer_timeout: Duration::from_secs(10),
-            kv_transfer: KvTransferMode::Auto,
+            transfer_timeout: DEFAULT_KV_TRANSFER_TIMEOUT,
+            kv_transfer: KvTransfer::Auto,
         }
     }
 }
 
-/// See `docs/benchmarks.md` ("Remote prefill threshold") for the measurement
-/// behind it.
-pub const DEFAULT_REMOTE_PREFILL_MIN_TOKENS: usize = 256;
+pub use tandem_api::args::DEFAULT_REMOTE_PREFILL_MIN_TOKENS;
+use tandem_api::args::{DEFAULT_KV_TRANSFER_TIMEOUT, DEFAULT_PREFILL_MAX_QUEUE};
 
 /// Where a prompt was prefilled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,7 +296,7 @@ impl DecodeWorker {
 }
 
 async fn follow_own_cache(
-    mut events: broadcast::Receiver<crate::engine::block_manager::KvEvent>,
+    mut events: broadcast::Receiver<tandem_engine::block_manager::KvEvent>,
     index: std::sync::Weak<Mutex<PrefixIndex>>,
 ) {
     let me = WorkerId::from(SELF);
@@ -363,8 +362,8 @@ impl pb::decode_server::Decode for DecodeService {
                         let Some(event) = event else { return };
                         let last = matches!(
                             event,
-                            crate::engine::types::GenerateEvent::Finished(_)
-                                | crate::engine::types::GenerateEvent::Error(_)
+                            tandem_api::types::GenerateEvent::Finished(_)
+                                | tandem_api::types::GenerateEvent::Error(_)
                         );
                         if tx.send(Ok(event_to_pb(&event))).await.is_err() || last {
                             return;

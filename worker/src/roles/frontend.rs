@@ -24,14 +24,14 @@ use tonic::transport::Channel;
 
 use super::pool::{PoolConfig, WorkerPool};
 use super::{event_from_pb, infer_error_of, request_to_pb};
-use crate::engine::types::{GenerateEvent, GenerateRequest};
-use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
-use crate::metrics::metrics;
 use crate::router::{Router, RouterConfig, RouterMode, WorkerId};
 use crate::transfer::pb::decode_client::DecodeClient;
+use tandem_api::infer::{GenerateStream, Infer, InferError, OnDrop};
+use tandem_api::metrics::metrics;
+use tandem_api::types::{GenerateEvent, GenerateRequest};
 
 /// Default `--migration-limit`.
-pub const DEFAULT_MIGRATION_LIMIT: usize = 3;
+pub use tandem_api::args::DEFAULT_MIGRATION_LIMIT;
 
 #[derive(Debug, Clone)]
 pub struct FrontendConfig {

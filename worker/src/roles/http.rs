@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::infer::Infer;
-use crate::metrics::metrics;
+use tandem_api::infer::Infer;
+use tandem_api::metrics::metrics;
 
 /// What `/health` looks at.
 #[derive(Default)]

@@ -1,11 +1,11 @@
-//! The disaggregated roles' network side (DESIGN.md "Request flow"):
+//! The disaggregated roles' network side (docs/architecture.md, "Request flow"):
 //!
 //! - [`worker_service`]: `Worker.KvEvents` and `Worker.Load`, served by every
 //!   engine-owning worker (prefill and decode).
 //! - [`decode`]: `Decode.Generate`, with conditional disaggregation: a prompt
 //!   is prefilled on a prefill worker only when enough of it is uncached and a
 //!   prefill worker has room, else locally; a failed remote prefill falls back.
-//! - [`frontend`]: the frontend's [`Infer`](crate::infer::Infer) over decode
+//! - [`frontend`]: the frontend's [`Infer`](tandem_api::infer::Infer) over decode
 //!   workers: routes, streams, and migrates a request whose worker died.
 //! - [`pool`]: a set of remote workers kept current from discovery, with their
 //!   KV events and load reports feeding a [`Router`](crate::router::Router).
@@ -19,10 +19,10 @@ pub mod worker_service;
 
 use tonic::Status;
 
-use crate::engine::types::{FinishReason, GenerateEvent, GenerateRequest, StopParams};
-use crate::infer::InferError;
 use crate::transfer::grpc::{sampling_from_pb, sampling_to_pb, token_from_pb, token_to_pb};
 use crate::transfer::pb;
+use tandem_api::infer::InferError;
+use tandem_api::types::{FinishReason, GenerateEvent, GenerateRequest, StopParams};
 
 /// `host:port` (as discovery yields) → the URI a tonic endpoint wants.
 pub fn grpc_uri(address: &str) -> String {
@@ -120,7 +120,7 @@ pub fn infer_error_of(status: &Status) -> InferError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::types::{SamplingParams, TokenOutput};
+    use tandem_api::types::{SamplingParams, TokenOutput};
 
     #[test]
     fn requests_and_events_survive_the_wire() {

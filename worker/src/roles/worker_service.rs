@@ -7,9 +7,9 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use crate::engine::block_manager::KvEvent;
-use crate::engine::EngineHandle;
 use crate::transfer::pb::{self, kv_event};
+use tandem_engine::block_manager::KvEvent;
+use tandem_engine::EngineHandle;
 
 /// The `Worker` gRPC service of one engine.
 pub struct WorkerService {

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{RouterError, WorkerId};
-use crate::engine::block_manager::{prefix_hashes, BlockHash, KvEvent};
+use tandem_engine::block_manager::{prefix_hashes, BlockHash, KvEvent};
 
 /// Prefix cache contents of a set of workers, by block hash.
 #[derive(Debug)]

@@ -60,14 +60,14 @@ mod index;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::engine::block_manager::KvEvent;
 pub use index::PrefixIndex;
+pub use tandem_api::args::{RouterMode, UnknownRouterMode};
+use tandem_engine::block_manager::KvEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -75,8 +75,6 @@ pub enum RouterError {
     ZeroBlockSize,
     #[error("prefill block weight must be a finite number ≥ 0, got {0}")]
     InvalidPrefillWeight(f64),
-    #[error("unknown router mode '{0}' (expected kv, round-robin or random)")]
-    UnknownMode(String),
     #[error("unknown worker '{0}'")]
     UnknownWorker(WorkerId),
     #[error("no worker available to route to")]
@@ -108,43 +106,6 @@ impl From<String> for WorkerId {
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// How the frontend picks a decode worker (`--router-mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum RouterMode {
-    /// Prefix overlap and load (see the module docs).
-    #[default]
-    Kv,
-    RoundRobin,
-    Random,
-}
-
-impl RouterMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouterMode::Kv => "kv",
-            RouterMode::RoundRobin => "round-robin",
-            RouterMode::Random => "random",
-        }
-    }
-}
-
-impl fmt::Display for RouterMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for RouterMode {
-    type Err = RouterError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [RouterMode::Kv, RouterMode::RoundRobin, RouterMode::Random]
-            .into_iter()
-            .find(|mode| mode.as_str() == s)
-            .ok_or_else(|| RouterError::UnknownMode(s.to_string()))
     }
 }
 

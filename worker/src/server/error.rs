@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::infer::InferError;
+use tandem_api::infer::InferError;
 
 /// A request that cannot be answered normally.
 #[derive(Debug, Clone, thiserror::Error)]

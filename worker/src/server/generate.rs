@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use super::error::ApiError;
 use super::text::TextAssembler;
-use crate::engine::types::{FinishReason, GenerateEvent, TokenOutput};
-use crate::infer::GenerateStream;
-use crate::metrics::metrics;
-use crate::model::Tokenizer;
+use tandem_api::infer::GenerateStream;
+use tandem_api::metrics::metrics;
+use tandem_api::types::{FinishReason, GenerateEvent, TokenOutput};
+use tandem_model::Tokenizer;
 
 /// The log-probability of one generated token, with alternatives, as text.
 #[derive(Debug, Clone, PartialEq)]

@@ -25,8 +25,8 @@ use super::generate::{record_rejected, Generation, Piece, RequestRecord, TokenLo
 use super::params::{self, Plan};
 use super::protocol::*;
 use super::{AppState, ServedModel};
-use crate::engine::types::GenerateRequest;
-use crate::metrics::metrics;
+use tandem_api::metrics::metrics;
+use tandem_api::types::GenerateRequest;
 
 /// Which OpenAI endpoint a generation answers; decides the response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

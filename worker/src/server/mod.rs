@@ -28,15 +28,15 @@ pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use params::MAX_TOP_LOGPROBS;
 pub use text::{Released, StopMatcher, TextAssembler};
 
-use crate::infer::Infer;
-use crate::model::{ChatTemplate, Tokenizer};
+use tandem_api::infer::Infer;
+use tandem_model::{ChatTemplate, Tokenizer};
 
 /// Generation length when a request gives no `max_tokens`: the room left in
 /// the context, but at most this many tokens. Unbounded by default would let
 /// one forgotten `max_tokens` hold a sequence for the whole context (8192
 /// tokens for the default model); OpenAI-compatible clients that want more
 /// ask for it.
-pub const DEFAULT_MAX_TOKENS: usize = 1024;
+pub use tandem_api::args::DEFAULT_MAX_TOKENS;
 
 /// Bodies beyond this are refused with 413. A full 8k-token prompt is tens of
 /// KiB of JSON; this leaves ample room for long conversations.
@@ -96,7 +96,7 @@ impl AppState {
     pub fn new(config: ServerConfig) -> Arc<Self> {
         // The arrival series exists (at 0) from the first scrape, before any request: a planner
         // reading it tells "no traffic" (present, not rising) from "no data" (absent).
-        crate::metrics::metrics()
+        tandem_api::metrics::metrics()
             .input_tokens
             .with_label_values(&[config.model_name.as_str()]);
         Arc::new(Self {

@@ -10,8 +10,8 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::protocol::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, StreamOptions};
 use super::ServedModel;
-use crate::engine::types::{SamplingParams, StopParams};
-use crate::model::ChatMessage;
+use tandem_api::types::{SamplingParams, StopParams};
+use tandem_model::ChatMessage;
 
 /// Most alternatives per token a client may ask for (OpenAI's chat limit).
 pub const MAX_TOP_LOGPROBS: i64 = 20;

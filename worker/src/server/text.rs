@@ -6,7 +6,7 @@
 //! held back until the next tokens decide it; once a stop string appears, the
 //! output ends just before it.
 
-use crate::model::{IncrementalDecoder, Tokenizer};
+use tandem_model::{IncrementalDecoder, Tokenizer};
 
 /// Text-level stop-string detection over a stream of text pieces.
 #[derive(Debug, Clone)]

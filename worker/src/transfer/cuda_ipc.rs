@@ -1,4 +1,4 @@
-//! The `cuda-ipc` KV transport (DESIGN.md "KV transfer"): for a prefill and
+//! The `cuda-ipc` KV transport (docs/architecture.md, "KV transfer"): for a prefill and
 //! a decode worker on the same node, the prefill worker writes the prompt's
 //! KV straight into blocks of the decode worker's GPU pool; only metadata
 //! travels over gRPC.
@@ -22,24 +22,14 @@ use futures::StreamExt;
 
 use super::grpc::{Fetched, GrpcTransport, PrefillParts};
 use super::{pb, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError};
-use crate::engine::backend::cuda::ipc::{
+use tandem_api::infer::InferError;
+use tandem_api::types::{PrefillEvent, TokenOutput};
+use tandem_engine::backend::cuda::ipc::{
     KvPoolExport, KvPoolLayout, PeerKvTarget, PoolDtype, RankPool, IPC_HANDLE_BYTES,
 };
-use crate::engine::types::{PrefillEvent, TokenOutput};
-use crate::engine::{EngineHandle, KvReservation};
-use crate::infer::InferError;
+use tandem_engine::{EngineHandle, KvReservation};
 
-/// How a worker moves prompt KV (`--kv-transfer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvTransferMode {
-    /// cuda-ipc with workers on the same node when both use CUDA, else gRPC.
-    #[default]
-    Auto,
-    /// Always gRPC.
-    Grpc,
-    /// Only cuda-ipc: a peer it cannot be used with is not used at all.
-    CudaIpc,
-}
+pub use tandem_api::args::KvTransfer;
 
 /// Which machine this process runs on, as far as cuda-ipc cares:
 /// `TANDEM_NODE_NAME` when set (in Kubernetes, the pod's `spec.nodeName`
@@ -74,12 +64,12 @@ pub enum Choice {
 /// pool (`None` without CUDA) and node, and the prefill worker's last load
 /// report. `Err` when `CudaIpc` is forced and impossible with this peer.
 pub fn choose(
-    mode: KvTransferMode,
+    mode: KvTransfer,
     own_pool: Option<&KvPoolExport>,
     own_node: &str,
     peer: Option<&pb::LoadResponse>,
 ) -> Result<Choice, String> {
-    if mode == KvTransferMode::Grpc {
+    if mode == KvTransfer::Grpc {
         return Ok(Choice::Grpc(None));
     }
     let why_not = if own_pool.is_none() {
@@ -100,7 +90,7 @@ pub fn choose(
     };
     match (why_not, mode) {
         (None, _) => Ok(Choice::CudaIpc),
-        (Some(reason), KvTransferMode::CudaIpc) => {
+        (Some(reason), KvTransfer::CudaIpc) => {
             Err(format!("--kv-transfer cuda-ipc is impossible: {reason}"))
         }
         (Some(reason), _) => Ok(Choice::Grpc(Some(reason))),
@@ -332,7 +322,7 @@ mod tests {
     #[test]
     fn auto_picks_cuda_ipc_only_for_a_cuda_peer_on_the_same_node() {
         let p = pool();
-        let auto = KvTransferMode::Auto;
+        let auto = KvTransfer::Auto;
         assert_eq!(
             choose(auto, Some(&p), "boot:a", Some(&load("boot:a", true))),
             Ok(Choice::CudaIpc)
@@ -358,7 +348,7 @@ mod tests {
         ));
         assert_eq!(
             choose(
-                KvTransferMode::Grpc,
+                KvTransfer::Grpc,
                 Some(&p),
                 "boot:a",
                 Some(&load("boot:a", true))
@@ -370,7 +360,7 @@ mod tests {
     #[test]
     fn forced_cuda_ipc_refuses_a_peer_it_cannot_use_and_says_why() {
         let p = pool();
-        let forced = KvTransferMode::CudaIpc;
+        let forced = KvTransfer::CudaIpc;
         assert_eq!(
             choose(forced, Some(&p), "n", Some(&load("n", true))),
             Ok(Choice::CudaIpc)

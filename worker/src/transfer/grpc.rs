@@ -21,10 +21,10 @@ use super::{
     engine_prefill_parts, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError,
     Transport,
 };
-use crate::engine::types::{SamplingParams, TokenOutput};
-use crate::engine::EngineHandle;
-use crate::infer::InferError;
-use crate::metrics::metrics;
+use tandem_api::infer::InferError;
+use tandem_api::metrics::metrics;
+use tandem_api::types::{SamplingParams, TokenOutput};
+use tandem_engine::EngineHandle;
 
 /// Role labels of the transfer metrics on each side.
 const SENDER_ROLE: &str = "prefill";

@@ -1,4 +1,4 @@
-//! KV transfer between prefill and decode workers (DESIGN.md "KV transfer").
+//! KV transfer between prefill and decode workers (docs/architecture.md, "KV transfer").
 //!
 //! [`wire`] is the layout-independent format every transport carries;
 //! [`Transport`] is what a decode worker calls to get a prompt prefilled
@@ -13,14 +13,12 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::Stream;
 
-use crate::engine::types::{KvPieces, PrefillEvent, SamplingParams, TokenOutput};
-use crate::engine::EngineHandle;
-use crate::infer::InferError;
+use tandem_api::infer::InferError;
+use tandem_api::types::{KvPieces, PrefillEvent, SamplingParams, TokenOutput};
+use tandem_engine::EngineHandle;
 
 /// Code generated from `proto/tandem.proto`.
-pub mod pb {
-    tonic::include_proto!("tandem.v1");
-}
+pub use tandem_api::pb;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {

@@ -1,4 +1,4 @@
-//! The layout-independent KV wire format (DESIGN.md "KV transfer"): per
+//! The layout-independent KV wire format (docs/architecture.md, "KV transfer"): per
 //! layer, K and V for a run of token positions as `[tokens, kv_heads,
 //! head_dim]`, dtype-tagged, cut into messages of at most [`MAX_CHUNK_BYTES`]
 //! by [`KvSplitter`]. Transports move these chunks in whatever order the
@@ -11,8 +11,8 @@ use bytes::Bytes;
 
 use super::pb;
 use super::TransferError;
-pub use crate::engine::types::f32_bytes;
-use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
+pub use tandem_api::types::f32_bytes;
+use tandem_api::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 
 // Chunks carry the host's bytes; the format says little-endian.
 #[cfg(target_endian = "big")]
@@ -40,19 +40,26 @@ pub fn wire_dtype(dtype: KvDtype) -> pb::KvDtype {
     }
 }
 
-impl pb::KvLayout {
+/// Sizes that follow from a peer's KV layout (the layout is the contract's `pb::KvLayout`).
+pub trait LayoutSizes {
     /// Bytes of K (or of V) for one token in one layer.
-    pub fn row_bytes(&self) -> Result<usize, TransferError> {
+    fn row_bytes(&self) -> Result<usize, TransferError>;
+    /// Bytes of K and V of all layers for one token.
+    fn bytes_per_token(&self) -> Result<usize, TransferError>;
+    /// Tokens per chunk so that a chunk's K and V stay within [`MAX_CHUNK_BYTES`].
+    fn tokens_per_chunk(&self) -> Result<usize, TransferError>;
+}
+
+impl LayoutSizes for pb::KvLayout {
+    fn row_bytes(&self) -> Result<usize, TransferError> {
         Ok(self.kv_heads as usize * self.head_dim as usize * dtype_size(self.dtype())?)
     }
 
-    /// Bytes of K and V of all layers for one token.
-    pub fn bytes_per_token(&self) -> Result<usize, TransferError> {
+    fn bytes_per_token(&self) -> Result<usize, TransferError> {
         Ok(2 * self.num_layers as usize * self.row_bytes()?)
     }
 
-    /// Tokens per chunk so that a chunk's K and V stay within [`MAX_CHUNK_BYTES`].
-    pub fn tokens_per_chunk(&self) -> Result<usize, TransferError> {
+    fn tokens_per_chunk(&self) -> Result<usize, TransferError> {
         let row = self.row_bytes()?;
         if row == 0 {
             return Err(TransferError::Protocol(
@@ -671,7 +678,7 @@ mod tests {
         {
             let x = f32::from_bits(bits);
             let want = half::bf16::from_f32(x);
-            let got = half::bf16::from_bits(crate::engine::types::bf16_bits(x));
+            let got = half::bf16::from_bits(tandem_api::types::bf16_bits(x));
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{x:e} ({bits:#x}): {got} vs {want}"

@@ -5,8 +5,8 @@ pub mod null_backend;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem::model::config::Llama3RopeScaling;
-use tandem::model::{Architecture, LayerWeights, ModelConfig, Tensor, Weights};
+use tandem_model::config::Llama3RopeScaling;
+use tandem_model::{Architecture, LayerWeights, ModelConfig, Tensor, Weights};
 
 /// Which variant of the Llama family a tiny test model exercises.
 #[derive(Debug, Clone, Copy)]

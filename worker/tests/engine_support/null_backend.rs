@@ -7,11 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem::engine::backend::{
-    BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput,
-};
-use tandem::engine::types::{KvDtype, KvExport};
-use tandem::model::ModelConfig;
+use tandem_api::types::{KvDtype, KvExport};
+use tandem_engine::backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput};
+use tandem_model::ModelConfig;
 
 /// What the engine handed the backend, for tests that check the batches.
 #[derive(Debug, Default)]

@@ -14,10 +14,10 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use tandem::engine::types::{FinishReason, GenerateEvent, GenerateRequest, TokenOutput};
-use tandem::infer::{GenerateStream, Infer, InferError, OnDrop};
-use tandem::model::{ChatTemplate, Tokenizer};
 use tandem::server::{AppState, ServedModel, ServerConfig};
+use tandem_api::infer::{GenerateStream, Infer, InferError, OnDrop};
+use tandem_api::types::{FinishReason, GenerateEvent, GenerateRequest, TokenOutput};
+use tandem_model::{ChatTemplate, Tokenizer};
 use tokio::sync::{mpsc, Semaphore};
 use tower::ServiceExt;
 

@@ -2,9 +2,9 @@
 //! dying process, and the tokens of a generation.
 #![allow(dead_code)]
 
-use tandem::engine::types::{FinishReason, GenerateEvent};
-use tandem::infer::GenerateStream;
 use tandem::transfer::grpc::{server_builder, PrefillService, PrefillSource};
+use tandem_api::infer::GenerateStream;
+use tandem_api::types::{FinishReason, GenerateEvent};
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Serves `Prefill` over `source` on its own runtime, on its own threads, so

@@ -6,8 +6,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod sampling;
 
-use crate::engine::types::{KvExport, KvLayerChunk, KvPieces};
-use crate::model::{ModelConfig, Tensor, Weights};
+use tandem_api::types::{KvExport, KvLayerChunk, KvPieces};
+use tandem_model::{ModelConfig, Tensor, Weights};
 
 pub use cpu::{Bf16Activations, CpuBackend, WeightStorage};
 pub use cuda::{CudaBackend, CudaOptions, DeviceArgs, DeviceSpec, LoadFormat};
@@ -209,8 +209,8 @@ pub trait ComputeBackend: Send {
 
     /// Element type of the KV pool: what a transfer ships without losing
     /// anything (the K and V handed to a [`KvLayerSink`] are its values as f32).
-    fn kv_dtype(&self) -> crate::engine::types::KvDtype {
-        crate::engine::types::KvDtype::F32
+    fn kv_dtype(&self) -> tandem_api::types::KvDtype {
+        tandem_api::types::KvDtype::F32
     }
 
     /// Memory the backend can give the KV pool (a GPU's memory left under
@@ -288,7 +288,7 @@ pub trait ComputeBackend: Send {
     fn write_kv_piece(
         &mut self,
         block_ids: &[u32],
-        dtype: crate::engine::types::KvDtype,
+        dtype: tandem_api::types::KvDtype,
         piece: &KvLayerChunk,
     ) -> Result<(), BackendError> {
         let widen = |bytes: &[u8]| {
@@ -460,7 +460,7 @@ pub fn create(
             Box::new(CpuBackend::new(config, w, WeightStorage::default())?)
         }
         (DeviceSpec::Cpu, WeightsSource::Dummy { seed }) => {
-            let w = crate::model::testing::random_weights(&config, seed);
+            let w = tandem_model::testing::random_weights(&config, seed);
             Box::new(CpuBackend::new(config, &w, WeightStorage::default())?)
         }
         (DeviceSpec::Cuda(n), WeightsSource::Host(w)) => {

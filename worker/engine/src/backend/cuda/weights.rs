@@ -6,7 +6,7 @@ use half::bf16;
 
 use super::device::{alloc, DeviceBuffer, Gpu};
 use super::CudaError;
-use crate::model::{ModelConfig, Weights};
+use tandem_model::{ModelConfig, Weights};
 
 pub(super) struct DeviceLayer {
     pub attn_norm: DeviceBuffer,

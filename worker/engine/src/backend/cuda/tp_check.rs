@@ -16,10 +16,10 @@ use super::check::{
 };
 use super::tp::TensorParallelBackend;
 use super::{CudaBackend, CudaOptions};
-use crate::engine::backend::{
+use crate::backend::{
     BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput, WeightsSource,
 };
-use crate::model::{dummy, testing, Architecture, ModelConfig};
+use tandem_model::{dummy, testing, Architecture, ModelConfig};
 
 pub use super::check::CheckResult;
 

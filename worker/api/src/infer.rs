@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use crate::engine::types::{GenerateEvent, GenerateRequest};
+use crate::types::{GenerateEvent, GenerateRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {

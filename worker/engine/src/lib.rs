@@ -13,9 +13,9 @@
 //! ([`EngineHandle::generate_with_kv`]).
 //!
 //! ```no_run
-//! # fn demo(model: tandem::model::LoadedModel) -> Result<(), Box<dyn std::error::Error>> {
-//! use tandem::engine::backend::{CpuBackend, WeightStorage};
-//! use tandem::engine::{Engine, EngineConfig};
+//! # fn demo(model: tandem_model::LoadedModel) -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem_engine::backend::{CpuBackend, WeightStorage};
+//! use tandem_engine::{Engine, EngineConfig};
 //!
 //! let backend = CpuBackend::new(model.config.clone(), &model.weights, WeightStorage::default())?;
 //! drop(model.weights); // the backend keeps its own compact copy
@@ -34,7 +34,7 @@ pub mod block_manager;
 pub mod sampler;
 pub mod scheduler;
 pub mod step_watch;
-pub mod types;
+pub use tandem_api::types;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,14 +44,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
 
-use crate::infer::{GenerateStream, Infer, InferError, OnDrop};
-use crate::metrics::metrics;
 use backend::cuda::ipc::{KvPoolExport, PeerKvTarget};
 use backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput};
 use block_manager::{BlockManager, KvEvent};
 use sampler::Sampler;
 use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
 use step_watch::{StepFacts, StepWatch};
+use tandem_api::args;
+use tandem_api::infer::{GenerateStream, Infer, InferError, OnDrop};
+use tandem_api::metrics::metrics;
 use types::{
     FinishReason, GenerateEvent, GenerateRequest, KvDtype, KvExport, KvLayerChunk, KvPieces,
     PrefillEvent, PrefillOutput, SamplingParams, StopParams, TokenOutput,
@@ -89,13 +90,13 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            block_size: 16,
+            block_size: args::DEFAULT_BLOCK_SIZE,
             num_blocks: None,
-            kv_cache_bytes: 512 << 20,
-            max_batch_tokens: 512,
-            max_num_seqs: 64,
-            max_queue: 256,
-            threads: 0,
+            kv_cache_bytes: args::DEFAULT_KV_CACHE_BYTES,
+            max_batch_tokens: args::DEFAULT_MAX_BATCH_TOKENS,
+            max_num_seqs: args::DEFAULT_MAX_NUM_SEQS,
+            max_queue: args::DEFAULT_MAX_QUEUE,
+            threads: args::DEFAULT_THREADS,
         }
     }
 }

@@ -31,12 +31,12 @@ use std::thread::JoinHandle;
 use super::ipc::{check_ranks, KvPoolExport, PeerKvTarget, PeerWrite};
 use super::nccl::NcclGroup;
 use super::{CudaBackend, CudaOptions};
-use crate::engine::backend::{
+use crate::backend::{
     check_kv_layer, check_sampling_rows, check_weights, BackendError, ComputeBackend,
     DeviceSampling, KvLayerSink, SeqInput, WeightsSource,
 };
-use crate::engine::types::{KvDtype, KvExport};
-use crate::model::{LayerWeights, ModelConfig, Tensor, Weights};
+use tandem_api::types::{KvDtype, KvExport};
+use tandem_model::{LayerWeights, ModelConfig, Tensor, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TpError {
@@ -653,7 +653,7 @@ impl ComputeBackend for TensorParallelBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{testing, Architecture};
+    use tandem_model::{testing, Architecture};
 
     fn matvec(w: &Tensor, x: &[f32]) -> Vec<f32> {
         (0..w.shape[0])
@@ -777,7 +777,7 @@ mod tests {
                     .collect();
                 // Every shard has the shapes its config implies.
                 for s in &shards {
-                    crate::engine::backend::check_weights(&shard_cfg, s).unwrap();
+                    crate::backend::check_weights(&shard_cfg, s).unwrap();
                 }
                 let (mut whole, mut split) = (x.clone(), x.clone());
                 for li in 0..cfg.num_layers {
@@ -804,7 +804,7 @@ mod tests {
 
     #[test]
     fn sizes_that_do_not_divide_the_model_are_refused_naming_the_count() {
-        let smollm = crate::model::dummy::config("smollm2-135m").unwrap();
+        let smollm = tandem_model::dummy::config("smollm2-135m").unwrap();
         let err = shard_config(&smollm, 2).unwrap_err().to_string();
         assert!(
             err.contains("attention heads (9)") && err.contains("size 2"),
@@ -887,7 +887,7 @@ mod tests {
             tensor_parallel_size: 2,
             ..CudaOptions::default()
         };
-        let err = match crate::engine::backend::create(
+        let err = match crate::backend::create(
             &super::super::DeviceSpec::Cpu,
             cfg,
             WeightsSource::Dummy { seed: 1 },

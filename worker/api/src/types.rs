@@ -186,7 +186,7 @@ pub fn bf16_bits(x: f32) -> u16 {
     }) as u16
 }
 
-/// A prompt's KV cache in the layout-independent transfer format (DESIGN.md
+/// A prompt's KV cache in the layout-independent transfer format (docs/architecture.md,
 /// "KV transfer"): per layer, K and V as `[num_tokens, kv_heads, head_dim]`,
 /// positions `0 .. num_tokens`. Independent of either side's block size.
 #[derive(Debug, Clone, PartialEq)]
@@ -363,10 +363,17 @@ pub enum PrefillEvent {
     Kv(KvLayerChunk),
     /// The prompt's KV (every position) went straight into a peer worker's
     /// pool (cuda-ipc) instead of `Kv` chunks; the copy has finished.
-    PeerWritten(crate::engine::backend::cuda::ipc::PeerWrite),
+    PeerWritten(PeerWrite),
     /// The first generated token; every prompt position has been sent.
     Done(TokenOutput),
     Error(String),
+}
+
+/// What one copy into a peer's pool moved, and its GPU time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerWrite {
+    pub bytes: usize,
+    pub seconds: f64,
 }
 
 #[cfg(test)]

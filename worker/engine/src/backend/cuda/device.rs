@@ -21,7 +21,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::CudaError;
 
 /// The kernels' CUDA C source, compiled by NVRTC at start.
-const KERNEL_SOURCE: &str = include_str!("../../../../kernels/llama.cu");
+const KERNEL_SOURCE: &str = include_str!("../../../kernels/llama.cu");
 
 /// Every kernel of `llama.cu`, loaded once per backend.
 pub(super) struct Kernels {

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::check::pseudo_tokens;
 use super::{CudaBackend, CudaOptions};
-use crate::engine::backend::{BackendError, ComputeBackend, DeviceSampling, SeqInput};
-use crate::model::{dummy, ModelConfig};
+use crate::backend::{BackendError, ComputeBackend, DeviceSampling, SeqInput};
+use tandem_model::{dummy, ModelConfig};
 
 /// Memory bandwidth the decode floor assumes (H100 SXM device copies measured
 /// at about 3.0 TB/s).

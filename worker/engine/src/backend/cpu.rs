@@ -20,8 +20,8 @@ use super::{
     check_blocks_in_pool, check_kv_layer, check_weights, BackendError, ComputeBackend, KvLayerSink,
     SeqInput,
 };
-use crate::engine::types::{KvDtype, KvExport};
-use crate::model::{ModelConfig, Tensor, Weights};
+use tandem_api::types::{KvDtype, KvExport};
+use tandem_model::{ModelConfig, Tensor, Weights};
 
 /// How the backend stores weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1528,8 +1528,8 @@ mod tests {
     /// gate/up rounding applies exactly to the step sizes not listed as f32.
     #[test]
     fn bf16_activations_round_the_cache_and_move_logits_by_bf16_noise() {
-        let cfg = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
-        let weights = crate::model::testing::random_weights(&cfg, 11);
+        let cfg = tandem_model::testing::tiny_config(tandem_model::Architecture::Llama);
+        let weights = tandem_model::testing::random_weights(&cfg, 11);
         let prompt: Vec<u32> = (0..9)
             .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
             .collect();

@@ -47,7 +47,6 @@ mod weights;
 pub(crate) use device::check_gpus;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use cudarc::driver::{CudaGraph, LaunchConfig, PushKernelArg};
 
@@ -55,12 +54,13 @@ use super::{
     check_blocks_in_pool, check_kv_layer, check_sampling_rows, BackendError, ComputeBackend,
     DeviceSampling, KvLayerSink, SeqInput,
 };
-use crate::engine::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
-use crate::model::{ModelConfig, Weights};
 use device::{
     alloc, alloc_pinned, decode_v2_index, gemv_index, kv_box_rows, kv_tensor_map, DeviceBuffer,
     Dtype, Gpu, PinnedBuffer, TmaMap, DECODE_V2_GROUPS, MAX_ATTENTION_SMEM,
 };
+pub use tandem_api::args::{DeviceArgs, DeviceSpec, LoadFormat};
+use tandem_api::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
+use tandem_model::{ModelConfig, Weights};
 use weights::DeviceWeights;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,96 +97,6 @@ impl From<cudarc::driver::DriverError> for CudaError {
 impl From<cudarc::cublas::result::CublasError> for CudaError {
     fn from(e: cudarc::cublas::result::CublasError) -> Self {
         CudaError::Blas(format!("{e:?}"))
-    }
-}
-
-/// Where a backend computes: `cpu`, `cuda` (device 0) or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceSpec {
-    #[default]
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-                _ => Err(format!(
-                    "unknown device {s:?}: expected cpu, cuda or cuda:N (N a device ordinal)"
-                )),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceSpec::Cpu => f.write_str("cpu"),
-            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-/// Where the weights come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LoadFormat {
-    /// The model's files (GGUF or safetensors).
-    #[default]
-    Auto,
-    /// Random weights (of the model's shape or a named one, see
-    /// `--dummy-shape`), generated on the GPU (on the host for `--device
-    /// cpu`): benchmarks without downloads.
-    Dummy,
-}
-
-/// Command-line options choosing and sizing the compute device.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DeviceArgs {
-    /// Where to compute: cpu, cuda (device 0) or cuda:N.
-    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// auto: the model's weights; dummy: random weights of the model's shape
-    /// or of `--dummy-shape`, with the model's tokenizer: benchmarks without
-    /// downloading big checkpoints.
-    #[arg(long, env = "TANDEM_LOAD_FORMAT", value_enum, default_value_t = LoadFormat::Auto)]
-    pub load_format: LoadFormat,
-    /// Named shape for `--load-format dummy`: smollm2-135m, llama3-8b,
-    /// llama3-70b, qwen2-7b.
-    #[arg(long, env = "TANDEM_DUMMY_SHAPE")]
-    pub dummy_shape: Option<String>,
-    /// Fraction of the GPU's memory this worker may use: weights and
-    /// activations first, the KV pool gets the rest (unless --num-blocks is
-    /// given; --kv-cache-memory applies to the CPU only).
-    #[arg(long, env = "TANDEM_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_utilization)]
-    pub gpu_memory_utilization: f32,
-    /// GPUs one worker shards the model over (Megatron-style tensor
-    /// parallelism through NCCL): `--device cuda:K` uses GPUs K .. K+N-1.
-    #[arg(long, env = "TANDEM_TENSOR_PARALLEL_SIZE", default_value_t = 1, value_parser = parse_tensor_parallel_size)]
-    pub tensor_parallel_size: usize,
-}
-
-fn parse_tensor_parallel_size(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("{s:?} is not a number of GPUs (1 or more)")),
-    }
-}
-
-fn parse_utilization(s: &str) -> Result<f32, String> {
-    let v: f32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
-    if v > 0.0 && v <= 1.0 {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside (0, 1]"))
     }
 }
 
@@ -2135,7 +2045,7 @@ mod tests {
     /// is named.
     #[test]
     fn a_missing_driver_or_device_is_a_clear_error() {
-        let cfg = crate::model::dummy::config("smollm2-135m").unwrap();
+        let cfg = tandem_model::dummy::config("smollm2-135m").unwrap();
         let err = match CudaBackend::new_dummy(999, cfg, 1, CudaOptions::default()) {
             Ok(_) => panic!("cuda:999 does not exist"),
             Err(e) => e.to_string(),
@@ -2149,16 +2059,6 @@ mod tests {
                 "{err}"
             );
         }
-    }
-
-    #[test]
-    fn utilization_must_be_a_fraction() {
-        assert_eq!(parse_utilization("0.85"), Ok(0.85));
-        assert!(parse_utilization("0").is_err());
-        assert!(parse_utilization("1.5").unwrap_err().contains("outside"));
-        assert!(parse_utilization("most")
-            .unwrap_err()
-            .contains("not a number"));
     }
 
     /// H100/H200: 228 KiB an SM.
@@ -2197,7 +2097,7 @@ mod tests {
             ..CudaOptions::default()
         };
         for shape in ["llama3-8b", "smollm2-135m", "qwen2-7b"] {
-            let cfg = crate::model::dummy::config(shape).unwrap();
+            let cfg = tandem_model::dummy::config(shape).unwrap();
             let mut keys = std::collections::HashSet::new();
             let mut buckets = std::collections::HashSet::new();
             for ctx in (1..=opts.max_model_len).step_by(61) {
@@ -2218,7 +2118,7 @@ mod tests {
     fn decode_splits_fill_the_gpu_and_fit_the_partial_buffers() {
         let num_sms = 132;
         for (shape, max_model_len) in [("llama3-8b", 8192), ("smollm2-135m", 4096)] {
-            let cfg = crate::model::dummy::config(shape).unwrap();
+            let cfg = tandem_model::dummy::config(shape).unwrap();
             let opts = CudaOptions {
                 max_num_seqs: 96,
                 max_model_len,
@@ -2243,7 +2143,7 @@ mod tests {
         }
         // Head dims the new kernel does not cover keep the older kernel's
         // splits: every one the longest context needs.
-        let mut cfg = crate::model::dummy::config("smollm2-135m").unwrap();
+        let mut cfg = tandem_model::dummy::config("smollm2-135m").unwrap();
         cfg.head_dim = 96;
         let opts = CudaOptions::default();
         assert_eq!(decode_splits(&cfg, &opts, num_sms, 5), max_splits(&opts));
@@ -2293,8 +2193,8 @@ mod tests {
 
     #[test]
     fn prefill_kernel_follows_head_dim_group_and_architecture() {
-        let llama = crate::model::dummy::config("llama3-8b").unwrap(); // 32/8 heads, 128
-        let smol = crate::model::dummy::config("smollm2-135m").unwrap(); // 9/3 heads, 64
+        let llama = tandem_model::dummy::config("llama3-8b").unwrap(); // 32/8 heads, 128
+        let smol = tandem_model::dummy::config("smollm2-135m").unwrap(); // 9/3 heads, 64
         assert_eq!(prefill_kernel(&llama, true), PrefillKernel::Wgmma);
         assert_eq!(prefill_kernel(&llama, false), PrefillKernel::TensorCore);
         // Two heads a block: an odd group keeps the mma.sync kernel.
@@ -2327,7 +2227,7 @@ mod tests {
 
     #[test]
     fn unsupported_geometries_are_refused_with_the_reason() {
-        let mut cfg = crate::model::testing::tiny_config(crate::model::Architecture::Llama);
+        let mut cfg = tandem_model::testing::tiny_config(tandem_model::Architecture::Llama);
         cfg.head_dim = 48;
         let err = check_geometry(&cfg).unwrap_err().to_string();
         assert!(err.contains("head_dim 48"), "{err}");

@@ -150,8 +150,8 @@ pub fn sample_row(row: &[f32], s: &DeviceSampling) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::sampler::Sampler;
-    use crate::engine::types::SamplingParams;
+    use crate::sampler::Sampler;
+    use tandem_api::types::SamplingParams;
 
     fn params(temperature: f32, top_k: u32, top_p: f32) -> DeviceSampling {
         DeviceSampling {

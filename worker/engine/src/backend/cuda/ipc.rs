@@ -1,4 +1,4 @@
-//! The device side of the `cuda-ipc` KV transport (DESIGN.md "KV transfer").
+//! The device side of the `cuda-ipc` KV transport (docs/architecture.md, "KV transfer").
 //!
 //! A decode worker exports its KV pool as a CUDA IPC memory handle plus the
 //! pool's geometry ([`KvPoolExport`]). A prefill worker on the same node
@@ -215,12 +215,7 @@ pub struct PeerKvTarget {
     pub block_ids: Vec<u32>,
 }
 
-/// What one copy into a peer's pool moved, and its GPU time.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PeerWrite {
-    pub bytes: usize,
-    pub seconds: f64,
-}
+pub use tandem_api::types::PeerWrite;
 
 /// Checks a copy of `num_tokens` positions from `src_blocks` into `target`
 /// before anything runs; returns the number of blocks to copy.

