@@ -9,7 +9,7 @@ GPU_STAGE := .device/gpu
 GPU_MODEL_STAGE := .device/gpu-model
 GPU_TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 DEFAULT_GGUF ?= $(HOME)/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf
-TORCH_BASELINE ?= ../shared/bench/torch_baseline.py
+TORCH_BASELINE ?= bench/torch_baseline.py
 GPU_MODEL_SPLIT := 62914560
 
 .PHONY: gpu-stage gpu-check bench-gpu

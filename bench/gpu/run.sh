@@ -26,7 +26,8 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 300 "$bin" gpu bench --json "$out/tandem_gpu_bench.json" 2>&1 | grep -v " INFO " | tee "$out/bench.log"
   if [ -f "$here/torch_baseline.py" ]; then
-    # The PyTorch peer in the same call, on the same card.
+    # The PyTorch peer (bench/torch_baseline.py, staged by `make bench-gpu`) in the same call,
+    # on the same card; its JSON lines go to torch.log.
     (cd "$out" && OUT=. PYTHONUNBUFFERED=1 timeout 300 python3 "$here/torch_baseline.py" 2>&1 \
       | grep '^{' | tee torch.log)
   fi
