@@ -1,5 +1,9 @@
-//! The reconcile pipeline: validate → build → apply → status, with Events, metrics and an
-//! `error_policy` that waits on bad specs and backs off on transient API errors.
+//! The reconcile pipeline: plan → validate → build → apply → status, with Events, metrics and
+//! an `error_policy` that waits on bad specs and backs off on transient API errors.
+//!
+//! With autoscaling on, a reconcile first runs the planner's step when one is due
+//! ([`crate::planner::runner`]); status is computed and written by [`crate::status`], which the
+//! planner's outcome and the apply's result both go through.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -11,7 +15,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{DeserializeGuard, NamespaceResourceScope};
 use kube::runtime::controller::{Action, Controller};
@@ -20,14 +24,15 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use crate::build::{self, names, Children};
-use crate::conditions::{reasons, types};
-use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier, TierStatus, HTTP_PORT};
-use crate::metrics::Metrics;
-use crate::planner::runner::{scale_reason, scale_time, unix_now_s, Planners, StepOutcome};
+use crate::conditions::reasons;
+use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier};
+use crate::metrics::{labels, Metrics};
+use crate::planner::runner::{Planners, StepOutcome};
+use crate::planner::{self, unix_now_s};
+use crate::status::{self, failed_status, status_from, Applied, Scaling};
 use crate::validate::{validate, ValidationError};
 use crate::FIELD_MANAGER;
 
@@ -48,12 +53,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Stable label for metrics and Event reasons.
+    /// Stable label of `tandem_operator_reconcile_errors_total` ([`labels::category`]).
     pub fn category(&self) -> &'static str {
         match self {
-            Error::InvalidSpec(_) => "invalid_spec",
-            Error::MalformedObject(_) => "malformed_object",
-            Error::Api { .. } => "api",
+            Error::InvalidSpec(_) => labels::category::INVALID_SPEC,
+            Error::MalformedObject(_) => labels::category::MALFORMED_OBJECT,
+            Error::Api { .. } => labels::category::API,
         }
     }
 
@@ -70,6 +75,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// The planner of every deployment with autoscaling on.
     pub planners: Planners,
+    /// The planner's part of their status, as last written.
+    pub scaling: Scaling,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -81,6 +88,7 @@ impl Context {
             reporter,
             metrics,
             planners: Planners::default(),
+            scaling: Scaling::default(),
             failures: Mutex::default(),
         }
     }
@@ -183,14 +191,20 @@ pub async fn reconcile(
         .observe(started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {
-            ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+            ctx.metrics
+                .reconciles
+                .with_label_values(&[labels::result::OK])
+                .inc();
             ctx.failures
                 .lock()
                 .expect("failures lock")
                 .remove(&Context::failures_key(&guard));
         }
         Err(e) => {
-            ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+            ctx.metrics
+                .reconciles
+                .with_label_values(&[labels::result::ERROR])
+                .inc();
             ctx.metrics.errors.with_label_values(&[e.category()]).inc();
         }
     }
@@ -261,12 +275,12 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
     if spec_changed {
         let (reason, note) = if dd.status.is_none() {
             (
-                "Created",
+                reasons::CREATED,
                 format!("created {} children", children.to_values().len()),
             )
         } else {
             (
-                "Updated",
+                reasons::UPDATED,
                 format!(
                     "applied generation {}",
                     dd.metadata.generation.unwrap_or_default()
@@ -281,10 +295,11 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
     ))
 }
 
-/// With autoscaling on and a planner step due: runs it and returns the deployment as the rest
-/// of the reconcile should see it (the decision in `status.<tier>.desiredReplicas`,
-/// `lastScaleTime`, `lastScaleReason` and the `ScalingActive` condition), with the interval to
-/// requeue after. Records an Event per change and when the planner stops acting.
+/// With autoscaling on: runs the planner's step when one is due and returns the deployment as
+/// the rest of the reconcile should see it (the planner's part of status written by
+/// [`Scaling::write`]: `status.<tier>.desiredReplicas`, `lastScaleTime`, `lastScaleReason` and
+/// the `ScalingActive` condition), with the interval to requeue after. Records the step's Events
+/// (one per change, and when the planner stops acting) and its metrics.
 async fn autoscale(
     dd: &DisaggDeployment,
     ctx: &Context,
@@ -295,100 +310,55 @@ async fn autoscale(
     let mut view = dd.clone();
     let Some(autoscaling) = dd.spec.autoscaling.as_ref().filter(|a| a.enabled) else {
         ctx.planners.forget(dd);
+        ctx.scaling.forget(dd);
         return (view, None);
     };
     let interval_s = f64::from(autoscaling.interval_seconds.max(1));
     if validate(dd).is_err() {
         return (view, None);
     }
-    if let Some(outcome) = ctx.planners.step(&ctx.client, dd, unix_now_s()).await {
-        for (type_, reason, note) in record_step(&mut view, &outcome, &ctx.metrics, now) {
-            publish(recorder, reference, type_, reason, &note).await;
-        }
-        let written = view.status.as_ref().and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == types::SCALING_ACTIVE)
-        });
-        if let Some(condition) = written {
-            ctx.planners.remember_condition(dd, condition.clone());
-        }
+    let step = ctx.planners.step(&ctx.client, dd, unix_now_s()).await;
+    if let Some(step) = &step {
+        record_step_metrics(dd, step, &ctx.metrics);
     }
-    ctx.planners.overlay_latest(&mut view);
+    for (type_, reason, note) in ctx.scaling.write(&mut view, step.as_ref(), now) {
+        publish(recorder, reference, type_, reason, &note).await;
+    }
     // A reconcile between steps (a child changed) requeues for the step still due, not for a
     // whole interval from now.
     let next_step_s = ctx.planners.due_in(dd, interval_s, unix_now_s()).max(1.0);
     (view, Some(Duration::from_secs_f64(next_step_s)))
 }
 
-/// Writes one planner step into `view`'s status and the planner metrics; returns the Events to
-/// record. Pure but for the metrics.
-pub fn record_step(
-    view: &mut DisaggDeployment,
-    outcome: &StepOutcome,
-    metrics: &Metrics,
-    now: &Time,
-) -> Vec<(EventType, &'static str, String)> {
-    use crate::planner::Tier as PlannerTier;
-    let namespace = view.namespace().unwrap_or_default();
-    let name = view.name_any();
-    let previous = view
-        .status
-        .as_ref()
-        .and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == types::SCALING_ACTIVE)
-        })
-        .map(|c| (c.status.clone(), c.reason.clone()));
-    let mut events = Vec::new();
-    let (active, reason, message, label) = match &outcome.result {
-        Ok(decision) => match &decision.refusal {
-            Some(refusal) => (
-                false,
-                refusal.reason,
-                refusal.message.clone(),
-                if refusal.reason == "MetricsStale" {
-                    "metrics_stale"
-                } else {
-                    "metrics_missing"
+/// The `tandem_planner_*` metrics of one step.
+fn record_step_metrics(dd: &DisaggDeployment, step: &StepOutcome, metrics: &Metrics) {
+    let namespace = dd.namespace().unwrap_or_default();
+    let name = dd.name_any();
+    let (active, reason, _) = step.scaling_active();
+    let label = match &step.result {
+        Ok(decision) if active => {
+            let (up, down) = [planner::Tier::Prefill, planner::Tier::Decode].iter().fold(
+                (false, false),
+                |(up, down), tier| {
+                    let (before, after) = (step.before.get(*tier), decision.desired.get(*tier));
+                    (up || after > before, down || after < before)
                 },
-            ),
-            None => {
-                let (up, down) = [PlannerTier::Prefill, PlannerTier::Decode].iter().fold(
-                    (false, false),
-                    |(up, down), tier| {
-                        let (before, after) =
-                            (outcome.before.get(*tier), decision.desired.get(*tier));
-                        (up || after > before, down || after < before)
-                    },
-                );
-                let label = match (up, down) {
-                    (true, _) => "scale_up",
-                    (false, true) => "scale_down",
-                    _ => "hold",
-                };
-                (true, reasons::PLANNING, decision.reason.clone(), label)
+            );
+            match (up, down) {
+                (true, _) => labels::decision::SCALE_UP,
+                (false, true) => labels::decision::SCALE_DOWN,
+                _ => labels::decision::HOLD,
             }
-        },
-        Err(e) => (
-            false,
-            e.reason(),
-            e.to_string(),
-            match e.reason() {
-                "PrometheusUnavailable" => "prometheus_unavailable",
-                "ScaleTargetUnavailable" => "scale_target_unavailable",
-                _ => "invalid_autoscaling",
-            },
-        ),
+        }
+        _ => labels::decision::not_acting(reason),
     };
     metrics
         .planner_decisions
         .with_label_values(&[namespace.as_str(), name.as_str(), label])
         .inc();
     for (metric, value) in [
-        ("ttft", outcome.observed_p90_s.0),
-        ("itl", outcome.observed_p90_s.1),
+        (labels::observed::TTFT, step.observed_p90_s.0),
+        (labels::observed::ITL, step.observed_p90_s.1),
     ] {
         if let Some(value) = value {
             metrics
@@ -397,46 +367,15 @@ pub fn record_step(
                 .set(value);
         }
     }
-    let status_flips = previous.as_ref().is_none_or(|(status, old_reason)| {
-        status != if active { "True" } else { "False" } || old_reason != reason
-    });
-    if !active && status_flips {
-        events.push((EventType::Warning, reason, message.clone()));
-    }
-    let condition = Condition {
-        type_: types::SCALING_ACTIVE.into(),
-        status: if active { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.chars().take(1000).collect(),
-        observed_generation: view.metadata.generation,
-        last_transition_time: now.clone(),
-    };
-    let status = view.status.get_or_insert_with(Default::default);
-    set_condition(&mut status.conditions, condition);
-    if let Ok(decision) = &outcome.result {
-        for tier in [PlannerTier::Prefill, PlannerTier::Decode] {
-            let (before, after) = (outcome.before.get(tier), decision.desired.get(tier));
+    if let Ok(decision) = &step.result {
+        for tier in [planner::Tier::Prefill, planner::Tier::Decode] {
             let tier_name = tier.to_string();
             metrics
                 .planner_desired
                 .with_label_values(&[namespace.as_str(), name.as_str(), tier_name.as_str()])
-                .set(f64::from(after));
-            if before == after {
-                continue;
-            }
-            let why = decision.tier_reasons.get(tier).to_string();
-            let slot = match tier {
-                PlannerTier::Prefill => &mut status.prefill,
-                PlannerTier::Decode => &mut status.decode,
-            };
-            let tier_status = slot.get_or_insert_with(Default::default);
-            tier_status.desired_replicas = after as i32;
-            tier_status.last_scale_time = Some(scale_time(outcome.at_s));
-            tier_status.last_scale_reason = Some(scale_reason(&why));
-            events.push((EventType::Normal, reasons::SCALED, why));
+                .set(f64::from(decision.desired.get(tier)));
         }
     }
-    events
 }
 
 /// Events are best effort: failing to record one must not fail the reconcile.
@@ -457,15 +396,6 @@ async fn publish(
     if let Err(e) = recorder.publish(&event, reference).await {
         warn!(error = %e, reason, "could not record event");
     }
-}
-
-/// What the API server returned for the workloads after apply: status is computed from these,
-/// never from what was merely requested.
-#[derive(Clone, Debug, Default)]
-pub struct Applied {
-    pub frontend: Option<Deployment>,
-    pub prefill: Option<StatefulSet>,
-    pub decode: StatefulSet,
 }
 
 async fn apply_one<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
@@ -583,324 +513,25 @@ pub async fn apply(
     })
 }
 
-/// Writes `status` with server-side apply under the one field manager. An object deleted
-/// since the reconcile began has no status left to write: that is not an error.
-pub async fn patch_status(
+/// Writes `status` through [`status::patch`]; an API error fails the reconcile.
+async fn patch_status(
     client: &Client,
     dd: &DisaggDeployment,
     status: &DisaggDeploymentStatus,
 ) -> Result<(), Error> {
-    let name = dd.name_any();
-    let api: Api<DisaggDeployment> =
-        Api::namespaced(client.clone(), &dd.namespace().unwrap_or_default());
-    let body = json!({
-        "apiVersion": DisaggDeployment::api_version(&()),
-        "kind": DisaggDeployment::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map(drop)
-    .or_else(|e| match e {
-        kube::Error::Api(status) if status.is_not_found() => Ok(()),
-        other => Err(other),
-    })
-    .map_err(|source| Error::Api {
-        action: "patch status of",
-        kind: "DisaggDeployment".into(),
-        name,
-        source,
-    })
-}
-
-fn tier_status(
-    replicas: i32,
-    ready: i32,
-    desired: i32,
-    previous: Option<&TierStatus>,
-) -> TierStatus {
-    TierStatus {
-        replicas,
-        ready_replicas: ready,
-        desired_replicas: desired,
-        summary: Some(format!("{ready}/{desired}")),
-        // The planner's record of its last decision survives the operator's status writes.
-        last_scale_time: previous.and_then(|p| p.last_scale_time.clone()),
-        last_scale_reason: previous.and_then(|p| p.last_scale_reason.clone()),
-    }
-}
-
-fn statefulset_status(sts: &StatefulSet, previous: Option<&TierStatus>) -> (TierStatus, bool) {
-    let s = sts.status.clone().unwrap_or_default();
-    let desired = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let rolled_out = s.observed_generation >= sts.metadata.generation
-        && s.updated_replicas.unwrap_or(0) >= desired
-        && s.current_revision.is_some()
-        && s.current_revision == s.update_revision;
-    let ready = s.ready_replicas.unwrap_or(0);
-    (
-        tier_status(s.replicas, ready, desired, previous),
-        rolled_out && ready >= desired,
-    )
-}
-
-fn deployment_status(d: &Deployment, previous: Option<&TierStatus>) -> (TierStatus, bool) {
-    let s = d.status.clone().unwrap_or_default();
-    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let ready = s.ready_replicas.unwrap_or(0);
-    let rolled_out = s.observed_generation >= d.metadata.generation
-        && s.updated_replicas.unwrap_or(0) >= desired;
-    (
-        tier_status(s.replicas.unwrap_or(0), ready, desired, previous),
-        rolled_out && ready >= desired,
-    )
-}
-
-/// Sets the condition of `new`'s type; `lastTransitionTime` moves only when the status flips.
-pub(crate) fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
-    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
-        Some(old) => {
-            // lastTransitionTime moves only when the status flips.
-            if old.status == new.status {
-                new.last_transition_time = old.last_transition_time.clone();
-            }
-            *old = new;
-        }
-        None => conditions.push(new),
-    }
-}
-
-fn condition(
-    dd: &DisaggDeployment,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    now: &Time,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if status { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: dd.metadata.generation,
-        last_transition_time: now.clone(),
-    }
-}
-
-/// Status after a successful apply. Pure: `now` stamps conditions that change.
-pub fn status_from(dd: &DisaggDeployment, applied: &Applied, now: Time) -> DisaggDeploymentStatus {
-    let previous = dd.status.clone().unwrap_or_default();
-    let mut status = DisaggDeploymentStatus {
-        observed_generation: dd.metadata.generation,
-        conditions: previous.conditions.clone(),
-        endpoint: Some(format!(
-            "http://{}.{}.svc:{HTTP_PORT}/v1",
-            names::api_service(&dd.name_any()),
-            dd.namespace().unwrap_or_default()
-        )),
-        ..Default::default()
-    };
-    let mut not_ready = Vec::new();
-    let mut all_rolled_out = true;
-    if let Some(d) = &applied.frontend {
-        let (s, done) = deployment_status(d, previous.frontend.as_ref());
-        if s.ready_replicas < s.desired_replicas || s.desired_replicas == 0 {
-            not_ready.push(format!(
-                "frontend {}",
-                s.summary.clone().unwrap_or_default()
-            ));
-        }
-        all_rolled_out &= done;
-        status.frontend = Some(s);
-    }
-    if let Some(sts) = &applied.prefill {
-        let (s, done) = statefulset_status(sts, previous.prefill.as_ref());
-        if s.ready_replicas < s.desired_replicas {
-            not_ready.push(format!("prefill {}", s.summary.clone().unwrap_or_default()));
-        }
-        all_rolled_out &= done;
-        status.prefill = Some(s);
-    }
-    let (s, done) = statefulset_status(&applied.decode, previous.decode.as_ref());
-    if s.ready_replicas < s.desired_replicas || s.desired_replicas == 0 {
-        not_ready.push(format!("decode {}", s.summary.clone().unwrap_or_default()));
-    }
-    all_rolled_out &= done;
-    status.decode = Some(s);
-
-    let ready = not_ready.is_empty();
-    let (reason, message) = if ready {
-        (
-            reasons::ALL_TIERS_READY,
-            "every tier has its desired replicas ready".to_string(),
-        )
-    } else {
-        (
-            reasons::TIERS_NOT_READY,
-            format!("ready/desired: {}", not_ready.join(", ")),
-        )
-    };
-    set_condition(
-        &mut status.conditions,
-        condition(dd, types::READY, ready, reason, message, &now),
-    );
-    let (reason, message) = if all_rolled_out {
-        (
-            reasons::UP_TO_DATE,
-            "every tier runs the current pod template".to_string(),
-        )
-    } else {
-        (
-            reasons::ROLLING_OUT,
-            "pods are being created or replaced".to_string(),
-        )
-    };
-    set_condition(
-        &mut status.conditions,
-        condition(
-            dd,
-            types::PROGRESSING,
-            !all_rolled_out,
-            reason,
-            message,
-            &now,
-        ),
-    );
-    set_condition(
-        &mut status.conditions,
-        condition(
-            dd,
-            types::DEGRADED,
-            false,
-            reasons::RECONCILED,
-            "all children applied".into(),
-            &now,
-        ),
-    );
-    status
-}
-
-/// Status when the deployment cannot be reconciled: the previous tier counts stay, Degraded and
-/// not Ready say why.
-pub fn failed_status(
-    dd: &DisaggDeployment,
-    reason: &str,
-    message: &str,
-    now: Time,
-) -> DisaggDeploymentStatus {
-    let mut status = dd.status.clone().unwrap_or_default();
-    status.observed_generation = dd.metadata.generation;
-    set_condition(
-        &mut status.conditions,
-        condition(dd, types::DEGRADED, true, reason, message.into(), &now),
-    );
-    set_condition(
-        &mut status.conditions,
-        condition(dd, types::READY, false, reason, message.into(), &now),
-    );
-    status
+    status::patch(client, dd, status)
+        .await
+        .map_err(|source| Error::Api {
+            action: "patch status of",
+            kind: DisaggDeployment::kind(&()).into_owned(),
+            name: dd.name_any(),
+            source,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
-    use k8s_openapi::jiff::Timestamp;
-
-    fn dd() -> DisaggDeployment {
-        let mut dd: DisaggDeployment = serde_yaml::from_str(
-            "metadata: {name: s, namespace: ns, uid: u, generation: 3}
-spec:
-  model: {name: m, source: 'file:///m'}
-  image: img
-  decode: {replicas: 2, gpusPerReplica: 0}",
-        )
-        .unwrap();
-        dd.metadata.generation = Some(3);
-        dd
-    }
-
-    fn decode(ready: i32, updated: i32, revision: &str) -> StatefulSet {
-        StatefulSet {
-            metadata: kube::api::ObjectMeta {
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: Some(StatefulSetSpec {
-                replicas: Some(2),
-                ..Default::default()
-            }),
-            status: Some(StatefulSetStatus {
-                observed_generation: Some(1),
-                replicas: 2,
-                ready_replicas: Some(ready),
-                updated_replicas: Some(updated),
-                current_revision: Some("r1".into()),
-                update_revision: Some(revision.into()),
-                ..Default::default()
-            }),
-        }
-    }
-
-    fn at(secs: i64) -> Time {
-        Time(Timestamp::from_second(secs).unwrap())
-    }
-
-    fn find<'a>(s: &'a DisaggDeploymentStatus, t: &str) -> &'a Condition {
-        s.conditions.iter().find(|c| c.type_ == t).unwrap()
-    }
-
-    #[test]
-    fn rollout_in_progress_is_progressing_and_not_ready() {
-        let applied = Applied {
-            decode: decode(1, 1, "r2"),
-            ..Default::default()
-        };
-        let s = status_from(&dd(), &applied, at(100));
-        assert_eq!(s.observed_generation, Some(3));
-        let ready = find(&s, types::READY);
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", reasons::TIERS_NOT_READY)
-        );
-        assert!(ready.message.contains("decode 1/2"), "{}", ready.message);
-        assert_eq!(find(&s, types::PROGRESSING).status, "True");
-        assert_eq!(s.decode.as_ref().unwrap().summary.as_deref(), Some("1/2"));
-    }
-
-    #[test]
-    fn transition_time_moves_only_when_a_condition_flips() {
-        let mut dd = dd();
-        let rolled = Applied {
-            decode: decode(2, 2, "r1"),
-            ..Default::default()
-        };
-        dd.status = Some(status_from(&dd, &rolled, at(100)));
-        assert_eq!(
-            find(dd.status.as_ref().unwrap(), types::READY).status,
-            "True"
-        );
-
-        let same = status_from(&dd, &rolled, at(200));
-        assert_eq!(
-            find(&same, types::READY).last_transition_time,
-            at(100),
-            "unchanged: keeps its time"
-        );
-
-        let degraded = Applied {
-            decode: decode(1, 2, "r1"),
-            ..Default::default()
-        };
-        let flipped = status_from(&dd, &degraded, at(300));
-        assert_eq!(find(&flipped, types::READY).status, "False");
-        assert_eq!(find(&flipped, types::READY).last_transition_time, at(300));
-    }
 
     #[test]
     fn backoff_doubles_from_five_seconds_up_to_five_minutes() {

@@ -34,6 +34,8 @@ pub const GRPC_PORT: i32 = 9000;
     shortname = "dd",
     status = "DisaggDeploymentStatus",
     derive = "PartialEq",
+    // `conditions::types::READY`, spelled out as the attribute needs a literal (a test in
+    // conditions.rs holds the two together).
     printcolumn(
         name = "Ready",
         type_ = "string",

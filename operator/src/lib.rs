@@ -1,7 +1,9 @@
 //! The Tandem operator: turns a `DisaggDeployment` into a frontend, a prefill tier and a decode
 //! tier, and keeps them as declared.
 //!
-//! Reconcile is a pipeline (see [`controller`]): [`validate`] → [`build`] (pure) → apply → status.
+//! Reconcile is a pipeline (see [`controller`]): the [`planner`]'s step when autoscaling is on,
+//! then [`validate`] → [`build`] (pure) → apply → [`status`]. The status module is the one writer
+//! of status: the planner's outcome and the apply's result both go through it.
 
 pub mod build;
 pub mod conditions;
@@ -12,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod planner;
 pub mod prometheus;
+pub mod status;
 pub mod validate;
 
 /// The one server-side-apply field manager for children and status.

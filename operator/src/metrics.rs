@@ -2,24 +2,74 @@
 
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+/// Label values of the metrics, in one place: dashboards and alerts match on them. (The `tier`
+/// label is the tier's own name, `namespace` and `deployment` the object's.)
+pub mod labels {
+    /// `result` of `tandem_operator_reconcile_total`.
+    pub mod result {
+        pub const OK: &str = "ok";
+        pub const ERROR: &str = "error";
+    }
+
+    /// `category` of `tandem_operator_reconcile_errors_total`.
+    pub mod category {
+        pub const INVALID_SPEC: &str = "invalid_spec";
+        pub const MALFORMED_OBJECT: &str = "malformed_object";
+        pub const API: &str = "api";
+    }
+
+    /// `reason` of `tandem_planner_decisions_total`: what the planner did, or why it did not act.
+    pub mod decision {
+        use crate::conditions::reasons;
+
+        pub const SCALE_UP: &str = "scale_up";
+        pub const SCALE_DOWN: &str = "scale_down";
+        pub const HOLD: &str = "hold";
+        pub const METRICS_MISSING: &str = "metrics_missing";
+        pub const METRICS_STALE: &str = "metrics_stale";
+        pub const PROMETHEUS_UNAVAILABLE: &str = "prometheus_unavailable";
+        pub const SCALE_TARGET_UNAVAILABLE: &str = "scale_target_unavailable";
+        pub const INVALID_AUTOSCALING: &str = "invalid_autoscaling";
+
+        /// The label of a step that did not act, from its `ScalingActive=False` reason.
+        pub fn not_acting(reason: &str) -> &'static str {
+            match reason {
+                reasons::METRICS_MISSING => METRICS_MISSING,
+                reasons::METRICS_STALE => METRICS_STALE,
+                reasons::PROMETHEUS_UNAVAILABLE => PROMETHEUS_UNAVAILABLE,
+                reasons::SCALE_TARGET_UNAVAILABLE => SCALE_TARGET_UNAVAILABLE,
+                _ => INVALID_AUTOSCALING,
+            }
+        }
+    }
+
+    /// `metric` of `tandem_planner_observed_p90_seconds`.
+    pub mod observed {
+        pub const TTFT: &str = "ttft";
+        pub const ITL: &str = "itl";
+    }
+}
+
 /// Reconcile counters and durations, labelled so dashboards can split them.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// `tandem_operator_reconcile_total{result}`: `ok` or `error`.
+    /// `tandem_operator_reconcile_total{result}`: [`labels::result`].
     pub reconciles: IntCounterVec,
-    /// `tandem_operator_reconcile_errors_total{category}`: see `controller::Error::category`.
+    /// `tandem_operator_reconcile_errors_total{category}`: [`labels::category`] (see
+    /// `controller::Error::category`).
     pub errors: IntCounterVec,
     /// `tandem_operator_reconcile_duration_seconds`.
     pub duration: HistogramVec,
     /// `tandem_planner_desired_replicas{namespace,deployment,tier}`: the planner's last decision.
     pub planner_desired: GaugeVec,
-    /// `tandem_planner_decisions_total{namespace,deployment,reason}`: `scale_up`, `scale_down`,
-    /// `hold`, or why it did not act (`metrics_missing`, `metrics_stale`,
-    /// `prometheus_unavailable`, `scale_target_unavailable`, `invalid_autoscaling`).
+    /// `tandem_planner_decisions_total{namespace,deployment,reason}`: [`labels::decision`]
+    /// (`scale_up`, `scale_down`, `hold`, or why it did not act: `metrics_missing`,
+    /// `metrics_stale`, `prometheus_unavailable`, `scale_target_unavailable`,
+    /// `invalid_autoscaling`).
     pub planner_decisions: IntCounterVec,
     /// `tandem_planner_observed_p90_seconds{namespace,deployment,metric}`: the TTFT and ITL p90
-    /// the last decision saw (`metric` is `ttft` or `itl`).
+    /// the last decision saw (`metric` is [`labels::observed`]: `ttft` or `itl`).
     pub planner_observed_p90: GaugeVec,
 }
 
@@ -130,8 +180,10 @@ mod tests {
     #[test]
     fn renders_counters_by_label_in_text_format() {
         let m = Metrics::new();
-        m.reconciles.with_label_values(&["ok"]).inc();
-        m.errors.with_label_values(&["invalid_spec"]).inc_by(2);
+        m.reconciles.with_label_values(&[labels::result::OK]).inc();
+        m.errors
+            .with_label_values(&[labels::category::INVALID_SPEC])
+            .inc_by(2);
         m.duration.with_label_values::<&str>(&[]).observe(0.03);
         let text = m.render();
         assert!(
@@ -146,5 +198,29 @@ mod tests {
             text.contains("tandem_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_step_that_did_not_act_is_labelled_by_its_reason_in_snake_case() {
+        use crate::conditions::reasons;
+        let snake = |reason: &str| {
+            let mut out = String::new();
+            for c in reason.chars() {
+                if c.is_uppercase() && !out.is_empty() {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_lowercase());
+            }
+            out
+        };
+        for reason in [
+            reasons::METRICS_MISSING,
+            reasons::METRICS_STALE,
+            reasons::PROMETHEUS_UNAVAILABLE,
+            reasons::SCALE_TARGET_UNAVAILABLE,
+            reasons::INVALID_AUTOSCALING,
+        ] {
+            assert_eq!(labels::decision::not_acting(reason), snake(reason));
+        }
     }
 }

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tandem_operator::controller::{reconcile, Context};
 use tandem_operator::crd::{DisaggDeploymentStatus, TierStatus};
 use tandem_operator::metrics::Metrics;
-use tandem_operator::planner::runner::unix_now_s;
+use tandem_operator::planner::unix_now_s;
 use tandem_operator::FIELD_MANAGER;
 
 use common::mock_api::{mock, Seen};

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, Opts, Registry, TextEncoder,
 };
-use tandem_operator::planner::runner::unix_now_s;
-use tandem_operator::planner::{decide, PlannerConfig, PlannerState, Slo, TierBounds, TierCounts};
+use tandem_operator::planner::{
+    decide, unix_now_s, PlannerConfig, PlannerState, Slo, TierBounds, TierCounts,
+};
 use tandem_operator::prometheus::{PrometheusSource, Scope};
 
 #[path = "common/prometheus.rs"]

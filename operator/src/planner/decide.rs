@@ -39,7 +39,8 @@
 use std::collections::VecDeque;
 
 use super::model::{DecodeModel, PrefillModel};
-use super::target::Tier;
+use super::types::{Decision, Observation, Refusal, Tier, TierCounts, TierReasons};
+use crate::conditions::reasons;
 
 /// p90 latency targets, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,29 +54,6 @@ pub struct Slo {
 pub struct TierBounds {
     pub min: u32,
     pub max: u32,
-}
-
-/// A replica count per tier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TierCounts {
-    pub prefill: u32,
-    pub decode: u32,
-}
-
-impl TierCounts {
-    pub fn get(&self, tier: Tier) -> u32 {
-        match tier {
-            Tier::Prefill => self.prefill,
-            Tier::Decode => self.decode,
-        }
-    }
-
-    pub fn set(&mut self, tier: Tier, replicas: u32) {
-        match tier {
-            Tier::Prefill => self.prefill = replicas,
-            Tier::Decode => self.decode = replicas,
-        }
-    }
 }
 
 /// Every knob of the planner. [`PlannerConfig::new`] gives the documented defaults.
@@ -276,52 +254,6 @@ impl PlannerConfig {
             Tier::Decode => self.slo.itl_p90_s,
         }
     }
-}
-
-/// What the metrics said about one interval. Any field may be missing (`None`).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Observation {
-    /// When the newest sample behind this observation was taken (seconds, the planner's clock).
-    pub timestamp_s: f64,
-    pub ttft_p90_s: Option<f64>,
-    pub itl_p90_s: Option<f64>,
-    /// Requests per second.
-    pub request_rate: Option<f64>,
-    pub mean_input_tokens: Option<f64>,
-    pub mean_output_tokens: Option<f64>,
-    /// Requests waiting for a prefill replica (summed over replicas).
-    pub prefill_queue_depth: Option<f64>,
-    /// Fraction of decode KV blocks in use, 0..=1.
-    pub decode_kv_utilization: Option<f64>,
-    /// Prompt tokens the prefill tier computed per second (served, not offered: a backlogged
-    /// tier serves less than arrives).
-    pub prefill_tokens_per_s: Option<f64>,
-    /// Tokens the decode tier generated per second (served). The decode model learns from this
-    /// when present: while prefill is backlogged, decode sees less than the arrival rate.
-    pub decode_tokens_per_s: Option<f64>,
-    /// Ready replicas per tier.
-    pub ready: TierCounts,
-}
-
-/// Why the planner did not act; becomes the status condition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    /// CamelCase reason for the condition (`MetricsMissing`, `MetricsStale`).
-    pub reason: &'static str,
-    pub message: String,
-}
-
-/// The outcome of one decision.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
-    /// Replicas to set per tier (equal to the current counts when nothing changes).
-    pub desired: TierCounts,
-    /// One line per tier saying why.
-    pub reason: String,
-    /// Why, per tier (the parts of `reason`), for each tier's status.
-    pub tier_reasons: TierReasons,
-    /// Set when the planner refused to act.
-    pub refusal: Option<Refusal>,
 }
 
 /// What the planner carries from one interval to the next.
@@ -566,12 +498,18 @@ pub fn decide(
         let min_prefill = (low * f64::from(recommended.decode)).ceil() as u32;
         if recommended.prefill < min_prefill {
             recommended.prefill = min_prefill;
-            why.prefill = format!("raised to keep prefill:decode >= {low}");
+            why.set(
+                Tier::Prefill,
+                format!("raised to keep prefill:decode >= {low}"),
+            );
         }
         let min_decode = (f64::from(recommended.prefill) / high).ceil() as u32;
         if recommended.decode < min_decode {
             recommended.decode = min_decode;
-            why.decode = format!("raised to keep prefill:decode <= {high}");
+            why.set(
+                Tier::Decode,
+                format!("raised to keep prefill:decode <= {high}"),
+            );
         }
     }
 
@@ -610,33 +548,10 @@ pub fn decide(
     }
 }
 
-/// A line per tier.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TierReasons {
-    prefill: String,
-    decode: String,
-}
-
-impl TierReasons {
-    fn set(&mut self, tier: Tier, reason: String) {
-        match tier {
-            Tier::Prefill => self.prefill = reason,
-            Tier::Decode => self.decode = reason,
-        }
-    }
-
-    pub fn get(&self, tier: Tier) -> &str {
-        match tier {
-            Tier::Prefill => &self.prefill,
-            Tier::Decode => &self.decode,
-        }
-    }
-}
-
 fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Option<Refusal> {
     if !observation.timestamp_s.is_finite() {
         return Some(Refusal {
-            reason: "MetricsMissing",
+            reason: reasons::METRICS_MISSING,
             message: "no successful scrape of this deployment's pods in Prometheus (are they \
                       scraped, with `namespace` and `deployment` labels?)"
                 .to_string(),
@@ -645,7 +560,7 @@ fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Opt
     let age = now_s - observation.timestamp_s;
     if age > config.max_staleness_s {
         return Some(Refusal {
-            reason: "MetricsStale",
+            reason: reasons::METRICS_STALE,
             message: format!(
                 "newest metrics are {age:.0}s old (limit {:.0}s)",
                 config.max_staleness_s
@@ -672,7 +587,7 @@ fn refusal(config: &PlannerConfig, observation: &Observation, now_s: f64) -> Opt
         Some(_) => {}
     }
     (!missing.is_empty()).then(|| Refusal {
-        reason: "MetricsMissing",
+        reason: reasons::METRICS_MISSING,
         message: format!("no data for {}", missing.join(", ")),
     })
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::decide::{Decision, Observation, PlannerConfig, PlannerState, TierCounts};
-use super::runner::unix_now_s;
-use super::target::{plan_step, PlanStepError, ScaleTarget, Tier, TierReplicas};
+use super::decide::{ConfigError, PlannerConfig, PlannerState};
+use super::target::{plan_step, PlanStepError, ScaleTarget, TierReplicas};
+use super::types::{Decision, Observation, Tier, TierCounts};
+use super::unix_now_s;
 use crate::prometheus::{PrometheusError, PrometheusSource, Scope};
 
 /// Longest one control request may take: the supervisor answers at once (new workers load after
@@ -160,7 +161,7 @@ impl ScaleTarget for LocalTarget {
 #[derive(Debug, thiserror::Error)]
 pub enum LocalPlannerError {
     #[error(transparent)]
-    Config(#[from] super::decide::ConfigError),
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Prometheus(#[from] PrometheusError),
     #[error(transparent)]
@@ -182,7 +183,7 @@ impl fmt::Display for LocalStep {
     /// One log line: the tiers' change (or hold), the inputs that drove it, and the reason.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (before, after) = (self.before, self.decision.desired);
-        let tier = |f: &mut fmt::Formatter<'_>, name: &str, from: u32, to: u32, ready: u32| {
+        let tier = |f: &mut fmt::Formatter<'_>, name: Tier, from: u32, to: u32, ready: u32| {
             if from == to {
                 write!(f, "{name} {to} (ready {ready})")
             } else {
@@ -190,9 +191,15 @@ impl fmt::Display for LocalStep {
             }
         };
         let o = &self.observation;
-        tier(f, "prefill", before.prefill, after.prefill, o.ready.prefill)?;
+        tier(
+            f,
+            Tier::Prefill,
+            before.prefill,
+            after.prefill,
+            o.ready.prefill,
+        )?;
         f.write_str(", ")?;
-        tier(f, "decode", before.decode, after.decode, o.ready.decode)?;
+        tier(f, Tier::Decode, before.decode, after.decode, o.ready.decode)?;
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.0}ms", s * 1e3));
         let num = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
         write!(

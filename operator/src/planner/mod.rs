@@ -8,6 +8,11 @@
 //!
 //! [`sim`] is a discrete-event simulator of a P/D cluster that drives the same decision function
 //! over load traces and scores it against the best static allocation.
+//!
+//! The vocabulary all of these share (tiers, counts per tier, observations, decisions) lives in
+//! `types`; [`runner`] runs the planner inside the operator, [`local`] over `tandem local`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 mod decide;
 pub mod local;
@@ -16,11 +21,17 @@ pub mod runner;
 pub mod sim;
 mod spec;
 mod target;
+mod types;
 
-pub use decide::{
-    decide, ConfigError, Decision, Observation, PlannerConfig, PlannerState, Refusal, Slo,
-    TierBounds, TierCounts, TierReasons,
-};
+pub use decide::{decide, ConfigError, PlannerConfig, PlannerState, Slo, TierBounds};
 pub use model::{DecodeModel, PrefillModel};
 pub use spec::planner_config;
-pub use target::{plan_step, PlanStepError, ScaleTarget, Tier, TierReplicas};
+pub use target::{plan_step, PlanStepError, ScaleTarget, TierReplicas};
+pub use types::{Decision, Observation, Refusal, Tier, TierCounts, TierReasons};
+
+/// The planner's clock: seconds since the Unix epoch (Prometheus timestamps use the same clock).
+pub fn unix_now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -26,8 +26,9 @@ use std::fmt::Write as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::decide::{Observation, PlannerConfig, PlannerState, Slo, TierCounts};
-use super::target::{plan_step, ScaleTarget, Tier, TierReplicas};
+use super::decide::{PlannerConfig, PlannerState, Slo};
+use super::target::{plan_step, ScaleTarget, TierReplicas};
+use super::types::{Observation, Tier, TierCounts};
 
 /// What the simulated hardware and requests look like.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,6 +1,7 @@
 //! From a DisaggDeployment's `spec.autoscaling` to the planner's [`PlannerConfig`].
 
-use super::decide::{ConfigError, PlannerConfig, Slo, TierBounds, TierCounts};
+use super::decide::{ConfigError, PlannerConfig, Slo, TierBounds};
+use super::types::TierCounts;
 use crate::crd::{AutoscalingSpec, ReplicaBounds};
 
 /// The configuration the planner runs a deployment with.

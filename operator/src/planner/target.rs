@@ -1,25 +1,9 @@
 //! The seam between the decision and whatever runs the replicas.
 
-use std::fmt;
 use std::future::Future;
 
-use super::decide::{decide, Decision, Observation, PlannerConfig, PlannerState, TierCounts};
-
-/// A scalable tier of a disaggregated deployment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tier {
-    Prefill,
-    Decode,
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tier::Prefill => "prefill",
-            Tier::Decode => "decode",
-        })
-    }
-}
+use super::decide::{decide, PlannerConfig, PlannerState};
+use super::types::{Decision, Observation, Tier, TierCounts};
 
 /// Replica counts of one tier as the target sees them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
