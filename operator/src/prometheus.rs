@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use prometheus_http_query::response::Data;
 use prometheus_http_query::Client;
+use tandem_api::metrics::names;
 
 use crate::planner::{Observation, TierCounts};
 
@@ -92,26 +93,32 @@ impl Queries {
             )
         };
         Queries {
-            ttft_p90: p90("tandem_frontend_time_to_first_token_seconds"),
-            itl_p90: p90("tandem_frontend_inter_token_latency_seconds"),
+            ttft_p90: p90(names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS),
+            itl_p90: p90(names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS),
             // Arrivals: the input-length histogram is observed when a request is admitted, not
             // when it is answered, so an overloaded deployment's rate does not lag its load.
             request_rate: format!(
-                "sum(rate(tandem_frontend_input_tokens_count{{{selector}}}[{window}]))"
+                "sum(rate({input}_count{{{selector}}}[{window}]))",
+                input = names::FRONTEND_INPUT_TOKENS
             ),
-            mean_input_tokens: mean("tandem_frontend_input_tokens"),
-            mean_output_tokens: mean("tandem_frontend_output_tokens"),
+            mean_input_tokens: mean(names::FRONTEND_INPUT_TOKENS),
+            mean_output_tokens: mean(names::FRONTEND_OUTPUT_TOKENS),
             prefill_queue_depth: format!(
-                "sum(tandem_worker_queue_depth{{{selector},tier=\"prefill\"}})"
+                "sum({queue}{{{selector},tier=\"prefill\"}})",
+                queue = names::WORKER_QUEUE_DEPTH
             ),
             decode_kv_utilization: format!(
-                "sum(tandem_worker_kv_blocks_used{{{selector},tier=\"decode\"}}) / sum(tandem_worker_kv_blocks_total{{{selector},tier=\"decode\"}})"
+                "sum({used}{{{selector},tier=\"decode\"}}) / sum({total}{{{selector},tier=\"decode\"}})",
+                used = names::WORKER_KV_BLOCKS_USED,
+                total = names::WORKER_KV_BLOCKS_TOTAL
             ),
             prefill_tokens_per_s: format!(
-                "sum(rate(tandem_worker_prefill_tokens_total{{{selector},tier=\"prefill\"}}[{window}]))"
+                "sum(rate({tokens}{{{selector},tier=\"prefill\"}}[{window}]))",
+                tokens = names::WORKER_PREFILL_TOKENS_TOTAL
             ),
             decode_tokens_per_s: format!(
-                "sum(rate(tandem_worker_decode_tokens_total{{{selector},tier=\"decode\"}}[{window}]))"
+                "sum(rate({tokens}{{{selector},tier=\"decode\"}}[{window}]))",
+                tokens = names::WORKER_DECODE_TOKENS_TOTAL
             ),
             newest_scrape: format!("max(timestamp(up{{{selector}}} == 1))"),
         }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use tandem_api::control::{ScaleRequest, TierStatus};
 
 use super::decide::{ConfigError, PlannerConfig, PlannerState};
 use super::target::{plan_step, PlanStepError, ScaleTarget, TierReplicas};
@@ -46,18 +46,6 @@ pub enum LocalTargetError {
         body: String,
         source: serde_json::Error,
     },
-}
-
-/// One tier as the control endpoint reports it.
-#[derive(Debug, Deserialize)]
-struct TierStatus {
-    replicas: u32,
-    ready: u32,
-}
-
-#[derive(Debug, Serialize)]
-struct ScaleRequest {
-    replicas: u32,
 }
 
 /// The tiers of a running `tandem local`, resized through its control endpoint.
@@ -137,16 +125,21 @@ impl ScaleTarget for LocalTarget {
                 body,
                 source,
             })?;
+        // The supervisor runs at most 64 workers a tier: the counts fit.
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(TierReplicas {
-            desired: tier.replicas,
-            ready: tier.ready,
+            desired: count(tier.replicas),
+            ready: count(tier.ready),
         })
     }
 
     /// The supervisor starts or stops workers at once; `ready` catches up as they load.
     async fn set_desired(&mut self, tier: Tier, replicas: u32) -> Result<(), LocalTargetError> {
         let url = self.url(tier);
-        let body = serde_json::to_string(&ScaleRequest { replicas }).expect("plain data");
+        let body = serde_json::to_string(&ScaleRequest {
+            replicas: replicas as usize,
+        })
+        .expect("plain data");
         let request = self
             .http
             .put(&url)

@@ -11,6 +11,36 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Every series' name, for the code that queries them (the operator's planner) as well as
+/// the registry below.
+pub mod names {
+    pub const FRONTEND_REQUESTS_TOTAL: &str = "tandem_frontend_requests_total";
+    pub const FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS: &str =
+        "tandem_frontend_time_to_first_token_seconds";
+    pub const FRONTEND_INTER_TOKEN_LATENCY_SECONDS: &str =
+        "tandem_frontend_inter_token_latency_seconds";
+    pub const FRONTEND_REQUEST_DURATION_SECONDS: &str = "tandem_frontend_request_duration_seconds";
+    pub const FRONTEND_INPUT_TOKENS: &str = "tandem_frontend_input_tokens";
+    pub const FRONTEND_OUTPUT_TOKENS: &str = "tandem_frontend_output_tokens";
+    pub const FRONTEND_INFLIGHT_REQUESTS: &str = "tandem_frontend_inflight_requests";
+    pub const WORKER_QUEUE_DEPTH: &str = "tandem_worker_queue_depth";
+    pub const WORKER_RUNNING_SEQUENCES: &str = "tandem_worker_running_sequences";
+    pub const WORKER_KV_BLOCKS_USED: &str = "tandem_worker_kv_blocks_used";
+    pub const WORKER_KV_BLOCKS_TOTAL: &str = "tandem_worker_kv_blocks_total";
+    pub const WORKER_PREFIX_CACHE_HITS_TOTAL: &str = "tandem_worker_prefix_cache_hits_total";
+    pub const WORKER_PREFILL_TOKENS_TOTAL: &str = "tandem_worker_prefill_tokens_total";
+    pub const WORKER_DECODE_TOKENS_TOTAL: &str = "tandem_worker_decode_tokens_total";
+    pub const WORKER_PREEMPTIONS_TOTAL: &str = "tandem_worker_preemptions_total";
+    pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem_kv_transfer_bytes_total";
+    pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
+    pub const WORKER_PREFILLS_TOTAL: &str = "tandem_worker_prefills_total";
+    pub const WORKER_REMOTE_PREFILL_TOKENS_TOTAL: &str =
+        "tandem_worker_remote_prefill_tokens_total";
+    pub const WORKER_REMOTE_PREFILL_FAILURES_TOTAL: &str =
+        "tandem_worker_remote_prefill_failures_total";
+    pub const FRONTEND_MIGRATIONS_TOTAL: &str = "tandem_frontend_migrations_total";
+}
+
 pub struct Metrics {
     pub registry: Registry,
     // Frontend (the OpenAI HTTP layer).
@@ -80,113 +110,113 @@ impl Metrics {
         };
         Self {
             requests_total: counter(
-                "tandem_frontend_requests_total",
+                names::FRONTEND_REQUESTS_TOTAL,
                 "Requests answered, by model and outcome (ok, client_error, overloaded, server_error, cancelled).",
                 &["model", "status"],
             ),
             time_to_first_token: hist(
-                "tandem_frontend_time_to_first_token_seconds",
+                names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS,
                 "Time from request arrival to the first generated token.",
                 latency_buckets(),
                 &["model"],
             ),
             inter_token_latency: hist(
-                "tandem_frontend_inter_token_latency_seconds",
+                names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
                 "Time between consecutive generated tokens of one request.",
                 latency_buckets(),
                 &["model"],
             ),
             request_duration: hist(
-                "tandem_frontend_request_duration_seconds",
+                names::FRONTEND_REQUEST_DURATION_SECONDS,
                 "Time from request arrival to its last byte.",
                 latency_buckets(),
                 &["model"],
             ),
             input_tokens: hist(
-                "tandem_frontend_input_tokens",
+                names::FRONTEND_INPUT_TOKENS,
                 "Prompt length of each request, in tokens.",
                 token_buckets(),
                 &["model"],
             ),
             output_tokens: hist(
-                "tandem_frontend_output_tokens",
+                names::FRONTEND_OUTPUT_TOKENS,
                 "Generated length of each request, in tokens.",
                 token_buckets(),
                 &["model"],
             ),
             inflight_requests: gauge(
-                "tandem_frontend_inflight_requests",
+                names::FRONTEND_INFLIGHT_REQUESTS,
                 "Requests admitted and not yet finished.",
                 &["model"],
             ),
             queue_depth: gauge(
-                "tandem_worker_queue_depth",
+                names::WORKER_QUEUE_DEPTH,
                 "Requests waiting for admission into the running batch.",
                 &["role"],
             ),
             running_sequences: gauge(
-                "tandem_worker_running_sequences",
+                names::WORKER_RUNNING_SEQUENCES,
                 "Sequences in the running batch.",
                 &["role"],
             ),
             kv_blocks_used: gauge(
-                "tandem_worker_kv_blocks_used",
+                names::WORKER_KV_BLOCKS_USED,
                 "KV cache blocks referenced by running sequences.",
                 &["role"],
             ),
             kv_blocks_total: gauge(
-                "tandem_worker_kv_blocks_total",
+                names::WORKER_KV_BLOCKS_TOTAL,
                 "KV cache blocks in the pool.",
                 &["role"],
             ),
             prefix_cache_hits: counter(
-                "tandem_worker_prefix_cache_hits_total",
+                names::WORKER_PREFIX_CACHE_HITS_TOTAL,
                 "Prompt tokens served from the prefix cache instead of computed.",
                 &["role"],
             ),
             prefill_tokens: counter(
-                "tandem_worker_prefill_tokens_total",
+                names::WORKER_PREFILL_TOKENS_TOTAL,
                 "Prompt tokens computed.",
                 &["role"],
             ),
             decode_tokens: counter(
-                "tandem_worker_decode_tokens_total",
+                names::WORKER_DECODE_TOKENS_TOTAL,
                 "Tokens generated.",
                 &["role"],
             ),
             preemptions: counter(
-                "tandem_worker_preemptions_total",
+                names::WORKER_PREEMPTIONS_TOTAL,
                 "Sequences preempted (to be recomputed) because KV blocks ran out.",
                 &["role"],
             ),
             kv_transfer_bytes: counter(
-                "tandem_kv_transfer_bytes_total",
+                names::KV_TRANSFER_BYTES_TOTAL,
                 "KV cache bytes shipped between prefill and decode, by direction (sent, received) and transport (grpc, cuda-ipc).",
                 &["role", "direction", "transport"],
             ),
             kv_transfer_seconds: hist(
-                "tandem_kv_transfer_seconds",
+                names::KV_TRANSFER_SECONDS,
                 "Duration of one prompt's KV transfer (cuda-ipc sender: the GPU copy).",
                 latency_buckets(),
                 &["role", "direction", "transport"],
             ),
             prefills: counter(
-                "tandem_worker_prefills_total",
+                names::WORKER_PREFILLS_TOTAL,
                 "Prompts a decode worker had prefilled, by location (remote: on a prefill worker; local: by its own engine).",
                 &["role", "location"],
             ),
             remote_prefill_tokens: counter(
-                "tandem_worker_remote_prefill_tokens_total",
+                names::WORKER_REMOTE_PREFILL_TOKENS_TOTAL,
                 "Prompt tokens whose KV a decode worker received from prefill workers.",
                 &["role"],
             ),
             remote_prefill_failures: counter(
-                "tandem_worker_remote_prefill_failures_total",
+                names::WORKER_REMOTE_PREFILL_FAILURES_TOTAL,
                 "Remote prefill attempts that failed or stalled (the prompt was then prefilled elsewhere).",
                 &["role"],
             ),
             migrations: counter(
-                "tandem_frontend_migrations_total",
+                names::FRONTEND_MIGRATIONS_TOTAL,
                 "Requests re-issued to another decode worker after theirs failed mid-request.",
                 &["model"],
             ),
