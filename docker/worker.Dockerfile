@@ -6,7 +6,7 @@
 #   docker build -f docker/worker.Dockerfile -t ghcr.io/tandem-dev/tandem-worker:0.1.0 .
 
 # CUDA 13: the libraries (NVRTC, cuBLAS) must match the cudarc bindings the worker is built with
-# (worker/Cargo.toml: cuda-13000); the host driver must be 580 or newer.
+# (worker/engine/Cargo.toml: cuda-13000); the host driver must be 580 or newer.
 ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 

@@ -86,7 +86,7 @@ type syntheticDeployment struct {
 	done          chan struct{}
 }
 
-// The worker's buckets (worker/src/metrics.rs), so the quantiles interpolate as they would
+// The worker's buckets (worker/api/src/metrics.rs), so the quantiles interpolate as they would
 // over real pods.
 var (
 	latencyBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,

@@ -50,3 +50,13 @@ pub fn init_tracing() {
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    /// The flags contract names the default model too (for `model fetch`'s default): both
+    /// must name the model the cache fetches.
+    #[test]
+    fn the_flags_default_model_is_the_model_crates() {
+        assert_eq!(tandem_api::args::DEFAULT_MODEL, tandem_model::DEFAULT_MODEL);
+    }
+}
