@@ -1,5 +1,5 @@
 //! The seam between the OpenAI HTTP layer and whatever generates tokens: the
-//! in-process engine (`tandem serve`) or, later, a router to decode workers
+//! in-process engine (`tandem serve`) or the router to decode workers
 //! (`tandem frontend`). The HTTP layer only knows this trait.
 
 use std::pin::Pin;

@@ -1,5 +1,5 @@
 //! What a caller hands the engine and what it gets back. These types are the
-//! contract between the HTTP layer (or, later, the gRPC decode service) and the
+//! contract between the HTTP layer or the gRPC decode and prefill services and the
 //! scheduler; they carry token ids, never text.
 
 use bytes::Bytes;
