@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::protocol::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, StreamOptions};
+use super::protocol::{ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest};
 use super::ServedModel;
 use tandem_api::types::{SamplingParams, StopParams};
 use tandem_model::ChatMessage;
@@ -118,23 +118,6 @@ pub struct ModelNames<'a> {
     pub aliases: &'a [String],
 }
 
-/// The fields chat and completions share, borrowed from either request.
-struct CommonFields<'a> {
-    max_tokens: Option<(i64, &'static str)>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    seed: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    stop: Option<&'a Value>,
-    stop_token_ids: Option<&'a [u32]>,
-    ignore_eos: Option<bool>,
-    n: Option<i64>,
-    stream: Option<bool>,
-    stream_options: Option<&'a StreamOptions>,
-}
-
 pub fn plan_chat(
     req: &ChatCompletionRequest,
     names: &ModelNames<'_>,
@@ -170,28 +153,8 @@ pub fn plan_chat(
         }
         _ => None,
     };
-    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(m), _) => Some((m, "max_completion_tokens")),
-        (None, Some(m)) => Some((m, "max_tokens")),
-        (None, None) => None,
-    };
-    let common = CommonFields {
-        max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: req.seed,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        stop: req.stop.as_ref(),
-        stop_token_ids: req.stop_token_ids.as_deref(),
-        ignore_eos: req.ignore_eos,
-        n: req.n,
-        stream: req.stream,
-        stream_options: req.stream_options.as_ref(),
-    };
     // Check the cheap fields before rendering and tokenizing the prompt.
-    let partial = check_common(&common, model)?;
+    let partial = check_common(req.common(), req.max_completion_tokens, model)?;
 
     let template = model.chat_template.as_ref().ok_or_else(|| {
         ApiError::bad_request(format!(
@@ -239,22 +202,7 @@ pub fn plan_completion(
         Some(k) => Some(check_top_logprobs(k, "logprobs")?),
         None => None,
     };
-    let common = CommonFields {
-        max_tokens: req.max_tokens.map(|m| (m, "max_tokens")),
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        seed: req.seed,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        stop: req.stop.as_ref(),
-        stop_token_ids: req.stop_token_ids.as_deref(),
-        ignore_eos: req.ignore_eos,
-        n: req.n,
-        stream: req.stream,
-        stream_options: req.stream_options.as_ref(),
-    };
-    let partial = check_common(&common, model)?;
+    let partial = check_common(req.common(), None, model)?;
     let prompt = completion_prompt(req.prompt.as_ref(), model)?;
     partial.finish(prompt, "prompt", model, default_max_tokens, logprobs)
 }
@@ -281,8 +229,15 @@ struct PartialPlan {
     include_usage: bool,
 }
 
-fn check_common(f: &CommonFields<'_>, model: &ServedModel) -> Result<PartialPlan, ApiError> {
-    if let Some(n) = f.n {
+/// Check the fields every request has and turn them into engine parameters.
+/// `max_completion_tokens` (chat only) is the newer name of `max_tokens` and
+/// wins when both are given.
+fn check_common(
+    f: CommonFields<'_>,
+    max_completion_tokens: Option<i64>,
+    model: &ServedModel,
+) -> Result<PartialPlan, ApiError> {
+    if let Some(n) = *f.n {
         if n != 1 {
             return Err(ApiError::invalid_param(
                 "n",
@@ -290,7 +245,12 @@ fn check_common(f: &CommonFields<'_>, model: &ServedModel) -> Result<PartialPlan
             ));
         }
     }
-    let requested_max_tokens = match f.max_tokens {
+    let max_tokens = match (max_completion_tokens, *f.max_tokens) {
+        (Some(m), _) => Some((m, "max_completion_tokens")),
+        (None, Some(m)) => Some((m, "max_tokens")),
+        (None, None) => None,
+    };
+    let requested_max_tokens = match max_tokens {
         Some((m, param)) if m < 1 => {
             return Err(ApiError::invalid_param(
                 param,
@@ -314,7 +274,7 @@ fn check_common(f: &CommonFields<'_>, model: &ServedModel) -> Result<PartialPlan
             format!("top_p must be in (0, 1], got {top_p}."),
         ));
     }
-    let top_k = match f.top_k {
+    let top_k = match *f.top_k {
         None | Some(0) | Some(-1) => None,
         Some(k) if k > 0 => Some(k as usize),
         Some(k) => {
@@ -324,10 +284,10 @@ fn check_common(f: &CommonFields<'_>, model: &ServedModel) -> Result<PartialPlan
             ))
         }
     };
-    let presence_penalty = check_penalty(f.presence_penalty, "presence_penalty")?;
-    let frequency_penalty = check_penalty(f.frequency_penalty, "frequency_penalty")?;
-    let stop_strings = stop_strings(f.stop)?;
-    let stop_token_ids = f.stop_token_ids.unwrap_or_default().to_vec();
+    let presence_penalty = check_penalty(*f.presence_penalty, "presence_penalty")?;
+    let frequency_penalty = check_penalty(*f.frequency_penalty, "frequency_penalty")?;
+    let stop_strings = stop_strings(f.stop.as_ref())?;
+    let stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
     let vocab = model.tokenizer.vocab_size();
     if let Some(bad) = stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::invalid_param(
@@ -344,6 +304,7 @@ fn check_common(f: &CommonFields<'_>, model: &ServedModel) -> Result<PartialPlan
     }
     let include_usage = f
         .stream_options
+        .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     Ok(PartialPlan {
@@ -643,6 +604,19 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.param.as_deref(), Some("max_tokens"));
         assert!(err.message.contains("invalid type"), "{}", err.message);
+    }
+
+    /// The shared fields are declared in each request struct, not flattened
+    /// in, so serde_path_to_error still sees their names on both endpoints.
+    #[test]
+    fn wrong_type_in_a_shared_field_names_it_on_both_endpoints() {
+        let body = br#"{"model": "m", "messages": [], "prompt": "x", "top_k": "3"}"#;
+        let chat = parse_body::<ChatCompletionRequest>(&json_headers(), body).unwrap_err();
+        let completion = parse_body::<CompletionRequest>(&json_headers(), body).unwrap_err();
+        for err in [chat, completion] {
+            assert_eq!(err.param.as_deref(), Some("top_k"));
+            assert!(err.message.contains("invalid type"), "{}", err.message);
+        }
     }
 
     #[test]

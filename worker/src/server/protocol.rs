@@ -22,58 +22,98 @@ pub struct ChatMessageIn {
     pub content: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessageIn>,
-    pub max_tokens: Option<i64>,
-    /// The newer name of `max_tokens`; wins when both are given.
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    /// Extension (vLLM-style): keep the `k` most likely tokens; 0 or -1 disables.
-    pub top_k: Option<i64>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub stop: Option<Value>,
-    /// Extension: token ids that end generation like EOS.
-    pub stop_token_ids: Option<Vec<u32>>,
-    /// Extension: keep generating past EOS until `max_tokens`.
-    pub ignore_eos: Option<bool>,
-    pub n: Option<i64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<i64>,
-    pub tools: Option<Value>,
-    pub response_format: Option<Value>,
+/// Declares the request structs with the fields they share written once.
+///
+/// The `common` block is the schema chat and completions have in common: every
+/// struct after it gets those fields appended, as if written in it, plus a
+/// `common()` method that borrows them as one [`CommonFields`] value.
+///
+/// Not a struct embedded with `#[serde(flatten)]`: serde deserializes a
+/// flattened struct from a buffered copy of the map, out of
+/// `serde_path_to_error`'s sight, so a wrong type there (`"max_tokens": "ten"`)
+/// would lose the field name that the 400 reports as its `param`.
+macro_rules! requests_with_common_fields {
+    (
+        $(#[$common_attr:meta])*
+        common $common:ident $shared:tt
+        $( $(#[$attr:meta])* pub struct $name:ident $own:tt )*
+    ) => {
+        requests_with_common_fields!(@view $(#[$common_attr])* $common $shared);
+        $( requests_with_common_fields!(@request $common $shared $(#[$attr])* $name $own); )*
+    };
+    (@view $(#[$common_attr:meta])* $common:ident {
+        $( $(#[$field_attr:meta])* pub $field:ident: $ty:ty, )*
+    }) => {
+        $(#[$common_attr])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $common<'a> {
+            $( $(#[$field_attr])* pub $field: &'a $ty, )*
+        }
+    };
+    (@request $common:ident {
+        $( $(#[$field_attr:meta])* pub $field:ident: $ty:ty, )*
+    } $(#[$attr:meta])* $name:ident { $($own:tt)* }) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($own)*
+            $( $(#[$field_attr])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// The fields every request has, borrowed.
+            pub fn common(&self) -> $common<'_> {
+                $common { $( $field: &self.$field, )* }
+            }
+        }
+    };
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    pub model: String,
-    /// A string, an array of one string, an array of token ids, or an array
-    /// holding one array of token ids.
-    pub prompt: Option<Value>,
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
-    pub stop: Option<Value>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub ignore_eos: Option<bool>,
-    pub n: Option<i64>,
-    pub best_of: Option<i64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<StreamOptions>,
-    /// Number of most likely alternatives to report per token.
-    pub logprobs: Option<i64>,
-    pub echo: Option<bool>,
-    pub suffix: Option<String>,
+requests_with_common_fields! {
+    /// The fields chat and completions share, borrowed from either request.
+    common CommonFields {
+        pub max_tokens: Option<i64>,
+        pub temperature: Option<f64>,
+        pub top_p: Option<f64>,
+        /// Extension (vLLM-style): keep the `k` most likely tokens; 0 or -1 disables.
+        pub top_k: Option<i64>,
+        pub seed: Option<i64>,
+        pub presence_penalty: Option<f64>,
+        pub frequency_penalty: Option<f64>,
+        /// A string, an array of strings, or null.
+        pub stop: Option<Value>,
+        /// Extension: token ids that end generation like EOS.
+        pub stop_token_ids: Option<Vec<u32>>,
+        /// Extension: keep generating past EOS until `max_tokens`.
+        pub ignore_eos: Option<bool>,
+        pub n: Option<i64>,
+        pub stream: Option<bool>,
+        pub stream_options: Option<StreamOptions>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct ChatCompletionRequest {
+        pub model: String,
+        pub messages: Vec<ChatMessageIn>,
+        /// The newer name of `max_tokens`; wins when both are given.
+        pub max_completion_tokens: Option<i64>,
+        pub logprobs: Option<bool>,
+        pub top_logprobs: Option<i64>,
+        pub tools: Option<Value>,
+        pub response_format: Option<Value>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct CompletionRequest {
+        pub model: String,
+        /// A string, an array of one string, an array of token ids, or an array
+        /// holding one array of token ids.
+        pub prompt: Option<Value>,
+        pub best_of: Option<i64>,
+        /// Number of most likely alternatives to report per token.
+        pub logprobs: Option<i64>,
+        pub echo: Option<bool>,
+        pub suffix: Option<String>,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
