@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-use tandem_engine::backend::cuda::{bench, check, tp_check, CudaBackend};
+use tandem_engine::backend::cuda::CudaBackend;
+use tandem_engine::backend::cuda_harness::{bench, check, tp_check};
 use tandem_engine::backend::{DeviceSampling, DeviceSpec};
 
 #[derive(Debug, Subcommand)]

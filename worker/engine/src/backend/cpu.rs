@@ -17,8 +17,8 @@
 use rayon::prelude::*;
 
 use super::{
-    check_blocks_in_pool, check_kv_layer, check_weights, BackendError, ComputeBackend, KvLayerSink,
-    SeqInput,
+    check_blocks_in_pool, check_kv_geometry, check_kv_layer, check_token, check_weights,
+    BackendError, ComputeBackend, KvLayerSink, SeqInput,
 };
 use tandem_api::types::{KvDtype, KvExport};
 use tandem_model::{ModelConfig, Tensor, Weights};
@@ -1085,11 +1085,7 @@ impl ComputeBackend for CpuBackend {
     }
 
     fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
-        if block_size == 0 || num_blocks == 0 {
-            return Err(BackendError::KvGeometry(format!(
-                "block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
-            )));
-        }
+        check_kv_geometry(block_size, num_blocks)?;
         let per_layer = num_blocks * block_size * self.cfg.num_kv_heads * self.cfg.head_dim;
         let layers = self.cfg.num_layers;
         self.kv = Some(KvPool {
@@ -1129,12 +1125,7 @@ impl ComputeBackend for CpuBackend {
         s.slots.clear();
         for seq in batch {
             for (i, &tok) in seq.tokens.iter().enumerate() {
-                if tok as usize >= cfg.vocab_size {
-                    return Err(BackendError::TokenOutOfRange {
-                        token: tok,
-                        vocab: cfg.vocab_size,
-                    });
-                }
+                check_token(cfg, tok)?;
                 let pos = seq.start_pos + i;
                 s.positions.push(pos);
                 s.slots.push(CpuBackend::slot(pool, seq.block_table, pos)?);

@@ -1,9 +1,12 @@
 //! Compute backends: the part of the engine that owns device memory (weights and
 //! the paged KV pool) and runs forward steps. The scheduler and block manager
-//! above are backend-agnostic; a CUDA backend implements the same trait.
+//! above are backend-agnostic; the CPU ([`cpu`]) and CUDA ([`cuda`], with
+//! [`cuda::tp`] for tensor parallelism) backends implement the same trait,
+//! and [`cuda_harness`] checks and times the CUDA one on a GPU.
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_harness;
 pub mod sampling;
 
 use tandem_api::types::{KvExport, KvLayerChunk, KvPieces};
@@ -132,6 +135,16 @@ pub(crate) fn check_kv_layer(
     Ok(w)
 }
 
+/// Checks the geometry of a KV pool `init_kv_cache` is asked for.
+pub(crate) fn check_kv_geometry(block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
+    if block_size == 0 || num_blocks == 0 {
+        return Err(BackendError::KvGeometry(format!(
+            "block_size ({block_size}) and num_blocks ({num_blocks}) must be positive"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that every block id is inside a pool of `num_blocks` blocks.
 pub(crate) fn check_blocks_in_pool(blocks: &[u32], num_blocks: usize) -> Result<(), BackendError> {
     match blocks.iter().find(|&&b| b as usize >= num_blocks) {
@@ -140,15 +153,32 @@ pub(crate) fn check_blocks_in_pool(blocks: &[u32], num_blocks: usize) -> Result<
     }
 }
 
+/// Checks that `token` is inside the model's vocabulary.
+pub(crate) fn check_token(cfg: &ModelConfig, token: u32) -> Result<(), BackendError> {
+    if token as usize >= cfg.vocab_size {
+        return Err(BackendError::TokenOutOfRange {
+            token,
+            vocab: cfg.vocab_size,
+        });
+    }
+    Ok(())
+}
+
+/// Rows of logits a step of `batch` produces: one per sequence wanting
+/// logits that computes a token.
+pub(crate) fn logit_rows(batch: &[SeqInput<'_>]) -> usize {
+    batch
+        .iter()
+        .filter(|s| s.need_logits && !s.tokens.is_empty())
+        .count()
+}
+
 /// Checks that there is one sampling rule per sequence wanting logits.
 pub(crate) fn check_sampling_rows(
     batch: &[SeqInput<'_>],
     sampling: &[DeviceSampling],
 ) -> Result<(), BackendError> {
-    let rows = batch
-        .iter()
-        .filter(|s| s.need_logits && !s.tokens.is_empty())
-        .count();
+    let rows = logit_rows(batch);
     if rows != sampling.len() {
         return Err(BackendError::SamplingRows {
             sampling: sampling.len(),

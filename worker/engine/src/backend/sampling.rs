@@ -10,7 +10,7 @@
 //! CPU sampler keeps the lowest ids), and probability mass is counted in
 //! 32.32 fixed point (`exp(x - max) * 2^32`, integer sums, exact in any
 //! order). [`sample_row`] is the host version; `sample_rows` in
-//! `kernels/llama.cu` the device one.
+//! `kernels/sample.cu` the device one.
 
 /// How one sequence's next token is picked, with the draw's uniform number.
 #[derive(Debug, Clone, Copy, PartialEq)]

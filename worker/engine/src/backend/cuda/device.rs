@@ -1,68 +1,30 @@
-//! The device side of the CUDA backend: context and stream, the NVRTC-compiled
-//! kernels (compiled once per process and architecture), raw device and pinned
-//! host buffers, and the cuBLAS GEMM the model's projections run on.
+//! The device side of the CUDA backend: context and stream, the kernels
+//! loaded from the NVRTC-compiled program ([`super::kernels`]), typed device
+//! addresses, raw device and pinned host buffers, the raw kernel launches
+//! (typed per kernel in [`super::launch`]) and the cuBLAS GEMM the model's
+//! projections run on.
 //!
 //! Buffers are raw device pointers owned by RAII wrappers rather than
 //! `cudarc::CudaSlice`s: the forward pass addresses sub-ranges of a few large
 //! allocations (layer `l` of the KV pool, row `t` of a workspace), and the
 //! pointers must stay fixed for CUDA graph replay.
 
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::marker::PhantomData;
+use std::sync::Arc;
 
 use cudarc::cublas::sys as cublas_sys;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{result as drv, sys as drv_sys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig};
+use cudarc::nvrtc::Ptx;
 
+pub(super) use half::bf16;
+
+use super::kernels::{compiled_ptx, Kernels};
+use super::tuning::{CudaTuning, KernelTuning};
 use super::CudaError;
-
-/// The kernels' CUDA C source, compiled by NVRTC at start.
-const KERNEL_SOURCE: &str = include_str!("../../../kernels/llama.cu");
-
-/// Every kernel of `llama.cu`, loaded once per backend.
-pub(super) struct Kernels {
-    pub fill_uniform_bf16: CudaFunction,
-    pub fill_f32: CudaFunction,
-    pub embed_gather: CudaFunction,
-    pub rms_norm: CudaFunction,
-    pub rope_table: CudaFunction,
-    pub rope_kv_write: CudaFunction,
-    pub silu_mul: CudaFunction,
-    pub silu_mul_f32: CudaFunction,
-    /// The older decode attention, indexed by head_dim / 32 - 1; compiled
-    /// only for the head dims `decode_attention_v2` does not cover.
-    pub decode_attention: Vec<Option<CudaFunction>>,
-    /// The context-independent decode attention, indexed by
-    /// [`decode_v2_index`].
-    pub decode_attention_v2: Vec<CudaFunction>,
-    pub prefill_attention: CudaFunction,
-    pub prefill_attention_tc64: CudaFunction,
-    pub prefill_attention_tc128: CudaFunction,
-    /// The Hopper (wgmma) prefill attention for head dims 64 and 128, in
-    /// that order; compiled only for `sm_90a`.
-    pub prefill_attention_wg: Option<[CudaFunction; 2]>,
-    /// Fused small-batch projections, indexed by [`gemv_index`] of the
-    /// step's token count (1, 2 or 4).
-    pub gemv_qkv: Vec<CudaFunction>,
-    pub gemv_silu: Vec<CudaFunction>,
-    pub gemv_out: Vec<CudaFunction>,
-    pub sample_rows: CudaFunction,
-    pub kv_gather: CudaFunction,
-    pub kv_scatter: CudaFunction,
-}
-
-/// Token counts the fused small-batch projections are compiled for
-/// (`GEMV_KERNELS(M)` in llama.cu).
-pub(super) const GEMV_TOKENS: [usize; 3] = [1, 2, 4];
-
-/// Index into the `gemv_*` kernels for a step of `tokens` tokens, if one fits.
-pub(super) fn gemv_index(tokens: usize) -> Option<usize> {
-    GEMV_TOKENS.iter().position(|&m| m == tokens)
-}
 
 /// Checks that the libraries the backend loads at run time are present, so a
 /// machine without them gets an error naming what is missing (cudarc would
@@ -91,20 +53,6 @@ pub(super) fn check_libraries() -> Result<(), CudaError> {
     Ok(())
 }
 
-/// The directory holding `cuda_bf16.h`: `$TANDEM_CUDA_INCLUDE`, else
-/// `$CUDA_HOME/include`, `$CUDA_PATH/include`, else `/usr/local/cuda/include`.
-pub(super) fn cuda_include_dir() -> String {
-    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
-        return dir;
-    }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(home) = std::env::var(var) {
-            return format!("{home}/include");
-        }
-    }
-    "/usr/local/cuda/include".to_string()
-}
-
 /// NVRTC's architecture flag for a compute capability.
 fn arch_flag(major: i32, minor: i32) -> Result<&'static str, CudaError> {
     Ok(match (major, minor) {
@@ -125,56 +73,66 @@ fn arch_flag(major: i32, minor: i32) -> Result<&'static str, CudaError> {
     })
 }
 
-/// `-D` options for the kernels' tunable constants from
-/// `$TANDEM_CUDA_DEFINES` (whitespace-separated `NAME=VALUE`, e.g.
-/// `GEMV_UNROLL=8`): for measuring variants of the kernels on a GPU machine
-/// without rebuilding. Empty when unset.
-fn kernel_defines() -> Vec<String> {
-    std::env::var("TANDEM_CUDA_DEFINES")
-        .map(|v| v.split_whitespace().map(|d| format!("-D{d}")).collect())
-        .unwrap_or_default()
+/// The device address of elements of `T` (`bf16`, `f32`, `i32`, `[f32; 2]`
+/// for a `float2`): what a kernel parameter `T*` receives, typed so that a
+/// launch cannot be handed the wrong buffer's kind. It carries no length and
+/// no ownership: the launch wrappers trust that it addresses live memory of
+/// the extent the kernel indexes, which holds for every `Dev` made from this
+/// module's buffers with the offsets the forward pass computes.
+#[repr(transparent)]
+pub(super) struct Dev<T> {
+    addr: u64,
+    elem: PhantomData<fn() -> T>,
 }
 
-/// PTX per architecture, compiled once per process.
-fn compiled_ptx(arch: &'static str) -> Result<String, CudaError> {
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(ptx) = cache.get(arch) {
-        return Ok(ptx.clone());
+impl<T> Clone for Dev<T> {
+    fn clone(&self) -> Self {
+        *self
     }
-    let started = std::time::Instant::now();
-    let opts = CompileOptions {
-        arch: Some(arch),
-        include_paths: vec![cuda_include_dir()],
-        options: std::iter::once("--std=c++17".to_string())
-            .chain(kernel_defines())
-            .collect(),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)
-        .map_err(|e| CudaError::Compile(format!("{e:?} (include path {})", cuda_include_dir())))?
-        .to_src();
-    tracing::info!(
-        arch,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "compiled CUDA kernels"
-    );
-    cache.insert(arch, ptx.clone());
-    Ok(ptx)
 }
 
-/// A device allocation, freed on drop.
-pub(super) struct DeviceBuffer {
+impl<T> Copy for Dev<T> {}
+
+impl<T> Dev<T> {
+    /// The null pointer (an absent optional argument: no bias, no gather).
+    pub const NULL: Self = Self::at(0);
+
+    /// Elements of `T` at device address `addr`.
+    pub const fn at(addr: u64) -> Self {
+        Self {
+            addr,
+            elem: PhantomData,
+        }
+    }
+
+    pub fn addr(self) -> u64 {
+        self.addr
+    }
+
+    /// `elems` elements further on.
+    pub fn offset(self, elems: usize) -> Self {
+        Self::at(self.addr + (elems * std::mem::size_of::<T>()) as u64)
+    }
+
+    /// `opt`'s address, or null.
+    pub fn or_null(opt: Option<Self>) -> Self {
+        opt.unwrap_or(Self::NULL)
+    }
+}
+
+/// A device allocation of elements of `T` (`u8`: untyped bytes), freed on
+/// drop.
+pub(super) struct DeviceBuffer<T = u8> {
     ptr: CUdeviceptr,
     bytes: usize,
+    elem: PhantomData<fn() -> T>,
 }
 
 // SAFETY: a device pointer is an address in the context's memory, usable from
 // any thread that binds the context (the backend binds it on every call).
-unsafe impl Send for DeviceBuffer {}
+unsafe impl<T> Send for DeviceBuffer<T> {}
 
-impl DeviceBuffer {
+impl<T> DeviceBuffer<T> {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
@@ -182,9 +140,25 @@ impl DeviceBuffer {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// The buffer's first element, as a kernel argument.
+    pub fn dev(&self) -> Dev<T> {
+        Dev::at(self.ptr)
+    }
+
+    /// The same allocation holding elements of `U` (e.g. bf16 uploaded as
+    /// their `u16` bits).
+    pub fn cast<U>(self) -> DeviceBuffer<U> {
+        let this = std::mem::ManuallyDrop::new(self);
+        DeviceBuffer {
+            ptr: this.ptr,
+            bytes: this.bytes,
+            elem: PhantomData,
+        }
+    }
 }
 
-impl Drop for DeviceBuffer {
+impl<T> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         if self.ptr != 0 {
             // SAFETY: allocated by malloc_sync and freed once; the backend
@@ -196,25 +170,23 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// A TMA tensor map, passed to a kernel by value (`TmaMap` in llama.cu).
+/// A TMA tensor map, passed to a kernel by value (`TmaMap` in
+/// prefill_attention_wg.cu).
 #[repr(transparent)]
 #[derive(Clone, Copy)]
 pub(super) struct TmaMap(drv_sys::CUtensorMap);
 
-// SAFETY: a plain 128-byte, 128-aligned struct, which the kernels take as a
-// `__grid_constant__` parameter of the same size.
-unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
-
-/// Rows a TMA box of the KV pool takes for `block_size`: one page, or 64
-/// keys of one; `None` where tiles of 64 keys don't fall on whole boxes or a
-/// box isn't a whole number of 8-row swizzle atoms.
-pub(super) fn kv_box_rows(block_size: usize) -> Option<u32> {
-    let whole = if block_size <= 64 {
-        block_size > 0 && 64 % block_size == 0
+/// Rows a TMA box of the KV pool takes for `block_size`: one page, or
+/// `tile_keys` keys of one (a tile of the wgmma prefill attention, `WG_K`);
+/// `None` where tiles don't fall on whole boxes or a box isn't a whole number
+/// of 8-row swizzle atoms.
+pub(super) fn kv_box_rows(block_size: usize, tile_keys: usize) -> Option<u32> {
+    let whole = if block_size <= tile_keys {
+        block_size > 0 && tile_keys.is_multiple_of(block_size)
     } else {
-        block_size.is_multiple_of(64)
+        block_size.is_multiple_of(tile_keys)
     };
-    let rows = block_size.min(64);
+    let rows = block_size.min(tile_keys);
     (whole && rows.is_multiple_of(8)).then_some(rows as u32)
 }
 
@@ -306,6 +278,32 @@ impl Dtype {
     }
 }
 
+/// A GEMM operand or result: a row-major matrix at a device address, of
+/// either element type.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Matrix {
+    pub addr: u64,
+    pub dtype: Dtype,
+}
+
+impl From<Dev<bf16>> for Matrix {
+    fn from(d: Dev<bf16>) -> Self {
+        Self {
+            addr: d.addr(),
+            dtype: Dtype::Bf16,
+        }
+    }
+}
+
+impl From<Dev<f32>> for Matrix {
+    fn from(d: Dev<f32>) -> Self {
+        Self {
+            addr: d.addr(),
+            dtype: Dtype::F32,
+        }
+    }
+}
+
 /// One GPU: context, the stream everything runs on, cuBLAS and the kernels.
 /// Fields drop in order: the workspace and handles before the context.
 pub(super) struct Gpu {
@@ -313,6 +311,8 @@ pub(super) struct Gpu {
     _blas_workspace: DeviceBuffer,
     pub blas: CudaBlas,
     pub kernels: Kernels,
+    /// The constants the kernels were compiled with.
+    pub tuning: KernelTuning,
     pub name: String,
     pub arch: &'static str,
     pub num_sms: u32,
@@ -325,21 +325,6 @@ pub(super) struct Gpu {
 // SAFETY: the backend is used from one thread at a time (the engine thread);
 // every entry point binds the context to the calling thread first.
 unsafe impl Send for Gpu {}
-
-/// Head dims and GQA group bounds the `decode_attention_v2_{hd}_{g}` kernels
-/// are compiled for (llama.cu: 16-byte loads of 8 elements, HD / 8 lanes per
-/// position, which must divide a warp).
-pub(super) const DECODE_V2_HEAD_DIMS: [usize; 3] = [32, 64, 128];
-pub(super) const DECODE_V2_GROUPS: [usize; 4] = [1, 2, 4, 8];
-
-/// Index into [`Kernels::decode_attention_v2`] of the kernel for `head_dim`
-/// and a GQA group of `group` query heads (the smallest compiled bound that
-/// holds it), or `None` where none is compiled.
-pub(super) fn decode_v2_index(head_dim: usize, group: usize) -> Option<usize> {
-    let h = DECODE_V2_HEAD_DIMS.iter().position(|&d| d == head_dim)?;
-    let g = DECODE_V2_GROUPS.iter().position(|&g| g >= group)?;
-    Some(h * DECODE_V2_GROUPS.len() + g)
-}
 
 /// Largest dynamic shared memory the attention kernels may ask for (Hopper
 /// and Ampere A100 give a block up to 227 and 163 KiB).
@@ -367,7 +352,9 @@ pub(crate) fn check_gpus(first: usize, size: usize) -> Result<(), CudaError> {
 }
 
 impl Gpu {
-    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+    /// Opens `cuda:ordinal` and loads the kernels, compiled with `tuning`'s
+    /// constants and include path.
+    pub fn open(ordinal: usize, tuning: &CudaTuning) -> Result<Self, CudaError> {
         check_gpus(ordinal, 1)?;
         let ctx = CudaContext::new(ordinal)?;
         // The backend synchronises its single stream itself.
@@ -384,73 +371,9 @@ impl Gpu {
         let smem_per_sm = ctx.attribute(
             drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
         )? as u32;
-        let module = ctx.load_module(Ptx::from_src(compiled_ptx(arch)?))?;
-        let f = |name: &str| module.load_function(name);
-        let kernels = Kernels {
-            fill_uniform_bf16: f("fill_uniform_bf16")?,
-            fill_f32: f("fill_f32")?,
-            embed_gather: f("embed_gather")?,
-            rms_norm: f("rms_norm")?,
-            rope_table: f("rope_table")?,
-            rope_kv_write: f("rope_kv_write")?,
-            silu_mul: f("silu_mul")?,
-            silu_mul_f32: f("silu_mul_f32")?,
-            decode_attention: (1..=8)
-                .map(|pl| {
-                    let covered = DECODE_V2_HEAD_DIMS.contains(&(32 * pl));
-                    (!covered)
-                        .then(|| f(&format!("decode_attention_{pl}")))
-                        .transpose()
-                })
-                .collect::<Result<_, _>>()?,
-            decode_attention_v2: DECODE_V2_HEAD_DIMS
-                .iter()
-                .flat_map(|hd| {
-                    DECODE_V2_GROUPS
-                        .iter()
-                        .map(move |g| format!("decode_attention_v2_{hd}_{g}"))
-                })
-                .map(|name| f(&name))
-                .collect::<Result<_, _>>()?,
-            prefill_attention: f("prefill_attention")?,
-            prefill_attention_tc64: f("prefill_attention_tc64")?,
-            prefill_attention_tc128: f("prefill_attention_tc128")?,
-            prefill_attention_wg: if arch == "sm_90a" {
-                Some([f("prefill_attention_wg64")?, f("prefill_attention_wg128")?])
-            } else {
-                None
-            },
-            gemv_qkv: GEMV_TOKENS
-                .iter()
-                .map(|m| f(&format!("gemv_qkv_{m}")))
-                .collect::<Result<_, _>>()?,
-            gemv_silu: GEMV_TOKENS
-                .iter()
-                .map(|m| f(&format!("gemv_silu_{m}")))
-                .collect::<Result<_, _>>()?,
-            gemv_out: GEMV_TOKENS
-                .iter()
-                .map(|m| f(&format!("gemv_out_{m}")))
-                .collect::<Result<_, _>>()?,
-            sample_rows: f("sample_rows")?,
-            kv_gather: f("kv_gather")?,
-            kv_scatter: f("kv_scatter")?,
-        };
-        for k in kernels
-            .decode_attention
-            .iter()
-            .flatten()
-            .chain(&kernels.decode_attention_v2)
-            .chain([
-                &kernels.prefill_attention,
-                &kernels.prefill_attention_tc64,
-                &kernels.prefill_attention_tc128,
-            ])
-            .chain(kernels.prefill_attention_wg.iter().flatten())
-            .chain(&kernels.gemv_qkv)
-            .chain(&kernels.gemv_silu)
-            .chain(&kernels.gemv_out)
-        {
+        let module = ctx.load_module(Ptx::from_src(compiled_ptx(arch, tuning)?))?;
+        let kernels = Kernels::load(&module, arch)?;
+        for k in kernels.large_smem() {
             k.set_attribute(
                 drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 MAX_ATTENTION_SMEM as i32,
@@ -473,6 +396,7 @@ impl Gpu {
             _blas_workspace: workspace,
             blas,
             kernels,
+            tuning: tuning.kernels.clone(),
             name,
             arch,
             num_sms,
@@ -509,9 +433,9 @@ impl Gpu {
         Ok(self.ctx.mem_get_info()?)
     }
 
-    /// `count` elements of `T` copied to the device (synchronously).
-    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer, CudaError> {
-        let buf = alloc(std::mem::size_of_val(data).max(1))?;
+    /// `data` copied to the device (synchronously).
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DeviceBuffer<T>, CudaError> {
+        let buf = alloc(std::mem::size_of_val(data).max(1))?.cast();
         self.copy_to(&buf, 0, data)?;
         self.synchronize()?;
         Ok(buf)
@@ -520,9 +444,9 @@ impl Gpu {
     /// Asynchronous host-to-device copy of `data` to `buf` at byte `offset`.
     /// The host memory must stay unchanged until the stream passes the copy
     /// (pinned memory), or the call is followed by a synchronisation.
-    pub fn copy_to<T: bytemuck::Pod>(
+    pub fn copy_to<T: bytemuck::Pod, U>(
         &self,
-        buf: &DeviceBuffer,
+        buf: &DeviceBuffer<U>,
         offset: usize,
         data: &[T],
     ) -> Result<(), CudaError> {
@@ -535,13 +459,13 @@ impl Gpu {
         Ok(())
     }
 
-    /// Asynchronous device-to-host copy from device address `src`.
-    pub fn copy_from<T: bytemuck::Pod>(&self, src: u64, out: &mut [T]) -> Result<(), CudaError> {
+    /// Asynchronous device-to-host copy of `out.len()` elements at `src`.
+    pub fn copy_from<T: bytemuck::Pod>(&self, src: Dev<T>, out: &mut [T]) -> Result<(), CudaError> {
         if out.is_empty() {
             return Ok(());
         }
         // SAFETY: callers pass addresses inside live buffers of at least `out` bytes.
-        unsafe { drv::memcpy_dtoh_async(out, src, self.cu_stream())? };
+        unsafe { drv::memcpy_dtoh_async(out, src.addr(), self.cu_stream())? };
         Ok(())
     }
 
@@ -551,25 +475,20 @@ impl Gpu {
         Ok(())
     }
 
-    pub fn zero(&self, buf: &DeviceBuffer) -> Result<(), CudaError> {
+    pub fn zero<T>(&self, buf: &DeviceBuffer<T>) -> Result<(), CudaError> {
         // SAFETY: the whole buffer.
         unsafe { drv::memset_d8_async(buf.ptr, 0, buf.bytes, self.cu_stream())? };
         Ok(())
     }
 
-    /// Row-major `C[m, n] = alpha * A[m, k] · B[n, k]^T + beta * C`: activations
-    /// times a weight matrix in HF `[out, in]` layout, accumulated in f32.
-    #[allow(clippy::too_many_arguments)]
+    /// Row-major `C[m, n] = A[m, k] · B[n, k]^T + beta * C`: activations
+    /// times a weight matrix `b` in HF `[out, in]` layout, accumulated in f32.
     pub fn gemm(
         &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        a_type: Dtype,
-        b: u64,
-        c: u64,
-        c_type: Dtype,
+        (m, n, k): (usize, usize, usize),
+        a: Matrix,
+        b: Dev<bf16>,
+        c: Matrix,
         beta: f32,
     ) -> Result<(), CudaError> {
         if m == 0 {
@@ -588,15 +507,15 @@ impl Gpu {
                 m as i32,
                 k as i32,
                 &alpha as *const f32 as *const c_void,
-                b as *const c_void,
+                b.addr() as *const c_void,
                 Dtype::Bf16.cuda(),
                 k as i32,
-                a as *const c_void,
-                a_type.cuda(),
+                a.addr as *const c_void,
+                a.dtype.cuda(),
                 k as i32,
                 &beta as *const f32 as *const c_void,
-                c as *mut c_void,
-                c_type.cuda(),
+                c.addr as *mut c_void,
+                c.dtype.cuda(),
                 n as i32,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -606,10 +525,37 @@ impl Gpu {
     }
 
     /// Launches `func` over `cfg` with `args` (a pointer to each argument's
-    /// value, in the kernel's order). With `early`, as a programmatic
-    /// dependent launch: the kernel may start while the previous kernel of
-    /// the stream still runs, and must wait for it (`pdl_wait` in llama.cu)
-    /// before reading anything it wrote.
+    /// value, in the kernel's order), as cudarc's launch builder does
+    /// (`cuLaunchKernel`).
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch_ex`].
+    pub unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller's contract.
+        unsafe {
+            drv::launch_kernel(
+                func.cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                self.cu_stream(),
+                args,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Launches `func` over `cfg` with `args` like [`Gpu::launch`], through
+    /// `cuLaunchKernelEx`. With `early`, as a programmatic dependent launch:
+    /// the kernel may start while the previous kernel of the stream still
+    /// runs, and must wait for it (`pdl_wait` in common.cuh) before reading
+    /// anything it wrote.
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number, order and size,
@@ -656,34 +602,6 @@ impl Gpu {
         }
         Ok(())
     }
-
-    /// Fills `n` bf16 at `ptr` with uniform values in `[-scale, scale]`.
-    pub fn fill_uniform(&self, ptr: u64, n: usize, seed: u64, scale: f32) -> Result<(), CudaError> {
-        let n = n as u64;
-        let mut b = self.stream.launch_builder(&self.kernels.fill_uniform_bf16);
-        b.arg(&ptr).arg(&n).arg(&seed).arg(&scale);
-        // SAFETY: the kernel writes n bf16 at ptr, which the caller allocated.
-        unsafe { b.launch(grid_stride(self.num_sms))? };
-        Ok(())
-    }
-
-    pub fn fill_f32(&self, ptr: u64, n: usize, value: f32) -> Result<(), CudaError> {
-        let n = n as u64;
-        let mut b = self.stream.launch_builder(&self.kernels.fill_f32);
-        b.arg(&ptr).arg(&n).arg(&value);
-        // SAFETY: as above, n f32.
-        unsafe { b.launch(grid_stride(self.num_sms))? };
-        Ok(())
-    }
-}
-
-/// A grid-stride launch covering the whole device.
-pub(super) fn grid_stride(num_sms: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (num_sms * 8, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// Allocates `bytes` of device memory (contents undefined).
@@ -691,7 +609,16 @@ pub(super) fn alloc(bytes: usize) -> Result<DeviceBuffer, CudaError> {
     // SAFETY: plain allocation of at least one byte.
     let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }
         .map_err(|e| CudaError::OutOfMemory(format!("allocating {} MiB: {e}", bytes >> 20)))?;
-    Ok(DeviceBuffer { ptr, bytes })
+    Ok(DeviceBuffer {
+        ptr,
+        bytes,
+        elem: PhantomData,
+    })
+}
+
+/// Allocates `len` elements of `T` (contents undefined).
+pub(super) fn alloc_array<T>(len: usize) -> Result<DeviceBuffer<T>, CudaError> {
+    Ok(alloc(len * std::mem::size_of::<T>())?.cast())
 }
 
 /// Allocates `bytes` of page-locked host memory.
@@ -702,78 +629,4 @@ pub(super) fn alloc_pinned(bytes: usize) -> Result<PinnedBuffer, CudaError> {
         ptr: ptr as *mut u8,
         bytes,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The kernels compile for Hopper and Ampere wherever NVRTC is installed
-    /// (compiling needs no GPU). `make test` installs NVRTC and the CUDA
-    /// headers from PyPI and sets `TANDEM_REQUIRE_NVRTC`, so there a missing
-    /// library fails the test; elsewhere it is skipped with a message.
-    #[test]
-    fn kernels_compile_with_nvrtc() {
-        // SAFETY: only tries to dlopen the library.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            assert!(
-                std::env::var_os("TANDEM_REQUIRE_NVRTC").is_none(),
-                "TANDEM_REQUIRE_NVRTC is set but no libnvrtc.so.13 is on LD_LIBRARY_PATH"
-            );
-            eprintln!("skipping: no NVRTC library (libnvrtc.so) on this machine");
-            return;
-        }
-        for arch in ["sm_90a", "sm_90", "sm_80"] {
-            let ptx = compiled_ptx(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
-            // wgmma exists only on the architecture-specific Hopper target.
-            for name in ["prefill_attention_wg64", "prefill_attention_wg128"] {
-                assert_eq!(ptx.contains(name), arch == "sm_90a", "{arch}: {name}");
-            }
-            for name in [
-                "decode_attention_3",
-                "decode_attention_8",
-                "decode_attention_v2_64_4",
-                "decode_attention_v2_128_8",
-                "prefill_attention",
-                "rope_table",
-                "rope_kv_write",
-                "silu_mul",
-                "silu_mul_f32",
-                "gemv_qkv_4",
-                "gemv_out_1",
-                "sample_rows",
-            ] {
-                assert!(ptx.contains(name), "{arch} PTX lacks {name}");
-            }
-        }
-        assemble_with_ptxas();
-    }
-
-    /// NVRTC passes inline PTX (wgmma, cp.async, ldmatrix) through unchecked;
-    /// ptxas, which the driver runs at load time, is what rejects a mistake.
-    /// With `$TANDEM_PTXAS` (set by `make test`) the sm_90a PTX is assembled
-    /// here too, so such a mistake fails CI instead of a GPU machine.
-    fn assemble_with_ptxas() {
-        let Some(ptxas) = std::env::var_os("TANDEM_PTXAS") else {
-            eprintln!("skipping ptxas: TANDEM_PTXAS is not set");
-            return;
-        };
-        let dir = std::env::temp_dir().join(format!("tandem-ptxas-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ptx_path = dir.join("llama.ptx");
-        std::fs::write(&ptx_path, compiled_ptx("sm_90a").unwrap()).unwrap();
-        let out = std::process::Command::new(&ptxas)
-            .args(["-arch=sm_90a", "-v", "-o"])
-            .arg(dir.join("llama.cubin"))
-            .arg(&ptx_path)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.to_string_lossy()));
-        let log = String::from_utf8_lossy(&out.stderr);
-        std::fs::remove_dir_all(&dir).ok();
-        assert!(
-            out.status.success(),
-            "ptxas rejected the sm_90a PTX:\n{log}"
-        );
-        assert!(log.contains("prefill_attention_wg128"), "{log}");
-    }
 }

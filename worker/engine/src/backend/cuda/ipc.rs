@@ -2,12 +2,12 @@
 //!
 //! A decode worker exports its KV pool as a CUDA IPC memory handle plus the
 //! pool's geometry ([`KvPoolExport`]). A prefill worker on the same node
-//! opens that handle once per peer ([`PeerWriter`], cached; peer access
+//! opens that handle once per peer (`PeerWriter`, cached; peer access
 //! between two GPUs is enabled by the open) and, when a prompt is computed,
 //! copies its blocks straight into the blocks the decode worker reserved,
 //! with one kernel on its own stream that reads its pool and writes the
 //! peer's (over NVLink between GPUs). The copy has finished when
-//! [`PeerWriter::write`] returns: the caller signals completion only after.
+//! `PeerWriter::write` returns: the caller signals completion only after.
 //!
 //! The pool is one `cuMemAlloc` allocation (IPC needs that; stream-ordered
 //! pool allocations cannot be exported this way).
@@ -15,10 +15,11 @@
 use std::collections::HashMap;
 
 use cudarc::driver::sys as drv_sys;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaFunction;
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use super::device::{alloc, Gpu};
+use super::device::{alloc, Dev, Gpu};
+use super::launch::PeerCopy;
 use super::CudaError;
 
 /// Bytes of a `CUipcMemHandle`.
@@ -257,25 +258,8 @@ pub fn check_copy(
     Ok(blocks)
 }
 
-/// One thread block per (prompt block, plane): 16-byte loads from this
-/// pool, 16-byte stores into the peer's (mapped) pool.
-const COPY_KERNEL: &str = r#"
-extern "C" __global__ void kv_copy_blocks(
-    const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
-    const unsigned int* __restrict__ src_blocks, const unsigned int* __restrict__ dst_blocks,
-    unsigned long long src_plane, unsigned long long dst_plane, unsigned long long block_bytes)
-{
-    const unsigned long long p = blockIdx.y;
-    const uint4* s = reinterpret_cast<const uint4*>(
-        src + p * src_plane + (unsigned long long)src_blocks[blockIdx.x] * block_bytes);
-    uint4* d = reinterpret_cast<uint4*>(
-        dst + p * dst_plane + (unsigned long long)dst_blocks[blockIdx.x] * block_bytes);
-    const unsigned long long n = block_bytes / 16;
-    for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) {
-        d[i] = s[i];
-    }
-}
-"#;
+/// The copy kernel's source, compiled on first use of cuda-ipc.
+const COPY_KERNEL: &str = include_str!("../../../kernels/peer_copy.cu");
 
 /// The IPC handle and identity of a pool allocated at `base` on `gpu`.
 pub(super) fn export_pool(
@@ -438,27 +422,23 @@ impl PeerWriter {
             target.pool.layout.plane_stride_bytes as u64,
             local.block_bytes as u64,
         );
-        let (src_p, dst_p) = (src_table.ptr(), dst_table.ptr());
-        let launch = LaunchConfig {
-            grid_dim: (blocks as u32, 2 * local.num_layers as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: check_copy bounded every block id by its pool; both pools
-        // span 2 * num_layers planes of their stride; the tables live until
-        // the synchronisation below.
-        unsafe {
-            gpu.stream
-                .launch_builder(&self.copy)
-                .arg(&local_base)
-                .arg(&dst_base)
-                .arg(&src_p)
-                .arg(&dst_p)
-                .arg(&src_plane)
-                .arg(&dst_plane)
-                .arg(&block_bytes)
-                .launch(launch)
-        }?;
+        // check_copy bounded every block id by its pool; both pools span
+        // 2 * num_layers planes of their stride; the tables live until the
+        // synchronisation below.
+        gpu.peer_copy(
+            &self.copy,
+            &PeerCopy {
+                src: Dev::at(local_base),
+                dst: Dev::at(dst_base),
+                src_blocks: src_table.dev(),
+                dst_blocks: dst_table.dev(),
+                src_plane,
+                dst_plane,
+                block_bytes,
+                blocks,
+                planes: 2 * local.num_layers,
+            },
+        )?;
         let end = gpu.timing_event()?;
         end.synchronize()?;
         let ms = start.elapsed_ms(&end)?;

@@ -32,7 +32,7 @@ use super::ipc::{check_ranks, KvPoolExport, PeerKvTarget, PeerWrite};
 use super::nccl::NcclGroup;
 use super::{CudaBackend, CudaOptions};
 use crate::backend::{
-    check_kv_layer, check_sampling_rows, check_weights, BackendError, ComputeBackend,
+    check_kv_layer, check_sampling_rows, check_weights, logit_rows, BackendError, ComputeBackend,
     DeviceSampling, KvLayerSink, SeqInput, WeightsSource,
 };
 use tandem_api::types::{KvDtype, KvExport};
@@ -439,10 +439,7 @@ impl TensorParallelBackend {
         let seqs = owned(batch);
         let streaming = sink.is_some();
         let want_logits = logits.is_some();
-        let rows = batch
-            .iter()
-            .filter(|s| s.need_logits && !s.tokens.is_empty())
-            .count();
+        let rows = logit_rows(batch);
         let results = self.on_every_rank(move |b, rank| {
             let inputs = inputs(&seqs);
             let mut collect = streaming.then(LayerCollector::default);
@@ -503,7 +500,7 @@ impl ComputeBackend for TensorParallelBackend {
     }
 
     fn kv_dtype(&self) -> KvDtype {
-        KvDtype::Bf16
+        self.lead.kv_dtype()
     }
 
     fn kv_cache_budget_bytes(&self) -> Option<usize> {

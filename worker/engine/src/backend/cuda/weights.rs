@@ -4,29 +4,29 @@
 
 use half::bf16;
 
-use super::device::{alloc, DeviceBuffer, Gpu};
+use super::device::{alloc_array, DeviceBuffer, Gpu};
 use super::CudaError;
 use tandem_model::{ModelConfig, Weights};
 
 pub(super) struct DeviceLayer {
-    pub attn_norm: DeviceBuffer,
+    pub attn_norm: DeviceBuffer<f32>,
     /// `[q_dim + 2 * kv_dim, hidden]`.
-    pub wqkv: DeviceBuffer,
-    /// `[q_dim + 2 * kv_dim]`, f32.
-    pub bqkv: Option<DeviceBuffer>,
+    pub wqkv: DeviceBuffer<bf16>,
+    /// `[q_dim + 2 * kv_dim]`.
+    pub bqkv: Option<DeviceBuffer<f32>>,
     /// `[hidden, q_dim]`.
-    pub wo: DeviceBuffer,
-    pub ffn_norm: DeviceBuffer,
+    pub wo: DeviceBuffer<bf16>,
+    pub ffn_norm: DeviceBuffer<f32>,
     /// `[2 * intermediate, hidden]`: gate rows, then up rows.
-    pub w_gate_up: DeviceBuffer,
+    pub w_gate_up: DeviceBuffer<bf16>,
     /// `[hidden, intermediate]`.
-    pub w_down: DeviceBuffer,
+    pub w_down: DeviceBuffer<bf16>,
 }
 
 pub(super) struct DeviceWeights {
-    pub embed: DeviceBuffer,
-    pub lm_head: Option<DeviceBuffer>,
-    pub final_norm: DeviceBuffer,
+    pub embed: DeviceBuffer<bf16>,
+    pub lm_head: Option<DeviceBuffer<bf16>>,
+    pub final_norm: DeviceBuffer<f32>,
     pub layers: Vec<DeviceLayer>,
 }
 
@@ -42,7 +42,9 @@ fn to_bf16_bits(parts: &[&[f32]]) -> Vec<u16> {
 impl DeviceWeights {
     /// Converts host weights (validated) to bf16 and copies them to the device.
     pub fn upload(gpu: &Gpu, cfg: &ModelConfig, w: &Weights) -> Result<Self, CudaError> {
-        let matrix = |parts: &[&[f32]]| gpu.upload(&to_bf16_bits(parts));
+        let matrix = |parts: &[&[f32]]| -> Result<DeviceBuffer<bf16>, CudaError> {
+            Ok(gpu.upload(&to_bf16_bits(parts))?.cast())
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in &w.layers {
             let bqkv = match (&l.bq, &l.bk, &l.bv) {
@@ -80,24 +82,24 @@ impl DeviceWeights {
         let f = cfg.intermediate_size;
         let mut stream_id = 0u64;
         let mut matrix =
-            |rows: usize, cols: usize, scale: f32| -> Result<DeviceBuffer, CudaError> {
-                let buf = alloc(rows * cols * 2)?;
+            |rows: usize, cols: usize, scale: f32| -> Result<DeviceBuffer<bf16>, CudaError> {
+                let buf = alloc_array(rows * cols)?;
                 stream_id += 1;
                 let sub_seed = seed ^ stream_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                gpu.fill_uniform(buf.ptr(), rows * cols, sub_seed, scale)?;
+                gpu.fill_uniform(buf.dev(), rows * cols, sub_seed, scale)?;
                 Ok(buf)
             };
         let linear = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        let ones = |n: usize| -> Result<DeviceBuffer, CudaError> {
-            let buf = alloc(n * 4)?;
-            gpu.fill_f32(buf.ptr(), n, 1.0)?;
+        let ones = |n: usize| -> Result<DeviceBuffer<f32>, CudaError> {
+            let buf = alloc_array(n)?;
+            gpu.fill_f32(buf.dev(), n, 1.0)?;
             Ok(buf)
         };
         for _ in 0..cfg.num_layers {
             let bqkv = if cfg.attention_bias {
-                let buf = alloc((q_dim + 2 * kv_dim) * 4)?;
-                gpu.fill_f32(buf.ptr(), q_dim + 2 * kv_dim, 0.01)?;
+                let buf = alloc_array(q_dim + 2 * kv_dim)?;
+                gpu.fill_f32(buf.dev(), q_dim + 2 * kv_dim, 0.01)?;
                 Some(buf)
             } else {
                 None
@@ -128,7 +130,7 @@ impl DeviceWeights {
         })
     }
 
-    pub fn output(&self) -> &DeviceBuffer {
+    pub fn output(&self) -> &DeviceBuffer<bf16> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 

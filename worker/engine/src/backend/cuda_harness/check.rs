@@ -21,7 +21,7 @@ use std::path::Path;
 
 use half::bf16;
 
-use super::{CudaBackend, CudaOptions};
+use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::sampling::sample_row;
 use crate::backend::{
     BackendError, Bf16Activations, ComputeBackend, CpuBackend, DeviceSampling, KvLayerSink,
@@ -94,13 +94,9 @@ pub fn same_choice(got: &[f32], want: &[f32]) -> bool {
 /// steps use the tensor-core prefill attention (bf16 query and weights).
 pub fn mirror_rounding(cuda: &CudaBackend) -> Bf16Activations {
     Bf16Activations {
-        bf16_gate_up: !cuda.f32_gate_up,
-        f32_gate_up_tokens: super::device::GEMV_TOKENS
-            .iter()
-            .copied()
-            .filter(|&t| cuda.gemv_for(t).is_some())
-            .collect(),
-        bf16_prefill_attention: super::tensor_core_prefill(&cuda.cfg),
+        bf16_gate_up: !cuda.tuning().f32_gate_up,
+        f32_gate_up_tokens: cuda.fused_gemv_tokens(),
+        bf16_prefill_attention: cuda.tensor_core_prefill(),
     }
 }
 
@@ -1049,8 +1045,8 @@ mod tests {
 
     /// The GPU checks, or a clear skip where there is no CUDA driver or device.
     fn gpu_or_skip() -> Option<usize> {
-        match super::super::device::Gpu::open(0) {
-            Ok(_) => Some(0),
+        match crate::backend::cuda::check_gpus(0, 1) {
+            Ok(()) => Some(0),
             Err(e) => {
                 eprintln!("skipping: no usable CUDA device here ({e})");
                 None

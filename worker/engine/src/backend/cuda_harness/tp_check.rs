@@ -14,8 +14,8 @@ use super::bench::{median, time_prefill};
 use super::check::{
     bf16_rounded, check_config, pseudo_tokens, relative_error, same_choice, LOGITS_TOLERANCE,
 };
-use super::tp::TensorParallelBackend;
-use super::{CudaBackend, CudaOptions};
+use crate::backend::cuda::tp::TensorParallelBackend;
+use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::{
     BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput, WeightsSource,
 };

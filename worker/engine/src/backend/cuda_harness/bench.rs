@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::check::pseudo_tokens;
-use super::{CudaBackend, CudaOptions};
+use crate::backend::cuda::{CudaBackend, CudaOptions, GemmResult};
 use crate::backend::{BackendError, ComputeBackend, DeviceSampling, SeqInput};
 use tandem_model::{dummy, ModelConfig};
 
@@ -235,110 +235,9 @@ pub fn prefill(
     })
 }
 
-/// One prefill GEMM shape timed with `cublasGemmEx` (what the backend runs)
-/// and with each cuBLASLt heuristic candidate.
-#[derive(Debug, Clone, Serialize)]
-pub struct GemmResult {
-    pub gemm: String,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    /// Mean ms of `cublasGemmEx`.
-    pub gemm_ex_ms: f64,
-    /// Mean ms of each cuBLASLt candidate, the heuristic's order.
-    pub lt_ms: Vec<f64>,
-    /// Index and ms of the fastest candidate.
-    pub lt_best: usize,
-    pub lt_best_ms: f64,
-}
-
 /// Times the four projections of a layer for `m`-token prefill steps of the
 /// backend's model: `cublasGemmEx` against up to 16 cuBLASLt candidates
-/// (mean of 10 runs after 3 warm-up runs each, random inputs).
+/// ([`CudaBackend::time_gemm_algorithms`]).
 pub fn gemm_algos(b: &CudaBackend, m: usize) -> Result<Vec<GemmResult>, BackendError> {
-    use super::device::{alloc, Dtype};
-    let cfg = b.config().clone();
-    let gpu = &b.gpu;
-    gpu.bind()?;
-    let (h, q, kv, f) = (
-        cfg.hidden_size,
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.intermediate_size,
-    );
-    let gate_up_type = if b.f32_gate_up {
-        Dtype::F32
-    } else {
-        Dtype::Bf16
-    };
-    let shapes = [
-        ("qkv", q + 2 * kv, h, Dtype::F32, 0.0f32),
-        ("o", h, q, Dtype::F32, 1.0),
-        ("gate_up", 2 * f, h, gate_up_type, 0.0),
-        ("down", h, f, Dtype::F32, 1.0),
-    ];
-    let widest_k = h.max(q).max(f);
-    let widest_n = shapes.iter().map(|s| s.1).max().unwrap_or(0);
-    let a = alloc(m * widest_k * 2)?;
-    let w = alloc(widest_n * widest_k * 2)?;
-    let c = alloc(m * widest_n * 4)?;
-    gpu.fill_uniform(a.ptr(), m * widest_k, 5, 1.0)?;
-    gpu.fill_uniform(w.ptr(), widest_n * widest_k, 6, 0.05)?;
-    gpu.fill_f32(c.ptr(), m * widest_n, 0.01)?;
-    let lt = super::lt::Lt::new()?;
-    let stream = gpu.cu_stream() as cudarc::cublaslt::sys::cudaStream_t;
-    let time = |run: &dyn Fn() -> Result<(), super::CudaError>| -> Result<f64, BackendError> {
-        for _ in 0..3 {
-            run()?;
-        }
-        let start = gpu.timing_event()?;
-        for _ in 0..10 {
-            run()?;
-        }
-        let end = gpu.timing_event()?;
-        end.synchronize().map_err(super::CudaError::from)?;
-        Ok(start.elapsed_ms(&end).map_err(super::CudaError::from)? as f64 / 10.0)
-    };
-    let mut out = Vec::new();
-    for (name, n, k, c_type, beta) in shapes {
-        let gemm_ex_ms = time(&|| {
-            gpu.gemm(
-                m,
-                n,
-                k,
-                a.ptr(),
-                Dtype::Bf16,
-                w.ptr(),
-                c.ptr(),
-                c_type,
-                beta,
-            )
-        })?;
-        let plan = lt.plan(m, n, k, Dtype::Bf16, c_type, 16)?;
-        let mut lt_ms = Vec::new();
-        for i in 0..plan.algos.len() {
-            // SAFETY: the buffers hold m x k, n x k and m x n elements of
-            // the plan's types (sized for the widest shape).
-            let ms = time(&|| unsafe { lt.run(&plan, i, a.ptr(), w.ptr(), c.ptr(), beta, stream) });
-            // A candidate the library refuses at run time is skipped.
-            lt_ms.push(ms.unwrap_or(f64::INFINITY));
-        }
-        let (lt_best, lt_best_ms) = lt_ms
-            .iter()
-            .copied()
-            .enumerate()
-            .min_by(|x, y| x.1.total_cmp(&y.1))
-            .unwrap_or((0, f64::INFINITY));
-        out.push(GemmResult {
-            gemm: name.to_string(),
-            m,
-            n,
-            k,
-            gemm_ex_ms,
-            lt_ms,
-            lt_best,
-            lt_best_ms,
-        });
-    }
-    Ok(out)
+    b.time_gemm_algorithms(m)
 }
