@@ -1,7 +1,7 @@
-//! The decode side of the cuda-ipc transport without a GPU: the blocks it
+//! The decode side of the cuda-ipc mode of `Prefill` without a GPU: the blocks it
 //! reserves for a prefill worker to write into are adopted when the worker
 //! says it wrote them, and freed when the worker dies mid-copy or declines
-//! (then the KV arrives over gRPC). The GPU copy itself is checked on the
+//! (then the KV arrives streamed). The GPU copy itself is checked on the
 //! GPU machine (`tandem gpu transfer-bench`).
 
 mod engine_support;
@@ -13,10 +13,10 @@ use engine_support::*;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tandem::transfer::cuda_ipc::{fetch_into, IpcPrefill};
-use tandem::transfer::grpc::{GrpcTransport, PrefillParts, PrefillSource};
+use tandem::transfer::client::{IpcPrefill, PrefillClient};
 use tandem::transfer::pb;
-use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError};
+use tandem::transfer::service::PrefillSource;
+use tandem::transfer::{PrefillPart, PrefillParts, RemotePrefillRequest, TransferError};
 use tandem_api::infer::{Infer, InferError};
 use tandem_api::types::{GenerateRequest, SamplingParams, StopParams, TokenOutput};
 use tandem_engine::backend::cuda::ipc::{KvPoolExport, KvPoolLayout, PoolDtype};
@@ -139,12 +139,16 @@ async fn blocks_reserved_for_a_prefill_worker_that_dies_mid_copy_are_freed() {
     let cfg = tiny_config(GQA);
     let decode = engine(&cfg, &random_weights(&cfg, 3));
     let (addr, server) = serve_killable(FakeIpcPrefill { stall: true }, None);
-    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
+    let client = PrefillClient::new(&addr, Duration::from_secs(30)).unwrap();
     let p = prompt(21);
     let export = pool(&cfg);
     let fetch = {
         let (decode, export, p) = (decode.clone(), export.clone(), p.clone());
-        tokio::spawn(async move { fetch_into(&transport, &decode, &export, request(&p)).await })
+        tokio::spawn(async move {
+            client
+                .prefill_via_cuda_ipc_into(&decode, &export, request(&p))
+                .await
+        })
     };
     // 21 tokens in blocks of 4: six blocks held while the copy is under way.
     blocks_used_becomes(&decode, 6).await;
@@ -187,9 +191,10 @@ async fn written_blocks_are_adopted_decoded_from_and_freed_at_the_end() {
     let cfg = tiny_config(GQA);
     let decode = engine(&cfg, &random_weights(&cfg, 3));
     let (addr, server) = serve_killable(FakeIpcPrefill { stall: false }, None);
-    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
+    let client = PrefillClient::new(&addr, Duration::from_secs(30)).unwrap();
     let p = prompt(16);
-    let fetched = fetch_into(&transport, &decode, &pool(&cfg), request(&p))
+    let fetched = client
+        .prefill_via_cuda_ipc_into(&decode, &pool(&cfg), request(&p))
         .await
         .unwrap();
     let IpcPrefill::Written {
@@ -250,8 +255,9 @@ async fn a_prefill_worker_that_declines_streams_the_kv_and_says_why() {
         ),
     ] {
         let (addr, server) = serve_killable(engine(&cfg, &w), off);
-        let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
-        let fetched = fetch_into(&transport, &decode, &pool(&cfg), request(&p))
+        let client = PrefillClient::new(&addr, Duration::from_secs(30)).unwrap();
+        let fetched = client
+            .prefill_via_cuda_ipc_into(&decode, &pool(&cfg), request(&p))
             .await
             .unwrap();
         let IpcPrefill::Streamed(remote) = fetched else {

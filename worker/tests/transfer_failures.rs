@@ -1,4 +1,4 @@
-//! The decode side of the gRPC KV transport when the prefill side goes wrong:
+//! The decode side of `Prefill` with the KV streamed when the prefill side goes wrong:
 //! dies mid-stream, stalls, or ends early. Each gives a clear error, never a hang.
 
 mod transfer_support;
@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tandem::transfer::grpc::{GrpcTransport, PrefillSource};
+use tandem::transfer::client::PrefillClient;
 use tandem::transfer::pb::{KvDtype, KvLayout};
-use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError, Transport};
+use tandem::transfer::service::PrefillSource;
+use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError};
 use tandem_api::infer::InferError;
 use tandem_api::types::SamplingParams;
 use transfer_support::serve_killable;
@@ -64,8 +65,8 @@ fn request() -> RemotePrefillRequest {
 async fn a_server_dying_mid_stream_is_a_connection_error() {
     let (addr, server) = serve_killable(HalfPrefill { then_stall: true }, None);
     // A long message timeout: the broken connection, not the timer, must end it.
-    let transport = GrpcTransport::new(&addr, Duration::from_secs(120)).unwrap();
-    let fetch = tokio::spawn(async move { transport.prefill(request()).await });
+    let client = PrefillClient::new(&addr, Duration::from_secs(120)).unwrap();
+    let fetch = tokio::spawn(async move { client.prefill(request()).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !fetch.is_finished(),
@@ -86,9 +87,9 @@ async fn a_server_dying_mid_stream_is_a_connection_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_times_out() {
     let (addr, server) = serve_killable(HalfPrefill { then_stall: true }, None);
-    let transport = GrpcTransport::new(&addr, Duration::from_millis(400)).unwrap();
+    let client = PrefillClient::new(&addr, Duration::from_millis(400)).unwrap();
     let started = Instant::now();
-    let err = transport.prefill(request()).await.unwrap_err();
+    let err = client.prefill(request()).await.unwrap_err();
     assert!(matches!(err, TransferError::Timeout { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     // Dropping a runtime inside another one panics; shut it down instead.
@@ -98,8 +99,8 @@ async fn a_stalled_server_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ending_early_names_what_is_missing() {
     let (addr, server) = serve_killable(HalfPrefill { then_stall: false }, None);
-    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
-    let err = transport.prefill(request()).await.unwrap_err();
+    let client = PrefillClient::new(&addr, Duration::from_secs(30)).unwrap();
+    let err = client.prefill(request()).await.unwrap_err();
     assert!(matches!(err, TransferError::Incomplete(_)), "{err:?}");
     assert!(
         err.to_string().contains("after 3 of 6 layer positions"),

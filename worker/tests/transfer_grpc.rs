@@ -1,4 +1,4 @@
-//! The gRPC KV transport on loopback with a random tiny model: what the
+//! `Prefill` with the KV streamed over gRPC on loopback, with a random tiny model: what the
 //! decode side receives is the prefill engine's export bit for bit, and
 //! decoding from it gives the tokens the prefill engine gives in place.
 
@@ -6,8 +6,10 @@ mod engine_support;
 mod transfer_support;
 
 use engine_support::*;
-use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService};
-use tandem::transfer::{RemotePrefillRequest, TransferError, Transport};
+use tandem::transfer::channel::server_builder;
+use tandem::transfer::client::PrefillClient;
+use tandem::transfer::service::PrefillService;
+use tandem::transfer::{RemotePrefillRequest, TransferError};
 use tandem_api::infer::Infer;
 use tandem_api::metrics::metrics;
 use tandem_api::types::{GenerateRequest, SamplingParams, StopParams};
@@ -89,8 +91,8 @@ async fn remote_prefill_ships_the_exact_kv_and_decoding_continues_identically() 
     let w = random_weights(&cfg, 5);
     let prefill = engine(&cfg, &w, 4);
     let decode = engine(&cfg, &w, 16);
-    let transport =
-        GrpcTransport::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
+    let client =
+        PrefillClient::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
     let bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4;
     let (sent0, received0) = (counter("prefill", "sent"), counter("decode", "received"));
     let mut shipped = 0;
@@ -102,7 +104,7 @@ async fn remote_prefill_ships_the_exact_kv_and_decoding_continues_identically() 
             .prefill_only(p.clone(), SamplingParams::greedy())
             .await
             .unwrap();
-        let remote = transport
+        let remote = client
             .prefill(RemotePrefillRequest {
                 request_id: format!("r{i}"),
                 prompt: p.clone(),
@@ -152,8 +154,8 @@ async fn a_prompt_the_prefill_engine_refuses_is_a_remote_error() {
     let cfg = tiny_config(GQA);
     let w = random_weights(&cfg, 5);
     let addr = serve(engine(&cfg, &w, 4)).await;
-    let transport = GrpcTransport::new(&addr, Duration::from_secs(30)).unwrap();
-    let err = transport
+    let client = PrefillClient::new(&addr, Duration::from_secs(30)).unwrap();
+    let err = client
         .prefill(RemotePrefillRequest {
             request_id: "bad".into(),
             prompt: vec![1, 2, 5000],
@@ -172,8 +174,8 @@ async fn an_unreachable_prefill_worker_is_a_connection_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let transport = GrpcTransport::new(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
-    let err = transport
+    let client = PrefillClient::new(&format!("http://{addr}"), Duration::from_secs(5)).unwrap();
+    let err = client
         .prefill(RemotePrefillRequest {
             request_id: "x".into(),
             prompt: vec![1],
@@ -182,7 +184,7 @@ async fn an_unreachable_prefill_worker_is_a_connection_error() {
         .await
         .unwrap_err();
     assert!(matches!(err, TransferError::Connection { .. }), "{err:?}");
-    assert!(GrpcTransport::new("not a url", Duration::from_secs(1)).is_err());
+    assert!(PrefillClient::new("not a url", Duration::from_secs(1)).is_err());
 }
 
 /// A fresh 100-token prompt against an engine that prefills 32 tokens per
@@ -194,10 +196,10 @@ async fn a_prompt_of_several_prefill_chunks_arrives_intact() {
     let cfg = tiny_config(GQA);
     let w = random_weights(&cfg, 11);
     let prefill = engine(&cfg, &w, 4);
-    let transport =
-        GrpcTransport::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
+    let client =
+        PrefillClient::new(&serve(prefill.clone()).await, Duration::from_secs(30)).unwrap();
     let p = prompt(17, 100);
-    let remote = transport
+    let remote = client
         .prefill(RemotePrefillRequest {
             request_id: "long".into(),
             prompt: p.clone(),
@@ -229,13 +231,13 @@ async fn a_prompt_of_several_prefill_chunks_arrives_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_of_the_first_prefill_chunk_is_sent_before_the_next_chunk_is_computed() {
     let _shipping = SHIPPING.lock().await;
-    use tandem::transfer::grpc::sampling_to_pb;
-    use tandem::transfer::pb::{prefill_client::PrefillClient, prefill_response::Part};
+    use tandem::transfer::pb::{prefill_client, prefill_response::Part};
+    use tandem::transfer::rpc::sampling_to_pb;
 
     let cfg = tiny_config(GQA);
     let w = random_weights(&cfg, 13);
     let addr = serve(engine(&cfg, &w, 4)).await;
-    let mut client = PrefillClient::connect(addr).await.unwrap();
+    let mut client = prefill_client::PrefillClient::connect(addr).await.unwrap();
     let mut stream = client
         .prefill(tandem::transfer::pb::PrefillRequest {
             request_id: "order".into(),

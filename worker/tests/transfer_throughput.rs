@@ -24,9 +24,11 @@ use futures::StreamExt;
 use std::sync::Arc;
 
 use rand::Rng;
-use tandem::transfer::grpc::{server_builder, GrpcTransport, PrefillService, PrefillSource};
+use tandem::transfer::channel::server_builder;
+use tandem::transfer::client::PrefillClient;
 use tandem::transfer::pb::{KvDtype, KvLayout};
-use tandem::transfer::{PrefillPart, RemotePrefillRequest, Transport};
+use tandem::transfer::service::{PrefillService, PrefillSource};
+use tandem::transfer::{PrefillPart, RemotePrefillRequest};
 use tandem_api::infer::InferError;
 use tandem_api::types::{KvDtype as EngineKvDtype, SamplingParams, TokenOutput};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -130,9 +132,9 @@ fn measure(sizes: &[usize], values: Arc<Vec<f32>>, dtype: EngineKvDtype) {
         .enable_all()
         .build()
         .unwrap();
-    let transport = {
+    let client = {
         let _runtime = client_rt.enter();
-        GrpcTransport::new(&addr, Duration::from_secs(60)).unwrap()
+        PrefillClient::new(&addr, Duration::from_secs(60)).unwrap()
     };
     println!("KV transfer over loopback gRPC, {dtype:?} on the wire, {bytes_per_token} bytes/token ({LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}, K and V)");
     println!(
@@ -149,7 +151,7 @@ fn measure(sizes: &[usize], values: Arc<Vec<f32>>, dtype: EngineKvDtype) {
                 sampling: SamplingParams::greedy(),
             };
             let started = Instant::now();
-            let got = client_rt.block_on(transport.prefill(request)).unwrap();
+            let got = client_rt.block_on(client.prefill(request)).unwrap();
             let took = started.elapsed();
             assert_eq!(got.bytes, tokens * bytes_per_token);
             got.kv.check().unwrap();

@@ -27,9 +27,10 @@ use serde_json::json;
 
 use super::common;
 use crate::roles::worker_service::WorkerService;
-use crate::transfer::cuda_ipc::{self, IpcPrefill};
-use crate::transfer::grpc::{incoming, server_builder, GrpcTransport, PrefillService};
-use crate::transfer::{RemotePrefillRequest, Transport};
+use crate::transfer::channel::{incoming, server_builder};
+use crate::transfer::client::{IpcPrefill, PrefillClient};
+use crate::transfer::service::PrefillService;
+use crate::transfer::RemotePrefillRequest;
 use tandem_api::infer::Infer;
 use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
 use tandem_engine::backend::cuda::ipc::peer_copy_gbps;
@@ -259,7 +260,7 @@ async fn run_pair(
     pair: &str,
     emit: &mut impl FnMut(serde_json::Value),
 ) -> anyhow::Result<usize> {
-    let grpc = GrpcTransport::new(
+    let grpc = PrefillClient::new(
         &format!("http://127.0.0.1:{port}"),
         Duration::from_secs(120),
     )?;
@@ -281,7 +282,10 @@ async fn run_pair(
     for &len in &a.check_prompts {
         let ids = fresh(len);
         let local_for_ipc = local_tokens(ids.clone()).await?;
-        let ipc = match cuda_ipc::fetch(&grpc, engine, remote("ipc", ids.clone())).await? {
+        let ipc = match grpc
+            .prefill_via_cuda_ipc(engine, remote("ipc", ids.clone()))
+            .await?
+        {
             IpcPrefill::Written {
                 reservation,
                 first_token,
@@ -319,7 +323,10 @@ async fn run_pair(
     let (mut ipc_copy, mut ipc_wall, mut ipc_bytes) = (Vec::new(), Vec::new(), 0u64);
     for rep in 0..=a.reps {
         let t = Instant::now();
-        match cuda_ipc::fetch(&grpc, engine, remote("ipc-bench", ids.clone())).await? {
+        match grpc
+            .prefill_via_cuda_ipc(engine, remote("ipc-bench", ids.clone()))
+            .await?
+        {
             IpcPrefill::Written { written, .. } => {
                 if rep > 0 {
                     ipc_wall.push(t.elapsed().as_secs_f64());

@@ -22,8 +22,9 @@ use super::common;
 use crate::roles::decode::{DecodeConfig, DecodeService, DecodeWorker};
 use crate::roles::http::{self as worker_http, WorkerHealth};
 use crate::roles::worker_service::{TransferInfo, WorkerService};
+use crate::transfer::channel::{incoming, server_builder};
 use crate::transfer::cuda_ipc::KvTransfer;
-use crate::transfer::grpc::{incoming, server_builder, PrefillService};
+use crate::transfer::service::PrefillService;
 
 /// The `Load` report's transfer fields for a worker in `mode`; refuses a
 /// forced cuda-ipc on an engine whose pool cannot be shared.

@@ -22,10 +22,11 @@ use tonic::{Request, Response, Status};
 use super::pool::{PoolConfig, WorkerPool};
 use super::{event_to_pb, request_from_pb};
 use crate::router::{PrefixIndex, Router, RouterConfig, WorkerId};
-use crate::transfer::cuda_ipc::{self, Choice, IpcPrefill, KvTransfer};
-use crate::transfer::grpc::{status_of, GrpcTransport};
+use crate::transfer::client::{IpcPrefill, PrefillClient};
+use crate::transfer::cuda_ipc::{self, Choice, KvTransfer};
 use crate::transfer::pb;
-use crate::transfer::{RemotePrefillRequest, TransferError, Transport};
+use crate::transfer::rpc::status_of;
+use crate::transfer::{RemotePrefillRequest, TransferError};
 use tandem_api::infer::{GenerateStream, Infer, InferError};
 use tandem_api::metrics::metrics;
 use tandem_api::types::GenerateRequest;
@@ -84,13 +85,14 @@ impl PrefillLocation {
 pub struct DecodeWorker {
     engine: EngineHandle,
     config: DecodeConfig,
-    prefill: Arc<WorkerPool<GrpcTransport>>,
+    prefill: Arc<WorkerPool<PrefillClient>>,
     /// Which blocks this worker's engine holds (from its own KV events): how
     /// much of a prompt is already cached here.
     local_cache: Arc<Mutex<PrefixIndex>>,
     /// This machine (see [`cuda_ipc::node_id`]): cuda-ipc needs the peer on it.
     node_id: String,
-    /// The transport last logged per prefill worker (each change is logged).
+    /// How the KV comes back from each prefill worker, as last logged (each
+    /// change is logged).
     logged_choice: Mutex<HashMap<WorkerId, Choice>>,
 }
 
@@ -111,7 +113,7 @@ impl DecodeWorker {
             PoolConfig::new("prefill"),
             picker,
             prefill_workers,
-            move |address, channel| GrpcTransport::with_channel(channel, address, timeout),
+            move |address, channel| PrefillClient::with_channel(channel, address, timeout),
         );
         let local_cache = Arc::new(Mutex::new(PrefixIndex::new(block_size)?));
         tokio::spawn(follow_own_cache(
@@ -132,7 +134,7 @@ impl DecodeWorker {
         &self.engine
     }
 
-    pub fn prefill_pool(&self) -> &Arc<WorkerPool<GrpcTransport>> {
+    pub fn prefill_pool(&self) -> &Arc<WorkerPool<PrefillClient>> {
         &self.prefill
     }
 
@@ -182,7 +184,7 @@ impl DecodeWorker {
             let routed = self
                 .prefill
                 .route(&request.prompt, &tried, |load| load.queue_depth < max_queue);
-            let Ok((route, transport)) = routed else {
+            let Ok((route, client)) = routed else {
                 return Ok(None);
             };
             let worker = route.worker.clone();
@@ -203,9 +205,11 @@ impl DecodeWorker {
                     self.log_choice(&worker, &choice);
                     match choice {
                         Choice::CudaIpc => {
-                            cuda_ipc::fetch(&transport, &self.engine, remote_request).await
+                            client
+                                .prefill_via_cuda_ipc(&self.engine, remote_request)
+                                .await
                         }
-                        Choice::Grpc(_) => transport
+                        Choice::Grpc(_) => client
                             .prefill(remote_request)
                             .await
                             .map(IpcPrefill::Streamed),
@@ -273,7 +277,7 @@ impl DecodeWorker {
 }
 
 impl DecodeWorker {
-    /// Logs the transport used with `worker` when it is new or changed.
+    /// Logs how the KV comes back from `worker` when that is new or changed.
     fn log_choice(&self, worker: &WorkerId, choice: &Choice) {
         let mut logged = self.logged_choice.lock().expect("choice log lock");
         if logged.get(worker) == Some(choice) {

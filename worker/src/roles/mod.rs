@@ -19,8 +19,8 @@ pub mod worker_service;
 
 use tonic::Status;
 
-use crate::transfer::grpc::{sampling_from_pb, sampling_to_pb, token_from_pb, token_to_pb};
 use crate::transfer::pb;
+use crate::transfer::rpc::{sampling_from_pb, sampling_to_pb, token_from_pb, token_to_pb};
 use tandem_api::infer::InferError;
 use tandem_api::types::{FinishReason, GenerateEvent, GenerateRequest, StopParams};
 

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use super::grpc_uri;
 use super::worker_service::kv_event_from_pb;
 use crate::router::{Route, RouteTicket, Router, RouterError, WorkerId};
-use crate::transfer::grpc::endpoint;
+use crate::transfer::channel::endpoint;
 use crate::transfer::pb::{self, worker_client::WorkerClient};
 
 /// How a pool watches its workers.

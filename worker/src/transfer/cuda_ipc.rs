@@ -1,33 +1,36 @@
-//! The `cuda-ipc` KV transport (docs/architecture.md, "KV transfer"): for a prefill and
-//! a decode worker on the same node, the prefill worker writes the prompt's
-//! KV straight into blocks of the decode worker's GPU pool; only metadata
-//! travels over gRPC.
+//! The `cuda-ipc` mode of the `Prefill` RPC (docs/architecture.md, "KV
+//! transfer"): for a prefill and a decode worker on the same node, the
+//! prefill worker writes the prompt's KV straight into blocks of the decode
+//! worker's GPU pool; only metadata travels in the RPC.
 //!
-//! The decode worker reserves the blocks the prompt needs in its own block
-//! manager and sends their ids with its pool's CUDA IPC handle and geometry
-//! ([`pb::CudaIpcTarget`]) in the `Prefill` request. The prefill worker maps
-//! the pool (once per peer), computes the prompt, copies every layer's K and
-//! V of its blocks into the reserved ones on the GPU, waits for the copy, and
-//! only then answers `KvWritten` and the first token; the decode worker adopts
-//! the blocks and generates. A prefill worker that cannot (other layout, no
-//! CUDA, `--kv-transfer grpc`, the handle does not open) streams the KV over
-//! gRPC as usual and names the reason. Any failure drops the reservation,
-//! which frees the blocks; the decode worker then falls back as for gRPC.
+//! The decode worker ([`super::client`]) reserves the blocks the prompt needs
+//! in its own block manager and sends their ids with its pool's CUDA IPC
+//! handle and geometry ([`pb::CudaIpcTarget`], made by [`target_to_pb`]) in
+//! the `Prefill` request. The prefill worker ([`super::service`]) checks the
+//! target ([`target_from_pb`]), maps the pool (once per peer), computes the
+//! prompt, copies every layer's K and V of its blocks into the reserved ones
+//! on the GPU, waits for the copy, and only then answers `KvWritten` and the
+//! first token ([`engine_prefill_to_peer`]); the decode worker adopts the
+//! blocks and generates. A prefill worker that cannot (other layout, no CUDA,
+//! `--kv-transfer grpc`, the handle does not open) streams the KV in the
+//! answer as usual and names the reason. Any failure drops the reservation,
+//! which frees the blocks; the decode worker then retries or prefills
+//! locally, as for a streamed transfer.
 //!
-//! Which transport a decode worker uses with a prefill worker is [`choose`]n
-//! from both sides' node identity ([`node_id`]) and capabilities, exchanged in
-//! their `Load` reports.
+//! Whether a decode worker offers its pool to a prefill worker is
+//! [`choose`]n from both sides' node identity ([`node_id`]) and
+//! capabilities, exchanged in their `Load` reports.
 
 use futures::StreamExt;
 
-use super::grpc::{Fetched, GrpcTransport, PrefillParts};
-use super::{pb, PrefillPart, RemotePrefill, RemotePrefillRequest, TransferError};
+use super::rpc::{PrefillPart, PrefillParts, RemotePrefillRequest};
 use tandem_api::infer::InferError;
-use tandem_api::types::{PrefillEvent, TokenOutput};
+use tandem_api::pb;
+use tandem_api::types::PrefillEvent;
 use tandem_engine::backend::cuda::ipc::{
     KvPoolExport, KvPoolLayout, PeerKvTarget, PoolDtype, RankPool, IPC_HANDLE_BYTES,
 };
-use tandem_engine::{EngineHandle, KvReservation};
+use tandem_engine::EngineHandle;
 
 pub use tandem_api::args::KvTransfer;
 
@@ -52,15 +55,17 @@ pub fn node_id() -> String {
     format!("host:{}", host.trim())
 }
 
-/// The transport picked for one prefill worker.
+/// How the KV of one prefill worker's prefills comes back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
+    /// Written into this decode worker's pool (the request offers blocks).
     CudaIpc,
-    /// gRPC, and why not cuda-ipc (`None` when cuda-ipc was not wanted).
+    /// Streamed in the answer, and why not cuda-ipc (`None` when cuda-ipc
+    /// was not wanted).
     Grpc(Option<String>),
 }
 
-/// Picks the transport for a prefill worker from this decode worker's mode,
+/// Picks how the KV comes back from a prefill worker, from this decode worker's mode,
 /// pool (`None` without CUDA) and node, and the prefill worker's last load
 /// report. `Err` when `CudaIpc` is forced and impossible with this peer.
 pub fn choose(
@@ -235,57 +240,6 @@ pub async fn engine_prefill_to_peer(
         }
     });
     Ok(parts.boxed())
-}
-
-/// A remote prefill through cuda-ipc, as the decode worker gets it.
-pub enum IpcPrefill {
-    /// The KV is in `reservation`'s blocks: adopt them.
-    Written {
-        reservation: KvReservation,
-        first_token: TokenOutput,
-        written: pb::KvWritten,
-    },
-    /// The prefill worker declined and streamed the KV instead.
-    Streamed(RemotePrefill),
-}
-
-/// The decode side: reserves blocks for the prompt in `engine`'s pool,
-/// offers them to the prefill worker behind `grpc`, and returns what it did.
-/// On any error the reservation is dropped, which frees the blocks.
-pub async fn fetch(
-    grpc: &GrpcTransport,
-    engine: &EngineHandle,
-    request: RemotePrefillRequest,
-) -> Result<IpcPrefill, TransferError> {
-    let pool = engine.kv_pool_export().ok_or_else(|| {
-        TransferError::Local("this worker's KV pool cannot be shared (no CUDA)".into())
-    })?;
-    fetch_into(grpc, engine, pool, request).await
-}
-
-/// [`fetch`] offering `pool` as `engine`'s (tests offer a made-up one).
-pub async fn fetch_into(
-    grpc: &GrpcTransport,
-    engine: &EngineHandle,
-    pool: &KvPoolExport,
-    request: RemotePrefillRequest,
-) -> Result<IpcPrefill, TransferError> {
-    let reservation = engine
-        .reserve_kv_blocks(request.prompt.len())
-        .await
-        .map_err(|e| TransferError::Local(format!("reserving KV blocks: {e}")))?;
-    let target = target_to_pb(pool, reservation.block_ids());
-    match grpc.fetch_with(request, Some(target)).await? {
-        Fetched::Written {
-            written,
-            first_token,
-        } => Ok(IpcPrefill::Written {
-            reservation,
-            first_token,
-            written,
-        }),
-        Fetched::Streamed(remote) => Ok(IpcPrefill::Streamed(remote)),
-    }
 }
 
 #[cfg(test)]

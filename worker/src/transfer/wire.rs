@@ -1,16 +1,17 @@
 //! The layout-independent KV wire format (docs/architecture.md, "KV transfer"): per
 //! layer, K and V for a run of token positions as `[tokens, kv_heads,
 //! head_dim]`, dtype-tagged, cut into messages of at most [`MAX_CHUNK_BYTES`]
-//! by [`KvSplitter`]. Transports move these chunks in whatever order the
-//! prefill computes them; [`KvAssembler`] puts them back together.
+//! by [`KvSplitter`]. A streamed `Prefill` answer carries these chunks in
+//! whatever order the prefill computes them; [`KvAssembler`] puts them back
+//! together.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::pb;
-use super::TransferError;
+use super::rpc::TransferError;
+use tandem_api::pb;
 pub use tandem_api::types::f32_bytes;
 use tandem_api::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
 

@@ -2,7 +2,8 @@
 //! dying process, and the tokens of a generation.
 #![allow(dead_code)]
 
-use tandem::transfer::grpc::{server_builder, PrefillService, PrefillSource};
+use tandem::transfer::channel::server_builder;
+use tandem::transfer::service::{PrefillService, PrefillSource};
 use tandem_api::infer::GenerateStream;
 use tandem_api::types::{FinishReason, GenerateEvent};
 use tokio_stream::wrappers::TcpListenerStream;
