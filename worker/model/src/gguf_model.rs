@@ -1,15 +1,15 @@
 //! GGUF file → model: metadata to [`ModelConfig`], tensors to [`Weights`]
-//! (dequantized to f32, Q/K un-permuted to HF's half-split RoPE layout),
-//! vocabulary to [`Tokenizer`], embedded chat template.
+//! (dequantized to f32, Q/K un-permuted to HF's half-split RoPE layout, put
+//! together by [`assemble`] under llama.cpp's [`NAMES`]), vocabulary to
+//! [`Tokenizer`], embedded chat template.
 
 use std::collections::BTreeMap;
 
-use rayon::prelude::*;
-
+use super::assemble::{self, LayerPart, Names, TensorSource, WeightId};
 use super::config::Llama3RopeScaling;
-use super::gguf::{GgufFile, MetadataValue};
+use super::gguf::{GgufFile, MetadataValue, TensorInfo};
 use super::tokenizer::{ByteLevelBpeVocab, SentencePieceVocab, Tokenizer};
-use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
+use super::{Architecture, ModelConfig, ModelError, Tensor, Weights};
 
 const DEFAULT_ROPE_THETA: f32 = 10_000.0;
 /// Per-frequency RoPE divisors llama.cpp writes for Llama 3.1+ scaling.
@@ -219,9 +219,9 @@ pub fn config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
     let vocab_size = match optional(meta_usize(f, &key("vocab_size")))? {
         Some(v) => v,
         None => f
-            .tensor_info("token_embd.weight")
+            .tensor_info(NAMES.embed)
             .map(|t| t.shape()[0])
-            .ok_or_else(|| missing_tensor(f, "token_embd.weight"))?,
+            .ok_or_else(|| missing_tensor(f, NAMES.embed))?,
     };
     Ok(ModelConfig {
         architecture,
@@ -236,8 +236,10 @@ pub fn config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
         rope_scaling,
         rms_norm_eps: meta_f32(f, &key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta_usize(f, &key("context_length"))?,
-        tie_word_embeddings: f.tensor_info("output.weight").is_none(),
-        attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
+        tie_word_embeddings: f.tensor_info(NAMES.output).is_none(),
+        attention_bias: f
+            .tensor_info(&NAMES.name(WeightId::Layer(0, LayerPart::QBias)))
+            .is_some(),
     })
 }
 
@@ -292,25 +294,44 @@ fn reorder_rows(
     out
 }
 
-/// Whether llama.cpp permuted Q/K of this architecture (it does for "llama",
-/// whose ggml RoPE is interleaved; Qwen2 uses ggml's NEOX RoPE = half-split).
-fn qk_permuted(arch: Architecture) -> bool {
-    matches!(arch, Architecture::Llama | Architecture::Mistral)
+/// The heads whose rows llama.cpp reordered in tensor `id` of a model of
+/// `cfg` ([`permute_qk`]): the Q and K projections and biases of "llama"
+/// files, whose ggml RoPE is interleaved; `None` for every other tensor, and
+/// for Qwen2, which uses ggml's NEOX RoPE (half-split, as HF).
+pub fn permuted_heads(cfg: &ModelConfig, id: WeightId) -> Option<usize> {
+    match (cfg.architecture, id) {
+        (Architecture::Llama | Architecture::Mistral, WeightId::Layer(_, part)) => {
+            part.rope_heads(cfg)
+        }
+        _ => None,
+    }
 }
 
-/// Decodes one tensor, checking it has the shape the config implies.
-fn load_tensor(f: &GgufFile, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+/// What llama.cpp calls each tensor in a GGUF file.
+pub const NAMES: Names = Names {
+    embed: "token_embd.weight",
+    final_norm: "output_norm.weight",
+    output: "output.weight",
+    layer_prefix: "blk.",
+    layer: [
+        "attn_norm.weight",
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_q.bias",
+        "attn_k.bias",
+        "attn_v.bias",
+        "attn_output.weight",
+        "ffn_norm.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ],
+};
+
+/// A tensor's info, refusing a missing tensor or a type this crate does not decode.
+fn supported_tensor<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo, ModelError> {
     let info = f.tensor_info(name).ok_or_else(|| missing_tensor(f, name))?;
-    // A 1-D GGUF tensor may be stored as [n, 1, ...]; compare without unit dims.
-    let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
-    if squeeze(&info.shape()) != squeeze(shape) {
-        return Err(ModelError::TensorShape {
-            path: f.path().to_path_buf(),
-            name: name.to_string(),
-            expected: shape.to_vec(),
-            found: info.shape(),
-        });
-    }
     if !info.ggml_type.is_supported() {
         return Err(ModelError::UnsupportedTensorType {
             path: f.path().to_path_buf(),
@@ -318,8 +339,42 @@ fn load_tensor(f: &GgufFile, name: &str, shape: &[usize]) -> Result<Tensor, Mode
             ggml_type: info.ggml_type.name(),
         });
     }
-    let (_, data) = f.tensor_f32(name)?;
-    Ok(Tensor::new(shape.to_vec(), data))
+    Ok(info)
+}
+
+/// A GGUF file's tensors, decoded to f32 with Q/K back in HF's layout.
+struct GgufTensors<'a> {
+    file: &'a GgufFile,
+    cfg: &'a ModelConfig,
+}
+
+impl TensorSource for GgufTensors<'_> {
+    const NAMES: &'static Names = &NAMES;
+
+    fn check(&self, name: &str) -> Result<(), ModelError> {
+        supported_tensor(self.file, name).map(|_| ())
+    }
+
+    fn load(&self, id: WeightId, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let f = self.file;
+        let info = supported_tensor(f, name)?;
+        // A 1-D GGUF tensor may be stored as [n, 1, ...]; compare without unit dims.
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        if squeeze(&info.shape()) != squeeze(shape) {
+            return Err(ModelError::TensorShape {
+                path: f.path().to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape(),
+            });
+        }
+        let (_, mut data) = f.tensor_f32(name)?;
+        if let Some(n_head) = permuted_heads(self.cfg, id) {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            data = unpermute_qk(&data, n_head, self.cfg.head_dim, cols);
+        }
+        Ok(Tensor::new(shape.to_vec(), data))
+    }
 }
 
 /// Every tensor of the model, decoded to f32 in HF layout. `on_tensor` is
@@ -329,108 +384,12 @@ pub fn weights(
     cfg: &ModelConfig,
     on_tensor: &(dyn Fn() + Sync),
 ) -> Result<Weights, ModelError> {
-    // Refuse before decoding anything: every unsupported type and missing
-    // tensor is named up front.
-    for name in expected_tensor_names(cfg) {
-        let info = f
-            .tensor_info(&name)
-            .ok_or_else(|| missing_tensor(f, &name))?;
-        if !info.ggml_type.is_supported() {
-            return Err(ModelError::UnsupportedTensorType {
-                path: f.path().to_path_buf(),
-                name,
-                ggml_type: info.ggml_type.name(),
-            });
-        }
-    }
-    let h = cfg.hidden_size;
-    let q_out = cfg.num_heads * cfg.head_dim;
-    let kv_out = cfg.num_kv_heads * cfg.head_dim;
-    let ff = cfg.intermediate_size;
-    let load = |name: &str, shape: &[usize]| {
-        let t = load_tensor(f, name, shape);
-        on_tensor();
-        t
-    };
-    let permuted = qk_permuted(cfg.architecture);
-    let unpermute = |t: Tensor, n_head: usize| -> Tensor {
-        if !permuted {
-            return t;
-        }
-        let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
-        let data = unpermute_qk(&t.data, n_head, cfg.head_dim, cols);
-        Tensor::new(t.shape, data)
-    };
-    let layers = (0..cfg.num_layers)
-        .into_par_iter()
-        .map(|i| {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            let bias = |s: &str, len: usize, n_head: usize| -> Result<Option<Tensor>, ModelError> {
-                if cfg.attention_bias {
-                    Ok(Some(unpermute(load(&n(s), &[len])?, n_head)))
-                } else {
-                    Ok(None)
-                }
-            };
-            Ok(LayerWeights {
-                attn_norm: load(&n("attn_norm.weight"), &[h])?,
-                wq: unpermute(load(&n("attn_q.weight"), &[q_out, h])?, cfg.num_heads),
-                wk: unpermute(load(&n("attn_k.weight"), &[kv_out, h])?, cfg.num_kv_heads),
-                wv: load(&n("attn_v.weight"), &[kv_out, h])?,
-                bq: bias("attn_q.bias", q_out, cfg.num_heads)?,
-                bk: bias("attn_k.bias", kv_out, cfg.num_kv_heads)?,
-                bv: if cfg.attention_bias {
-                    Some(load(&n("attn_v.bias"), &[kv_out])?)
-                } else {
-                    None
-                },
-                wo: load(&n("attn_output.weight"), &[h, q_out])?,
-                ffn_norm: load(&n("ffn_norm.weight"), &[h])?,
-                w_gate: load(&n("ffn_gate.weight"), &[ff, h])?,
-                w_up: load(&n("ffn_up.weight"), &[ff, h])?,
-                w_down: load(&n("ffn_down.weight"), &[h, ff])?,
-            })
-        })
-        .collect::<Result<Vec<_>, ModelError>>()?;
-    Ok(Weights {
-        embed_tokens: load("token_embd.weight", &[cfg.vocab_size, h])?,
-        layers,
-        final_norm: load("output_norm.weight", &[h])?,
-        lm_head: if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(load("output.weight", &[cfg.vocab_size, h])?)
-        },
-    })
+    assemble::assemble(cfg, &GgufTensors { file: f, cfg }, on_tensor)
 }
 
 /// The GGUF names of every tensor [`weights`] reads, in file order.
 pub fn expected_tensor_names(cfg: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["token_embd.weight".to_string()];
-    for i in 0..cfg.num_layers {
-        let mut per_layer = vec![
-            "attn_norm.weight",
-            "attn_q.weight",
-            "attn_k.weight",
-            "attn_v.weight",
-        ];
-        if cfg.attention_bias {
-            per_layer.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]);
-        }
-        per_layer.extend([
-            "attn_output.weight",
-            "ffn_norm.weight",
-            "ffn_gate.weight",
-            "ffn_up.weight",
-            "ffn_down.weight",
-        ]);
-        names.extend(per_layer.into_iter().map(|s| format!("blk.{i}.{s}")));
-    }
-    names.push("output_norm.weight".to_string());
-    if !cfg.tie_word_embeddings {
-        names.push("output.weight".to_string());
-    }
-    names
+    NAMES.all(cfg)
 }
 
 fn string_array(f: &GgufFile, key: &str) -> Result<Vec<String>, ModelError> {

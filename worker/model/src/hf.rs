@@ -1,21 +1,21 @@
 //! Hugging Face model directories: `config.json`, `*.safetensors` (single or
-//! sharded with `model.safetensors.index.json`), `tokenizer.json`, and the
-//! chat template and special tokens from `tokenizer_config.json` /
-//! `generation_config.json`.
+//! sharded with `model.safetensors.index.json`; their tensors put together by
+//! [`assemble`] under HF's [`NAMES`]), `tokenizer.json`, and the chat template
+//! and special tokens from `tokenizer_config.json` / `generation_config.json`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::assemble::{self, Names, TensorSource, WeightId};
 use super::config::Llama3RopeScaling;
 use super::tokenizer::Tokenizer;
-use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
+use super::{Architecture, ModelConfig, ModelError, Tensor, Weights};
 
 pub const CONFIG_FILE: &str = "config.json";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -199,8 +199,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(files.into_iter().collect())
 }
 
-/// Memory maps of every shard, and which shard holds each tensor.
+/// Memory maps of every shard of a directory, and which shard holds each tensor.
 struct Shards {
+    dir: PathBuf,
     maps: Vec<(PathBuf, Mmap)>,
     /// tensor name → index into `maps`.
     index: BTreeMap<String, usize>,
@@ -221,17 +222,33 @@ impl Shards {
             }
             maps.push((path, mmap));
         }
-        Ok(Self { maps, index })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            maps,
+            index,
+        })
     }
 
-    fn tensor(&self, dir: &Path, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let &i = self
-            .index
+    fn shard_of(&self, name: &str) -> Result<usize, ModelError> {
+        self.index
             .get(name)
+            .copied()
             .ok_or_else(|| ModelError::MissingTensor {
-                path: dir.to_path_buf(),
+                path: self.dir.clone(),
                 name: name.to_string(),
-            })?;
+            })
+    }
+}
+
+impl TensorSource for Shards {
+    const NAMES: &'static Names = &NAMES;
+
+    fn check(&self, name: &str) -> Result<(), ModelError> {
+        self.shard_of(name).map(|_| ())
+    }
+
+    fn load(&self, _id: WeightId, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let i = self.shard_of(name)?;
         let (path, mmap) = &self.maps[i];
         let st = SafeTensors::deserialize(mmap).map_err(|e| invalid(path, e.to_string()))?;
         let view = st.tensor(name).map_err(|e| invalid(path, e.to_string()))?;
@@ -269,39 +286,31 @@ impl Shards {
     }
 }
 
+/// What Hugging Face checkpoints call each tensor.
+pub const NAMES: Names = Names {
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    output: "lm_head.weight",
+    layer_prefix: "model.layers.",
+    layer: [
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ],
+};
+
 /// The HF names of every tensor [`weights`] reads.
 pub fn expected_tensor_names(cfg: &ModelConfig) -> Vec<String> {
-    let mut names = vec!["model.embed_tokens.weight".to_string()];
-    for i in 0..cfg.num_layers {
-        let mut per_layer = vec![
-            "input_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ];
-        if cfg.attention_bias {
-            per_layer.extend([
-                "self_attn.q_proj.bias",
-                "self_attn.k_proj.bias",
-                "self_attn.v_proj.bias",
-            ]);
-        }
-        names.extend(
-            per_layer
-                .into_iter()
-                .map(|s| format!("model.layers.{i}.{s}")),
-        );
-    }
-    names.push("model.norm.weight".to_string());
-    if !cfg.tie_word_embeddings {
-        names.push("lm_head.weight".to_string());
-    }
-    names
+    NAMES.all(cfg)
 }
 
 /// Every weight, converted to f32. `on_tensor` is called once per tensor.
@@ -310,61 +319,7 @@ pub fn weights(
     cfg: &ModelConfig,
     on_tensor: &(dyn Fn() + Sync),
 ) -> Result<Weights, ModelError> {
-    let shards = Shards::open(dir)?;
-    for name in expected_tensor_names(cfg) {
-        if !shards.index.contains_key(&name) {
-            return Err(ModelError::MissingTensor {
-                path: dir.to_path_buf(),
-                name,
-            });
-        }
-    }
-    let h = cfg.hidden_size;
-    let q_out = cfg.num_heads * cfg.head_dim;
-    let kv_out = cfg.num_kv_heads * cfg.head_dim;
-    let ff = cfg.intermediate_size;
-    let load = |name: &str, shape: &[usize]| {
-        let t = shards.tensor(dir, name, shape);
-        on_tensor();
-        t
-    };
-    let layers = (0..cfg.num_layers)
-        .into_par_iter()
-        .map(|i| {
-            let n = |s: &str| format!("model.layers.{i}.{s}");
-            let bias = |s: &str, len: usize| -> Result<Option<Tensor>, ModelError> {
-                if cfg.attention_bias {
-                    load(&n(s), &[len]).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            Ok(LayerWeights {
-                attn_norm: load(&n("input_layernorm.weight"), &[h])?,
-                wq: load(&n("self_attn.q_proj.weight"), &[q_out, h])?,
-                wk: load(&n("self_attn.k_proj.weight"), &[kv_out, h])?,
-                wv: load(&n("self_attn.v_proj.weight"), &[kv_out, h])?,
-                bq: bias("self_attn.q_proj.bias", q_out)?,
-                bk: bias("self_attn.k_proj.bias", kv_out)?,
-                bv: bias("self_attn.v_proj.bias", kv_out)?,
-                wo: load(&n("self_attn.o_proj.weight"), &[h, q_out])?,
-                ffn_norm: load(&n("post_attention_layernorm.weight"), &[h])?,
-                w_gate: load(&n("mlp.gate_proj.weight"), &[ff, h])?,
-                w_up: load(&n("mlp.up_proj.weight"), &[ff, h])?,
-                w_down: load(&n("mlp.down_proj.weight"), &[h, ff])?,
-            })
-        })
-        .collect::<Result<Vec<_>, ModelError>>()?;
-    Ok(Weights {
-        embed_tokens: load("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
-        layers,
-        final_norm: load("model.norm.weight", &[h])?,
-        lm_head: if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(load("lm_head.weight", &[cfg.vocab_size, h])?)
-        },
-    })
+    assemble::assemble(cfg, &Shards::open(dir)?, on_tensor)
 }
 
 /// Parameter count, total bytes and a storage label ("BF16", "mixed F32+BF16")

@@ -4,6 +4,7 @@
 //! Callers use [`resolve`] (a user's `--model` to a path), [`inspect`] (metadata
 //! only) and [`load`] (everything, weights as f32 in HF layout).
 
+pub mod assemble;
 pub mod chat;
 pub mod config;
 pub mod dummy;
@@ -352,18 +353,17 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     let started = Instant::now();
     let info = inspect(path)?;
     let config = info.config.clone();
+    let tensors = assemble::weight_ids(&config).len();
     let (weights, tokenizer, template) = if is_gguf(path) {
         let f = GgufFile::open(path)?;
         let tokenizer = gguf_model::tokenizer(&f)?;
-        let names = gguf_model::expected_tensor_names(&config);
-        let bar = progress_bar(names.len(), &info.name);
+        let bar = progress_bar(tensors, &info.name);
         let weights = gguf_model::weights(&f, &config, &|| bar.inc(1))?;
         bar.finish_and_clear();
         (weights, tokenizer, gguf_model::chat_template_source(&f))
     } else {
         let (tokenizer, template) = hf::tokenizer_and_template(path)?;
-        let names = hf::expected_tensor_names(&config);
-        let bar = progress_bar(names.len(), &info.name);
+        let bar = progress_bar(tensors, &info.name);
         let weights = hf::weights(path, &config, &|| bar.inc(1))?;
         bar.finish_and_clear();
         (weights, tokenizer, template)

@@ -2,12 +2,15 @@
 //! that write them as a GGUF file or an HF directory that [`super::load`]
 //! reads back, each with a small byte-level BPE tokenizer and a ChatML template.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 
+use super::assemble::WeightId;
 use super::gguf::{write_gguf, GgufFile, MetadataValue, TensorData};
-use super::gguf_model::{llama3_rope_factors, permute_qk, ROPE_FREQS};
+use super::gguf_model::{self, llama3_rope_factors, permute_qk, ROPE_FREQS};
+use super::hf;
 use super::quant::GgmlType;
 use super::tokenizer::{ByteLevelBpeVocab, Tokenizer};
 use super::{Architecture, LayerWeights, ModelConfig, ModelError, Tensor, Weights};
@@ -286,63 +289,24 @@ pub fn save_gguf_as(
         tensors.push(TensorData::from_f32(name, t.shape.clone(), ty, &t.data)?);
         Ok(())
     };
-    let permute = |t: &Tensor, n_head: usize| -> Tensor {
-        if gguf_arch(cfg) != "llama" {
-            return t.clone();
+    for (id, t) in weights.tensors() {
+        if id == WeightId::FinalNorm {
+            if let Some(scaling) = &cfg.rope_scaling {
+                // llama.cpp stores Llama 3 scaling as per-frequency divisors.
+                let factors = llama3_rope_factors(scaling, cfg.head_dim, cfg.rope_theta);
+                let t = Tensor::new(vec![factors.len()], factors);
+                push(ROPE_FREQS.into(), &t, GgmlType::F32)?;
+            }
         }
-        let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
-        Tensor::new(
-            t.shape.clone(),
-            permute_qk(&t.data, n_head, cfg.head_dim, cols),
-        )
-    };
-    push(
-        "token_embd.weight".into(),
-        &weights.embed_tokens,
-        matrix_type,
-    )?;
-    for (i, l) in weights.layers.iter().enumerate() {
-        let n = |s: &str| format!("blk.{i}.{s}");
-        push(n("attn_norm.weight"), &l.attn_norm, matrix_type)?;
-        push(
-            n("attn_q.weight"),
-            &permute(&l.wq, cfg.num_heads),
-            matrix_type,
-        )?;
-        push(
-            n("attn_k.weight"),
-            &permute(&l.wk, cfg.num_kv_heads),
-            matrix_type,
-        )?;
-        push(n("attn_v.weight"), &l.wv, matrix_type)?;
-        if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
-            push(n("attn_q.bias"), &permute(bq, cfg.num_heads), matrix_type)?;
-            push(
-                n("attn_k.bias"),
-                &permute(bk, cfg.num_kv_heads),
-                matrix_type,
-            )?;
-            push(n("attn_v.bias"), bv, matrix_type)?;
-        }
-        push(n("attn_output.weight"), &l.wo, matrix_type)?;
-        push(n("ffn_norm.weight"), &l.ffn_norm, matrix_type)?;
-        push(n("ffn_gate.weight"), &l.w_gate, matrix_type)?;
-        push(n("ffn_up.weight"), &l.w_up, matrix_type)?;
-        push(n("ffn_down.weight"), &l.w_down, matrix_type)?;
-    }
-    if let Some(scaling) = &cfg.rope_scaling {
-        // llama.cpp stores Llama 3 scaling as per-frequency divisors.
-        let factors = llama3_rope_factors(scaling, cfg.head_dim, cfg.rope_theta);
-        let t = Tensor::new(vec![factors.len()], factors);
-        push(ROPE_FREQS.into(), &t, GgmlType::F32)?;
-    }
-    push(
-        "output_norm.weight".into(),
-        &weights.final_norm,
-        matrix_type,
-    )?;
-    if let Some(head) = &weights.lm_head {
-        push("output.weight".into(), head, matrix_type)?;
+        let t = match gguf_model::permuted_heads(cfg, id) {
+            Some(n_head) => {
+                let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+                let data = permute_qk(&t.data, n_head, cfg.head_dim, cols);
+                Cow::Owned(Tensor::new(t.shape.clone(), data))
+            }
+            None => Cow::Borrowed(t),
+        };
+        push(gguf_model::NAMES.name(id), &t, matrix_type)?;
     }
     write_gguf(path, &meta, &tensors)?;
     Ok(())
@@ -391,34 +355,13 @@ pub fn save_hf_dir(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(
         serde_json::to_string_pretty(&config).expect("json"),
     )?;
 
-    let mut named: Vec<(String, &Tensor)> =
-        vec![("model.embed_tokens.weight".into(), &weights.embed_tokens)];
-    for (i, l) in weights.layers.iter().enumerate() {
-        let n = |s: &str| format!("model.layers.{i}.{s}");
-        named.extend([
-            (n("input_layernorm.weight"), &l.attn_norm),
-            (n("self_attn.q_proj.weight"), &l.wq),
-            (n("self_attn.k_proj.weight"), &l.wk),
-            (n("self_attn.v_proj.weight"), &l.wv),
-            (n("self_attn.o_proj.weight"), &l.wo),
-            (n("post_attention_layernorm.weight"), &l.ffn_norm),
-            (n("mlp.gate_proj.weight"), &l.w_gate),
-            (n("mlp.up_proj.weight"), &l.w_up),
-            (n("mlp.down_proj.weight"), &l.w_down),
-        ]);
-        for (s, b) in [("q", &l.bq), ("k", &l.bk), ("v", &l.bv)] {
-            if let Some(b) = b {
-                named.push((n(&format!("self_attn.{s}_proj.bias")), b));
-            }
-        }
-    }
-    named.push(("model.norm.weight".into(), &weights.final_norm));
-    if let Some(head) = &weights.lm_head {
-        named.push(("lm_head.weight".into(), head));
-    }
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .tensors()
         .into_iter()
-        .map(|(n, t)| (n, t.shape.clone(), bytemuck::cast_slice(&t.data).to_vec()))
+        .map(|(id, t)| {
+            let bytes = bytemuck::cast_slice(&t.data).to_vec();
+            (hf::NAMES.name(id), t.shape.clone(), bytes)
+        })
         .collect();
     let views = bytes
         .iter()
