@@ -10,73 +10,40 @@ mod engine_support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use engine_support::wrapped::{Hooks, Wrapped};
 use engine_support::*;
 use tandem_api::infer::{GenerateStream, Infer};
-use tandem_api::types::{GenerateEvent, GenerateRequest, KvExport, SamplingParams, StopParams};
+use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
 use tandem_engine::backend::{
-    BackendError, ComputeBackend, CpuBackend, KvLayerSink, SeqInput, WeightStorage,
+    BackendError, ComputeBackend, CpuBackend, DeviceSampling, KvLayerSink, SeqInput, WeightStorage,
 };
 use tandem_engine::{Engine, EngineConfig, EngineHandle};
-use tandem_model::ModelConfig;
 
-/// The CPU backend, claiming to sample on the device, counting the steps
+/// Makes the CPU backend claim to sample on the device, counting the steps
 /// that asked it for tokens.
-struct SamplingCpu {
-    inner: CpuBackend,
+struct DeviceSampled {
     sampled_steps: Arc<AtomicUsize>,
 }
 
-impl ComputeBackend for SamplingCpu {
-    fn name(&self) -> &'static str {
+impl Hooks for DeviceSampled {
+    fn name(&self, _inner: &dyn ComputeBackend) -> &'static str {
         "sampling-cpu"
     }
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn kv_bytes_per_token(&self) -> usize {
-        self.inner.kv_bytes_per_token()
-    }
-    fn init_kv_cache(&mut self, block_size: usize, num_blocks: usize) -> Result<(), BackendError> {
-        self.inner.init_kv_cache(block_size, num_blocks)
-    }
-    fn forward(
-        &mut self,
-        batch: &[SeqInput<'_>],
-        logits: &mut Vec<f32>,
-        sink: Option<&mut dyn KvLayerSink>,
-    ) -> Result<(), BackendError> {
-        self.inner.forward(batch, logits, sink)
-    }
-    fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
-        self.inner.read_kv(block_ids, num_tokens)
-    }
-    fn write_kv_layer(
-        &mut self,
-        block_ids: &[u32],
-        start_pos: usize,
-        layer: usize,
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<(), BackendError> {
-        self.inner.write_kv_layer(block_ids, start_pos, layer, k, v)
-    }
-    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
-        self.inner.copy_block(src, dst)
-    }
-    fn samples_on_device(&self) -> bool {
+    fn samples_on_device(&self, _inner: &dyn ComputeBackend) -> bool {
         true
     }
     fn forward_sampled(
         &mut self,
+        inner: &mut dyn ComputeBackend,
         batch: &[SeqInput<'_>],
-        sampling: &[tandem_engine::backend::DeviceSampling],
+        sampling: &[DeviceSampling],
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<Vec<u32>, BackendError> {
         self.sampled_steps.fetch_add(1, Ordering::SeqCst);
         // The trait's default: forward, then the host rule per row.
         let mut logits = Vec::new();
-        self.inner.forward(batch, &mut logits, sink)?;
-        let vocab = self.config().vocab_size;
+        inner.forward(batch, &mut logits, sink)?;
+        let vocab = inner.config().vocab_size;
         Ok(logits
             .chunks(vocab)
             .zip(sampling)
@@ -102,9 +69,11 @@ fn engines() -> (EngineHandle, EngineHandle, Arc<AtomicUsize>) {
     let w = random_weights(&cfg, 21);
     let plain = CpuBackend::new(cfg.clone(), &w, WeightStorage::F32).unwrap();
     let counted = Arc::new(AtomicUsize::new(0));
-    let device = SamplingCpu {
+    let device = Wrapped {
         inner: CpuBackend::new(cfg.clone(), &w, WeightStorage::F32).unwrap(),
-        sampled_steps: counted.clone(),
+        hooks: DeviceSampled {
+            sampled_steps: counted.clone(),
+        },
     };
     let start =
         |b: Box<dyn ComputeBackend>| Engine::start(b, config(), vec![0], 256, "test").unwrap();

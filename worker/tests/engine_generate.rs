@@ -6,6 +6,7 @@ mod engine_support;
 
 use std::time::{Duration, Instant};
 
+use engine_support::wrapped::{Hooks, Wrapped};
 use engine_support::*;
 use tandem_api::infer::{GenerateStream, Infer, InferError};
 use tandem_api::metrics::metrics;
@@ -493,65 +494,17 @@ async fn prefill_streams_every_layer_of_every_position_once_per_chunk() {
     assert_eq!(again.kv, whole.kv);
 }
 
-/// A CPU backend that reports when it is dropped.
-struct DropReporting(CpuBackend, std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// Hooks that change nothing but report when the backend they wrap has been
+/// dropped.
+struct ReportDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
-impl Drop for DropReporting {
+impl Drop for ReportDrop {
     fn drop(&mut self) {
-        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-impl tandem_engine::backend::ComputeBackend for DropReporting {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn config(&self) -> &ModelConfig {
-        self.0.config()
-    }
-    fn kv_bytes_per_token(&self) -> usize {
-        self.0.kv_bytes_per_token()
-    }
-    fn init_kv_cache(
-        &mut self,
-        block_size: usize,
-        num_blocks: usize,
-    ) -> Result<(), tandem_engine::backend::BackendError> {
-        self.0.init_kv_cache(block_size, num_blocks)
-    }
-    fn forward(
-        &mut self,
-        batch: &[tandem_engine::backend::SeqInput<'_>],
-        logits: &mut Vec<f32>,
-        sink: Option<&mut dyn tandem_engine::backend::KvLayerSink>,
-    ) -> Result<(), tandem_engine::backend::BackendError> {
-        self.0.forward(batch, logits, sink)
-    }
-    fn read_kv(
-        &self,
-        block_ids: &[u32],
-        num_tokens: usize,
-    ) -> Result<tandem_api::types::KvExport, tandem_engine::backend::BackendError> {
-        self.0.read_kv(block_ids, num_tokens)
-    }
-    fn write_kv_layer(
-        &mut self,
-        block_ids: &[u32],
-        start_pos: usize,
-        layer: usize,
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<(), tandem_engine::backend::BackendError> {
-        self.0.write_kv_layer(block_ids, start_pos, layer, k, v)
-    }
-    fn copy_block(
-        &mut self,
-        src: u32,
-        dst: u32,
-    ) -> Result<(), tandem_engine::backend::BackendError> {
-        self.0.copy_block(src, dst)
-    }
-}
+impl Hooks for ReportDrop {}
 
 /// `shutdown` returns once the engine thread has ended and dropped its
 /// backend (a GPU backend's state must be gone before the process exits),
@@ -560,10 +513,10 @@ impl tandem_engine::backend::ComputeBackend for DropReporting {
 async fn shutdown_waits_until_the_backend_is_dropped() {
     let (cfg, weights) = model();
     let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = DropReporting(
-        CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32).unwrap(),
-        dropped.clone(),
-    );
+    let backend = Wrapped {
+        inner: CpuBackend::new(cfg.clone(), &weights, WeightStorage::F32).unwrap(),
+        hooks: ReportDrop(dropped.clone()),
+    };
     let handle = Engine::start(
         Box::new(backend),
         config(4, 32),

@@ -1,7 +1,9 @@
-//! Shared by the engine tests: random tiny models and a naive reference forward.
+//! Shared by the engine tests: random tiny models, a naive reference forward,
+//! and test backends ([`null_backend`], [`wrapped`]).
 #![allow(dead_code)]
 
 pub mod null_backend;
+pub mod wrapped;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
