@@ -2,7 +2,7 @@
 //! `/v1/models`, `/health`, `/metrics`.
 //!
 //! The server only knows the `Infer` seam, so the same router fronts the
-//! in-process engine (`tandem serve`) and, later, remote decode workers.
+//! in-process engine (`tandem serve`) and the router to decode workers (`tandem frontend`).
 //! The server binds before the model is loaded (`/health` answers 503 until
 //! `AppState::set_model`), so orchestrators see "not ready" instead of
 //! "connection refused" while weights load.
