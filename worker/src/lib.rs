@@ -1,13 +1,6 @@
-//! Tandem: disaggregated LLM serving. The `tandem` binary's serving crate: the OpenAI
-//! server, the router, the disaggregated roles and their KV transfer, worker discovery, the
-//! local supervisor and the command line. The engine (`tandem-engine`), the model files
-//! (`tandem-model`), the contracts (`tandem-api`) and the load generator (`tandem-loadgen`)
-//! are crates of their own (docs/architecture.md).
+//! The `tandem` binary's command line: each subcommand's start-up and wiring over the crates
+//! that do the work — `tandem-server` (the OpenAI API), `tandem-disagg` (roles, KV transfer,
+//! router, discovery, local supervisor), `tandem-engine`, `tandem-model`, `tandem-loadgen`, and
+//! the contracts in `tandem-api` (docs/architecture.md).
 
 pub mod cli;
-pub mod discovery;
-pub mod local;
-pub mod roles;
-pub mod router;
-pub mod server;
-pub mod transfer;

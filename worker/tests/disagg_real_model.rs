@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use process_support::{complete, greedy_body, Proc};
 use serde_json::{json, Value};
-use tandem::discovery::Role;
+use tandem_disagg::discovery::Role;
 
 /// One deployment at a time: they would fight over the two cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -107,7 +107,7 @@ impl Cluster {
         let expected = prefill + decode + 1;
         let started = std::time::Instant::now();
         let endpoints = loop {
-            let e = tandem::discovery::EndpointsFile::read(&file).unwrap();
+            let e = tandem_disagg::discovery::EndpointsFile::read(&file).unwrap();
             if e.processes.iter().filter(|p| p.up).count() == expected {
                 break e;
             }

@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
-use tandem::discovery::watch_endpoint_slices;
+use tandem_disagg::discovery::watch_endpoint_slices;
 use tokio::sync::{mpsc, watch};
 
 /// What the mock answers to the next watch request.

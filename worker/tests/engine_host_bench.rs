@@ -24,9 +24,9 @@ mod engine_support;
 use std::time::{Duration, Instant};
 
 use engine_support::null_backend::NullBackend;
-use tandem::roles::event_to_pb;
 use tandem_api::infer::Infer;
 use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_disagg::roles::event_to_pb;
 use tandem_engine::backend::{self, ComputeBackend, CudaOptions, DeviceSpec, WeightsSource};
 use tandem_engine::{Engine, EngineConfig, EngineHandle};
 

@@ -18,7 +18,7 @@ mod process_support;
 
 use process_support::{free_port, metric_at, tandem_bin};
 use serde_json::{json, Value};
-use tandem::discovery::{EndpointsFile, ProcessEntry, Role};
+use tandem_disagg::discovery::{EndpointsFile, ProcessEntry, Role};
 
 const READY: Duration = Duration::from_secs(300);
 

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tandem::discovery::{EndpointsFile, ProcessEntry, Role};
-use tandem::local::{self, LocalConfig, LocalError};
+use tandem_disagg::discovery::{EndpointsFile, ProcessEntry, Role};
+use tandem_disagg::local::{self, LocalConfig, LocalError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

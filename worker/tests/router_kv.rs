@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem::router::{RouteTicket, Router, RouterConfig, RouterMode, WorkerId};
+use tandem_disagg::router::{RouteTicket, Router, RouterConfig, RouterMode, WorkerId};
 use tandem_engine::block_manager::{prefix_hashes, BlockHash, KvEvent};
 
 const BLOCK_SIZE: usize = 16;

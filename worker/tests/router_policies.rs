@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tandem::router::{Router, RouterConfig, RouterError, RouterMode, WorkerId};
+use tandem_disagg::router::{Router, RouterConfig, RouterError, RouterMode, WorkerId};
 use tandem_engine::block_manager::{prefix_hashes, KvEvent};
 
 const BLOCK_SIZE: usize = 16;

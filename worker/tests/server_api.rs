@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::http::{header, StatusCode};
 use serde_json::{json, Value};
 use server_support::*;
-use tandem::server::{router, AppState, ServerConfig};
+use tandem_server::{router, AppState, ServerConfig};
 
 const CONTEXT: usize = 256;
 
@@ -125,7 +125,7 @@ async fn absent_max_tokens_fills_the_context_up_to_the_default_cap() {
     .await;
     assert_eq!(
         fake.last_request().stop.max_tokens,
-        tandem::server::DEFAULT_MAX_TOKENS
+        tandem_server::DEFAULT_MAX_TOKENS
     );
 }
 
@@ -566,7 +566,7 @@ async fn not_ready_until_the_model_is_set() {
     let (status, _, _) = send(&app, get("/metrics")).await;
     assert_eq!(status, StatusCode::OK);
 
-    state.set_model(tandem::server::ServedModel {
+    state.set_model(tandem_server::ServedModel {
         infer: Arc::new(FakeInfer::replying(encode("ready now"))),
         tokenizer: tokenizer(),
         chat_template: Some(tandem_model::ChatTemplate::new(CHATML, "", "").unwrap()),
@@ -588,7 +588,7 @@ async fn base_model_without_template_refuses_chat_but_completes() {
     let fake = Arc::new(FakeInfer::replying(encode("text")));
     let state = AppState::with_model(
         ServerConfig::new(MODEL),
-        tandem::server::ServedModel {
+        tandem_server::ServedModel {
             infer: fake,
             tokenizer: tokenizer(),
             chat_template: None,
@@ -620,7 +620,7 @@ async fn aliases_are_accepted_as_model_but_not_listed() {
     config.model_aliases = vec!["default".into()];
     let state = AppState::with_model(
         config,
-        tandem::server::ServedModel {
+        tandem_server::ServedModel {
             infer: Arc::new(FakeInfer::replying(encode("hi"))),
             tokenizer: tokenizer(),
             chat_template: None,

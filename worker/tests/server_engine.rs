@@ -10,10 +10,10 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use server_support::*;
-use tandem::server::{router, AppState, ServedModel, ServerConfig};
 use tandem_engine::backend::{CpuBackend, WeightStorage};
 use tandem_engine::{Engine, EngineConfig, EngineHandle};
 use tandem_model::{ChatTemplate, ModelConfig};
+use tandem_server::{router, AppState, ServedModel, ServerConfig};
 use tokio::io::AsyncReadExt;
 
 const MAX_MODEL_LEN: usize = 256;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use serde_json::json;
 use server_support::*;
-use tandem::server::{router, AppState, ServedModel, ServerConfig};
+use tandem_server::{router, AppState, ServedModel, ServerConfig};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 

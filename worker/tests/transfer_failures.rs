@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use tandem::transfer::client::PrefillClient;
-use tandem::transfer::pb::{KvDtype, KvLayout};
-use tandem::transfer::service::PrefillSource;
-use tandem::transfer::{PrefillPart, RemotePrefillRequest, TransferError};
 use tandem_api::infer::InferError;
 use tandem_api::types::SamplingParams;
+use tandem_disagg::transfer::client::PrefillClient;
+use tandem_disagg::transfer::pb::{KvDtype, KvLayout};
+use tandem_disagg::transfer::service::PrefillSource;
+use tandem_disagg::transfer::{PrefillPart, RemotePrefillRequest, TransferError};
 use transfer_support::serve_killable;
 
 /// Sends the layout and the first of two layers, then either stalls forever

@@ -6,13 +6,13 @@ mod engine_support;
 mod transfer_support;
 
 use engine_support::*;
-use tandem::transfer::channel::server_builder;
-use tandem::transfer::client::PrefillClient;
-use tandem::transfer::service::PrefillService;
-use tandem::transfer::{RemotePrefillRequest, TransferError};
 use tandem_api::infer::Infer;
 use tandem_api::metrics::metrics;
 use tandem_api::types::{GenerateRequest, SamplingParams, StopParams};
+use tandem_disagg::transfer::channel::server_builder;
+use tandem_disagg::transfer::client::PrefillClient;
+use tandem_disagg::transfer::service::PrefillService;
+use tandem_disagg::transfer::{RemotePrefillRequest, TransferError};
 use tandem_engine::backend::{CpuBackend, WeightStorage};
 use tandem_engine::{Engine, EngineConfig, EngineHandle};
 use tandem_model::{ModelConfig, Weights};
@@ -231,15 +231,15 @@ async fn a_prompt_of_several_prefill_chunks_arrives_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_of_the_first_prefill_chunk_is_sent_before_the_next_chunk_is_computed() {
     let _shipping = SHIPPING.lock().await;
-    use tandem::transfer::pb::{prefill_client, prefill_response::Part};
-    use tandem::transfer::rpc::sampling_to_pb;
+    use tandem_disagg::transfer::pb::{prefill_client, prefill_response::Part};
+    use tandem_disagg::transfer::rpc::sampling_to_pb;
 
     let cfg = tiny_config(GQA);
     let w = random_weights(&cfg, 13);
     let addr = serve(engine(&cfg, &w, 4)).await;
     let mut client = prefill_client::PrefillClient::connect(addr).await.unwrap();
     let mut stream = client
-        .prefill(tandem::transfer::pb::PrefillRequest {
+        .prefill(tandem_disagg::transfer::pb::PrefillRequest {
             request_id: "order".into(),
             prompt: prompt(19, 100),
             sampling: Some(sampling_to_pb(&SamplingParams::greedy())),

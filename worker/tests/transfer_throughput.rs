@@ -24,13 +24,13 @@ use futures::StreamExt;
 use std::sync::Arc;
 
 use rand::Rng;
-use tandem::transfer::channel::server_builder;
-use tandem::transfer::client::PrefillClient;
-use tandem::transfer::pb::{KvDtype, KvLayout};
-use tandem::transfer::service::{PrefillService, PrefillSource};
-use tandem::transfer::{PrefillPart, RemotePrefillRequest};
 use tandem_api::infer::InferError;
 use tandem_api::types::{KvDtype as EngineKvDtype, SamplingParams, TokenOutput};
+use tandem_disagg::transfer::channel::server_builder;
+use tandem_disagg::transfer::client::PrefillClient;
+use tandem_disagg::transfer::pb::{KvDtype, KvLayout};
+use tandem_disagg::transfer::service::{PrefillService, PrefillSource};
+use tandem_disagg::transfer::{PrefillPart, RemotePrefillRequest};
 use tokio_stream::wrappers::TcpListenerStream;
 
 const LAYERS: u32 = 32;

@@ -17,7 +17,7 @@ use tandem_engine::backend::{self, CudaOptions, LoadFormat, WeightsSource};
 use tandem_engine::{Engine, EngineConfig, EngineHandle};
 use tandem_model::{self as model, ChatTemplate, ModelInfo, Tokenizer};
 
-use crate::server::ServerConfig;
+use tandem_server::ServerConfig;
 
 /// The served name and its aliases (`default` always among them).
 pub fn server_config(

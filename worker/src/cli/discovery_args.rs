@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 pub use tandem_api::args::{DecodeDiscoveryArgs, DiscoveryMode, PrefillDiscoveryArgs};
 
-use crate::discovery::{self, DiscoveryConfig, DiscoveryFlags, Role};
+use tandem_disagg::discovery::{self, DiscoveryConfig, DiscoveryFlags, Role};
 
 /// The prefill workers a decode worker may call, kept current.
 pub async fn prefill_membership(

@@ -12,8 +12,8 @@ use tandem_model as model;
 
 use super::common;
 use super::discovery_args;
-use crate::roles::frontend::{Frontend, FrontendConfig};
-use crate::server::{self, AppState, ServedModel};
+use tandem_disagg::roles::frontend::{Frontend, FrontendConfig};
+use tandem_server::{self as server, AppState, ServedModel};
 
 pub fn run(args: FrontendArgs) -> anyhow::Result<()> {
     common::runtime()?.block_on(frontend(args))

@@ -26,13 +26,13 @@ use clap::Args;
 use serde_json::json;
 
 use super::common;
-use crate::roles::worker_service::WorkerService;
-use crate::transfer::channel::{incoming, server_builder};
-use crate::transfer::client::{IpcPrefill, PrefillClient};
-use crate::transfer::service::PrefillService;
-use crate::transfer::RemotePrefillRequest;
 use tandem_api::infer::Infer;
 use tandem_api::types::{GenerateEvent, GenerateRequest, SamplingParams, StopParams};
+use tandem_disagg::roles::worker_service::WorkerService;
+use tandem_disagg::transfer::channel::{incoming, server_builder};
+use tandem_disagg::transfer::client::{IpcPrefill, PrefillClient};
+use tandem_disagg::transfer::service::PrefillService;
+use tandem_disagg::transfer::RemotePrefillRequest;
 use tandem_engine::backend::cuda::ipc::peer_copy_gbps;
 use tandem_engine::backend::{self, CudaOptions, DeviceSpec, WeightsSource};
 use tandem_engine::{Engine, EngineConfig, EngineHandle};

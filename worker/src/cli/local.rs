@@ -1,5 +1,5 @@
 //! `tandem local`: flags to [`LocalConfig`], then the supervisor in
-//! [`crate::local`] until Ctrl-C or SIGTERM.
+//! [`tandem_disagg::local`] until Ctrl-C or SIGTERM.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::local::{self, LocalConfig, ScrapeTargets};
-use crate::router::RouterMode;
+use tandem_disagg::local::{self, LocalConfig, ScrapeTargets};
+use tandem_disagg::router::RouterMode;
 
 /// A whole disaggregated deployment on this machine: a frontend, N prefill
 /// and M decode workers as child processes on loopback, supervised.

@@ -15,7 +15,7 @@ use anyhow::Context;
 pub use tandem_api::args::ServeArgs;
 
 use super::common;
-use crate::server::{self, AppState, ServedModel};
+use tandem_server::{self as server, AppState, ServedModel};
 
 pub use super::common::{parse_byte_size, DEFAULT_MODEL_ALIAS};
 

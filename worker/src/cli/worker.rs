@@ -19,12 +19,12 @@ pub use tandem_api::args::{DecodeArgs, PrefillArgs, WorkerArgs, DEFAULT_GRPC_POR
 use tandem_engine::EngineHandle;
 
 use super::common;
-use crate::roles::decode::{DecodeConfig, DecodeService, DecodeWorker};
-use crate::roles::http::{self as worker_http, WorkerHealth};
-use crate::roles::worker_service::{TransferInfo, WorkerService};
-use crate::transfer::channel::{incoming, server_builder};
-use crate::transfer::cuda_ipc::KvTransfer;
-use crate::transfer::service::PrefillService;
+use tandem_disagg::roles::decode::{DecodeConfig, DecodeService, DecodeWorker};
+use tandem_disagg::roles::http::{self as worker_http, WorkerHealth};
+use tandem_disagg::roles::worker_service::{TransferInfo, WorkerService};
+use tandem_disagg::transfer::channel::{incoming, server_builder};
+use tandem_disagg::transfer::cuda_ipc::KvTransfer;
+use tandem_disagg::transfer::service::PrefillService;
 
 /// The `Load` report's transfer fields for a worker in `mode`; refuses a
 /// forced cuda-ipc on an engine whose pool cannot be shared.
@@ -211,7 +211,7 @@ mod tests {
         for mode in [KvTransfer::Auto, KvTransfer::Grpc] {
             let info = transfer_info(&engine, mode).unwrap();
             assert!(!info.cuda_ipc, "{mode:?}");
-            assert_eq!(info.node_id, crate::transfer::cuda_ipc::node_id());
+            assert_eq!(info.node_id, tandem_disagg::transfer::cuda_ipc::node_id());
         }
         let err = transfer_info(&engine, KvTransfer::CudaIpc)
             .unwrap_err()

@@ -14,10 +14,10 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use tandem::server::{AppState, ServedModel, ServerConfig};
 use tandem_api::infer::{GenerateStream, Infer, InferError, OnDrop};
 use tandem_api::types::{FinishReason, GenerateEvent, GenerateRequest, TokenOutput};
 use tandem_model::{ChatTemplate, Tokenizer};
+use tandem_server::{AppState, ServedModel, ServerConfig};
 use tokio::sync::{mpsc, Semaphore};
 use tower::ServiceExt;
 
@@ -337,7 +337,7 @@ pub async fn start_server(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tandem::server::serve(listener, state, async move {
+    let task = tokio::spawn(tandem_server::serve(listener, state, async move {
         let _ = rx.await;
     }));
     (addr, tx, task)

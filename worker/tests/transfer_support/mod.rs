@@ -2,10 +2,10 @@
 //! dying process, and the tokens of a generation.
 #![allow(dead_code)]
 
-use tandem::transfer::channel::server_builder;
-use tandem::transfer::service::{PrefillService, PrefillSource};
 use tandem_api::infer::GenerateStream;
 use tandem_api::types::{FinishReason, GenerateEvent};
+use tandem_disagg::transfer::channel::server_builder;
+use tandem_disagg::transfer::service::{PrefillService, PrefillSource};
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Serves `Prefill` over `source` on its own runtime, on its own threads, so
