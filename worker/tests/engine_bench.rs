@@ -81,7 +81,7 @@ async fn run(e: &EngineHandle, req: GenerateRequest) -> (f64, f64, usize) {
             }
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Error(e) => panic!("{e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     let first = first.unwrap();

@@ -77,7 +77,7 @@ async fn run(e: &EngineHandle, req: GenerateRequest) -> (f64, f64, Vec<u32>) {
             }
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Error(e) => panic!("{e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     let first = first.expect("at least one token");

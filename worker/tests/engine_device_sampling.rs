@@ -104,7 +104,7 @@ async fn collect(mut stream: GenerateStream) -> (Vec<u32>, bool) {
             }
             GenerateEvent::Finished(_) => return (ids, all_logprobs),
             GenerateEvent::Error(e) => panic!("engine error: {e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     panic!("stream ended without Finished")

@@ -77,6 +77,7 @@ async fn collect(mut stream: GenerateStream) -> Outcome {
         match ev {
             GenerateEvent::Started { cached_tokens, .. } => out.cached_tokens = cached_tokens,
             GenerateEvent::Token(t) => out.tokens.push(t.id),
+            GenerateEvent::PromptLogprobs(_) => {}
             GenerateEvent::Finished(r) => {
                 out.finish = r;
                 return out;

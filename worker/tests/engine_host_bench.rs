@@ -66,7 +66,7 @@ async fn consume(engine: EngineHandle, req: GenerateRequest) -> usize {
             GenerateEvent::Token(_) => tokens += 1,
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Error(e) => panic!("{e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     tokens

@@ -47,7 +47,7 @@ async fn backend_time_is_counted_apart_from_the_engines_own() {
             GenerateEvent::Token(t) => tokens.push(t.id),
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Error(e) => panic!("{e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     assert_eq!(tokens, vec![42; 12]);

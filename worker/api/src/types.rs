@@ -5,6 +5,10 @@
 use bytes::Bytes;
 
 /// How to pick the next token. `temperature == 0.0` means greedy.
+///
+/// Order of application (the sampler's module documents it): grammar mask →
+/// logit bias → repetition, presence and frequency penalties → logprobs →
+/// greedy, or temperature, top-k, top-p, min-p and a draw.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f32,
@@ -12,13 +16,33 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// Nucleus sampling mass in (0, 1]; 1.0 disables it.
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one, in
+    /// [0, 1]; 0 disables it.
+    pub min_p: f32,
     /// Seed for a reproducible sample stream; `None` draws one.
     pub seed: Option<u64>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Multiplicative penalty on every token already in the prompt or the
+    /// output (divides a positive logit, multiplies a negative one), as
+    /// vLLM and transformers apply it; 1.0 disables it.
+    pub repetition_penalty: f32,
+    /// Added to these tokens' logits before anything else (OpenAI's
+    /// `logit_bias`, in [-100, 100]: -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Only tokens that keep the output inside this grammar may be sampled;
+    /// EOS only once the grammar is complete.
+    pub grammar: Option<Grammar>,
     /// `Some(n)`: report the sampled token's log-probability and the `n` most
     /// likely alternatives (n may be 0).
     pub logprobs: Option<usize>,
+    /// `Some(n)`: report every prompt token's log-probability (from the
+    /// second on) with `n` alternatives, as one [`GenerateEvent::PromptLogprobs`].
+    pub prompt_logprobs: Option<usize>,
+    /// The last `output_prefix` prompt tokens are this request's own earlier
+    /// output (a request that moved to another worker mid-generation): the
+    /// penalties and the grammar count them as generated, not as prompt.
+    pub output_prefix: usize,
 }
 
 impl Default for SamplingParams {
@@ -27,10 +51,16 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_k: None,
             top_p: 1.0,
+            min_p: 0.0,
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            grammar: None,
             logprobs: None,
+            prompt_logprobs: None,
+            output_prefix: 0,
         }
     }
 }
@@ -40,6 +70,34 @@ impl SamplingParams {
         Self {
             temperature: 0.0,
             ..Self::default()
+        }
+    }
+}
+
+/// A constraint on the generated text, compiled by the engine against the
+/// model's vocabulary (llguidance). Travels with the request, to a prefill
+/// worker too, so every sampled token obeys it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Grammar {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this JSON Schema (its text).
+    JsonSchema(String),
+    /// Text matching this regular expression, whole.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect.
+    Lark(String),
+}
+
+impl Grammar {
+    /// The kind, for logs and metrics: `json_object`, `json_schema`, `regex`, `lark`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Grammar::JsonObject => "json_object",
+            Grammar::JsonSchema(_) => "json_schema",
+            Grammar::Regex(_) => "regex",
+            Grammar::Lark(_) => "lark",
         }
     }
 }
@@ -93,6 +151,10 @@ pub enum GenerateEvent {
         prompt_tokens: usize,
         cached_tokens: usize,
     },
+    /// The prompt tokens' log-probabilities, when `prompt_logprobs` was
+    /// asked: one entry per prompt token from the second on (the first has
+    /// nothing before it). Sent once, right after `Started`.
+    PromptLogprobs(Vec<TokenOutput>),
     Token(TokenOutput),
     Finished(FinishReason),
     Error(String),

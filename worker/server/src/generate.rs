@@ -54,6 +54,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// The prompt's token logprobs, when the request asked for them.
+    pub prompt_logprobs: Vec<TokenOutput>,
     record: RequestRecord,
 }
 
@@ -74,6 +76,7 @@ impl Generation {
             prompt_tokens,
             cached_tokens: 0,
             completion_tokens: 0,
+            prompt_logprobs: Vec::new(),
             record,
         }
     }
@@ -91,6 +94,7 @@ impl Generation {
                     self.prompt_tokens = prompt_tokens;
                     self.cached_tokens = cached_tokens;
                 }
+                Some(GenerateEvent::PromptLogprobs(tokens)) => self.prompt_logprobs = tokens,
                 Some(GenerateEvent::Token(token)) => return Some(self.on_token(&token)),
                 Some(GenerateEvent::Finished(reason)) => {
                     self.events = None;

@@ -317,6 +317,7 @@ fn check_common(
             presence_penalty,
             frequency_penalty,
             logprobs: None,
+            ..SamplingParams::default()
         },
         stop_strings,
         stop_token_ids,

@@ -240,7 +240,7 @@ async fn tokens_of(mut stream: tandem_api::infer::GenerateStream) -> anyhow::Res
             GenerateEvent::Token(t) => out.push(t.id),
             GenerateEvent::Error(e) => bail!("generation failed: {e}"),
             GenerateEvent::Finished(_) => break,
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     Ok(out)

@@ -46,7 +46,7 @@ pub async fn tokens(mut stream: GenerateStream) -> Vec<u32> {
                 return out;
             }
             GenerateEvent::Error(e) => panic!("engine error: {e}"),
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     panic!("stream ended without Finished")

@@ -133,6 +133,11 @@ async fn relay(
         let mut attempt_request = request.clone();
         attempt_request.prompt = prompt;
         attempt_request.stop.max_tokens = request.stop.max_tokens - generated.len();
+        attempt_request.sampling.output_prefix = request.sampling.output_prefix + generated.len();
+        if !generated.is_empty() {
+            // The client already has the prompt's logprobs.
+            attempt_request.sampling.prompt_logprobs = None;
+        }
         let worker = route.worker.clone();
         let outcome = attempt(
             &mut (*client).clone(),
@@ -230,6 +235,7 @@ async fn attempt(
                 *started = true;
             }
             GenerateEvent::Token(ref t) => generated.push(t.id),
+            GenerateEvent::PromptLogprobs(_) => {}
             GenerateEvent::Finished(_) | GenerateEvent::Error(_) => {
                 let _ = tx.send(event);
                 return Attempt::Done;

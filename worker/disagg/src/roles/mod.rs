@@ -53,7 +53,11 @@ pub fn request_from_pb(r: pb::GenerateRequest) -> Result<GenerateRequest, Status
     Ok(GenerateRequest {
         id: r.request_id,
         prompt: r.prompt,
-        sampling: r.sampling.map(sampling_from_pb).unwrap_or_default(),
+        sampling: r
+            .sampling
+            .map(sampling_from_pb)
+            .transpose()?
+            .unwrap_or_default(),
         stop: StopParams {
             max_tokens: stop.max_tokens as usize,
             stop_token_ids: stop.stop_token_ids,
@@ -71,6 +75,9 @@ pub fn event_to_pb(e: &GenerateEvent) -> pb::GenerateResponse {
         } => Event::Started(pb::Started {
             prompt_tokens: *prompt_tokens as u32,
             cached_tokens: *cached_tokens as u32,
+        }),
+        GenerateEvent::PromptLogprobs(tokens) => Event::PromptLogprobs(pb::PromptLogprobs {
+            tokens: tokens.iter().map(token_to_pb).collect(),
         }),
         GenerateEvent::Token(t) => Event::Token(token_to_pb(t)),
         GenerateEvent::Finished(reason) => Event::Finished(
@@ -94,6 +101,9 @@ pub fn event_from_pb(r: pb::GenerateResponse) -> Option<GenerateEvent> {
             prompt_tokens: s.prompt_tokens as usize,
             cached_tokens: s.cached_tokens as usize,
         },
+        Event::PromptLogprobs(p) => {
+            GenerateEvent::PromptLogprobs(p.tokens.into_iter().map(token_from_pb).collect())
+        }
         Event::Token(t) => GenerateEvent::Token(token_from_pb(t)),
         Event::Finished(code) => GenerateEvent::Finished(
             match pb::FinishReason::try_from(code).unwrap_or(pb::FinishReason::Unspecified) {

@@ -12,7 +12,7 @@ use tonic::Status;
 use tandem_api::infer::InferError;
 use tandem_api::metrics::metrics;
 use tandem_api::pb;
-use tandem_api::types::{KvPieces, SamplingParams, TokenOutput};
+use tandem_api::types::{Grammar, KvPieces, SamplingParams, TokenOutput};
 
 /// `transport` label of the transfer metrics for KV streamed in the answer.
 pub const GRPC: &str = "grpc";
@@ -124,19 +124,46 @@ pub fn sampling_to_pb(s: &SamplingParams) -> pb::SamplingParams {
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
         logprobs: s.logprobs.map(|n| n as u32),
+        min_p: s.min_p,
+        repetition_penalty: (s.repetition_penalty != 1.0).then_some(s.repetition_penalty),
+        logit_bias: s
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| pb::LogitBias { token, bias })
+            .collect(),
+        grammar_json: s
+            .grammar
+            .as_ref()
+            .map(|g| serde_json::to_string(g).expect("a grammar serializes")),
+        prompt_logprobs: s.prompt_logprobs.map(|n| n as u32),
+        output_prefix: s.output_prefix as u32,
     }
 }
 
-pub fn sampling_from_pb(s: pb::SamplingParams) -> SamplingParams {
-    SamplingParams {
+/// The request's sampling rule; a grammar that does not parse is the
+/// caller's error (`InvalidArgument`), never a worker's.
+pub fn sampling_from_pb(s: pb::SamplingParams) -> Result<SamplingParams, Status> {
+    let grammar = match s.grammar_json.as_deref() {
+        None => None,
+        Some(text) => Some(serde_json::from_str::<Grammar>(text).map_err(|e| {
+            Status::invalid_argument(format!("sampling.grammar_json is not a grammar: {e}"))
+        })?),
+    };
+    Ok(SamplingParams {
         temperature: s.temperature,
         top_k: s.top_k.map(|k| k as usize),
         top_p: s.top_p,
+        min_p: s.min_p,
         seed: s.seed,
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+        grammar,
         logprobs: s.logprobs.map(|n| n as usize),
-    }
+        prompt_logprobs: s.prompt_logprobs.map(|n| n as usize),
+        output_prefix: s.output_prefix as usize,
+    })
 }
 
 pub fn token_to_pb(t: &TokenOutput) -> pb::Token {

@@ -174,7 +174,11 @@ impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
         let request = RemotePrefillRequest {
             request_id: req.request_id,
             prompt: req.prompt,
-            sampling: req.sampling.map(sampling_from_pb).unwrap_or_default(),
+            sampling: req
+                .sampling
+                .map(sampling_from_pb)
+                .transpose()?
+                .unwrap_or_default(),
         };
         let mut declined = None;
         let parts = match (req.cuda_ipc, &self.cuda_ipc_off) {

@@ -564,7 +564,7 @@ async fn collect_tokens(mut stream: tandem_api::infer::GenerateStream) -> Result
             GenerateEvent::Token(t) => out.push(t.id),
             GenerateEvent::Error(e) => return Err(e),
             GenerateEvent::Finished(_) => break,
-            GenerateEvent::Started { .. } => {}
+            GenerateEvent::Started { .. } | GenerateEvent::PromptLogprobs(_) => {}
         }
     }
     Ok(out)
