@@ -21,7 +21,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatFunctionCall, ChatMessage, ChatTemplate, ChatToolCall};
 pub use config::{Architecture, ModelConfig};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 pub use weights::{LayerWeights, Tensor, Weights};
