@@ -221,7 +221,7 @@ fn hermes_messages(messages: &[ChatMessage], tools: &[Value]) -> Vec<ChatMessage
     if !tools.is_empty() {
         let mut block = HERMES_TOOLS_INTRO.to_string();
         for tool in tools {
-            block.push_str(&tool_signature(tool));
+            block.push_str(&python_json(tool, None));
             block.push('\n');
         }
         block.push_str(HERMES_TOOLS_OUTRO);
@@ -273,38 +273,20 @@ pub fn hermes_tool_call(name: &str, arguments: &Value) -> String {
     )
 }
 
-/// A tool's signature with its fields in the order OpenAI documents them
-/// (`type`, then `name`, `description`, `parameters`), whatever order the
-/// request's JSON had on the way through.
-fn tool_signature(tool: &Value) -> String {
-    let Some(function) = tool.get("function") else {
-        return python_json(tool, None);
-    };
-    let mut fields = Vec::new();
-    for key in ["name", "description", "parameters"] {
-        if let Some(v) = function.get(key) {
-            fields.push(format!("\"{key}\": {}", python_json(v, None)));
-        }
-    }
-    format!(
-        "{{\"type\": \"function\", \"function\": {{{}}}}}",
-        fields.join(", ")
-    )
-}
-
 /// The `tojson` filter as transformers defines it: `json.dumps` with
 /// `ensure_ascii=False`, so `", "`/`": "` separators, or `indent` spaces per level.
 fn python_tojson(value: JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, JinjaError> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    // Accepted for compatibility. Keys always come out sorted (serde_json's
-    // map sorts them), which is `sort_keys=True`; non-ASCII text is kept as is,
-    // which is what transformers' `ensure_ascii=False` default asks.
-    let _: Option<bool> = kwargs.get("sort_keys")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    // Non-ASCII text is always kept as is: transformers' `ensure_ascii=False` default.
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| {
+    let mut json = serde_json::to_value(&value).map_err(|e| {
         JinjaError::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(e)
     })?;
+    if sort_keys == Some(true) {
+        json.sort_all_objects();
+    }
     Ok(JinjaValue::from_safe_string(python_json(&json, indent)))
 }
 
@@ -447,12 +429,14 @@ mod tests {
             .unwrap();
         let expected = concat!(
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n",
-            "{\n    \"function\": {\n        \"description\": \"Weather <now> in a city\",\n",
-            "        \"name\": \"get_weather\",\n        \"parameters\": {\n",
+            "{\n    \"type\": \"function\",\n    \"function\": {\n",
+            "        \"name\": \"get_weather\",\n",
+            "        \"description\": \"Weather <now> in a city\",\n",
+            "        \"parameters\": {\n            \"type\": \"object\",\n",
             "            \"properties\": {\n                \"city\": {\n",
             "                    \"type\": \"string\"\n                }\n            },\n",
-            "            \"required\": [\n                \"city\"\n            ],\n",
-            "            \"type\": \"object\"\n        }\n    },\n    \"type\": \"function\"\n}\n",
+            "            \"required\": [\n                \"city\"\n            ]\n",
+            "        }\n    }\n}\n",
             "<|eot_id|>",
             "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>",
             "<|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>",
@@ -479,8 +463,8 @@ mod tests {
             "<tools>\n",
             "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", ",
             "\"description\": \"Weather <now> in a city\", \"parameters\": ",
-            "{\"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], ",
-            "\"type\": \"object\"}}}\n",
+            "{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, ",
+            "\"required\": [\"city\"]}}}\n",
             "</tools>\n\n",
             "To call a function, reply with a JSON object holding its name and its arguments ",
             "inside <tool_call></tool_call> tags, one block per call:\n",
@@ -539,12 +523,12 @@ mod tests {
     #[test]
     fn tojson_writes_like_python_json_dumps() {
         let t = ChatTemplate::new(
-            "{{ v | tojson }}|{{ v | tojson(indent=2) }}|{{ e | tojson }}",
+            "{{ v | tojson }}|{{ v | tojson(indent=2) }}|{{ v | tojson(sort_keys=true) }}|{{ e | tojson }}",
             "",
             "",
         )
         .unwrap();
-        let env_out = t
+        let out = t
             .env
             .get_template(TEMPLATE_NAME)
             .unwrap()
@@ -554,8 +538,12 @@ mod tests {
             })
             .unwrap();
         assert_eq!(
-            env_out,
-            "{\"a\": {}, \"b\": [1, \"x<y\"]}|{\n  \"a\": {},\n  \"b\": [\n    1,\n    \"x<y\"\n  ]\n}|[]"
+            out,
+            concat!(
+                "{\"b\": [1, \"x<y\"], \"a\": {}}|",
+                "{\n  \"b\": [\n    1,\n    \"x<y\"\n  ],\n  \"a\": {}\n}|",
+                "{\"a\": {}, \"b\": [1, \"x<y\"]}|[]"
+            )
         );
     }
 
