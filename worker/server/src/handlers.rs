@@ -24,6 +24,7 @@ use super::error::ApiError;
 use super::generate::{record_rejected, Generation, Piece, RequestRecord, TokenLogprob};
 use super::params::{self, Plan};
 use super::protocol::*;
+use super::tools::{self, ToolCallParser, ToolEvent};
 use super::{AppState, ServedModel};
 use tandem_api::metrics::metrics;
 use tandem_api::types::GenerateRequest;
@@ -108,6 +109,7 @@ async fn admit(
         stream,
         include_usage,
         logprobs,
+        tool_parsing,
     } = plan;
     let prompt_tokens = prompt.len();
     let events = model
@@ -139,6 +141,7 @@ async fn admit(
             include_usage,
             text_offset: 0,
             pending_logprobs: Vec::new(),
+            tool_parser: tool_parsing.map(ToolCallParser::new),
         },
         stream,
     })
@@ -195,6 +198,7 @@ async fn respond(admitted: Admitted, endpoint: Endpoint) -> Response {
             ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                ..ChatDelta::default()
             },
             None,
             None,
@@ -244,24 +248,24 @@ async fn respond_whole(
     );
     let want_logprobs = generation.wants_logprobs();
     match endpoint {
-        Endpoint::Chat => Json(ChatCompletion {
-            id: meta.id,
-            object: "chat.completion",
-            created: meta.created,
-            model: meta.model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: text,
-                },
-                logprobs: want_logprobs.then(|| chat_logprobs(&logprobs)),
-                finish_reason: reason,
-            }],
-            usage,
-            system_fingerprint: None,
-        })
-        .into_response(),
+        Endpoint::Chat => {
+            let (message, reason) = chat_message(text, meta.tool_parser, reason);
+            Json(ChatCompletion {
+                id: meta.id,
+                object: "chat.completion",
+                created: meta.created,
+                model: meta.model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message,
+                    logprobs: want_logprobs.then(|| chat_logprobs(&logprobs)),
+                    finish_reason: reason,
+                }],
+                usage,
+                system_fingerprint: None,
+            })
+            .into_response()
+        }
         Endpoint::Completion => Json(Completion {
             id: meta.id,
             object: "text_completion",
@@ -280,6 +284,31 @@ async fn respond_whole(
     }
 }
 
+/// The answer's message and finish reason: with tool parsing, its calls and
+/// the text outside them.
+fn chat_message(
+    text: String,
+    tool_parser: Option<ToolCallParser>,
+    reason: &'static str,
+) -> (ChatMessageOut, &'static str) {
+    let Some(parser) = tool_parser else {
+        let message = ChatMessageOut {
+            role: "assistant",
+            content: Some(text),
+            tool_calls: None,
+        };
+        return (message, reason);
+    };
+    let parsed = parser.read_whole(&text);
+    let reason = tools::finish_reason(!parsed.tool_calls.is_empty(), reason);
+    let message = ChatMessageOut {
+        role: "assistant",
+        content: parsed.content,
+        tool_calls: (!parsed.tool_calls.is_empty()).then_some(parsed.tool_calls),
+    };
+    (message, reason)
+}
+
 /// Identity and running state of one response's chunks.
 struct ResponseMeta {
     id: String,
@@ -291,6 +320,8 @@ struct ResponseMeta {
     text_offset: usize,
     /// Logprobs of tokens whose text is still held back.
     pending_logprobs: Vec<TokenLogprob>,
+    /// Reads the text for tool calls (chat with tools offered).
+    tool_parser: Option<ToolCallParser>,
 }
 
 impl ResponseMeta {
@@ -350,8 +381,8 @@ impl ResponseMeta {
         match self.endpoint {
             Endpoint::Chat => self.chat_chunk(
                 ChatDelta {
-                    role: None,
                     content: Some(text),
+                    ..ChatDelta::default()
                 },
                 want_logprobs.then(|| chat_logprobs(&logprobs)),
                 None,
@@ -362,6 +393,49 @@ impl ResponseMeta {
                 None,
             ),
         }
+    }
+
+    /// The chunks for released `text`: one content chunk, or with tool
+    /// parsing whatever the parser decided (perhaps nothing yet).
+    fn text_chunks(&mut self, text: String, want_logprobs: bool) -> Vec<Event> {
+        match self.tool_parser.as_mut() {
+            None => vec![self.content_chunk(text, want_logprobs)],
+            Some(parser) => {
+                let events = parser.push(&text);
+                self.tool_event_chunks(events, want_logprobs)
+            }
+        }
+    }
+
+    /// The text the tool parser still holds, decided now that the output ended.
+    fn final_tool_chunks(&mut self, want_logprobs: bool) -> Vec<Event> {
+        match self.tool_parser.as_mut() {
+            None => Vec::new(),
+            Some(parser) => {
+                let events = parser.finish();
+                self.tool_event_chunks(events, want_logprobs)
+            }
+        }
+    }
+
+    fn tool_event_chunks(&mut self, events: Vec<ToolEvent>, want_logprobs: bool) -> Vec<Event> {
+        events
+            .into_iter()
+            .map(|event| {
+                let logprobs = std::mem::take(&mut self.pending_logprobs);
+                self.chat_chunk(
+                    event.into_delta(),
+                    want_logprobs.then(|| chat_logprobs(&logprobs)),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    /// `tool_calls` instead of `stop` when the answer made calls.
+    fn finish_reason(&self, reason: &'static str) -> &'static str {
+        let saw_calls = self.tool_parser.as_ref().is_some_and(|p| p.saw_calls());
+        tools::finish_reason(saw_calls, reason)
     }
 
     fn finish_chunk(&self, reason: &'static str) -> Event {
@@ -439,7 +513,7 @@ fn sse_events(
                 if text.is_empty() {
                     Vec::new()
                 } else {
-                    vec![s.meta.content_chunk(text, want_logprobs)]
+                    s.meta.text_chunks(text, want_logprobs)
                 }
             }
             Some(Piece::Finished {
@@ -451,9 +525,10 @@ fn sse_events(
                 s.meta.pending_logprobs.extend(logprobs);
                 let mut events = Vec::new();
                 if !text.is_empty() || !s.meta.pending_logprobs.is_empty() {
-                    events.push(s.meta.content_chunk(text, want_logprobs));
+                    events.extend(s.meta.text_chunks(text, want_logprobs));
                 }
-                events.push(s.meta.finish_chunk(reason));
+                events.extend(s.meta.final_tool_chunks(want_logprobs));
+                events.push(s.meta.finish_chunk(s.meta.finish_reason(reason)));
                 if s.meta.include_usage {
                     events.push(s.meta.usage_chunk(Usage::new(
                         s.generation.prompt_tokens,

@@ -13,6 +13,7 @@ mod handlers;
 mod params;
 mod protocol;
 mod text;
+mod tools;
 
 use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

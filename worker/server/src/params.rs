@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::protocol::{ChatCompletionRequest, ChatMessageIn, CommonFields, CompletionRequest};
+use super::tools::{self, ToolFamily, ToolParsing, ToolRequest};
 use super::ServedModel;
 use tandem_api::types::{SamplingParams, StopParams};
 use tandem_model::ChatMessage;
@@ -28,6 +29,8 @@ pub struct Plan {
     pub include_usage: bool,
     /// Report logprobs with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Read the output for tool calls (chat with tools offered).
+    pub tool_parsing: Option<ToolParsing>,
 }
 
 /// Check the content type and parse the body into `T`; every failure is a 4xx
@@ -125,15 +128,11 @@ pub fn plan_chat(
     default_max_tokens: usize,
 ) -> Result<Plan, ApiError> {
     check_model(&req.model, names)?;
-    if let Some(tools) = &req.tools {
-        let empty = tools.is_null() || tools.as_array().is_some_and(Vec::is_empty);
-        if !empty {
-            return Err(ApiError::invalid_param(
-                "tools",
-                "Tool calling is not supported by this server.",
-            ));
-        }
-    }
+    let tools = ToolRequest::check(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
     if let Some(format) = &req.response_format {
         let kind = format.get("type").and_then(Value::as_str);
         if !format.is_null() && kind != Some("text") {
@@ -164,13 +163,26 @@ pub fn plan_chat(
     })?;
     let messages = chat_messages(&req.messages)?;
     let text = template
-        .render(&messages, true)
+        .render_with_tools(&messages, tools.offered(), true)
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     let prompt = model
         .tokenizer
         .encode(&text)
         .map_err(|e| ApiError::internal(format!("Tokenizing the prompt failed: {e}")))?;
-    partial.finish(prompt, "messages", model, default_max_tokens, logprobs)
+    let mut plan = partial.finish(prompt, "messages", model, default_max_tokens, logprobs)?;
+    let family = ToolFamily::of_template(template);
+    if let Some(grammar) = tools.grammar(family) {
+        if plan.sampling.grammar.is_some() {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "response_format cannot be combined with tool_choice \"required\" or a named \
+                 function: both constrain the output.",
+            ));
+        }
+        plan.sampling.grammar = Some(grammar);
+    }
+    plan.tool_parsing = tools.parsing(family);
+    Ok(plan)
 }
 
 pub fn plan_completion(
@@ -383,6 +395,7 @@ impl PartialPlan {
             stream: self.stream,
             include_usage: self.include_usage,
             logprobs,
+            tool_parsing: None,
         })
     }
 }
@@ -440,6 +453,7 @@ fn template_role(role: &str) -> Option<&'static str> {
         "system" | "developer" => Some("system"),
         "user" => Some("user"),
         "assistant" => Some("assistant"),
+        "tool" => Some("tool"),
         _ => None,
     }
 }
@@ -460,13 +474,19 @@ fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiErro
                     format!("messages[{i}].role"),
                     format!(
                         "Unknown or unsupported role `{}` in messages[{i}]; expected system, \
-                         developer, user or assistant.",
+                         developer, user, assistant or tool.",
                         m.role
                     ),
                 )
             })?;
             let content = message_text(m.content.as_ref(), role, i)?;
-            Ok(ChatMessage::new(role, content))
+            let (tool_calls, tool_call_id) = tools::message_tool_fields(m, i)?;
+            Ok(ChatMessage {
+                tool_calls,
+                tool_call_id,
+                name: m.name.clone(),
+                ..ChatMessage::new(role, content)
+            })
         })
         .collect()
 }

@@ -20,6 +20,14 @@ pub struct ChatMessageIn {
     /// (only for an assistant turn).
     #[serde(default)]
     pub content: Option<Value>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Declares the request structs with the fields they share written once.
@@ -99,6 +107,9 @@ requests_with_common_fields! {
         pub logprobs: Option<bool>,
         pub top_logprobs: Option<i64>,
         pub tools: Option<Value>,
+        /// "none", "auto", "required" or `{"type": "function", "function": {"name": ...}}`.
+        pub tool_choice: Option<Value>,
+        pub parallel_tool_calls: Option<bool>,
         pub response_format: Option<Value>,
     }
 
@@ -145,7 +156,72 @@ impl Usage {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer was only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One call the model made.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A streamed piece of call `index`: its first carries `id`, `type` and the
+/// name (with empty arguments), the rest argument text.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+impl ToolCallDelta {
+    pub fn start(index: usize, id: String, name: String) -> Self {
+        Self {
+            index,
+            id: Some(id),
+            kind: Some("function"),
+            function: FunctionCallDelta {
+                name: Some(name),
+                arguments: Some(String::new()),
+            },
+        }
+    }
+
+    pub fn arguments(index: usize, fragment: String) -> Self {
+        Self {
+            index,
+            id: None,
+            kind: None,
+            function: FunctionCallDelta {
+                name: None,
+                arguments: Some(fragment),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,6 +269,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
