@@ -499,9 +499,9 @@ mod tests {
             "{out}"
         );
         assert_eq!(out.matches("<|im_start|>system").count(), 1, "{out}");
-        assert!(out.contains(concat!(
+        assert!(out.contains(
             "</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>"
-        )));
+        ), "{out}");
         assert!(
             out.ends_with(concat!(
                 "<|im_start|>user\n<tool_response>\n{\"temp_c\": 21}\n</tool_response>\n",
