@@ -106,8 +106,6 @@ def test_required_round_trip(client, model):
     assert answer.message.tool_calls is None
     assert answer.message.content.strip()
     assert answer.finish_reason in ("stop", "length")
-    # The tool results are in the prompt the model answered.
-    assert final.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 def test_required_round_trip_streaming(client, model):
