@@ -308,7 +308,104 @@ fn cases() -> Vec<Case> {
             Some("top_k"),
             "top_k",
         ),
-        case("n of two", chat(json!({"n": 2})), 400, Some("n"), "n = 1"),
+        case(
+            "n above 16",
+            chat(json!({"n": 17})),
+            400,
+            Some("n"),
+            "between 1 and 16",
+        ),
+        case(
+            "n zero",
+            completion(json!({"n": 0})),
+            400,
+            Some("n"),
+            "n must",
+        ),
+        case(
+            "min_p above one",
+            chat(json!({"min_p": 1.5})),
+            400,
+            Some("min_p"),
+            "between 0 and 1",
+        ),
+        case(
+            "repetition_penalty zero",
+            completion(json!({"repetition_penalty": 0})),
+            400,
+            Some("repetition_penalty"),
+            "greater than 0",
+        ),
+        case(
+            "logit_bias out of range",
+            chat(json!({"logit_bias": {"5": 150}})),
+            400,
+            Some("logit_bias"),
+            "between -100 and 100",
+        ),
+        case(
+            "logit_bias key not a token id",
+            completion(json!({"logit_bias": {"hello": 1}})),
+            400,
+            Some("logit_bias"),
+            "not a token id",
+        ),
+        case(
+            "logit_bias outside the vocabulary",
+            chat(json!({"logit_bias": {"999999": 1}})),
+            400,
+            Some("logit_bias"),
+            "vocabulary",
+        ),
+        case(
+            "response_format of an unknown type",
+            chat(json!({"response_format": {"type": "xml"}})),
+            400,
+            Some("response_format.type"),
+            "json_schema",
+        ),
+        case(
+            "json_schema without a schema",
+            chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})),
+            400,
+            Some("response_format.json_schema.schema"),
+            "missing",
+        ),
+        case(
+            "two output constraints",
+            completion(json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"})),
+            400,
+            Some("guided_regex"),
+            "only one",
+        ),
+        case(
+            "guided_choice empty",
+            chat(json!({"guided_choice": []})),
+            400,
+            Some("guided_choice"),
+            "at least one",
+        ),
+        case(
+            "unknown field",
+            chat(json!({"temprature": 0.5})),
+            400,
+            Some("temprature"),
+            "unknown field `temprature`",
+        ),
+        case(
+            "unknown field on completions",
+            completion(json!({"messages": []})),
+            400,
+            Some("messages"),
+            "unknown field",
+        ),
+        case(
+            "an OpenAI field this server does not implement",
+            chat(json!({"modalities": ["text", "audio"]})),
+            400,
+            Some("modalities"),
+            "not supported by this server",
+        ),
         case(
             "presence_penalty out of range",
             chat(json!({"presence_penalty": 3})),
@@ -416,11 +513,25 @@ fn cases() -> Vec<Case> {
             "empty array",
         ),
         case(
-            "several prompts",
-            completion(json!({"prompt": ["a", "b"]})),
+            "a batch mixing text and token ids",
+            completion(json!({"prompt": ["a", [1, 2]]})),
+            400,
+            Some("prompt[1]"),
+            "batch of strings",
+        ),
+        case(
+            "a batch of more than 64 prompts",
+            completion(json!({"prompt": vec!["a"; 65]})),
             400,
             Some("prompt"),
-            "one request per prompt",
+            "at most 64",
+        ),
+        case(
+            "an empty prompt in a batch",
+            completion(json!({"prompt": ["a", ""]})),
+            400,
+            Some("prompt[1]"),
+            "empty",
         ),
         case(
             "token id outside the vocabulary",
@@ -465,18 +576,25 @@ fn cases() -> Vec<Case> {
             "between 0 and 20",
         ),
         case(
-            "echo",
-            completion(json!({"echo": true})),
+            "suffix",
+            completion(json!({"suffix": "the end"})),
             400,
-            Some("echo"),
+            Some("suffix"),
             "not supported",
         ),
         case(
-            "best_of",
-            completion(json!({"best_of": 3})),
+            "best_of below n",
+            completion(json!({"n": 3, "best_of": 2})),
             400,
             Some("best_of"),
-            "best_of = 1",
+            "at least n",
+        ),
+        case(
+            "best_of streamed",
+            completion(json!({"best_of": 3, "stream": true})),
+            400,
+            Some("best_of"),
+            "cannot be streamed",
         ),
         case(
             "completion unknown model",
@@ -573,15 +691,22 @@ async fn unknown_model_has_model_not_found_code() {
     assert_eq!(body["error"]["code"], "model_not_found");
 }
 
+/// Fields that change nothing a client could observe are accepted; anything
+/// unknown is refused (see the cases above), never dropped in silence.
 #[tokio::test]
-async fn unknown_fields_and_user_are_ignored() {
+async fn harmless_openai_fields_are_accepted() {
     let fake = Arc::new(FakeInfer::replying(encode("ok")));
     let app = router(state_with(fake, CONTEXT));
     let (status, body) = send_json(
         &app,
-        chat(json!({"user": "u-1", "metadata": {"a": 1}, "some_future_field": [1, 2], "response_format": {"type": "text"}, "tools": []})),
+        chat(json!({
+            "user": "u-1", "metadata": {"a": "1"}, "store": false, "service_tier": "auto",
+            "response_format": {"type": "text"}, "tools": [], "functions": null
+        })),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "ok");
+    let (status, body) = send_json(&app, completion(json!({"user": "u-1"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

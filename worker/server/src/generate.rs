@@ -25,6 +25,25 @@ pub struct TokenLogprob {
     pub top: Vec<(String, f32)>,
 }
 
+/// A prompt token as `echo` with logprobs reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptToken {
+    pub token: String,
+    /// Byte offset of the token's text in the echoed prompt.
+    pub offset: usize,
+    /// `None` for the first token, which nothing before it predicts, and for
+    /// any token the engine reported no logprob for.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Prompt and generated token counts of one generation, for `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+}
+
 /// What the next event(s) of a generation produced.
 #[derive(Debug)]
 pub enum Piece {
@@ -56,6 +75,9 @@ pub struct Generation {
     pub completion_tokens: usize,
     /// The prompt's token logprobs, when the request asked for them.
     pub prompt_logprobs: Vec<TokenOutput>,
+    /// Sum of the generated tokens' logprobs, where the engine reported them
+    /// (`best_of` ranks its candidates by it).
+    pub cumulative_logprob: f64,
     record: RequestRecord,
 }
 
@@ -77,7 +99,22 @@ impl Generation {
             cached_tokens: 0,
             completion_tokens: 0,
             prompt_logprobs: Vec::new(),
+            cumulative_logprob: 0.0,
             record,
+        }
+    }
+
+    /// Give up on a generation admitted as part of a request that was then
+    /// refused: it counts with the refusal's outcome, and dropping it cancels it.
+    pub fn release(mut self, err: &ApiError) {
+        self.record.finish(err.outcome(), 0);
+    }
+
+    pub fn counts(&self) -> TokenCounts {
+        TokenCounts {
+            prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
+            completion_tokens: self.completion_tokens,
         }
     }
 
@@ -118,6 +155,7 @@ impl Generation {
 
     fn on_token(&mut self, token: &TokenOutput) -> Piece {
         self.completion_tokens += 1;
+        self.cumulative_logprob += token.logprob.map_or(0.0, f64::from);
         self.record.token_arrived();
         let logprobs = if self.want_logprobs {
             vec![self.token_logprob(token)]
@@ -169,6 +207,34 @@ impl Generation {
     /// Whether the client asked for logprobs.
     pub fn wants_logprobs(&self) -> bool {
         self.want_logprobs
+    }
+
+    /// `prompt`'s tokens with their text, their offset in the prompt's text
+    /// (`text_len` bytes long; decoding may not give back exactly the text the
+    /// client sent, so offsets stay inside it) and the logprobs the engine
+    /// reported for them. Call it once the first piece has arrived: the
+    /// prompt's logprobs come before the first token.
+    pub fn echoed_prompt(&self, prompt: &[u32], text_len: usize) -> Vec<PromptToken> {
+        let mut decoder = self.tokenizer.incremental();
+        let mut decoded = 0;
+        prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let offset = decoded.min(text_len);
+                decoded += decoder.push(id).len();
+                // The engine reports every prompt token from the second on.
+                let reported = i
+                    .checked_sub(1)
+                    .and_then(|j| self.prompt_logprobs.get(j))
+                    .filter(|t| t.id == id && t.logprob.is_some());
+                PromptToken {
+                    token: self.tokenizer.decode(&[id], false),
+                    offset,
+                    logprob: reported.map(|t| self.token_logprob(t)),
+                }
+            })
+            .collect()
     }
 
     fn token_logprob(&self, token: &TokenOutput) -> TokenLogprob {

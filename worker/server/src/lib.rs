@@ -7,6 +7,7 @@
 //! `AppState::set_model`), so orchestrators see "not ready" instead of
 //! "connection refused" while weights load.
 
+mod constraint;
 mod error;
 mod generate;
 mod handlers;

@@ -3,7 +3,11 @@
 //! Request fields whose JSON type varies (`stop`, `prompt`, message `content`)
 //! are kept as raw `Value`s here and checked in `params`, so a wrong shape gets
 //! an error that says what was expected instead of serde's untagged-enum text.
-//! Unknown fields are ignored, as OpenAI does.
+//!
+//! Every top-level field a client sends must mean something: a field of the
+//! request struct, or one of the endpoint's [`FieldPolicy::ignored`] fields.
+//! Anything else is refused (`params::parse_body`), so a client never gets
+//! behaviour other than what it asked for without a word.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -93,9 +97,26 @@ requests_with_common_fields! {
         pub stop_token_ids: Option<Vec<u32>>,
         /// Extension: keep generating past EOS until `max_tokens`.
         pub ignore_eos: Option<bool>,
+        /// Choices per prompt, 1 to 16.
         pub n: Option<i64>,
         pub stream: Option<bool>,
         pub stream_options: Option<StreamOptions>,
+        /// Extension (vLLM-style): drop tokens less likely than `min_p` times the top one.
+        pub min_p: Option<f64>,
+        /// Extension (vLLM-style): multiplicative penalty on tokens already seen; 1 disables.
+        pub repetition_penalty: Option<f64>,
+        /// An object of token id strings to a bias in [-100, 100].
+        pub logit_bias: Option<Value>,
+        /// `{"type": "text" | "json_object" | "json_schema", ...}`.
+        pub response_format: Option<Value>,
+        /// Extension (vLLM): a JSON Schema, as an object or as JSON text.
+        pub guided_json: Option<Value>,
+        /// Extension (vLLM): a regular expression the whole output matches.
+        pub guided_regex: Option<String>,
+        /// Extension (vLLM): a grammar in llguidance's Lark dialect.
+        pub guided_grammar: Option<String>,
+        /// Extension (vLLM): the output is exactly one of these strings.
+        pub guided_choice: Option<Vec<String>>,
     }
 
     #[derive(Debug, Clone, Deserialize)]
@@ -110,21 +131,68 @@ requests_with_common_fields! {
         /// "none", "auto", "required" or `{"type": "function", "function": {"name": ...}}`.
         pub tool_choice: Option<Value>,
         pub parallel_tool_calls: Option<bool>,
-        pub response_format: Option<Value>,
     }
 
     #[derive(Debug, Clone, Deserialize)]
     pub struct CompletionRequest {
         pub model: String,
-        /// A string, an array of one string, an array of token ids, or an array
-        /// holding one array of token ids.
+        /// A string, an array of token ids, or a batch: an array of strings or
+        /// an array of arrays of token ids.
         pub prompt: Option<Value>,
+        /// Candidates generated per prompt; the `n` most likely are returned.
         pub best_of: Option<i64>,
         /// Number of most likely alternatives to report per token.
         pub logprobs: Option<i64>,
+        /// Prepend the prompt to each choice (with `logprobs`, its tokens' logprobs too).
         pub echo: Option<bool>,
         pub suffix: Option<String>,
     }
+}
+
+/// What an endpoint does with top-level fields that are not in its request struct.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldPolicy {
+    /// OpenAI fields accepted and ignored, because honouring them changes
+    /// nothing a client can observe (`user`, `metadata`, ...). A field the
+    /// server implements belongs in the request struct instead.
+    pub ignored: &'static [&'static str],
+    /// OpenAI fields this server does not implement: a 400 saying so.
+    pub not_supported: &'static [&'static str],
+}
+
+/// A request body type and its endpoint's [`FieldPolicy`].
+pub trait Request: serde::de::DeserializeOwned {
+    const FIELDS: FieldPolicy;
+}
+
+impl Request for ChatCompletionRequest {
+    const FIELDS: FieldPolicy = FieldPolicy {
+        ignored: &[
+            "user",
+            "metadata",
+            "store",
+            "service_tier",
+            "prompt_cache_key",
+            "safety_identifier",
+        ],
+        not_supported: &[
+            "audio",
+            "modalities",
+            "prediction",
+            "functions",
+            "function_call",
+            "web_search_options",
+            "reasoning_effort",
+            "verbosity",
+        ],
+    };
+}
+
+impl Request for CompletionRequest {
+    const FIELDS: FieldPolicy = FieldPolicy {
+        ignored: &["user"],
+        not_supported: &[],
+    };
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -296,12 +364,15 @@ pub struct ChatCompletionChunk {
 
 // ---- completion responses ----
 
-/// The legacy completions logprobs shape: parallel arrays, one entry per token.
+/// The legacy completions logprobs shape: parallel arrays, one entry per
+/// token. With `echo` the prompt's tokens come first, and the very first has
+/// null logprobs (nothing precedes it to predict it from).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
+    /// Byte offset of each token's text in the choice's `text`.
     pub text_offset: Vec<usize>,
 }
 

@@ -87,6 +87,8 @@ pub fn tokenizer() -> Tokenizer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Accept,
+    /// Admit this many more requests, then answer as `Overloaded`.
+    AcceptOnly(usize),
     Overloaded,
     Unavailable,
     /// Admit, then report an engine error instead of tokens.
@@ -102,6 +104,8 @@ pub struct FakeInfer {
     /// When set, each token waits for a permit: tests hold requests in flight.
     gate: Option<Arc<Semaphore>>,
     token_delay: Duration,
+    /// The logprob of every token of a request, when it asks for logprobs.
+    token_logprob: fn(&GenerateRequest) -> f32,
     pub requests: Mutex<Vec<GenerateRequest>>,
     /// Ids of requests whose stream was dropped before `Finished`.
     pub cancelled: Arc<Mutex<Vec<String>>>,
@@ -117,6 +121,7 @@ impl FakeInfer {
             ready: AtomicBool::new(true),
             gate: None,
             token_delay: Duration::ZERO,
+            token_logprob: |_| -0.5,
             requests: Mutex::new(Vec::new()),
             cancelled: Arc::new(Mutex::new(Vec::new())),
             tokens_sent: Arc::new(Mutex::new(HashMap::new())),
@@ -130,6 +135,11 @@ impl FakeInfer {
 
     pub fn with_token_delay(mut self, delay: Duration) -> Self {
         self.token_delay = delay;
+        self
+    }
+
+    pub fn with_token_logprob(mut self, logprob: fn(&GenerateRequest) -> f32) -> Self {
+        self.token_logprob = logprob;
         self
     }
 
@@ -153,11 +163,20 @@ impl FakeInfer {
 
 impl Infer for FakeInfer {
     fn generate(&self, request: GenerateRequest) -> Result<GenerateStream, InferError> {
-        let admission = *self.admission.lock().unwrap();
+        let admission = {
+            let mut admission = self.admission.lock().unwrap();
+            if let Admission::AcceptOnly(left) = *admission {
+                *admission = match left {
+                    0 => Admission::Overloaded,
+                    n => Admission::AcceptOnly(n - 1),
+                };
+            }
+            *admission
+        };
         match admission {
             Admission::Overloaded => return Err(InferError::Overloaded("queue is full".into())),
             Admission::Unavailable => return Err(InferError::Unavailable("engine stopped".into())),
-            Admission::Accept | Admission::FailAfterStart => {}
+            Admission::Accept | Admission::AcceptOnly(_) | Admission::FailAfterStart => {}
         }
         self.requests.lock().unwrap().push(request.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -168,11 +187,25 @@ impl Infer for FakeInfer {
         let sent_counts = self.tokens_sent.clone();
         let finished_in_task = finished.clone();
         let id = request.id.clone();
+        let logprob = (self.token_logprob)(&request);
         tokio::spawn(async move {
             let _ = tx.send(GenerateEvent::Started {
                 prompt_tokens: request.prompt.len(),
                 cached_tokens: 0,
             });
+            if let Some(k) = request.sampling.prompt_logprobs {
+                // Prompt token i (from the second on) gets -i/10, its alternatives below it.
+                let tokens = request.prompt[1..]
+                    .iter()
+                    .zip(1..)
+                    .map(|(&id, i)| TokenOutput {
+                        id,
+                        logprob: Some(-(i as f32) / 10.0),
+                        top_logprobs: (0..k).map(|j| (id, -1.0 - j as f32)).collect(),
+                    })
+                    .collect();
+                let _ = tx.send(GenerateEvent::PromptLogprobs(tokens));
+            }
             if admission == Admission::FailAfterStart {
                 finished_in_task.store(true, Ordering::SeqCst);
                 let _ = tx.send(GenerateEvent::Error("device lost".into()));
@@ -189,7 +222,7 @@ impl Infer for FakeInfer {
                 }
                 let output = TokenOutput {
                     id: token,
-                    logprob: request.sampling.logprobs.map(|_| -0.5),
+                    logprob: request.sampling.logprobs.map(|_| logprob),
                     top_logprobs: (0..request.sampling.logprobs.unwrap_or(0))
                         .map(|i| (token, -1.0 - i as f32))
                         .collect(),
