@@ -325,7 +325,9 @@ fn progress_bar(len: usize, name: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn compile_template(
+/// Compiles a chat template source for `tokenizer`'s special tokens; `path`
+/// (the model, or a `--chat-template` file) names it in errors.
+pub fn compile_template(
     path: &Path,
     template: Option<String>,
     tokenizer: &Tokenizer,
@@ -345,6 +347,28 @@ fn compile_template(
             path: path.to_path_buf(),
             cause,
         })
+}
+
+/// Reads a chat template file (`--chat-template`) and checks that it compiles,
+/// before any model is loaded, so a broken file stops start-up at once with its
+/// name. The source is compiled again with the model's special tokens by
+/// [`compile_template`] once the tokenizer is known.
+pub fn read_chat_template(file: &Path) -> Result<String, ModelError> {
+    let source = std::fs::read_to_string(file).map_err(|cause| ModelError::Io {
+        path: file.to_path_buf(),
+        cause,
+    })?;
+    if source.trim().is_empty() {
+        return Err(ModelError::Invalid {
+            path: file.to_path_buf(),
+            why: "the chat template file is empty".to_string(),
+        });
+    }
+    ChatTemplate::new(source.as_str(), "", "").map_err(|cause| ModelError::ChatTemplate {
+        path: file.to_path_buf(),
+        cause,
+    })?;
+    Ok(source)
 }
 
 /// Loads a GGUF file or HF directory: config, f32 weights in HF layout,

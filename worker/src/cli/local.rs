@@ -73,6 +73,12 @@ pub struct LocalArgs {
     #[arg(long, env = "TANDEM_REMOTE_PREFILL_MIN_TOKENS")]
     pub remote_prefill_min_tokens: Option<usize>,
 
+    /// A Jinja chat template file that replaces the model's own (see `tandem
+    /// serve --chat-template`); checked here before anything starts and passed
+    /// to the frontend, which renders the templates, by its absolute path.
+    #[arg(long, env = "TANDEM_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+
     /// More arguments for the prefill workers (split on whitespace; repeatable).
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub prefill_arg: Vec<String>,
@@ -176,6 +182,13 @@ fn config(args: &LocalArgs, program: PathBuf) -> anyhow::Result<LocalConfig> {
         "--router-mode".to_string(),
         args.router_mode.as_str().to_string(),
     ];
+    if let Some(file) = &args.chat_template {
+        // The children may not share this process's working directory.
+        let file = std::path::absolute(file)
+            .with_context(|| format!("--chat-template {}", file.display()))?;
+        tandem_model::read_chat_template(&file).context("--chat-template")?;
+        frontend.extend(["--chat-template".to_string(), file.display().to_string()]);
+    }
     frontend.extend(split_args(&[&args.frontend_arg]));
     config.frontend_args = frontend;
     config.log_dir = args.log_dir.clone();
@@ -270,6 +283,37 @@ mod tests {
                 deployment: "smol".into(),
             })
         );
+    }
+
+    #[test]
+    fn a_chat_template_is_checked_and_reaches_the_frontend_by_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.jinja");
+        std::fs::write(&good, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let args = parse(&["--chat-template", good.to_str().unwrap()]);
+        let local = config(&args, "/bin/tandem".into()).unwrap();
+        assert_eq!(
+            local.frontend_args,
+            [
+                "--router-mode",
+                "kv",
+                "--chat-template",
+                good.to_str().unwrap()
+            ]
+        );
+        assert!(local.prefill_args.is_empty() && local.decode_args.is_empty());
+
+        let bad = dir.path().join("bad.jinja");
+        std::fs::write(&bad, "{% for m in messages %}{{ m.content }}").unwrap();
+        let args = parse(&["--chat-template", bad.to_str().unwrap()]);
+        let err = format!("{:#}", config(&args, "/bin/tandem".into()).unwrap_err());
+        assert!(
+            err.contains("bad.jinja") && err.contains("does not compile"),
+            "{err}"
+        );
+        let args = parse(&["--chat-template", "/nonexistent/t.jinja"]);
+        let err = format!("{:#}", config(&args, "/bin/tandem".into()).unwrap_err());
+        assert!(err.contains("/nonexistent/t.jinja"), "{err}");
     }
 
     #[test]
