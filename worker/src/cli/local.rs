@@ -42,7 +42,8 @@ pub struct LocalArgs {
     pub decode: usize,
 
     /// Model for every process (see `tandem serve --model`). Omitted: the
-    /// default model.
+    /// default model. A Hub repository is downloaded by this process before
+    /// any child starts.
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<String>,
 
@@ -136,6 +137,10 @@ pub struct LocalArgs {
 pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding the tandem binary to start")?;
     let config = config(&args, program)?;
+    // Once here, before any child starts: a Hub repository (or the default
+    // model) is downloaded by this process, with one progress display, and
+    // every child then finds it in the cache without asking the Hub.
+    tandem_model::resolve(args.model.as_deref()).context("--model")?;
     super::common::runtime()?.block_on(local::run(config, super::common::shutdown_signal()))?;
     Ok(())
 }
