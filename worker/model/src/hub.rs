@@ -540,7 +540,7 @@ impl HubClient {
         let blob = cache.blob_path(&pinned.repo, etag);
         let lock_path = cache.lock_path(&pinned.repo, etag);
         let _lock = cache
-            .lock_blob(&pinned.repo, etag)
+            .lock_blob(&pinned.repo, etag, &file.name)
             .map_err(io(&lock_path))?;
         // Blobs appear only whole (renamed into place), so one whose size is
         // unknown is complete too.

@@ -151,8 +151,9 @@ impl HubCache {
     }
 
     /// Takes the exclusive lock of one blob, waiting for another process
-    /// (Tandem or `huggingface_hub`) that holds it; released on drop.
-    pub fn lock_blob(&self, repo: &str, etag: &str) -> std::io::Result<BlobLock> {
+    /// (Tandem or `huggingface_hub`) that holds it; released on drop. `name`
+    /// names the blob in the message shown while waiting.
+    pub fn lock_blob(&self, repo: &str, etag: &str, name: &str) -> std::io::Result<BlobLock> {
         let path = self.lock_path(repo, etag);
         std::fs::create_dir_all(path.parent().expect("a lock has a parent"))?;
         let file = File::options()
@@ -163,7 +164,7 @@ impl HubCache {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                eprintln!("{etag}: waiting for another process downloading it");
+                eprintln!("{name}: waiting for another process downloading it");
                 file.lock()?;
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
