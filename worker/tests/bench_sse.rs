@@ -82,6 +82,7 @@ fn config(url: String, endpoint: Endpoint, arrivals: Arrivals, requests: usize) 
         },
         seed: 7,
         progress: false,
+        extra_body: Default::default(),
     }
 }
 

@@ -47,12 +47,13 @@ use tokio::sync::{broadcast, mpsc as tmpsc, oneshot};
 use backend::cuda::ipc::{KvPoolExport, PeerKvTarget};
 use backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput};
 use block_manager::{BlockManager, KvEvent};
-use sampler::Sampler;
+use sampler::{token_logprobs, Sampler};
 use scheduler::{check_stop, Scheduler, SchedulerConfig, SeqId, Sequence};
 use step_watch::{StepFacts, StepWatch};
 use tandem_api::args;
 use tandem_api::infer::{GenerateStream, Infer, InferError, OnDrop};
 use tandem_api::metrics::metrics;
+use tandem_guide::{Constraint, Guide, GuideError};
 use types::{
     FinishReason, GenerateEvent, GenerateRequest, KvDtype, KvExport, KvLayerChunk, KvPieces,
     PrefillEvent, PrefillOutput, SamplingParams, StopParams, TokenOutput,
@@ -126,6 +127,8 @@ enum Command {
     Generate {
         id: SeqId,
         request: GenerateRequest,
+        /// The request's grammar, compiled by the caller's thread.
+        constraint: Option<Constraint>,
         events: tmpsc::UnboundedSender<GenerateEvent>,
         /// Prompt KV computed elsewhere and the token sampled from it.
         import: Option<Import>,
@@ -134,6 +137,7 @@ enum Command {
         id: SeqId,
         prompt: Vec<u32>,
         sampling: SamplingParams,
+        constraint: Option<Constraint>,
         events: tmpsc::UnboundedSender<PrefillEvent>,
         /// Write the KV into a peer's pool (cuda-ipc) instead of streaming it.
         peer: Option<Box<PeerKvTarget>>,
@@ -150,6 +154,29 @@ enum Command {
         pool: Box<KvPoolExport>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// Runs `forward` on this thread while another computes the next-token
+/// masks of `masks` (none: no second thread); returns both.
+fn while_preparing_masks<R>(
+    mut masks: Vec<(SeqId, Constraint)>,
+    forward: impl FnOnce() -> R,
+) -> (R, Vec<(SeqId, Constraint)>) {
+    if masks.is_empty() {
+        return (forward(), masks);
+    }
+    std::thread::scope(|scope| {
+        let helper = scope.spawn(move || {
+            for (_, c) in &mut masks {
+                // A failure stays in the constraint: `apply` reports it.
+                let _ = c.prepare();
+            }
+            masks
+        });
+        let result = forward();
+        let masks = helper.join().expect("mask thread");
+        (result, masks)
+    })
 }
 
 /// A prompt's KV computed elsewhere.
@@ -311,6 +338,7 @@ impl Engine {
                 kv_dtype,
             }),
             kv_events,
+            guide: None,
         })
     }
 }
@@ -323,9 +351,43 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     limits: Arc<Limits>,
     kv_events: broadcast::Sender<KvEvent>,
+    /// Compiles requests' grammars; `None` refuses them.
+    guide: Option<Guide>,
 }
 
 impl EngineHandle {
+    /// Lets requests carry a grammar, compiled against `guide`'s vocabulary
+    /// (the model's tokenizer). Without it such requests are refused.
+    pub fn with_guide(mut self, guide: Guide) -> Self {
+        self.guide = Some(guide);
+        self
+    }
+
+    /// Compiles a request's grammar (on the caller's thread: never the
+    /// engine's) and checks its sampling fields.
+    fn compile(&self, sampling: &SamplingParams) -> Result<Option<Constraint>, InferError> {
+        if let Some(&(token, _)) = sampling
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= self.limits.vocab_size)
+        {
+            return Err(InferError::Invalid(format!(
+                "logit_bias names token {token}, outside the vocabulary of {} tokens",
+                self.limits.vocab_size
+            )));
+        }
+        let Some(grammar) = &sampling.grammar else {
+            return Ok(None);
+        };
+        let guide = self.guide.as_ref().ok_or_else(|| {
+            InferError::Invalid("this worker cannot constrain output to a grammar".into())
+        })?;
+        guide.compile(grammar).map(Some).map_err(|e| match e {
+            GuideError::Invalid { .. } => InferError::Invalid(e.to_string()),
+            _ => InferError::Unavailable(e.to_string()),
+        })
+    }
+
     /// Drops this handle and waits up to `timeout` for the engine thread to
     /// end, which it does once every handle is gone and its backend is
     /// dropped: a process that frees GPU state this way does not exit while
@@ -403,6 +465,7 @@ impl EngineHandle {
         if request.stop.max_tokens == 0 {
             return Err(InferError::Invalid("max_tokens must be at least 1".into()));
         }
+        self.compile(&request.sampling)?;
         Ok(())
     }
 
@@ -458,6 +521,7 @@ impl EngineHandle {
         if request.stop.max_tokens == 0 {
             return Err(InferError::Invalid("max_tokens must be at least 1".into()));
         }
+        let constraint = self.compile(&request.sampling)?;
         let slot = self.take_queue_slot()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = tmpsc::unbounded_channel();
@@ -465,6 +529,7 @@ impl EngineHandle {
             .send(Command::Generate {
                 id,
                 request,
+                constraint,
                 events,
                 import,
             })
@@ -593,6 +658,7 @@ impl EngineHandle {
         peer: Option<Box<PeerKvTarget>>,
     ) -> Result<PrefillStream, InferError> {
         self.validate_prompt(&prompt)?;
+        let constraint = self.compile(&sampling)?;
         let slot = self.take_queue_slot()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = tmpsc::unbounded_channel();
@@ -601,6 +667,7 @@ impl EngineHandle {
                 id,
                 prompt,
                 sampling,
+                constraint,
                 events,
                 peer,
             })
@@ -773,6 +840,8 @@ enum Output {
 
 struct Request {
     sampler: Sampler,
+    /// Prompt token logprobs gathered so far (`prompt_logprobs` requests).
+    prompt_logprobs: Vec<TokenOutput>,
     output: Output,
     /// Still counted in `Shared::queued` (never admitted yet).
     queued: bool,
@@ -1021,6 +1090,7 @@ impl EngineLoop {
                 id,
                 prompt,
                 sampling,
+                constraint,
                 events,
                 peer,
             } => {
@@ -1029,10 +1099,19 @@ impl EngineLoop {
                     stop_token_ids: Vec::new(),
                     ignore_eos: true,
                 };
+                let sampler = match Sampler::for_request(sampling, &prompt, constraint) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = events.send(PrefillEvent::Error(e));
+                        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
+                };
                 self.requests.insert(
                     id,
                     Request {
-                        sampler: Sampler::new(sampling),
+                        sampler,
+                        prompt_logprobs: Vec::new(),
                         output: Output::Prefill(events),
                         queued: true,
                         started: false,
@@ -1045,11 +1124,23 @@ impl EngineLoop {
             Command::Generate {
                 id,
                 request,
+                constraint,
                 events,
                 import,
             } => {
+                let every_token = request.sampling.prompt_logprobs.is_some() && import.is_none();
+                let sampler =
+                    match Sampler::for_request(request.sampling, &request.prompt, constraint) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = events.send(GenerateEvent::Error(e));
+                            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        }
+                    };
                 let mut req = Request {
-                    sampler: Sampler::new(request.sampling),
+                    sampler,
+                    prompt_logprobs: Vec::new(),
                     output: Output::Stream(events),
                     queued: true,
                     started: false,
@@ -1057,6 +1148,7 @@ impl EngineLoop {
                     peer: None,
                 };
                 let mut seq = Sequence::new(id, request.prompt, request.stop);
+                seq.logits_every_token = every_token;
                 let (kv, first) = match import {
                     None => (None, None),
                     Some(Import::Kv(kv, first)) => (Some(kv), Some(first)),
@@ -1081,7 +1173,12 @@ impl EngineLoop {
                     let finish =
                         check_stop(&mut seq, first.id, &self.eos_token_ids, self.max_model_len);
                     if finish != Some(FinishReason::Stop) {
-                        req.sampler.record(first.id);
+                        if let Err(e) = req.sampler.record(first.id) {
+                            req.fail(format!("the prefill worker's first token: {e}"));
+                            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                            self.scheduler.release_blocks(&seq.blocks);
+                            return;
+                        }
                         req.send(GenerateEvent::Token(first));
                     }
                     if let Some(reason) = finish {
@@ -1212,6 +1309,16 @@ impl EngineLoop {
                 })
                 .collect()
         });
+        // Grammar masks for the tokens this step samples, computed on another
+        // thread while the backend computes the logits.
+        let mut masks: Vec<(SeqId, Constraint)> = Vec::new();
+        for c in plan.chunks.iter().filter(|c| c.need_logits) {
+            if let Some(req) = self.requests.get_mut(&c.id) {
+                if req.sampler.constraint_to_prepare().is_some() {
+                    masks.extend(req.sampler.take_constraint().map(|k| (c.id, k)));
+                }
+            }
+        }
         let mut prefill_tokens = 0u64;
         let mut decodes = 0;
         let graphs_before = self.backend.graphs_captured();
@@ -1254,14 +1361,23 @@ impl EngineLoop {
             let sink: Option<&mut dyn KvLayerSink> =
                 if any_target { Some(&mut sink) } else { None };
             forward_started = Instant::now();
-            if let Some(rules) = &device_rules {
-                self.backend.forward_sampled(&inputs, rules, sink).map(Some)
-            } else {
-                self.backend
-                    .forward(&inputs, &mut self.logits, sink)
-                    .map(|()| None)
-            }
+            let backend = &mut self.backend;
+            let logits = &mut self.logits;
+            let (result, prepared) = while_preparing_masks(masks, || {
+                if let Some(rules) = &device_rules {
+                    backend.forward_sampled(&inputs, rules, sink).map(Some)
+                } else {
+                    backend.forward(&inputs, logits, sink).map(|()| None)
+                }
+            });
+            masks = prepared;
+            result
         };
+        for (id, c) in masks.drain(..) {
+            if let Some(req) = self.requests.get_mut(&id) {
+                req.sampler.put_constraint(c);
+            }
+        }
         self.facts.backend += forward_started.elapsed();
         self.facts.graphs_captured = self.backend.graphs_captured().saturating_sub(graphs_before);
         self.facts.sequences = plan.chunks.len();
@@ -1301,17 +1417,47 @@ impl EngineLoop {
         let mut logits = std::mem::take(&mut self.logits);
         let sampled = plan.chunks.iter().filter(|c| c.need_logits);
         for (row, chunk) in sampled.enumerate() {
-            self.on_logits(chunk.id, &mut logits[row * vocab..(row + 1) * vocab]);
+            let row = &mut logits[row * vocab..(row + 1) * vocab];
+            let end = chunk.start + chunk.len;
+            let prompt_len = self.scheduler.get(chunk.id).map_or(0, |s| s.prompt_len);
+            if end < prompt_len {
+                self.on_prompt_logits(chunk.id, end, row);
+            } else {
+                self.on_logits(chunk.id, row);
+            }
         }
         self.logits = logits;
+    }
+
+    /// Logits of a prompt position (a `prompt_logprobs` request computes its
+    /// prompt a token at a time): the logprob of the prompt token at `next`.
+    fn on_prompt_logits(&mut self, id: SeqId, next: usize, logits: &[f32]) {
+        let Some(req) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let Some(seq) = self.scheduler.get(id) else {
+            return;
+        };
+        let n = req.sampler.params().prompt_logprobs.unwrap_or(0);
+        req.prompt_logprobs
+            .push(token_logprobs(logits, seq.tokens[next], n));
     }
 
     fn on_logits(&mut self, id: SeqId, logits: &mut [f32]) {
         let Some(req) = self.requests.get_mut(&id) else {
             return;
         };
-        let token = req.sampler.sample(logits);
-        self.on_token(id, token);
+        if !req.prompt_logprobs.is_empty() {
+            let tokens = std::mem::take(&mut req.prompt_logprobs);
+            req.send(GenerateEvent::PromptLogprobs(tokens));
+        }
+        match req.sampler.sample(logits) {
+            Ok(token) => self.on_token(id, token),
+            Err(e) => {
+                req.fail(format!("constrained sampling failed: {e}"));
+                self.drop_request(id);
+            }
+        }
     }
 
     /// Hands a sampled token to its request: the prefill role's answer, or
@@ -1351,7 +1497,11 @@ impl EngineLoop {
             .append_token(id, token.id, &self.eos_token_ids);
         let mut alive = true;
         if finish != Some(FinishReason::Stop) {
-            req.sampler.record(token.id);
+            if let Err(e) = req.sampler.record(token.id) {
+                req.fail(format!("constrained sampling failed: {e}"));
+                self.drop_request(id);
+                return;
+            }
             self.stats.decode_tokens += 1;
             metrics()
                 .decode_tokens

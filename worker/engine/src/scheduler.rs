@@ -44,6 +44,9 @@ pub struct Sequence {
     /// `blocks` already hold the prompt's KV (written by a prefill worker
     /// through cuda-ipc): admission keeps them instead of prefilling.
     pub kv_adopted: bool,
+    /// Logits of every prompt position are wanted (`prompt_logprobs`): the
+    /// prompt is computed a token at a time, none of it from the prefix cache.
+    pub logits_every_token: bool,
 }
 
 impl Sequence {
@@ -58,6 +61,7 @@ impl Sequence {
             stop,
             kv_import: None,
             kv_adopted: false,
+            logits_every_token: false,
         }
     }
 
@@ -66,6 +70,23 @@ impl Sequence {
     }
 
     /// Past its prompt: only the last sampled token is left to compute.
+    /// Tokens to compute next, at most `budget`: one at a time through the
+    /// prompt when every prompt position's logits are wanted.
+    fn next_chunk_len(&self, budget: usize) -> usize {
+        let left = self.tokens.len() - self.num_computed;
+        if self.logits_every_token && self.num_computed < self.prompt_len {
+            left.min(budget).min(1)
+        } else {
+            left.min(budget)
+        }
+    }
+
+    /// Whether the chunk ending at `end` yields logits: the last token's
+    /// always, every prompt position's when asked.
+    fn wants_logits(&self, end: usize) -> bool {
+        end == self.tokens.len() || (self.logits_every_token && end <= self.prompt_len)
+    }
+
     pub fn is_decoding(&self) -> bool {
         self.num_computed >= self.prompt_len && self.num_computed + 1 == self.tokens.len()
     }
@@ -215,7 +236,7 @@ impl Scheduler {
                 continue;
             };
             let seq = &self.running[i];
-            let n = (seq.tokens.len() - seq.num_computed).min(budget);
+            let n = seq.next_chunk_len(budget);
             let need = self.blocks_needed(seq, seq.num_computed + n);
             let mut fits = true;
             while need > self.blocks.num_available() {
@@ -249,7 +270,7 @@ impl Scheduler {
                 id: seq.id,
                 start: seq.num_computed,
                 len: n,
-                need_logits: seq.num_computed + n == seq.tokens.len(),
+                need_logits: seq.wants_logits(seq.num_computed + n),
             });
             budget -= n;
         }
@@ -268,8 +289,9 @@ impl Scheduler {
             let mut cached_tokens = 0;
             if let Some(kv) = &seq.kv_import {
                 seq.num_computed = kv.num_tokens;
-            } else if seq.kv_adopted {
-                // Blocks and num_computed were set when the KV was adopted.
+            } else if seq.kv_adopted || seq.logits_every_token {
+                // Adopted: blocks and num_computed were set when the KV was
+                // adopted. Every token's logits: nothing may come from the cache.
             } else {
                 // At least the last token must be computed to get logits.
                 let reusable = (seq.tokens.len() - 1) / bs * bs;
@@ -281,7 +303,7 @@ impl Scheduler {
                 seq.num_computed = cached_tokens;
             }
             let seq = self.waiting.front().expect("checked above");
-            let n = (seq.tokens.len() - seq.num_computed).min(budget);
+            let n = seq.next_chunk_len(budget);
             let need = self.blocks_needed(seq, seq.num_computed + n);
             if need > self.blocks.num_available() {
                 let seq = self.waiting.front_mut().expect("checked above");
@@ -310,7 +332,7 @@ impl Scheduler {
                 id: seq.id,
                 start: seq.num_computed,
                 len: n,
-                need_logits: seq.num_computed + n == seq.tokens.len(),
+                need_logits: seq.wants_logits(seq.num_computed + n),
             });
             budget -= n;
             self.running.push(seq);

@@ -52,6 +52,16 @@ pub fn request_body(endpoint: Endpoint, model: &str, prompt: &Prompt, max_tokens
     body
 }
 
+/// `body` with `extra`'s fields set over its own.
+pub fn with_extra(mut body: Value, extra: &serde_json::Map<String, Value>) -> Value {
+    if let Value::Object(map) = &mut body {
+        for (k, v) in extra {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
 /// Sends `body` to `url` and times the server-sent events it streams back.
 /// Never fails: a failure is recorded in the returned record. `run_start` is
 /// when the run began (the record keeps its send time relative to it); a
@@ -188,3 +198,19 @@ pub const CUT_OFF: &str = "cut off: still streaming when the drain period ended"
 
 /// A generous bound on one request, so a hung server ends the run with errors.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_body_fields_are_set_over_the_generated_ones() {
+        let body = request_body(Endpoint::Chat, "m", &Prompt::Text("hi".into()), 8);
+        let extra =
+            serde_json::json!({"temperature": 0.7, "response_format": {"type": "json_object"}});
+        let merged = with_extra(body, extra.as_object().unwrap());
+        assert_eq!(merged["temperature"], 0.7);
+        assert_eq!(merged["response_format"]["type"], "json_object");
+        assert_eq!(merged["max_tokens"], 8);
+    }
+}

@@ -79,6 +79,9 @@ pub struct BenchConfig {
     pub slo: Slo,
     pub seed: u64,
     pub progress: bool,
+    /// Fields merged into every request body (e.g. a `response_format`), over
+    /// the ones the load generator sets.
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
 }
 
 impl BenchConfig {
@@ -151,7 +154,10 @@ impl Planner {
         };
         let max_tokens = self.cfg.output_len.sample(&mut self.rng);
         Planned {
-            body: client::request_body(self.cfg.endpoint, &self.cfg.model, &prompt, max_tokens),
+            body: client::with_extra(
+                client::request_body(self.cfg.endpoint, &self.cfg.model, &prompt, max_tokens),
+                &self.cfg.extra_body,
+            ),
         }
     }
 

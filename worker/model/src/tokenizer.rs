@@ -142,6 +142,37 @@ fn merges_from_scores(
     merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
+/// GPT-2's byte-level alphabet: the printable character each byte is
+/// written as inside a byte-level BPE token, inverted.
+fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                let c = char::from_u32(next).expect("a valid code point");
+                next += 1;
+                c
+            };
+            (c, b)
+        })
+        .collect()
+}
+
+/// A SentencePiece token's bytes: `▁` is a space, `<0xNN>` is byte NN.
+fn sentencepiece_bytes(token: &str) -> Vec<u8> {
+    if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            if hex.len() == 2 {
+                return vec![b];
+            }
+        }
+    }
+    token.replace('\u{2581}', " ").into_bytes()
+}
+
 /// A model's tokenizer with the special-token facts generation needs.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -349,6 +380,49 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// Every token's bytes, by id, as the text the tokenizer decodes them
+    /// to: what a constrained-decoding engine matches grammars against.
+    /// Special (control) tokens come back as `None`: they are not text.
+    ///
+    /// Byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell each
+    /// byte as one printable character; SentencePiece vocabularies spell a
+    /// space `▁` and raw bytes `<0xNN>`. Which one applies is read from the
+    /// tokenizer's decoder.
+    pub fn token_bytes(&self) -> Vec<Option<Vec<u8>>> {
+        let specials: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let byte_level = self
+            .inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|json| json.contains("\"ByteLevel\""));
+        let unicode_to_byte = byte_level.then(gpt2_unicode_to_byte);
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if specials.contains(&id) {
+                    return None;
+                }
+                let token = self.inner.id_to_token(id)?;
+                Some(match &unicode_to_byte {
+                    Some(table) => token
+                        .chars()
+                        .flat_map(|c| match table.get(&c) {
+                            Some(&b) => vec![b],
+                            // Not a byte-level character (an added plain token).
+                            None => c.to_string().into_bytes(),
+                        })
+                        .collect(),
+                    None => sentencepiece_bytes(&token),
+                })
+            })
+            .collect()
     }
 
     /// Registers a GGUF vocabulary's added tokens (control → special, user-defined →

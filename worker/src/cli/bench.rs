@@ -86,9 +86,30 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// A JSON object whose fields are set in every request body, over the
+    /// ones `bench` sets: e.g. `{"response_format": {"type": "json_object"}}`
+    /// to measure constrained decoding. `@FILE` reads it from a file.
+    #[arg(long, env = "TANDEM_BENCH_EXTRA_BODY", value_name = "JSON|@FILE")]
+    pub extra_body: Option<String>,
 }
 
 impl BenchArgs {
+    fn extra_body(&self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let Some(arg) = &self.extra_body else {
+            return Ok(Default::default());
+        };
+        let text = match arg.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading --extra-body from {path}"))?,
+            None => arg.clone(),
+        };
+        match serde_json::from_str(&text) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            Ok(_) => anyhow::bail!("--extra-body must be a JSON object"),
+            Err(e) => anyhow::bail!("--extra-body is not JSON: {e}"),
+        }
+    }
+
     pub fn to_config(&self) -> anyhow::Result<BenchConfig> {
         let prompts = match &self.prompts {
             Some(path) => PromptSource::Fixed(workload::read_prompts(path)?),
@@ -131,6 +152,7 @@ impl BenchArgs {
             },
             seed: self.seed,
             progress: !self.quiet,
+            extra_body: self.extra_body()?,
         })
     }
 }

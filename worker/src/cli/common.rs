@@ -191,7 +191,8 @@ pub fn load_engine(
         tokenizer.eos_token_ids().to_vec(),
         max_model_len,
         role,
-    )?;
+    )?
+    .with_guide(tandem_guide::Guide::new(tokenizer.clone()));
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         role,

@@ -161,7 +161,9 @@ impl DecodeWorker {
             .len()
             .saturating_sub(self.cached_tokens(&request.prompt));
         let m = metrics();
-        if uncached >= self.config.remote_prefill_min_tokens {
+        // Prompt logprobs come from computing the prompt here, position by position.
+        let remote_ok = request.sampling.prompt_logprobs.is_none();
+        if remote_ok && uncached >= self.config.remote_prefill_min_tokens {
             if let Some(stream) = self.try_remote(&request).await? {
                 m.prefills.with_label_values(&[ROLE, "remote"]).inc();
                 return Ok((stream, PrefillLocation::Remote));

@@ -184,7 +184,7 @@ mod tests {
         });
         let mut freq = vec![0f64; row.len()];
         for _ in 0..n {
-            freq[sampler.sample(&mut row.to_vec()).id as usize] += 1.0 / n as f64;
+            freq[sampler.sample(&mut row.to_vec()).unwrap().id as usize] += 1.0 / n as f64;
         }
         freq
     }
@@ -273,7 +273,7 @@ mod tests {
         let n = 2000;
         let same = (0..n)
             .filter(|_| {
-                let want = cpu.sample(&mut row.clone()).id;
+                let want = cpu.sample(&mut row.clone()).unwrap().id;
                 let got = sample_row(&row, &dev.device_sampling());
                 want == got
             })
