@@ -11,6 +11,9 @@ ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 
 FROM rust:1.95-bookworm AS build
+# The commit `GET /version` reports (`--build-arg TANDEM_GIT_COMMIT=$(git rev-parse HEAD)`);
+# the build context holds no .git to read it from. Empty: /version gives the version only.
+ARG TANDEM_GIT_COMMIT=""
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY worker worker

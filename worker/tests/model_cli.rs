@@ -14,6 +14,9 @@ fn tandem(cache: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(args)
         .env("TANDEM_MODEL_DIR", cache)
+        // Only this cache: no Hugging Face cache of the machine's, and no Hub.
+        .env("HF_HUB_CACHE", cache.join(".no-hub-cache"))
+        .env("HF_HUB_OFFLINE", "1")
         // Proves nothing here ever runs pip.
         .env("TANDEM_PYTHON", "/nonexistent/python3")
         .env("RUST_LOG", "warn")
@@ -127,6 +130,7 @@ fn unknown_models_are_an_error_listing_what_is_accepted() {
         "Tiny-Llama, tiny-qwen",
         ".gguf",
         "Hugging Face",
+        "ORG/REPO",
     ] {
         assert!(err.contains(want), "missing {want:?} in {err}");
     }

@@ -2,196 +2,14 @@
 //! Hub on loopback (HF_ENDPOINT), serving a tiny random model: what the
 //! operator's init container runs.
 
-use std::collections::BTreeMap;
+mod hub_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-
-use tandem_model::testing::{random_weights, save_hf_dir, tiny_config};
+use hub_support::{hub_with, FileRequest, TOKEN};
+use tandem_model::testing::tiny_config;
 use tandem_model::Architecture;
-
-const TOKEN: &str = "hf_test_token";
-
-/// A request for a file, as the hub saw it.
-#[derive(Debug, Clone)]
-struct FileRequest {
-    file: String,
-    authorization: Option<String>,
-    range: Option<String>,
-}
-
-#[derive(Default)]
-struct Hub {
-    /// `ORG/REPO` → file name → bytes (revision `main` only).
-    repos: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
-    /// When set, every request must carry it as a bearer token.
-    token: Option<String>,
-    requests: Mutex<Vec<FileRequest>>,
-}
-
-impl Hub {
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        match &self.token {
-            None => true,
-            Some(t) => headers
-                .get(header::AUTHORIZATION)
-                .is_some_and(|v| v.as_bytes() == format!("Bearer {t}").as_bytes()),
-        }
-    }
-
-    fn file_requests(&self) -> Vec<FileRequest> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-async fn listing(
-    State(hub): State<Arc<Hub>>,
-    UrlPath((org, name, rev)): UrlPath<(String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if !hub.authorized(&headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let Some(files) = hub
-        .repos
-        .get(&format!("{org}/{name}"))
-        .filter(|_| rev == "main")
-    else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let siblings: Vec<_> = files
-        .iter()
-        .map(|(f, bytes)| serde_json::json!({"rfilename": f, "size": bytes.len()}))
-        .collect();
-    Json(serde_json::json!({"id": format!("{org}/{name}"), "sha": "abc", "siblings": siblings}))
-        .into_response()
-}
-
-async fn resolve(
-    State(hub): State<Arc<Hub>>,
-    UrlPath((org, name, rev, file)): UrlPath<(String, String, String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    let header_text = |h| {
-        headers
-            .get(h)
-            .map(|v: &header::HeaderValue| v.to_str().unwrap().to_string())
-    };
-    hub.requests.lock().unwrap().push(FileRequest {
-        file: file.clone(),
-        authorization: header_text(header::AUTHORIZATION),
-        range: header_text(header::RANGE),
-    });
-    if !hub.authorized(&headers) {
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let Some(bytes) = hub
-        .repos
-        .get(&format!("{org}/{name}"))
-        .filter(|_| rev == "main")
-        .and_then(|files| files.get(&file))
-    else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let start = header_text(header::RANGE)
-        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok());
-    match start {
-        Some(start) if start < bytes.len() => (
-            StatusCode::PARTIAL_CONTENT,
-            [(
-                header::CONTENT_RANGE,
-                format!("bytes {start}-{}/{}", bytes.len() - 1, bytes.len()),
-            )],
-            bytes[start..].to_vec(),
-        )
-            .into_response(),
-        _ => bytes.clone().into_response(),
-    }
-}
-
-/// Serves `hub` on a loopback port from its own thread; returns its endpoint.
-fn serve(hub: Arc<Hub>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new()
-        .route("/api/models/{org}/{name}/revision/{rev}", get(listing))
-        .route("/{org}/{name}/resolve/{rev}/{*file}", get(resolve))
-        .with_state(hub);
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    format!("http://{addr}")
-}
-
-/// The files of a tiny random Llama saved as an HF directory, plus files a
-/// real repository has that Tandem does not load.
-fn tiny_repo() -> BTreeMap<String, Vec<u8>> {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(Architecture::Llama);
-    save_hf_dir(dir.path(), &cfg, &random_weights(&cfg, 7)).unwrap();
-    let mut files: BTreeMap<String, Vec<u8>> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    assert!(
-        files.contains_key("model.safetensors"),
-        "{:?}",
-        files.keys()
-    );
-    files.insert("README.md".into(), b"# tiny".to_vec());
-    files.insert("original/consolidated.safetensors".into(), vec![0; 64]);
-    files
-}
-
-fn hub_with(token: Option<&str>) -> (Arc<Hub>, String) {
-    let mut repos = BTreeMap::new();
-    repos.insert("org/tiny".to_string(), tiny_repo());
-    let mut gguf_only = tiny_repo();
-    gguf_only.retain(|name, _| !name.ends_with(".safetensors"));
-    gguf_only.insert("tiny.Q8_0.gguf".into(), vec![1; 32]);
-    repos.insert("org/gguf-only".to_string(), gguf_only);
-    // An index naming the weights, beside a consolidated copy it does not name.
-    let mut indexed = tiny_repo();
-    let tensors = safetensors::SafeTensors::deserialize(&indexed["model.safetensors"])
-        .unwrap()
-        .names()
-        .into_iter()
-        .map(|n| (n.to_string(), "model.safetensors"))
-        .collect::<BTreeMap<_, _>>();
-    indexed.insert(
-        "model.safetensors.index.json".into(),
-        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": tensors})).unwrap(),
-    );
-    indexed.insert("consolidated.safetensors".into(), vec![0; 128]);
-    repos.insert("org/indexed".to_string(), indexed);
-    let hub = Arc::new(Hub {
-        repos,
-        token: token.map(String::from),
-        ..Hub::default()
-    });
-    let endpoint = serve(hub.clone());
-    (hub, endpoint)
-}
 
 fn fetch(endpoint: &str, token: Option<&str>, spec: &str, out: &Path) -> Output {
     let bin = std::env::var_os("TANDEM_BIN")
@@ -202,6 +20,8 @@ fn fetch(endpoint: &str, token: Option<&str>, spec: &str, out: &Path) -> Output 
         .arg(out)
         .env("HF_ENDPOINT", endpoint)
         .env_remove("HF_TOKEN")
+        // No token file of this machine's either.
+        .env("HF_TOKEN_PATH", out.with_extension("no-token"))
         .env("RUST_LOG", "warn");
     if let Some(t) = token {
         cmd.env("HF_TOKEN", t);

@@ -1,8 +1,12 @@
-//! Fetching a model repository from the Hugging Face Hub (`hf://ORG/REPO[@REVISION]`)
-//! into a directory Tandem loads as an HF model. This is what the operator's
-//! init container runs, so it must resume after a restart (complete files are
-//! skipped, a partial one is continued with an HTTP range request) and never
-//! leave a truncated file under its final name.
+//! The Hugging Face Hub client: `--model ORG/REPO[@REVISION]` (or
+//! `hf://ORG/REPO[@REVISION]`) resolved through the hub cache ([`resolve`],
+//! downloading only what the cache lacks), and `tandem model fetch hf://…`, into
+//! that cache or (`--output`) into a plain directory Tandem loads as an HF model.
+//! The plain-directory fetch is what the operator's init container runs, so it
+//! must resume after a restart (complete files are skipped, a partial one is
+//! continued with an HTTP range request) and never leave a truncated file under
+//! its final name; the cache download does the same with `<etag>.incomplete`
+//! blobs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
@@ -12,6 +16,8 @@ use std::time::Duration;
 use reqwest::header::RANGE;
 use reqwest::StatusCode;
 use serde::Deserialize;
+
+use super::hub_cache::{self, HubCache};
 
 pub const SCHEME: &str = "hf://";
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -83,6 +89,13 @@ pub enum HubError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    #[error("{repo}@{revision} is not in the Hugging Face cache at {cache} ({why}), and HF_HUB_OFFLINE is set: unset it to download, or fetch it first with `tandem model fetch hf://{repo}@{revision}`")]
+    Offline {
+        repo: String,
+        revision: String,
+        cache: PathBuf,
+        why: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
@@ -107,13 +120,26 @@ impl HubRepo {
         let Some(rest) = spec.strip_prefix(SCHEME) else {
             return Ok(None);
         };
-        let bad = || HubError::BadSpec(spec.to_string());
+        Self::parse_bare(rest)
+            .map(Some)
+            .ok_or_else(|| HubError::BadSpec(spec.to_string()))
+    }
+
+    /// A `--model` value naming a Hub repository: `hf://ORG/REPO[@REVISION]`
+    /// (an error when malformed) or `ORG/REPO[@REVISION]` (`None` when it is
+    /// not of that shape: it is then a path or a cached model's name).
+    pub fn parse_model_arg(spec: &str) -> Result<Option<HubRepo>, HubError> {
+        if spec.starts_with(SCHEME) {
+            return Self::parse(spec);
+        }
+        Ok(Self::parse_bare(spec))
+    }
+
+    fn parse_bare(rest: &str) -> Option<HubRepo> {
         let (repo, revision) = match rest.split_once('@') {
-            Some((repo, rev)) if !rev.is_empty() => (repo, rev),
-            Some(_) => return Err(bad()),
+            Some((repo, rev)) => (repo, rev),
             None => (rest, DEFAULT_REVISION),
         };
-        let parts: Vec<&str> = repo.split('/').collect();
         let valid_part = |p: &str| {
             !p.is_empty()
                 && p != "."
@@ -121,19 +147,25 @@ impl HubRepo {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
-        if parts.len() != 2 || !parts.iter().all(|p| valid_part(p)) {
-            return Err(bad());
+        let parts: Vec<&str> = repo.split('/').collect();
+        // A revision becomes a path under refs/ in the cache: `refs/pr/1`
+        // is fine, `..` is not.
+        if parts.len() != 2
+            || !parts.iter().all(|p| valid_part(p))
+            || !revision.split('/').all(valid_part)
+        {
+            return None;
         }
-        Ok(Some(HubRepo {
+        Some(HubRepo {
             repo: repo.to_string(),
             revision: revision.to_string(),
-        }))
+        })
     }
+}
 
-    /// The cache directory name for this repository when no `--output` is given:
-    /// `ORG--REPO`, a top-level entry so `tandem model list` shows it.
-    pub fn cache_name(&self) -> String {
-        self.repo.replace('/', "--")
+impl std::fmt::Display for HubRepo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.repo, self.revision)
     }
 }
 
@@ -147,6 +179,8 @@ pub struct HubClient {
 
 #[derive(Deserialize)]
 struct RepoInfo {
+    /// The commit the revision resolved to.
+    sha: Option<String>,
     #[serde(default)]
     siblings: Vec<Sibling>,
 }
@@ -156,19 +190,43 @@ struct Sibling {
     rfilename: String,
     /// Present with `?blobs=true`.
     size: Option<u64>,
+    /// The git blob id (with `?blobs=true`).
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
     lfs: Option<LfsInfo>,
 }
 
 #[derive(Deserialize)]
 struct LfsInfo {
     size: Option<u64>,
+    sha256: Option<String>,
 }
 
-/// A file to download and its size as the Hub announces it.
+/// A file to download, its size and its etag as the Hub announces them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteFile {
     pub name: String,
     pub size: Option<u64>,
+    /// Its blob name in the hub cache: the LFS sha256 for large files, else the
+    /// git blob id (the `ETag` the Hub sends for the file).
+    pub etag: Option<String>,
+}
+
+/// A revision of a repository as the Hub lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The commit the revision is at.
+    pub commit: Option<String>,
+    pub files: Vec<RemoteFile>,
+}
+
+/// What [`HubClient::fetch_into_cache`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheFetch {
+    /// `snapshots/<commit>`: the directory to load.
+    pub snapshot: PathBuf,
+    pub commit: String,
+    pub report: FetchReport,
 }
 
 /// What [`HubClient::fetch`] did.
@@ -214,14 +272,33 @@ impl HubClient {
         })
     }
 
-    /// `HF_ENDPOINT` (default [`DEFAULT_ENDPOINT`]) and `HF_TOKEN`, as the
-    /// Hugging Face tools read them.
+    /// `HF_ENDPOINT` (default [`DEFAULT_ENDPOINT`]) and the token, as the
+    /// Hugging Face tools read them: `HF_TOKEN`, else the file `HF_TOKEN_PATH`
+    /// or `$HF_HOME/token` (where `huggingface-cli login` saves it).
     pub fn from_env() -> Result<HubClient, HubError> {
         let endpoint = std::env::var("HF_ENDPOINT")
             .ok()
             .filter(|e| !e.is_empty())
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        HubClient::new(&endpoint, std::env::var("HF_TOKEN").ok())
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let token = get("HF_TOKEN").or_else(|| {
+            let path = get("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
+                let home = get("HF_HOME").map(PathBuf::from).or_else(|| {
+                    let cache = get("XDG_CACHE_HOME")
+                        .map(PathBuf::from)
+                        .or_else(|| get("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+                    Some(cache.join("huggingface"))
+                })?;
+                Some(home.join("token"))
+            })?;
+            let token = std::fs::read_to_string(path).ok()?;
+            Some(token.trim().to_string())
+        });
+        HubClient::new(&endpoint, token)
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     fn get(&self, url: &str) -> reqwest::RequestBuilder {
@@ -285,8 +362,9 @@ impl HubClient {
         )
     }
 
-    /// The repository's files (`GET /api/models/{repo}/revision/{rev}?blobs=true`).
-    pub async fn list(&self, repo: &HubRepo) -> Result<Vec<RemoteFile>, HubError> {
+    /// The repository's files at `repo.revision` and the commit it is at
+    /// (`GET /api/models/{repo}/revision/{rev}?blobs=true`).
+    pub async fn list(&self, repo: &HubRepo) -> Result<Listing, HubError> {
         let url = format!(
             "{}/api/models/{}/revision/{}?blobs=true",
             self.endpoint,
@@ -302,14 +380,21 @@ impl HubClient {
             url: url.clone(),
             why: e.to_string(),
         })?;
-        Ok(info
-            .siblings
-            .into_iter()
-            .map(|s| RemoteFile {
-                size: s.size.or(s.lfs.and_then(|l| l.size)),
-                name: s.rfilename,
-            })
-            .collect())
+        Ok(Listing {
+            commit: info.sha,
+            files: info
+                .siblings
+                .into_iter()
+                .map(|s| {
+                    let (lfs_size, lfs_sha) = s.lfs.map_or((None, None), |l| (l.size, l.sha256));
+                    RemoteFile {
+                        size: s.size.or(lfs_size),
+                        etag: lfs_sha.or(s.blob_id),
+                        name: s.rfilename,
+                    }
+                })
+                .collect(),
+        })
     }
 
     /// Downloads into `out` what Tandem loads from `repo`: the config and
@@ -318,75 +403,35 @@ impl HubClient {
     /// is not fetched twice).
     pub async fn fetch(&self, repo: &HubRepo, out: &Path) -> Result<FetchReport, HubError> {
         let listing = self.list(repo).await?;
-        let find = |name: &str| listing.iter().find(|f| f.name == name).cloned();
-        for name in REQUIRED_FILES {
-            if find(name).is_none() {
-                return Err(HubError::MissingFile {
-                    repo: repo.repo.clone(),
-                    revision: repo.revision.clone(),
-                    file: name.to_string(),
-                });
-            }
-        }
-        let top_level_safetensors: Vec<RemoteFile> = listing
-            .iter()
-            .filter(|f| !f.name.contains('/') && f.name.ends_with(".safetensors"))
-            .cloned()
-            .collect();
-        if top_level_safetensors.is_empty() {
-            let mut names: Vec<&str> = listing.iter().map(|f| f.name.as_str()).collect();
-            names.truncate(20);
-            return Err(HubError::NoSafetensors {
-                repo: repo.repo.clone(),
-                revision: repo.revision.clone(),
-                files: names.join(", "),
-            });
-        }
+        let selection = Selection::of(repo, &listing.files)?;
         std::fs::create_dir_all(out).map_err(io(out))?;
 
-        let mut plan: Vec<RemoteFile> = REQUIRED_FILES
-            .iter()
-            .chain(OPTIONAL_FILES.iter())
-            .filter_map(|n| find(n))
-            .collect();
         let mut report = FetchReport::default();
         let progress = Progress::new(std::io::stderr().is_terminal());
-        let weights = match find(INDEX_FILE) {
+        let mut plan = selection.metadata.clone();
+        let weights = match &selection.index {
             Some(index) => {
                 // The index decides which shards to fetch, so it comes first.
-                self.fetch_file(repo, &index, out, &progress, &mut report)
+                self.fetch_flat(repo, index, out, &progress, &mut report)
                     .await?;
-                let shards = index_shards(&out.join(INDEX_FILE))?;
-                let mut wanted = Vec::new();
-                for shard in shards {
-                    let file = top_level_safetensors
-                        .iter()
-                        .find(|f| f.name == shard)
-                        .cloned()
-                        .ok_or_else(|| HubError::MissingFile {
-                            repo: repo.repo.clone(),
-                            revision: repo.revision.clone(),
-                            file: shard.clone(),
-                        })?;
-                    wanted.push(file);
-                }
-                wanted
+                selection.shards(repo, index_shards(&out.join(INDEX_FILE))?)?
             }
-            None => top_level_safetensors,
+            None => selection.safetensors.clone(),
         };
         plan.extend(weights);
         progress.set_total(plan.iter().filter_map(|f| f.size).sum());
         for file in &plan {
-            self.fetch_file(repo, file, out, &progress, &mut report)
+            self.fetch_flat(repo, file, out, &progress, &mut report)
                 .await?;
         }
         progress.finish();
         Ok(report)
     }
 
-    /// One file: skipped when complete, continued when a partial download of
-    /// it exists, written as `.NAME.partial` and renamed when whole.
-    async fn fetch_file(
+    /// One file into a plain directory: skipped when complete, continued when a
+    /// partial download of it exists, written as `.NAME.partial` and renamed
+    /// when whole.
+    async fn fetch_flat(
         &self,
         repo: &HubRepo,
         file: &RemoteFile,
@@ -404,7 +449,131 @@ impl HubClient {
         }
         // A stable name (no pid) so a restarted init container finds it.
         let partial = out.join(format!(".{}.partial", file.name));
-        let mut have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        self.download(repo, file, &partial, &dest, progress, report)
+            .await
+    }
+
+    /// Downloads what Tandem loads from `repo` into the hub cache (blobs, the
+    /// snapshot's links, the revision's ref), from the one commit the revision
+    /// is at even if a branch moves meanwhile. Blobs already in the cache, from
+    /// Tandem or from Python tools, are not downloaded again.
+    ///
+    /// Blocking: it runs its own small runtime on a thread of its own, so it
+    /// may be called from anywhere, an async start-up included; it waits for
+    /// other processes downloading the same blobs.
+    pub fn fetch_into_cache(
+        &self,
+        repo: &HubRepo,
+        cache: &HubCache,
+    ) -> Result<CacheFetch, HubError> {
+        block_on(self.fetch_into_cache_async(repo, cache))?
+    }
+
+    async fn fetch_into_cache_async(
+        &self,
+        repo: &HubRepo,
+        cache: &HubCache,
+    ) -> Result<CacheFetch, HubError> {
+        let listing = self.list(repo).await?;
+        let listing_url = || format!("{}/api/models/{}", self.endpoint, repo.repo);
+        let commit = listing
+            .commit
+            .clone()
+            .filter(|c| hub_cache::is_safe_name(c))
+            .ok_or_else(|| HubError::BadListing {
+                url: listing_url(),
+                why: "no commit hash (`sha`) for the revision".to_string(),
+            })?;
+        let selection = Selection::of(repo, &listing.files)?;
+        let pinned = HubRepo {
+            repo: repo.repo.clone(),
+            revision: commit.clone(),
+        };
+        let ref_path = cache.ref_path(repo);
+        cache.write_ref(repo, &commit).map_err(io(&ref_path))?;
+        let snapshot = cache.snapshot_dir(&repo.repo, &commit);
+
+        let mut report = FetchReport::default();
+        let progress = Progress::new(std::io::stderr().is_terminal());
+        let mut plan = selection.metadata.clone();
+        let weights = match &selection.index {
+            Some(index) => {
+                self.fetch_cached(&pinned, index, cache, &progress, &mut report)
+                    .await?;
+                selection.shards(repo, index_shards(&snapshot.join(INDEX_FILE))?)?
+            }
+            None => selection.safetensors.clone(),
+        };
+        plan.extend(weights);
+        progress.set_total(plan.iter().filter_map(|f| f.size).sum());
+        for file in &plan {
+            self.fetch_cached(&pinned, file, cache, &progress, &mut report)
+                .await?;
+        }
+        progress.finish();
+        Ok(CacheFetch {
+            snapshot,
+            commit,
+            report,
+        })
+    }
+
+    /// One file into the cache: under its blob's lock, downloaded unless the
+    /// blob is whole (continued from `<etag>.incomplete`), then linked into
+    /// the snapshot. `pinned.revision` is the commit.
+    async fn fetch_cached(
+        &self,
+        pinned: &HubRepo,
+        file: &RemoteFile,
+        cache: &HubCache,
+        progress: &Progress,
+        report: &mut FetchReport,
+    ) -> Result<(), HubError> {
+        let etag = file
+            .etag
+            .as_deref()
+            .filter(|e| hub_cache::is_safe_name(e))
+            .ok_or_else(|| HubError::BadListing {
+                url: format!("{}/api/models/{}", self.endpoint, pinned.repo),
+                why: format!("no usable blob id for {}", file.name),
+            })?;
+        let blob = cache.blob_path(&pinned.repo, etag);
+        let lock_path = cache.lock_path(&pinned.repo, etag);
+        let _lock = cache
+            .lock_blob(&pinned.repo, etag, &file.name)
+            .map_err(io(&lock_path))?;
+        // Blobs appear only whole (renamed into place), so one whose size is
+        // unknown is complete too.
+        let complete = std::fs::metadata(&blob)
+            .is_ok_and(|m| m.is_file() && file.size.is_none_or(|size| m.len() == size));
+        if complete {
+            progress.skipped(&file.name, file.size.unwrap_or(0));
+            report.skipped.push(file.name.clone());
+        } else {
+            let blobs = blob.parent().expect("a blob has a parent");
+            std::fs::create_dir_all(blobs).map_err(io(blobs))?;
+            let partial = blobs.join(format!("{etag}.incomplete"));
+            self.download(pinned, file, &partial, &blob, progress, report)
+                .await?;
+        }
+        let snapshot = cache.snapshot_dir(&pinned.repo, &pinned.revision);
+        cache
+            .link(&pinned.repo, &pinned.revision, &file.name, etag)
+            .map_err(io(&snapshot.join(&file.name)))
+    }
+
+    /// Fetches `file` into `partial` (continuing what is there with a range
+    /// request), checks its size and renames it to `dest`.
+    async fn download(
+        &self,
+        repo: &HubRepo,
+        file: &RemoteFile,
+        partial: &Path,
+        dest: &Path,
+        progress: &Progress,
+        report: &mut FetchReport,
+    ) -> Result<(), HubError> {
+        let mut have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
         if file.size.is_some_and(|size| have > size) {
             have = 0;
         }
@@ -417,29 +586,29 @@ impl HubClient {
         // A server that ignores the range sends the whole file: start over.
         let resuming = have > 0 && resp.status() == StatusCode::PARTIAL_CONTENT;
         let mut writer = if resuming {
-            OpenOptions::new().append(true).open(&partial)
+            OpenOptions::new().append(true).open(partial)
         } else {
             have = 0;
-            File::create(&partial)
+            File::create(partial)
         }
-        .map_err(io(&partial))?;
+        .map_err(io(partial))?;
         progress.start(&file.name, file.size, have);
         let mut written = have;
         while let Some(chunk) = resp.chunk().await.map_err(|cause| HubError::Request {
             url: url.clone(),
             cause,
         })? {
-            writer.write_all(&chunk).map_err(io(&partial))?;
+            writer.write_all(&chunk).map_err(io(partial))?;
             written += chunk.len() as u64;
             report.bytes += chunk.len() as u64;
             progress.advance(chunk.len() as u64);
         }
-        writer.sync_all().map_err(io(&partial))?;
+        writer.sync_all().map_err(io(partial))?;
         drop(writer);
         if let Some(expected) = file.size.filter(|&s| s != written) {
             // Keep what arrived if it is a prefix; a restart continues from it.
             if written > expected {
-                let _ = std::fs::remove_file(&partial);
+                let _ = std::fs::remove_file(partial);
             }
             return Err(HubError::SizeMismatch {
                 file: file.name.clone(),
@@ -447,11 +616,139 @@ impl HubClient {
                 got: written,
             });
         }
-        std::fs::rename(&partial, &dest).map_err(io(&dest))?;
+        std::fs::rename(partial, dest).map_err(io(dest))?;
         progress.done(&file.name, written);
         report.downloaded.push(file.name.clone());
         Ok(())
     }
+}
+
+/// The files of a listing Tandem loads, checked: the config and tokenizer
+/// files, the index if any, and the top-level safetensors.
+struct Selection {
+    /// Required and optional non-weight files present in the listing.
+    metadata: Vec<RemoteFile>,
+    index: Option<RemoteFile>,
+    safetensors: Vec<RemoteFile>,
+}
+
+impl Selection {
+    fn of(repo: &HubRepo, listing: &[RemoteFile]) -> Result<Selection, HubError> {
+        let find = |name: &str| listing.iter().find(|f| f.name == name).cloned();
+        for name in REQUIRED_FILES {
+            if find(name).is_none() {
+                return Err(HubError::MissingFile {
+                    repo: repo.repo.clone(),
+                    revision: repo.revision.clone(),
+                    file: name.to_string(),
+                });
+            }
+        }
+        let safetensors: Vec<RemoteFile> = listing
+            .iter()
+            .filter(|f| !f.name.contains('/') && f.name.ends_with(".safetensors"))
+            .cloned()
+            .collect();
+        if safetensors.is_empty() {
+            let mut names: Vec<&str> = listing.iter().map(|f| f.name.as_str()).collect();
+            names.truncate(20);
+            return Err(HubError::NoSafetensors {
+                repo: repo.repo.clone(),
+                revision: repo.revision.clone(),
+                files: names.join(", "),
+            });
+        }
+        Ok(Selection {
+            metadata: REQUIRED_FILES
+                .iter()
+                .chain(OPTIONAL_FILES.iter())
+                .filter_map(|n| find(n))
+                .collect(),
+            index: find(INDEX_FILE),
+            safetensors,
+        })
+    }
+
+    /// The listed files of the shards an index names.
+    fn shards(&self, repo: &HubRepo, names: Vec<String>) -> Result<Vec<RemoteFile>, HubError> {
+        names
+            .into_iter()
+            .map(|shard| {
+                self.safetensors
+                    .iter()
+                    .find(|f| f.name == shard)
+                    .cloned()
+                    .ok_or_else(|| HubError::MissingFile {
+                        repo: repo.repo.clone(),
+                        revision: repo.revision.clone(),
+                        file: shard,
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Runs `future` to completion on a current-thread runtime of its own, on a
+/// thread of its own: callable from plain code and from inside another
+/// runtime alike.
+fn block_on<F>(future: F) -> Result<F::Output, HubError>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(io(Path::new("the download runtime")))?;
+                Ok(runtime.block_on(future))
+            })
+            .join()
+            .expect("the download thread panicked")
+    })
+}
+
+/// `--model ORG/REPO[@REVISION]`: the snapshot directory in `cache`, used as it
+/// is when it holds what Tandem loads (no request is made then, so a branch
+/// like `main` stays at the commit cached until `tandem model fetch` runs),
+/// downloaded first otherwise, unless `offline`. `client` is asked for only
+/// when a download is needed.
+pub fn resolve(
+    repo: &HubRepo,
+    cache: &HubCache,
+    offline: bool,
+    client: impl FnOnce() -> Result<HubClient, HubError>,
+) -> Result<PathBuf, HubError> {
+    let why = match cache.loadable_snapshot(repo) {
+        Ok(snapshot) => return Ok(snapshot),
+        Err(why) => why,
+    };
+    if offline {
+        return Err(HubError::Offline {
+            repo: repo.repo.clone(),
+            revision: repo.revision.clone(),
+            cache: cache.root().to_path_buf(),
+            why,
+        });
+    }
+    let client = client()?;
+    eprintln!(
+        "{repo}: not in the Hugging Face cache at {} ({why}); downloading from {}",
+        cache.root().display(),
+        client.endpoint()
+    );
+    let fetched = client.fetch_into_cache(repo, cache)?;
+    eprintln!(
+        "{repo}: commit {} in {}: {} files downloaded ({} bytes), {} already in the cache",
+        fetched.commit,
+        fetched.snapshot.display(),
+        fetched.report.downloaded.len(),
+        fetched.report.bytes,
+        fetched.report.skipped.len()
+    );
+    Ok(fetched.snapshot)
 }
 
 /// The shard files `model.safetensors.index.json` maps tensors to, in order.

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod gguf_model;
 pub mod hf;
 pub mod hub;
+pub mod hub_cache;
 pub mod quant;
 pub mod testing;
 pub mod tokenizer;
@@ -29,6 +30,7 @@ pub use weights::{LayerWeights, Tensor, Weights};
 use chat::ChatTemplateError;
 use fetch::FetchError;
 use gguf::{GgufError, GgufFile};
+use hub::HubError;
 use tokenizer::TokenizerError;
 
 /// The model used when none is named.
@@ -40,6 +42,8 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
     #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
@@ -84,10 +88,11 @@ pub enum ModelError {
         path: PathBuf,
         cause: ChatTemplateError,
     },
-    #[error("no model \"{spec}\": not a file, not a directory, and not a cached model name.\n  cached models in {cache}: {cached}\n  --model accepts a cached model name (e.g. {DEFAULT_MODEL}), a path to a .gguf file, or a Hugging Face model directory (with config.json)")]
+    #[error("no model \"{spec}\": not a file, not a directory, and not a cached model name.\n  cached models (in {cache} and the Hugging Face cache {hub_cache}): {cached}\n  --model accepts a cached model name (e.g. {DEFAULT_MODEL}), a path to a .gguf file, a Hugging Face model directory (with config.json), or a Hub repository ORG/REPO[@REVISION] (downloaded into the Hugging Face cache on first use)")]
     NotFound {
         spec: String,
         cache: PathBuf,
+        hub_cache: PathBuf,
         cached: String,
     },
 }
@@ -147,8 +152,13 @@ pub struct CachedModel {
 }
 
 /// The model name of a file or directory: `SmolLM2-135M-Instruct.Q4_1.gguf`
-/// → `SmolLM2-135M-Instruct` (a trailing quantization label is dropped).
+/// → `SmolLM2-135M-Instruct` (a trailing quantization label is dropped); a
+/// snapshot of the Hugging Face cache (`models--ORG--REPO/snapshots/<commit>`)
+/// → `ORG/REPO`, the name it was asked for by.
 pub fn model_name(path: &Path) -> String {
+    if let Some(repo) = hub_snapshot_repo(path) {
+        return repo;
+    }
     let file = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -162,6 +172,14 @@ pub fn model_name(path: &Path) -> String {
     }
 }
 
+fn hub_snapshot_repo(path: &Path) -> Option<String> {
+    let snapshots = path.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    hub_cache::repo_of_dir_name(&snapshots.parent()?.file_name()?.to_string_lossy())
+}
+
 fn looks_like_quant_label(s: &str) -> bool {
     let s = s.to_ascii_uppercase();
     ["Q", "IQ", "F", "BF", "TQ"].iter().any(|p| {
@@ -170,8 +188,22 @@ fn looks_like_quant_label(s: &str) -> bool {
     })
 }
 
-/// Models in the cache: `*.gguf` files and HF directories.
+/// Models in the caches: `*.gguf` files and HF directories in Tandem's, and
+/// the repositories of the Hugging Face cache whose snapshot Tandem can load
+/// (named `ORG/REPO`, or `ORG/REPO@REF` for refs other than `main`).
 pub fn cached_models() -> Vec<CachedModel> {
+    let mut models = tandem_cached_models();
+    models.extend(
+        hub_cache::HubCache::from_env()
+            .models()
+            .into_iter()
+            .map(|(name, path)| CachedModel { name, path }),
+    );
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    models
+}
+
+fn tandem_cached_models() -> Vec<CachedModel> {
     let Ok(entries) = std::fs::read_dir(cache_dir()) else {
         return Vec::new();
     };
@@ -195,8 +227,10 @@ pub fn cached_models() -> Vec<CachedModel> {
 
 /// Turns a user's model spec into a path. `None` means the default model,
 /// fetched into the cache if missing. Otherwise: an existing path (a GGUF file
-/// or an HF directory), or a cached model's name (case-insensitive, with or
-/// without its file suffix).
+/// or an HF directory), a cached model's name (case-insensitive, with or
+/// without its file suffix), or a Hub repository (`ORG/REPO[@REVISION]` or
+/// `hf://…`), taken from the Hugging Face cache and downloaded into it first
+/// when it is not there ([`hub::resolve`]; `HF_HUB_OFFLINE` forbids that).
 pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
     let spec = match spec {
         None => {
@@ -219,6 +253,9 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
             why: "a directory without config.json is not a Hugging Face model directory"
                 .to_string(),
         });
+    }
+    if spec.starts_with(hub::SCHEME) {
+        return resolve_hub(spec);
     }
     let cached = cached_models();
     let wanted = spec.to_lowercase();
@@ -243,9 +280,13 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
             .path()
             .to_path_buf());
     }
+    if hub::HubRepo::parse_model_arg(spec)?.is_some() {
+        return resolve_hub(spec);
+    }
     Err(ModelError::NotFound {
         spec: spec.to_string(),
         cache: cache_dir(),
+        hub_cache: hub_cache::HubCache::from_env().root().to_path_buf(),
         cached: if cached.is_empty() {
             "(none)".to_string()
         } else {
@@ -256,6 +297,17 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf, ModelError> {
                 .join(", ")
         },
     })
+}
+
+fn resolve_hub(spec: &str) -> Result<PathBuf, ModelError> {
+    let repo =
+        hub::HubRepo::parse_model_arg(spec)?.ok_or_else(|| HubError::BadSpec(spec.to_string()))?;
+    Ok(hub::resolve(
+        &repo,
+        &hub_cache::HubCache::from_env(),
+        hub_cache::offline_from_env(),
+        hub::HubClient::from_env,
+    )?)
 }
 
 /// Directories are HF models; any file is read as GGUF and its magic bytes
@@ -325,7 +377,9 @@ fn progress_bar(len: usize, name: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn compile_template(
+/// Compiles a chat template source for `tokenizer`'s special tokens; `path`
+/// (the model, or a `--chat-template` file) names it in errors.
+pub fn compile_template(
     path: &Path,
     template: Option<String>,
     tokenizer: &Tokenizer,
@@ -345,6 +399,28 @@ fn compile_template(
             path: path.to_path_buf(),
             cause,
         })
+}
+
+/// Reads a chat template file (`--chat-template`) and checks that it compiles,
+/// before any model is loaded, so a broken file stops start-up at once with its
+/// name. The source is compiled again with the model's special tokens by
+/// [`compile_template`] once the tokenizer is known.
+pub fn read_chat_template(file: &Path) -> Result<String, ModelError> {
+    let source = std::fs::read_to_string(file).map_err(|cause| ModelError::Io {
+        path: file.to_path_buf(),
+        cause,
+    })?;
+    if source.trim().is_empty() {
+        return Err(ModelError::Invalid {
+            path: file.to_path_buf(),
+            why: "the chat template file is empty".to_string(),
+        });
+    }
+    ChatTemplate::new(source.as_str(), "", "").map_err(|cause| ModelError::ChatTemplate {
+        path: file.to_path_buf(),
+        cause,
+    })?;
+    Ok(source)
 }
 
 /// Loads a GGUF file or HF directory: config, f32 weights in HF layout,

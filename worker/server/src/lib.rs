@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP server: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/models`, `/health`, `/metrics`.
+//! `/v1/models`, `/health`, `/metrics`, and vLLM's `/tokenize`, `/detokenize`, `/version`.
 //!
 //! The server only knows the `Infer` seam, so the same router fronts the
 //! in-process engine (`tandem serve`) and the router to decode workers (`tandem frontend`).
@@ -15,6 +15,7 @@ mod params;
 mod protocol;
 mod text;
 mod tools;
+mod utility;
 
 use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -193,7 +194,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model))
+        // A wildcard: Hub names (`org/repo`) hold a slash.
+        .route("/v1/models/{*model}", get(handlers::get_model))
+        .route("/tokenize", post(utility::tokenize))
+        .route("/detokenize", post(utility::detokenize))
+        .route("/version", get(utility::version))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::prometheus_metrics))
         .fallback(handlers::unknown_route)

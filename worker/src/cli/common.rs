@@ -72,6 +72,36 @@ pub fn resolve_model(args: &ModelHttpArgs) -> anyhow::Result<ResolvedModel> {
     })
 }
 
+/// `--chat-template FILE`: read and checked at start-up, before anything slow,
+/// and compiled with the model's special tokens once its tokenizer is loaded.
+pub struct ChatTemplateFile {
+    path: PathBuf,
+    source: String,
+}
+
+impl ChatTemplateFile {
+    /// `None` without the flag; an error naming the file when it cannot be read
+    /// or does not compile.
+    pub fn read(path: Option<&Path>) -> anyhow::Result<Option<Self>> {
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        let source = model::read_chat_template(path).context("--chat-template")?;
+        Ok(Some(Self {
+            path: path.to_path_buf(),
+            source,
+        }))
+    }
+
+    /// The template that replaces the model's own.
+    pub fn compile(&self, tokenizer: &Tokenizer) -> anyhow::Result<ChatTemplate> {
+        let template = model::compile_template(&self.path, Some(self.source.clone()), tokenizer)?
+            .expect("a source was given");
+        tracing::info!(file = %self.path.display(), "chat template from --chat-template replaces the model's");
+        Ok(template)
+    }
+}
+
 /// The engine's batching and KV cache settings from its flags.
 pub fn engine_config(args: &EngineArgs) -> anyhow::Result<EngineConfig> {
     Ok(EngineConfig {

@@ -20,8 +20,13 @@ pub fn run(args: FrontendArgs) -> anyhow::Result<()> {
 }
 
 async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
+    let template_file = common::ChatTemplateFile::read(args.chat_template.as_deref())?;
     let resolved = common::resolve_model(&args.http)?;
     let text = model::load_text(&resolved.path)?;
+    let chat_template = match &template_file {
+        Some(file) => Some(file.compile(&text.tokenizer)?),
+        None => text.chat_template,
+    };
     let config = common::server_config(&args.http, &resolved.info.name, args.default_max_tokens);
     let membership =
         discovery_args::decode_membership(&args.discovery, &args.decode_workers).await?;
@@ -45,7 +50,7 @@ async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         ServedModel {
             infer: frontend,
             tokenizer: text.tokenizer,
-            chat_template: text.chat_template,
+            chat_template,
             max_model_len: resolved.max_model_len,
         },
     );

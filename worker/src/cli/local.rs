@@ -42,7 +42,8 @@ pub struct LocalArgs {
     pub decode: usize,
 
     /// Model for every process (see `tandem serve --model`). Omitted: the
-    /// default model.
+    /// default model. A Hub repository is downloaded by this process before
+    /// any child starts.
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<String>,
 
@@ -72,6 +73,12 @@ pub struct LocalArgs {
     /// tokens are prefilled remotely. Default: the decode worker's own.
     #[arg(long, env = "TANDEM_REMOTE_PREFILL_MIN_TOKENS")]
     pub remote_prefill_min_tokens: Option<usize>,
+
+    /// A Jinja chat template file that replaces the model's own (see `tandem
+    /// serve --chat-template`); checked here before anything starts and passed
+    /// to the frontend, which renders the templates, by its absolute path.
+    #[arg(long, env = "TANDEM_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 
     /// More arguments for the prefill workers (split on whitespace; repeatable).
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
@@ -130,6 +137,10 @@ pub struct LocalArgs {
 pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding the tandem binary to start")?;
     let config = config(&args, program)?;
+    // Once here, before any child starts: a Hub repository (or the default
+    // model) is downloaded by this process, with one progress display, and
+    // every child then finds it in the cache without asking the Hub.
+    tandem_model::resolve(args.model.as_deref()).context("--model")?;
     super::common::runtime()?.block_on(local::run(config, super::common::shutdown_signal()))?;
     Ok(())
 }
@@ -176,6 +187,13 @@ fn config(args: &LocalArgs, program: PathBuf) -> anyhow::Result<LocalConfig> {
         "--router-mode".to_string(),
         args.router_mode.as_str().to_string(),
     ];
+    if let Some(file) = &args.chat_template {
+        // The children may not share this process's working directory.
+        let file = std::path::absolute(file)
+            .with_context(|| format!("--chat-template {}", file.display()))?;
+        tandem_model::read_chat_template(&file).context("--chat-template")?;
+        frontend.extend(["--chat-template".to_string(), file.display().to_string()]);
+    }
     frontend.extend(split_args(&[&args.frontend_arg]));
     config.frontend_args = frontend;
     config.log_dir = args.log_dir.clone();
@@ -270,6 +288,37 @@ mod tests {
                 deployment: "smol".into(),
             })
         );
+    }
+
+    #[test]
+    fn a_chat_template_is_checked_and_reaches_the_frontend_by_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.jinja");
+        std::fs::write(&good, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        let args = parse(&["--chat-template", good.to_str().unwrap()]);
+        let local = config(&args, "/bin/tandem".into()).unwrap();
+        assert_eq!(
+            local.frontend_args,
+            [
+                "--router-mode",
+                "kv",
+                "--chat-template",
+                good.to_str().unwrap()
+            ]
+        );
+        assert!(local.prefill_args.is_empty() && local.decode_args.is_empty());
+
+        let bad = dir.path().join("bad.jinja");
+        std::fs::write(&bad, "{% for m in messages %}{{ m.content }}").unwrap();
+        let args = parse(&["--chat-template", bad.to_str().unwrap()]);
+        let err = format!("{:#}", config(&args, "/bin/tandem".into()).unwrap_err());
+        assert!(
+            err.contains("bad.jinja") && err.contains("does not compile"),
+            "{err}"
+        );
+        let args = parse(&["--chat-template", "/nonexistent/t.jinja"]);
+        let err = format!("{:#}", config(&args, "/bin/tandem".into()).unwrap_err());
+        assert!(err.contains("/nonexistent/t.jinja"), "{err}");
     }
 
     #[test]

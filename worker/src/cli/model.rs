@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 
 use tandem_api::args::ModelCommand;
-use tandem_model::hub::{HubClient, HubRepo};
+use tandem_model::hub::{self, HubClient, HubRepo};
+use tandem_model::hub_cache::{self, HubCache};
 use tandem_model::{self as model, fetch, ModelInfo};
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
@@ -23,8 +24,9 @@ fn fetch_cmd(name: &str, output: Option<&Path>) -> anyhow::Result<()> {
     let default = model::DEFAULT_MODEL;
     if !name.eq_ignore_ascii_case(default) {
         bail!(
-            "only the default model {default} can be fetched; use other models by passing \
-             --model a .gguf path or a Hugging Face directory"
+            "only the default model {default} and Hub repositories (hf://ORG/REPO[@REVISION]) \
+             can be fetched; use other models by passing --model a .gguf path or a Hugging Face \
+             directory"
         );
     }
     let cache = model::cache_dir();
@@ -42,22 +44,45 @@ fn fetch_cmd(name: &str, output: Option<&Path>) -> anyhow::Result<()> {
 }
 
 fn fetch_hub(repo: &HubRepo, output: Option<&Path>) -> anyhow::Result<()> {
-    let out = output
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| model::cache_dir().join(repo.cache_name()));
+    let Some(out) = output else {
+        return fetch_hub_into_cache(repo);
+    };
     let client = HubClient::from_env()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(client.fetch(repo, &out))?;
+    let report = runtime.block_on(client.fetch(repo, out))?;
     println!(
-        "fetched {}@{} to {}: {} files downloaded ({}), {} already complete",
-        repo.repo,
-        repo.revision,
+        "fetched {repo} to {}: {} files downloaded ({}), {} already complete",
         out.display(),
         report.downloaded.len(),
         human_bytes(report.bytes),
         report.skipped.len()
+    );
+    Ok(())
+}
+
+/// Into the Hugging Face cache, asking the Hub where the revision is now (so
+/// a branch moves forward), downloading only the blobs the cache lacks. With
+/// `HF_HUB_OFFLINE` set, only checks that the cache has it.
+fn fetch_hub_into_cache(repo: &HubRepo) -> anyhow::Result<()> {
+    let cache = HubCache::from_env();
+    if hub_cache::offline_from_env() {
+        let snapshot = hub::resolve(repo, &cache, true, HubClient::from_env)?;
+        println!(
+            "{repo} is in the Hugging Face cache at {} (HF_HUB_OFFLINE is set: the Hub was not asked)",
+            snapshot.display()
+        );
+        return Ok(());
+    }
+    let fetched = HubClient::from_env()?.fetch_into_cache(repo, &cache)?;
+    println!(
+        "fetched {repo} (commit {}) into the Hugging Face cache at {}: {} files downloaded ({}), {} already complete",
+        fetched.commit,
+        fetched.snapshot.display(),
+        fetched.report.downloaded.len(),
+        human_bytes(fetched.report.bytes),
+        fetched.report.skipped.len()
     );
     Ok(())
 }

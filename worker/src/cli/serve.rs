@@ -27,6 +27,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let template_file = common::ChatTemplateFile::read(args.chat_template.as_deref())?;
     let model = common::resolve_model(&args.http)?;
     let max_model_len = model.max_model_len;
     let config = common::server_config(&args.http, &model.info.name, args.default_max_tokens);
@@ -59,10 +60,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::select! {
         loaded = loading => {
             let loaded = loaded.context("model loading panicked")??;
+            let chat_template = match &template_file {
+                Some(file) => Some(file.compile(&loaded.tokenizer)?),
+                None => loaded.chat_template,
+            };
             state.set_model(ServedModel {
                 infer: Arc::new(loaded.engine),
                 tokenizer: loaded.tokenizer,
-                chat_template: loaded.chat_template,
+                chat_template,
                 max_model_len,
             });
             tracing::info!(address = %local, max_model_len, "ready");

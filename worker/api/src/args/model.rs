@@ -5,9 +5,15 @@ use std::path::PathBuf;
 /// Which model a process serves and where its HTTP side listens.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelHttpArgs {
-    /// Model to serve: a cached name (see `tandem model list`), a `.gguf` file
-    /// or a Hugging Face directory. Omitted: the default model
-    /// (SmolLM2-135M-Instruct), fetched into the cache if missing.
+    /// Model to serve: a cached name (see `tandem model list`), a `.gguf` file,
+    /// a Hugging Face directory, or a Hub repository `ORG/REPO[@REVISION]`
+    /// (also `hf://ORG/REPO[@REVISION]`). A repository is taken from the
+    /// Hugging Face cache (HF_HUB_CACHE, else $HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub; shared with Python tools) without asking the
+    /// Hub when that revision is there, and downloaded into it first otherwise
+    /// (HF_ENDPOINT, HF_TOKEN; HF_HUB_OFFLINE=1 forbids downloading). Omitted:
+    /// the default model (SmolLM2-135M-Instruct), fetched into the cache if
+    /// missing.
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<String>,
 
@@ -45,23 +51,32 @@ impl ModelHttpArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelCommand {
     /// Download the default model into the cache (does nothing if it is there), or a
-    /// Hugging Face repository (`hf://ORG/REPO[@REVISION]`) into a directory.
+    /// Hugging Face repository (`hf://ORG/REPO[@REVISION]`) into the Hugging Face
+    /// cache or a directory.
     ///
     /// From the Hub it fetches config.json, the tokenizer files, generation_config.json
-    /// and the safetensors weights, sending HF_TOKEN as a bearer token when set, from
-    /// HF_ENDPOINT (default https://huggingface.co). Complete files are skipped and an
-    /// interrupted download is continued, so a restarted fetch resumes.
+    /// and the safetensors weights, sending HF_TOKEN (else the token `huggingface-cli
+    /// login` saved) as a bearer token, from HF_ENDPOINT (default
+    /// https://huggingface.co). Without --output the files go into the Hugging Face
+    /// cache (HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), laid out
+    /// as Python's huggingface_hub lays it out; the Hub is asked where the revision is
+    /// now, so this is how a cached branch moves forward (`--model ORG/REPO` alone
+    /// uses the cached commit). Complete files are skipped and an interrupted
+    /// download is continued, so a restarted fetch resumes.
     Fetch {
         /// The default model's name, or hf://ORG/REPO[@REVISION] (revision default: main).
         #[arg(default_value = super::DEFAULT_MODEL)]
         name: String,
-        /// Where to put the model. For hf:// the directory to fill (default: the
-        /// cache's ORG--REPO); for the default model its .gguf file is copied into
-        /// this directory after it is in the cache.
+        /// Where to put the model. For hf:// a plain directory to fill instead of
+        /// the Hugging Face cache (what the operator's init container loads); for
+        /// the default model its .gguf file is copied into this directory after it
+        /// is in the cache.
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models).
+    /// List the models in the cache (TANDEM_MODEL_DIR, default ~/.cache/tandem/models)
+    /// and the Hugging Face cache's repositories Tandem can load (as ORG/REPO, or
+    /// ORG/REPO@REF for refs other than main).
     List {
         /// Print JSON instead of a table.
         #[arg(long)]

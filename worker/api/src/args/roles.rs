@@ -1,6 +1,7 @@
 //! The flags of each role: `serve`, `frontend`, `prefill`, `decode`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::{
@@ -22,6 +23,16 @@ pub struct ServeArgs {
     /// the room left in the context).
     #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: usize,
+
+    /// A Jinja chat template file that replaces the model's own (from its GGUF
+    /// metadata, tokenizer_config.json or chat_template.jinja) for chat
+    /// completions and `/tokenize` with `messages`. It is rendered with the
+    /// variables a Hugging Face template gets (`messages`,
+    /// `add_generation_prompt`, `bos_token`, `eos_token`). A file that cannot
+    /// be read, is empty or does not compile stops start-up with an error
+    /// naming it.
+    #[arg(long, env = "TANDEM_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `tandem frontend`.
@@ -57,6 +68,16 @@ pub struct FrontendArgs {
     /// the room left in the context).
     #[arg(long, env = "TANDEM_DEFAULT_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: usize,
+
+    /// A Jinja chat template file that replaces the model's own (from its GGUF
+    /// metadata, tokenizer_config.json or chat_template.jinja) for chat
+    /// completions and `/tokenize` with `messages`. It is rendered with the
+    /// variables a Hugging Face template gets (`messages`,
+    /// `add_generation_prompt`, `bos_token`, `eos_token`). A file that cannot
+    /// be read, is empty or does not compile stops start-up with an error
+    /// naming it.
+    #[arg(long, env = "TANDEM_CHAT_TEMPLATE", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// How the frontend picks a decode worker (`--router-mode`).
