@@ -14,25 +14,12 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::params;
-use super::protocol::ChatMessageIn;
+use super::protocol::{ChatMessageIn, FieldPolicy, Request};
 use super::{AppState, ServedModel};
-
-/// The fields `/tokenize` accepts; anything else is refused with its name.
-const TOKENIZE_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "messages",
-    "add_generation_prompt",
-    "add_special_tokens",
-    "return_token_strs",
-];
-
-/// The fields `/detokenize` accepts.
-const DETOKENIZE_FIELDS: &[&str] = &["model", "tokens"];
 
 #[derive(Debug, Deserialize)]
 struct TokenizeRequest {
@@ -49,6 +36,30 @@ struct TokenizeRequest {
 struct DetokenizeRequest {
     model: Option<String>,
     tokens: Option<Value>,
+}
+
+/// vLLM's fields these endpoints do not implement are refused by name, as is
+/// any other field: a client that sends `chat_template` or `tools` here must not
+/// get an answer that ignored them.
+impl Request for TokenizeRequest {
+    const FIELDS: FieldPolicy = FieldPolicy {
+        ignored: &[],
+        not_supported: &[
+            "tools",
+            "chat_template",
+            "chat_template_kwargs",
+            "continue_final_message",
+            "documents",
+            "mm_processor_kwargs",
+        ],
+    };
+}
+
+impl Request for DetokenizeRequest {
+    const FIELDS: FieldPolicy = FieldPolicy {
+        ignored: &[],
+        not_supported: &[],
+    };
 }
 
 /// vLLM's answer: `token_strs` is null unless `return_token_strs` was set.
@@ -90,7 +101,6 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = loaded_model(&state)?;
     let bytes = read_body(body, state.config().max_body_bytes).await?;
-    check_fields(&headers, &bytes, TOKENIZE_FIELDS, "/tokenize")?;
     let req: TokenizeRequest = params::parse_body(&headers, &bytes)?;
     if let Some(name) = &req.model {
         params::check_model(name, &state.model_names())?;
@@ -172,7 +182,6 @@ pub async fn detokenize(
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let model = loaded_model(&state)?;
     let bytes = read_body(body, state.config().max_body_bytes).await?;
-    check_fields(&headers, &bytes, DETOKENIZE_FIELDS, "/detokenize")?;
     let req: DetokenizeRequest = params::parse_body(&headers, &bytes)?;
     if let Some(name) = &req.model {
         params::check_model(name, &state.model_names())?;
@@ -237,27 +246,6 @@ fn encode(model: &ServedModel, text: &str, add_special_tokens: bool) -> Result<V
             .encode(text, false)
             .map(|enc| enc.get_ids().to_vec())
             .map_err(|e| failed(e.to_string()))
-    }
-}
-
-/// Refuse a field the endpoint does not know, naming it: a client that sends
-/// `chat_template` or `tools` here must not get an answer that ignored them.
-fn check_fields(
-    headers: &HeaderMap,
-    body: &[u8],
-    known: &[&str],
-    endpoint: &str,
-) -> Result<(), ApiError> {
-    let fields: Map<String, Value> = params::parse_body(headers, body)?;
-    match fields.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(ApiError::invalid_param(
-            unknown.clone(),
-            format!(
-                "{endpoint} does not support the field `{unknown}`; it accepts {}.",
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
     }
 }
 
