@@ -121,8 +121,8 @@ def test_batched_prompts_equal_separate_requests_in_order(client, model):
 
 
 def test_echo_returns_the_prompt_and_its_logprobs(client, model):
-    # A prompt no other test sends, asked with logprobs first: under `tandem local` the
-    # prefill worker computes its logprobs (later requests find it in the prefix cache).
+    # Under `tandem local` a request with prompt logprobs is prefilled by the decode
+    # worker itself, a token per step; the others may be prefilled remotely.
     prompt = "Rivers flow to the sea. Mountains rise to the sky. Forests grow in the valleys, and deserts"
     r = greedy(client, model, prompt, max_tokens=6, echo=True, logprobs=1)
     plain = greedy(client, model, prompt, max_tokens=6).choices[0].text
