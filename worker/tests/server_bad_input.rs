@@ -477,11 +477,31 @@ fn cases() -> Vec<Case> {
             "only allowed when stream",
         ),
         case(
-            "tools",
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "a tool of a type other than function",
+            chat(json!({"tools": [{"type": "retrieval"}]})),
             400,
-            Some("tools"),
-            "not supported",
+            Some("tools[0].type"),
+            "only `function` is supported",
+        ),
+        case(
+            "two tools with one name",
+            chat(json!({"tools": [
+                {"type": "function", "function": {"name": "f"}},
+                {"type": "function", "function": {"name": "f"}}
+            ]})),
+            400,
+            Some("tools[1].function.name"),
+            "already the name of another tool",
+        ),
+        case(
+            "tool_choice naming a function not in tools",
+            chat(json!({
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}
+            })),
+            400,
+            Some("tool_choice.function.name"),
+            "not in tools",
         ),
         case(
             "stop_token_ids outside the vocabulary",
