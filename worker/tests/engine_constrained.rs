@@ -2,7 +2,17 @@
 //! grammars hold while other requests share the batch, a prefill-only run
 //! samples its first token under the grammar (what a prefill worker does for
 //! a decode worker), a decode side refuses a first token outside it, and
-//! prompt logprobs line up with the logprobs of generated tokens.
+//! prompt logprobs line up with the logprobs of generated tokens. A backend
+//! that samples where the logits are (as CUDA does) gets the grammar's masks
+//! and picks the same tokens as the host sampler.
+
+mod engine_support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use engine_support::wrapped::{Hooks, Wrapped};
+use tandem_engine::backend::{BackendError, ComputeBackend, DeviceSampling, KvLayerSink, SeqInput};
 
 use tandem_api::infer::{GenerateStream, Infer};
 use tandem_api::types::{
@@ -38,6 +48,66 @@ fn start(model: &LoadedModel, guide: bool) -> EngineHandle {
     } else {
         e
     }
+}
+
+/// The CPU backend claiming to sample on the device, with the trait's host
+/// version of masked device sampling; counts the masked steps and the rows
+/// whose mask forbade something.
+struct DeviceMasked {
+    masked_steps: Arc<AtomicUsize>,
+    masked_rows: Arc<AtomicUsize>,
+}
+
+impl Hooks for DeviceMasked {
+    fn samples_on_device(&self, _inner: &dyn ComputeBackend) -> bool {
+        true
+    }
+
+    fn forward_sampled_masked(
+        &mut self,
+        inner: &mut dyn ComputeBackend,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: &mut dyn FnMut(&mut [u32], usize),
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.masked_steps.fetch_add(1, Ordering::SeqCst);
+        let rows = &self.masked_rows;
+        let mut counted = |bits: &mut [u32], words: usize| {
+            masks(bits, words);
+            let restricted = bits
+                .chunks(words)
+                .filter(|r| r.iter().any(|&w| w != u32::MAX));
+            rows.fetch_add(restricted.count(), Ordering::SeqCst);
+        };
+        inner.forward_sampled_masked(batch, sampling, &mut counted, sink)
+    }
+}
+
+fn start_device_masked(model: &LoadedModel) -> (EngineHandle, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (steps, rows) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let backend = Wrapped {
+        inner: CpuBackend::new(
+            model.config.clone(),
+            &model.weights,
+            WeightStorage::default(),
+        )
+        .unwrap(),
+        hooks: DeviceMasked {
+            masked_steps: steps.clone(),
+            masked_rows: rows.clone(),
+        },
+    };
+    let e = Engine::start(
+        Box::new(backend),
+        EngineConfig::default(),
+        model.tokenizer.eos_token_ids().to_vec(),
+        model.config.max_position_embeddings,
+        "test",
+    )
+    .unwrap()
+    .with_guide(Guide::new(model.tokenizer.clone()));
+    (e, steps, rows)
 }
 
 fn chat_prompt(model: &LoadedModel, question: &str) -> Vec<u32> {
@@ -267,4 +337,66 @@ async fn prompt_logprobs_line_up_with_generated_logprobs() {
         "greedy is the top alternative"
     );
     assert!(plp.iter().all(|t| t.logprob.unwrap() <= 0.0));
+}
+
+#[tokio::test]
+async fn a_device_sampler_gets_the_masks_and_picks_what_the_host_does() {
+    let model = default_model();
+    let host = start(&model, true);
+    let (device, steps, rows) = start_device_masked(&model);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "mood": {"enum": ["happy", "sad", "calm"]},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120}
+        },
+        "required": ["name", "mood", "age"],
+        "additionalProperties": false
+    });
+    let prompt = chat_prompt(&model, "Describe a person as JSON.");
+    let grammar = Some(Grammar::JsonSchema(schema.to_string()));
+    // Greedy: the same tokens as the host sampler, which masks on its own.
+    let greedy = SamplingParams {
+        grammar: grammar.clone(),
+        ..SamplingParams::greedy()
+    };
+    let want = collect(
+        host.generate(request(prompt.clone(), greedy.clone(), 80))
+            .unwrap(),
+    )
+    .await;
+    let got = collect(
+        device
+            .generate(request(prompt.clone(), greedy, 80))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((&got.error, &want.error), (&None, &None));
+    let ids = |o: &Outcome| o.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(&got), ids(&want), "{}", text(&model, &got.tokens));
+    assert!(
+        steps.load(Ordering::SeqCst) >= got.tokens.len(),
+        "every token under the mask"
+    );
+    assert!(rows.load(Ordering::SeqCst) >= got.tokens.len());
+    // Sampled at a high temperature, every answer still fits the schema.
+    for seed in 0..4 {
+        let hot = SamplingParams {
+            grammar: grammar.clone(),
+            temperature: 1.3,
+            seed: Some(seed),
+            ..SamplingParams::greedy()
+        };
+        let out = collect(device.generate(request(prompt.clone(), hot, 80)).unwrap()).await;
+        assert_eq!(out.error, None);
+        let text = text(&model, &out.tokens);
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text}"));
+        assert!(
+            ["happy", "sad", "calm"].contains(&doc["mood"].as_str().unwrap()),
+            "{text}"
+        );
+        assert!(doc["age"].as_u64().is_some_and(|a| a <= 120), "{text}");
+    }
 }

@@ -12,6 +12,9 @@
 // of thread order: the same logits and u give the same token on every run.
 // params per row (SAMPLING_WORDS = 5 ints): temperature (f32 bits), top_k,
 // top_p (f32 bits), u (f64 bits, low word first).
+// With `masks` (a grammar's allowed tokens, `mask_words` 32-bit words a row,
+// bit i of word i / 32 set when token i may follow), a row's forbidden
+// logits are first set to -inf in place: they carry no mass and never win.
 // ---------------------------------------------------------------------------
 
 __device__ __forceinline__ unsigned order_key(float v) {
@@ -124,7 +127,7 @@ __device__ unsigned long long strided_mass(const float* row, int vocab, float in
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_rows(int* out, const float* logits, const int* params, int vocab) {
+    sample_rows(int* out, float* logits, const int* params, int vocab, const unsigned* masks, int mask_words) {
     __shared__ unsigned long long hist[256];
     __shared__ unsigned long long scratch[33];
     __shared__ float best_v[32];
@@ -132,7 +135,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ float row_max;
     pdl_trigger();
     pdl_wait();
-    const float* row = logits + (long long)blockIdx.x * vocab;
+    float* row = logits + (long long)blockIdx.x * vocab;
+    if (masks) {
+        const unsigned* allowed = masks + (long long)blockIdx.x * mask_words;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+            if (!((allowed[i >> 5] >> (i & 31)) & 1u)) row[i] = -INFINITY;
+        __syncthreads();
+    }
     const int* p = params + SAMPLING_WORDS * blockIdx.x;
     float temperature = __int_as_float(p[0]);
     int top_k = p[1];

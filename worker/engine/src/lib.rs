@@ -156,27 +156,76 @@ enum Command {
     },
 }
 
+/// A sampled row's grammar state, out of its request for the step.
+struct Masked {
+    id: SeqId,
+    /// The row's index among the step's sampled rows.
+    row: usize,
+    constraint: Constraint,
+}
+
+/// The step's grammar states while their masks are computed on another
+/// thread; [`MaskWait::wait`] joins it.
+struct MaskWait<'s> {
+    helper: Option<std::thread::ScopedJoinHandle<'s, Vec<Masked>>>,
+    ready: Vec<Masked>,
+}
+
+impl MaskWait<'_> {
+    fn is_empty(&self) -> bool {
+        self.helper.is_none() && self.ready.is_empty()
+    }
+
+    /// The grammar states, their masks computed.
+    fn wait(&mut self) -> &mut [Masked] {
+        if let Some(helper) = self.helper.take() {
+            self.ready = helper.join().expect("mask thread");
+        }
+        &mut self.ready
+    }
+}
+
 /// Runs `forward` on this thread while another computes the next-token
-/// masks of `masks` (none: no second thread); returns both.
+/// masks of `masks` (none: no second thread); `forward` may wait for them
+/// (a backend that masks where the logits are). Returns both.
 fn while_preparing_masks<R>(
-    mut masks: Vec<(SeqId, Constraint)>,
-    forward: impl FnOnce() -> R,
-) -> (R, Vec<(SeqId, Constraint)>) {
+    masks: Vec<Masked>,
+    forward: impl FnOnce(&mut MaskWait<'_>) -> R,
+) -> (R, Vec<Masked>) {
     if masks.is_empty() {
-        return (forward(), masks);
+        let mut wait = MaskWait {
+            helper: None,
+            ready: masks,
+        };
+        return (forward(&mut wait), wait.ready);
     }
     std::thread::scope(|scope| {
         let helper = scope.spawn(move || {
-            for (_, c) in &mut masks {
-                // A failure stays in the constraint: `apply` reports it.
-                let _ = c.prepare();
+            let mut masks = masks;
+            for m in &mut masks {
+                // A failure stays in the constraint: `allowed` reports it.
+                let _ = m.constraint.prepare();
             }
             masks
         });
-        let result = forward();
-        let masks = helper.join().expect("mask thread");
-        (result, masks)
+        let mut wait = MaskWait {
+            helper: Some(helper),
+            ready: Vec::new(),
+        };
+        let result = forward(&mut wait);
+        wait.wait();
+        (result, wait.ready)
     })
+}
+
+/// Copies a grammar's allowed set into a backend's mask row; `Err` (the row
+/// left as it was) when the grammar failed.
+fn fill_mask_row(row: &mut [u32], constraint: &mut Constraint) -> Result<(), String> {
+    let allowed = constraint.allowed().map_err(|e| e.to_string())?;
+    let n = allowed.len().min(row.len());
+    row[..n].copy_from_slice(&allowed[..n]);
+    row[n..].fill(0);
+    Ok(())
 }
 
 /// A prompt's KV computed elsewhere.
@@ -1311,14 +1360,18 @@ impl EngineLoop {
         });
         // Grammar masks for the tokens this step samples, computed on another
         // thread while the backend computes the logits.
-        let mut masks: Vec<(SeqId, Constraint)> = Vec::new();
-        for c in plan.chunks.iter().filter(|c| c.need_logits) {
+        let mut masks: Vec<Masked> = Vec::new();
+        for (row, c) in plan.chunks.iter().filter(|c| c.need_logits).enumerate() {
             if let Some(req) = self.requests.get_mut(&c.id) {
-                if req.sampler.constraint_to_prepare().is_some() {
-                    masks.extend(req.sampler.take_constraint().map(|k| (c.id, k)));
-                }
+                masks.extend(req.sampler.take_constraint().map(|constraint| Masked {
+                    id: c.id,
+                    row,
+                    constraint,
+                }));
             }
         }
+        // Constrained rows whose grammar failed while the device sampled them.
+        let mut broken: Vec<(SeqId, String)> = Vec::new();
         let mut prefill_tokens = 0u64;
         let mut decodes = 0;
         let graphs_before = self.backend.graphs_captured();
@@ -1363,19 +1416,30 @@ impl EngineLoop {
             forward_started = Instant::now();
             let backend = &mut self.backend;
             let logits = &mut self.logits;
-            let (result, prepared) = while_preparing_masks(masks, || {
-                if let Some(rules) = &device_rules {
-                    backend.forward_sampled(&inputs, rules, sink).map(Some)
-                } else {
-                    backend.forward(&inputs, logits, sink).map(|()| None)
+            let broken = &mut broken;
+            let (result, prepared) = while_preparing_masks(masks, |wait| match &device_rules {
+                Some(rules) if !wait.is_empty() => {
+                    let mut fill = |bits: &mut [u32], words: usize| {
+                        for m in wait.wait() {
+                            let row = &mut bits[m.row * words..(m.row + 1) * words];
+                            if let Err(e) = fill_mask_row(row, &mut m.constraint) {
+                                broken.push((m.id, e));
+                            }
+                        }
+                    };
+                    backend
+                        .forward_sampled_masked(&inputs, rules, &mut fill, sink)
+                        .map(Some)
                 }
+                Some(rules) => backend.forward_sampled(&inputs, rules, sink).map(Some),
+                None => backend.forward(&inputs, logits, sink).map(|()| None),
             });
             masks = prepared;
             result
         };
-        for (id, c) in masks.drain(..) {
-            if let Some(req) = self.requests.get_mut(&id) {
-                req.sampler.put_constraint(c);
+        for m in masks.drain(..) {
+            if let Some(req) = self.requests.get_mut(&m.id) {
+                req.sampler.put_constraint(m.constraint);
             }
         }
         self.facts.backend += forward_started.elapsed();
@@ -1401,6 +1465,12 @@ impl EngineLoop {
         self.scheduler.complete_step(&plan);
 
         if let Ok(Some(tokens)) = result {
+            for (id, e) in broken {
+                if let Some(req) = self.requests.get_mut(&id) {
+                    req.fail(format!("constrained sampling failed: {e}"));
+                }
+                self.drop_request(id);
+            }
             let sampled = plan.chunks.iter().filter(|c| c.need_logits);
             for (chunk, id) in sampled.zip(tokens) {
                 let token = TokenOutput {

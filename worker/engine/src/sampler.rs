@@ -89,7 +89,8 @@ impl Sampler {
 
     /// Whether the next token can be picked where the logits are
     /// ([`DeviceSampling`]): nothing to report or apply but temperature,
-    /// top-k and top-p.
+    /// top-k, top-p and a grammar's mask (which the backend applies,
+    /// [`crate::backend::ComputeBackend::forward_sampled_masked`]).
     pub fn device_eligible(&self) -> bool {
         let p = &self.params;
         p.logprobs.is_none()
@@ -99,13 +100,6 @@ impl Sampler {
             && p.repetition_penalty == 1.0
             && p.min_p == 0.0
             && p.logit_bias.is_empty()
-            && self.constraint.is_none()
-    }
-
-    /// The grammar state, when the next token's mask is still to be
-    /// computed: the engine computes it while the backend runs the step.
-    pub fn constraint_to_prepare(&mut self) -> Option<&mut Constraint> {
-        self.constraint.as_mut().filter(|c| c.needs_mask())
     }
 
     /// Takes the grammar state out (to prepare its mask on another thread);

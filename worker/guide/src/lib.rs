@@ -186,6 +186,22 @@ impl TokenizerEnv for VocabEnv {
     }
 }
 
+/// Sets each logit whose bit is clear in `allowed` (bit `t % 32` of word
+/// `t / 32`; tokens past the bitset count as clear) to `-inf`.
+pub fn mask_logits(logits: &mut [f32], allowed: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = allowed.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (i, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << i) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// One request's grammar state.
 pub struct Constraint {
     matcher: Matcher,
@@ -224,21 +240,16 @@ impl Constraint {
     /// tokenizer's vocabulary (padding rows of the output layer) are never
     /// allowed.
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<(), GuideError> {
-        self.prepare()?;
-        let mask = self.mask.as_ref().expect("prepared");
-        let words = mask.as_slice();
-        for (w, chunk) in logits.chunks_mut(32).enumerate() {
-            let bits = words.get(w).copied().unwrap_or(0);
-            if bits == u32::MAX {
-                continue;
-            }
-            for (i, l) in chunk.iter_mut().enumerate() {
-                if bits & (1 << i) == 0 {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
+        mask_logits(logits, self.allowed()?);
         Ok(())
+    }
+
+    /// The next token's allowed set as a bitset (bit `t % 32` of word
+    /// `t / 32`), computing it if needed; tokens past its end (padding rows
+    /// of the output layer) are not allowed.
+    pub fn allowed(&mut self) -> Result<&[u32], GuideError> {
+        self.prepare()?;
+        Ok(self.mask.as_ref().expect("prepared").as_slice())
     }
 
     /// Whether `token` is allowed next (computes the mask if needed).

@@ -29,6 +29,17 @@ pub trait Hooks: Send {
     ) -> Result<Vec<u32>, BackendError> {
         inner.forward_sampled(batch, sampling, sink)
     }
+
+    fn forward_sampled_masked(
+        &mut self,
+        inner: &mut dyn ComputeBackend,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: &mut dyn FnMut(&mut [u32], usize),
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        inner.forward_sampled_masked(batch, sampling, masks, sink)
+    }
 }
 
 /// `inner` with `hooks`. Fields drop in order: the inner backend first, then
@@ -137,6 +148,17 @@ impl<B: ComputeBackend, H: Hooks> ComputeBackend for Wrapped<B, H> {
     ) -> Result<Vec<u32>, BackendError> {
         self.hooks
             .forward_sampled(&mut self.inner, batch, sampling, sink)
+    }
+
+    fn forward_sampled_masked(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: &mut dyn FnMut(&mut [u32], usize),
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.hooks
+            .forward_sampled_masked(&mut self.inner, batch, sampling, masks, sink)
     }
 
     fn graphs_captured(&self) -> usize {

@@ -407,6 +407,38 @@ pub trait ComputeBackend: Send {
             .collect())
     }
 
+    /// Like [`ComputeBackend::forward_sampled`], with some rows held to a
+    /// grammar. `masks` is called once, when the backend needs the masks
+    /// (after it has started the step, so computing them overlaps the
+    /// forward), with `sampling.len()` rows of `vocab.div_ceil(32)` words,
+    /// every bit set; it clears the bit of each token a row may not pick
+    /// (bit `t % 32` of word `t / 32`). This default masks and samples the
+    /// step's logits on the host.
+    fn forward_sampled_masked(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: &mut dyn FnMut(&mut [u32], usize),
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        check_sampling_rows(batch, sampling)?;
+        let mut logits = Vec::new();
+        self.forward(batch, &mut logits, sink)?;
+        let vocab = self.config().vocab_size;
+        let words = vocab.div_ceil(32);
+        let mut bits = vec![u32::MAX; sampling.len() * words];
+        masks(&mut bits, words);
+        Ok(logits
+            .chunks_mut(vocab)
+            .zip(bits.chunks(words))
+            .zip(sampling)
+            .map(|((row, allowed), s)| {
+                tandem_guide::mask_logits(row, allowed);
+                sampling::sample_row(row, s)
+            })
+            .collect())
+    }
+
     /// CUDA graphs captured so far (0 for a backend without them): the
     /// engine tells a step that captured one, which stalls it, from others.
     fn graphs_captured(&self) -> usize {

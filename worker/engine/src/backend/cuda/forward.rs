@@ -10,7 +10,7 @@
 use super::device::{alloc, alloc_array, bf16, Dev, DeviceBuffer, Gpu, Matrix, PinnedBuffer};
 use super::launch::{
     DecodeAttention, GateUp, GemvInput, GemvLaunch, GemvOut, GemvQkv, GemvSilu, Heads, PagedKv,
-    PrefillAttention, PrefillKernel, PrefillSource, PrefillTiles, RmsNorm, RopeKvWrite,
+    PrefillAttention, PrefillKernel, PrefillSource, PrefillTiles, RmsNorm, RopeKvWrite, SampleRows,
     SplitScratch,
 };
 use super::nccl::RankComm;
@@ -43,6 +43,9 @@ pub(super) struct Workspace {
     pub split_counters: DeviceBuffer<i32>,
     pub logits: DeviceBuffer<f32>,
     pub next_tokens: DeviceBuffer<i32>,
+    /// Allowed-token bitsets of a step's constrained rows
+    /// (`[max_num_seqs, vocab.div_ceil(32)]`).
+    pub token_masks: DeviceBuffer<u32>,
 }
 
 impl Workspace {
@@ -73,6 +76,7 @@ impl Workspace {
             split_counters: alloc_array(s * heads.kv)?,
             logits: alloc_array(s * cfg.vocab_size)?,
             next_tokens: alloc_array(s)?,
+            token_masks: alloc_array(s * cfg.vocab_size.div_ceil(32))?,
         })
     }
 
@@ -494,11 +498,14 @@ impl Forward<'_> {
         }
         self.gpu.sample_rows(
             self.pdl,
-            self.ws.next_tokens.dev(),
-            logits,
-            self.inputs.sampling,
-            head_rows,
-            vocab,
+            &SampleRows {
+                next: self.ws.next_tokens.dev(),
+                logits,
+                params: self.inputs.sampling,
+                masks: None,
+                rows: head_rows,
+                vocab,
+            },
         )?;
         self.mark("output_head")
     }

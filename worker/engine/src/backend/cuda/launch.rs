@@ -46,6 +46,19 @@ macro_rules! args {
     };
 }
 
+/// `sample_rows`' operands: `rows` rows of `logits` (`[rows, vocab]`)
+/// sampled by the rules at `params` (`SAMPLING_WORDS` words a row) into
+/// `next`. With `masks` (`[rows, vocab.div_ceil(32)]` allowed-token bitsets)
+/// a row's forbidden logits are set to `-inf` first, in place.
+pub(super) struct SampleRows {
+    pub next: Dev<i32>,
+    pub logits: Dev<f32>,
+    pub params: Dev<i32>,
+    pub masks: Option<Dev<u32>>,
+    pub rows: usize,
+    pub vocab: usize,
+}
+
 /// Attention head counts: the model's, or a tensor-parallel rank's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Heads {
@@ -788,26 +801,20 @@ impl Gpu {
         }
     }
 
-    /// Samples `rows` rows of `logits` (`[rows, vocab]`) by the rules at
-    /// `params` (`SAMPLING_WORDS` words a row) into `next`.
-    pub fn sample_rows(
-        &self,
-        early: bool,
-        next: Dev<i32>,
-        logits: Dev<f32>,
-        params: Dev<i32>,
-        rows: usize,
-        vocab: usize,
-    ) -> Result<(), CudaError> {
-        let cfg = rows_cfg(rows, self.tuning.sample_threads as u32);
-        let vocab = vocab as i32;
-        // SAFETY: one block a row; the kernel calls pdl_wait first.
+    /// Samples `a.rows` rows of `a.logits` by their rules ([`SampleRows`]).
+    pub fn sample_rows(&self, early: bool, a: &SampleRows) -> Result<(), CudaError> {
+        let cfg = rows_cfg(a.rows, self.tuning.sample_threads as u32);
+        let mask_words = a.vocab.div_ceil(32) as i32;
+        let masks = a.masks.unwrap_or(Dev::NULL);
+        let (next, logits, params, vocab) = (a.next, a.logits, a.params, a.vocab as i32);
+        // SAFETY: one block a row; the kernel calls pdl_wait first; a mask
+        // buffer holds `rows` rows of `mask_words` words.
         unsafe {
             self.launch_ex(
                 &self.kernels.sample_rows,
                 cfg,
                 early,
-                args![next, logits, params, vocab],
+                args![next, logits, params, vocab, masks, mask_words],
             )
         }
     }

@@ -70,7 +70,7 @@ use device::{alloc_pinned, DeviceBuffer, Gpu, PinnedBuffer, MAX_ATTENTION_SMEM};
 use forward::Workspace;
 use kernels::gemv_index;
 use kv::KvPool;
-use launch::PrefillKernel;
+use launch::{PrefillKernel, SampleRows};
 use plan::{check_geometry, decode_graph_key, decode_part_rows, prefill_kernel};
 pub use tandem_api::args::{DeviceArgs, DeviceSpec, LoadFormat};
 use tandem_api::types::{KvDtype, KvExport, KvLayerChunk, KvPieces};
@@ -157,9 +157,17 @@ unsafe impl Send for DecodeGraph {}
 enum StepOutput<'a> {
     Logits(&'a mut Vec<f32>),
     /// Token ids picked on the device, by these rules (one per sequence
-    /// wanting logits; `None`: greedy).
-    Sampled(Option<&'a [DeviceSampling]>, &'a mut Vec<u32>),
+    /// wanting logits; `None`: greedy), with the grammar masks `Masks` fills
+    /// once the step is under way ([`ComputeBackend::forward_sampled_masked`]).
+    Sampled(
+        Option<&'a [DeviceSampling]>,
+        Option<Masks<'a>>,
+        &'a mut Vec<u32>,
+    ),
 }
+
+/// Fills a step's allowed-token bitsets (rows of words, every bit set).
+type Masks<'a> = &'a mut dyn FnMut(&mut [u32], usize);
 
 pub struct CudaBackend {
     cfg: ModelConfig,
@@ -173,6 +181,10 @@ pub struct CudaBackend {
     inv_freq: DeviceBuffer<f32>,
     host_logits: PinnedBuffer,
     host_kv: Vec<PinnedBuffer>,
+    /// Page-locked staging of a step's grammar masks (`ws.token_masks`' size).
+    host_masks: PinnedBuffer,
+    /// The masks in sampled-row order, as the engine fills them.
+    mask_rows: Vec<u32>,
     weights: DeviceWeights,
     kv_budget: usize,
     /// Per-operation GPU time, when profiling (eager steps only).
@@ -272,6 +284,7 @@ impl CudaBackend {
         gpu.zero(&ws.split_counters)?;
         let inv_freq = gpu.upload(&super::cpu::rope_inv_freq(&cfg))?;
         let host_logits = alloc_pinned(opts.max_num_seqs * cfg.vocab_size * 4)?;
+        let host_masks = alloc_pinned(opts.max_num_seqs * cfg.vocab_size.div_ceil(32) * 4)?;
         let (free, total) = gpu.memory()?;
         // The KV pool gets what the utilisation leaves after weights and
         // workspace; a little is held back for cuBLAS and graph resources.
@@ -300,6 +313,8 @@ impl CudaBackend {
             inv_freq,
             host_logits,
             host_kv: Vec::new(),
+            host_masks,
+            mask_rows: Vec::new(),
             weights,
             kv_budget,
             profiler: None,
@@ -370,7 +385,7 @@ impl CudaBackend {
     /// token ids, one per sequence with `need_logits`, in batch order.
     pub fn forward_greedy(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<u32>, BackendError> {
         let mut out = Vec::new();
-        self.step(batch, StepOutput::Sampled(None, &mut out), None)?;
+        self.step(batch, StepOutput::Sampled(None, None, &mut out), None)?;
         Ok(out)
     }
 
@@ -491,16 +506,61 @@ impl CudaBackend {
         let params = self.gpu.upload(&words)?;
         self.gpu.sample_rows(
             self.tuning.pdl,
-            self.ws.next_tokens.dev(),
-            self.ws.logits.dev(),
-            params.dev(),
-            rows,
-            vocab,
+            &SampleRows {
+                next: self.ws.next_tokens.dev(),
+                logits: self.ws.logits.dev(),
+                params: params.dev(),
+                masks: None,
+                rows,
+                vocab,
+            },
         )?;
         let mut ids = vec![0i32; rows];
         self.gpu.copy_from(self.ws.next_tokens.dev(), &mut ids)?;
         self.gpu.synchronize()?;
         Ok(ids.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// After a step's own sampling: fills the grammar masks of the sampled
+    /// rows (`wanted[i]` is the head row of the i-th), stages them and
+    /// samples the head rows again with them. Unconstrained rows get every
+    /// bit and the same rule and uniform number, so they pick what they did.
+    fn resample_masked(
+        &mut self,
+        wanted: &[usize],
+        fill: &mut dyn FnMut(&mut [u32], usize),
+    ) -> Result<(), BackendError> {
+        let vocab = self.cfg.vocab_size;
+        let words = vocab.div_ceil(32);
+        let rows = wanted.last().map_or(0, |&r| r + 1);
+        if rows == 0 {
+            return Ok(());
+        }
+        self.mask_rows.clear();
+        self.mask_rows.resize(wanted.len() * words, u32::MAX);
+        fill(&mut self.mask_rows, words);
+        let staged: &mut [u32] = self.host_masks.as_mut_slice(rows * words);
+        staged.fill(u32::MAX);
+        for (allowed, &r) in self.mask_rows.chunks(words).zip(wanted) {
+            staged[r * words..(r + 1) * words].copy_from_slice(allowed);
+        }
+        let staged: &[u32] = self.host_masks.as_slice(rows * words);
+        // Pinned source, and the step synchronises before the next fill.
+        self.gpu.copy_to(&self.ws.token_masks, 0, staged)?;
+        let pool = self.pool()?;
+        let rules = pool.inputs.dev().offset(pool.layout.sampling());
+        self.gpu.sample_rows(
+            false,
+            &SampleRows {
+                next: self.ws.next_tokens.dev(),
+                logits: self.ws.logits.dev(),
+                params: rules,
+                masks: Some(self.ws.token_masks.dev()),
+                rows,
+                vocab,
+            },
+        )?;
+        Ok(())
     }
 
     /// Starts timing each operation of the following steps (run eagerly,
@@ -568,7 +628,7 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         self.gpu.bind()?;
         let sampling = match &out {
-            StepOutput::Sampled(rules, _) => *rules,
+            StepOutput::Sampled(rules, _, _) => *rules,
             StepOutput::Logits(_) => None,
         };
         if let Some(rules) = sampling {
@@ -578,7 +638,7 @@ impl CudaBackend {
         if plan.tokens == 0 {
             match out {
                 StepOutput::Logits(l) => l.clear(),
-                StepOutput::Sampled(_, t) => t.clear(),
+                StepOutput::Sampled(_, _, t) => t.clear(),
             }
             return Ok(());
         }
@@ -649,7 +709,12 @@ impl CudaBackend {
                     logits.extend_from_slice(&host[r * vocab..(r + 1) * vocab]);
                 }
             }
-            StepOutput::Sampled(_, tokens) => {
+            StepOutput::Sampled(_, masks, tokens) => {
+                if let Some(fill) = masks {
+                    // The forward is under way: the masks are computed now,
+                    // then the constrained rows are sampled again with them.
+                    self.resample_masked(&wanted, fill)?;
+                }
                 // Into page-locked memory (the logits' buffer, unused here):
                 // a copy to pageable memory is staged by the driver and costs
                 // more than a step of a small model's kernels.
@@ -794,7 +859,28 @@ impl ComputeBackend for CudaBackend {
     ) -> Result<Vec<u32>, BackendError> {
         self.prepare_sink(sink.is_some())?;
         let mut out = Vec::new();
-        self.step(batch, StepOutput::Sampled(Some(sampling), &mut out), sink)?;
+        self.step(
+            batch,
+            StepOutput::Sampled(Some(sampling), None, &mut out),
+            sink,
+        )?;
+        Ok(out)
+    }
+
+    fn forward_sampled_masked(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: &mut dyn FnMut(&mut [u32], usize),
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.prepare_sink(sink.is_some())?;
+        let mut out = Vec::new();
+        self.step(
+            batch,
+            StepOutput::Sampled(Some(sampling), Some(masks), &mut out),
+            sink,
+        )?;
         Ok(out)
     }
 

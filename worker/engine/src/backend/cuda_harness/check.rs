@@ -1002,6 +1002,14 @@ pub fn sampling(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
             };
         let (same, total, first) = run(&mut cuda, 9)?;
         let (_, _, again) = run(&mut cuda, 9)?;
+        let (m_same, m_total, allowed, masked) = masked_decode(&mut cuda, &cfg)?;
+        out.push(result(
+            "grammar masks in the device sampler vs host rule",
+            m_same == m_total && allowed == masked,
+            format!(
+                "{m_same} of {m_total} tokens equal to the host rule on the same masked logits; {allowed} of {masked} masked picks allowed (3 sequences: a third of the vocabulary, no mask, 5 tokens)"
+            ),
+        ));
         out.push(result(
             "device sampling through decode steps vs host rule",
             same == total && first == again,
@@ -1013,6 +1021,87 @@ pub fn sampling(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
         ));
     }
     Ok(out)
+}
+
+/// Decode steps of three sequences where the first may pick a third of the
+/// vocabulary, the second anything and the third five tokens: the device
+/// samples with the masks ([`crate::backend::ComputeBackend::forward_sampled_masked`])
+/// and the host applies them to `forward`'s logits and samples by the same
+/// rule. Returns (tokens equal, tokens, masked picks allowed, masked picks).
+fn masked_decode(
+    cuda: &mut CudaBackend,
+    cfg: &ModelConfig,
+) -> Result<(usize, usize, usize, usize), BackendError> {
+    let vocab = cfg.vocab_size;
+    let words = vocab.div_ceil(32);
+    let allowed = |row: usize, step: usize, t: usize| match row {
+        0 => (t + step).is_multiple_of(3),
+        1 => true,
+        _ => (t * 31 + step).is_multiple_of(vocab / 5),
+    };
+    let mut rng = Lcg(77);
+    let seqs: Vec<Seq> = (0..3)
+        .map(|s| Seq {
+            tokens: pseudo_tokens(18 + s * 5, vocab, s + 11),
+            blocks: (0..8).map(|b| (s * 8 + b) as u32).collect(),
+        })
+        .collect();
+    let mut tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
+    let (mut same, mut total, mut ok, mut masked) = (0, 0, 0, 0);
+    let mut logits = Vec::new();
+    for step in 0..12 {
+        let inputs: Vec<SeqInput<'_>> = tokens
+            .iter()
+            .zip(&seqs)
+            .map(|(t, s)| {
+                let start = if step == 0 { 0 } else { t.len() - 1 };
+                SeqInput {
+                    tokens: &t[start..],
+                    start_pos: start,
+                    block_table: &s.blocks,
+                    need_logits: true,
+                }
+            })
+            .collect();
+        let rules = check_rules(&mut rng, inputs.len());
+        let bits: Vec<u32> = (0..inputs.len())
+            .flat_map(|row| {
+                (0..words).map(move |w| {
+                    (0..32).fold(0u32, |acc, b| {
+                        let t = w * 32 + b;
+                        acc | (u32::from(t < vocab && allowed(row, step, t)) << b)
+                    })
+                })
+            })
+            .collect();
+        cuda.forward(&inputs, &mut logits, None)?;
+        let want: Vec<u32> = logits
+            .chunks_mut(vocab)
+            .zip(bits.chunks(words))
+            .zip(&rules)
+            .map(|((row, allowed), r)| {
+                tandem_guide::mask_logits(row, allowed);
+                sample_row(row, r)
+            })
+            .collect();
+        let mut fill = |out: &mut [u32], w: usize| {
+            assert_eq!(w, words);
+            out.copy_from_slice(&bits);
+        };
+        let got = cuda.forward_sampled_masked(&inputs, &rules, &mut fill, None)?;
+        same += want.iter().zip(&got).filter(|(a, b)| a == b).count();
+        total += got.len();
+        for (row, &id) in got.iter().enumerate() {
+            if row != 1 {
+                masked += 1;
+                ok += usize::from(allowed(row, step, id as usize));
+            }
+        }
+        for (t, &id) in tokens.iter_mut().zip(&got) {
+            t.push(id);
+        }
+    }
+    Ok((same, total, ok, masked))
 }
 
 /// Every check; the default model's only when `model` is given.
