@@ -373,3 +373,56 @@ async fn sampling_and_structured_output_fields_reach_the_engine() {
         assert_eq!(fake.last_request().sampling.grammar, Some(grammar));
     }
 }
+
+/// A streamed answer that is a tool call: the call arrives as `tool_calls`
+/// deltas and every generated token's logprob reaches the client, those of
+/// the call's markup (held back by the parser, never sent as text) included.
+#[tokio::test]
+async fn a_streamed_tool_call_keeps_every_tokens_logprob() {
+    let reply =
+        "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": \"UTC\"}}\n</tool_call>";
+    // The tools' instructions make a long prompt: a context to hold it.
+    let app = router(state_with(
+        Arc::new(FakeInfer::replying(encode(reply))),
+        2048,
+    ));
+    let request = chat(json!({
+        "stream": true, "logprobs": true,
+        "tools": [{"type": "function", "function": {"name": "get_time", "parameters":
+            {"type": "object", "properties": {"zone": {"type": "string"}}}}}]
+    }));
+    let (status, _, raw) = send(&app, post_json(CHAT, &request)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&raw));
+    let chunks = sse_chunks(&raw);
+    let (mut logprobs, mut arguments, mut name, mut finish) = (0, String::new(), None, None);
+    for chunk in &chunks {
+        let choice = &chunk["choices"][0];
+        if let Some(content) = choice["logprobs"]["content"].as_array() {
+            logprobs += content.len();
+        }
+        assert!(
+            choice["delta"]["content"].as_str().unwrap_or("").is_empty(),
+            "no text: {chunk}"
+        );
+        for call in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(n) = call["function"]["name"].as_str() {
+                name = Some(n.to_string());
+            }
+            arguments.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(name.as_deref(), Some("get_time"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&arguments).unwrap(),
+        json!({"zone": "UTC"})
+    );
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    assert_eq!(logprobs, encode(reply).len());
+}

@@ -688,11 +688,16 @@ impl StreamingChoice {
         tools::finish_reason(saw_calls, reason)
     }
 
-    fn finish_chunk(&self, reason: &'static str) -> Event {
+    /// The last chunk; it carries the logprobs of tokens whose text the tool
+    /// parser held back and never released (a call's closing markup).
+    fn finish_chunk(&mut self, reason: &'static str) -> Event {
+        let held = std::mem::take(&mut self.pending_logprobs);
+        let logprobs =
+            (self.generation.wants_logprobs() && !held.is_empty()).then(|| chat_logprobs(&held));
         match self.meta.endpoint {
             Endpoint::Chat => {
                 self.meta
-                    .chat_chunk(self.index, ChatDelta::default(), None, Some(reason))
+                    .chat_chunk(self.index, ChatDelta::default(), logprobs, Some(reason))
             }
             Endpoint::Completion => {
                 self.meta
@@ -731,7 +736,8 @@ impl StreamingChoice {
                         events.extend(c.text_chunks(text));
                     }
                     events.extend(c.final_tool_chunks());
-                    events.push(c.finish_chunk(c.finish_reason(reason)));
+                    let reason = c.finish_reason(reason);
+                    events.push(c.finish_chunk(reason));
                     ChoiceUpdate {
                         events,
                         end: Some(Ok((c.candidate, c.generation.counts()))),
