@@ -46,6 +46,20 @@ def test_tokenize_messages_counts_what_a_chat_request_uses(server, client, model
     assert body["tokens"][: shorter["count"]] == shorter["tokens"]
 
 
+def test_tokenize_with_tools_counts_what_a_chat_request_with_tools_uses(server, client, model):
+    messages = [{"role": "user", "content": "What time is it in Oslo?"}]
+    tools = [{"type": "function", "function": {
+        "name": "get_time", "description": "The current time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    status, body = post(server, "/tokenize", {"messages": messages, "tools": tools})
+    assert status == 200, body
+    chat = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=1)
+    assert chat.usage.prompt_tokens == body["count"]
+    status, plain = post(server, "/tokenize", {"messages": messages})
+    assert status == 200, plain
+    assert plain["count"] < body["count"], "the tools are in the prompt"
+
+
 def test_detokenize_inverts_tokenize(server):
     text = "Héllo wörld, 1 2 3 — ünïcode ✓"
     status, body = post(server, "/tokenize", {"prompt": text, "return_token_strs": True})

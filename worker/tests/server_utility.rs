@@ -115,6 +115,33 @@ async fn messages_tokenize_to_exactly_the_prompt_a_chat_request_sends() {
     );
 }
 
+/// With `tools`, the prompt is the one a chat request offering them sends.
+#[tokio::test]
+async fn messages_with_tools_tokenize_to_the_prompt_a_chat_request_with_tools_sends() {
+    // The tools' instructions make a long prompt: a context to hold it.
+    let fake = Arc::new(FakeInfer::replying(encode("ok")));
+    let app = router(state_with(fake.clone(), 2048));
+    let messages = json!([{"role": "user", "content": "What time is it?"}]);
+    let tools = json!([{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]);
+    let (status, body) = tokenize(&app, json!({"messages": messages, "tools": tools})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, chat) = send_json(
+        &app,
+        post_json(
+            "/v1/chat/completions",
+            &json!({"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{chat}");
+    assert_eq!(fake.last_request().prompt, ids(&body["tokens"]));
+    let (_, plain) = tokenize(&app, json!({"messages": messages})).await;
+    assert!(
+        plain["count"].as_u64() < body["count"].as_u64(),
+        "the tools are rendered: {body}"
+    );
+}
+
 #[tokio::test]
 async fn add_special_tokens_decides_the_bos_and_never_doubles_it() {
     let app = app_adding_bos();
@@ -246,6 +273,20 @@ async fn bad_input_is_a_400_naming_the_field() {
             StatusCode::BAD_REQUEST,
             Some("add_generation_prompt"),
             "messages only",
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "tools": []}),
+            StatusCode::BAD_REQUEST,
+            Some("tools"),
+            "messages only",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "b"}], "tools": [{"type": "web"}]}),
+            StatusCode::BAD_REQUEST,
+            Some("tools[0].type"),
+            "only `function`",
         ),
         (
             "/tokenize",

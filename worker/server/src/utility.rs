@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::params;
 use super::protocol::{ChatMessageIn, FieldPolicy, Request};
+use super::tools::ToolRequest;
 use super::{AppState, ServedModel};
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +28,8 @@ struct TokenizeRequest {
     /// Must be a string; kept raw so another type gets our message, not serde's.
     prompt: Option<Value>,
     messages: Option<Vec<ChatMessageIn>>,
+    /// Rendered with `messages` as a chat request offers them.
+    tools: Option<Value>,
     add_generation_prompt: Option<bool>,
     add_special_tokens: Option<bool>,
     return_token_strs: Option<bool>,
@@ -39,13 +42,12 @@ struct DetokenizeRequest {
 }
 
 /// vLLM's fields these endpoints do not implement are refused by name, as is
-/// any other field: a client that sends `chat_template` or `tools` here must not
-/// get an answer that ignored them.
+/// any other field: a client that sends `chat_template` here must not get an
+/// answer that ignored it.
 impl Request for TokenizeRequest {
     const FIELDS: FieldPolicy = FieldPolicy {
         ignored: &[],
         not_supported: &[
-            "tools",
             "chat_template",
             "chat_template_kwargs",
             "continue_final_message",
@@ -120,6 +122,12 @@ pub async fn tokenize(
             ))
         }
         (Some(prompt), None) => {
+            if req.tools.is_some() {
+                return Err(ApiError::invalid_param(
+                    "tools",
+                    "tools apply to messages only, not to a prompt.",
+                ));
+            }
             if req.add_generation_prompt.is_some() {
                 return Err(ApiError::invalid_param(
                     "add_generation_prompt",
@@ -154,8 +162,13 @@ pub async fn tokenize(
                 )
             })?;
             let messages = params::chat_messages(messages)?;
+            let tools = ToolRequest::check(req.tools.as_ref(), None, None)?;
             let text = template
-                .render(&messages, req.add_generation_prompt.unwrap_or(true))
+                .render_with_tools(
+                    &messages,
+                    tools.offered(),
+                    req.add_generation_prompt.unwrap_or(true),
+                )
                 .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
             encode(&model, &text, add_special_tokens)?
         }
