@@ -34,3 +34,13 @@ bench-gpu: gpu-stage ## Build and stage the GPU benchmarks and the PyTorch peer;
 	@echo "1. device call, carry [\"$(GPU_MODEL_STAGE)\"]: true"
 	@echo "2. at once (within 30 s), carry [\"$(GPU_STAGE)\"]:"
 	@echo "   bash $(GPU_STAGE)/run.sh all    # checks, Tandem bench, PyTorch peer; logs in \$$OUT"
+
+.PHONY: bench-constrained-gpu
+bench-constrained-gpu: goodput-python ## Stage the GPU checks and the JSON-schema decode bench (8B shape) in one call; prints the device command
+	$(CARGO) build --release -p tandem
+	mkdir -p $(GPU_STAGE)
+	strip -o $(GPU_STAGE)/tandem $(GPU_TARGET_DIR)/release/tandem
+	gzip -9 -f $(GPU_STAGE)/tandem
+	$(PYTHON) bench/gpu/tokenizer_gguf.py $(DEFAULT_GGUF) $(GPU_STAGE)/tokenizer.gguf --vocab 128256
+	cp bench/constrained/run.sh bench/constrained/schema.json bench/constrained/gpu.sh $(GPU_STAGE)/
+	@echo "device call, carry [\"$(GPU_STAGE)\"]: bash $(GPU_STAGE)/gpu.sh    # logs and JSON lines in \$$OUT"

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Runs on the GPU machine, from the repository root, over what `make
+# bench-constrained-gpu` staged in .device/gpu: the binary, a tokenizer-only
+# GGUF of the default model padded to Llama 3's 128256 tokens, and these
+# scripts. First the GPU checks on random models (the device sampler with
+# grammar masks among them), then bench/constrained/run.sh on Llama-3-8B's
+# shape with random weights. One call: the machine may not stay warm between
+# two. Logs and JSON lines go to $OUT (or ./gpu-out).
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+bin=/tmp/tandem-gpu
+gunzip -c "$here/tandem.gz" > "$bin" && chmod +x "$bin" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+status=0
+if [ "${SKIP_CHECK:-0}" != 1 ]; then
+  timeout 240 "$bin" gpu check 2>&1 | grep -v " INFO " | tee "$out/check.log"
+  status=${PIPESTATUS[0]}
+fi
+OUT="$out/constrained" OUTPUT_LEN=${OUTPUT_LEN:-128} timeout 330 bash "$here/run.sh" "$bin" \
+  --device cuda:0 --load-format dummy --dummy-shape llama3-8b --model "$here/tokenizer.gguf" \
+  | tee "$out/constrained.jsonl"
+exit "$status"
