@@ -42,5 +42,5 @@ bench-constrained-gpu: goodput-python ## Stage the GPU checks and the JSON-schem
 	strip -o $(GPU_STAGE)/tandem $(GPU_TARGET_DIR)/release/tandem
 	gzip -9 -f $(GPU_STAGE)/tandem
 	$(PYTHON) bench/gpu/tokenizer_gguf.py $(DEFAULT_GGUF) $(GPU_STAGE)/tokenizer.gguf --vocab 128256
-	cp bench/constrained/run.sh bench/constrained/schema.json bench/constrained/gpu.sh $(GPU_STAGE)/
+	cp bench/constrained/run.sh bench/constrained/schema.json bench/constrained/gpu.sh bench/constrained/validate.py $(GPU_STAGE)/
 	@echo "device call, carry [\"$(GPU_STAGE)\"]: bash $(GPU_STAGE)/gpu.sh    # logs and JSON lines in \$$OUT"

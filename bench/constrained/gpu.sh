@@ -21,4 +21,17 @@ fi
 OUT="$out/constrained" OUTPUT_LEN=${OUTPUT_LEN:-128} timeout 330 bash "$here/run.sh" "$bin" \
   --device cuda:0 --load-format dummy --dummy-shape llama3-8b --model "$here/tokenizer.gguf" \
   | tee "$out/constrained.jsonl"
+# Every answer of the 8B-shaped model with random weights, sampled at
+# temperature 1 under a nested schema, must parse and fit it.
+port=18432
+"$bin" serve --host 127.0.0.1 --port $port --device cuda:0 --load-format dummy \
+  --dummy-shape llama3-8b --model "$here/tokenizer.gguf" > "$out/validate-serve.log" 2>&1 &
+server=$!
+for _ in $(seq 240); do
+  curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+  sleep 0.5
+done
+timeout 120 python3 "$here/validate.py" "http://127.0.0.1:$port" 20 | tee "$out/validate.jsonl"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+kill $server; wait $server 2>/dev/null
 exit "$status"
