@@ -1222,7 +1222,7 @@ impl EngineLoop {
                     let finish =
                         check_stop(&mut seq, first.id, &self.eos_token_ids, self.max_model_len);
                     if finish != Some(FinishReason::Stop) {
-                        if let Err(e) = req.sampler.record(first.id) {
+                        if let Err(e) = req.sampler.record_drawn_elsewhere(first.id) {
                             req.fail(format!("the prefill worker's first token: {e}"));
                             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
                             self.scheduler.release_blocks(&seq.blocks);

@@ -64,9 +64,21 @@ impl Sampler {
             sampler.seen.extend(prompt);
         }
         for &token in output {
-            sampler.record(token)?;
+            sampler.record_drawn_elsewhere(token)?;
         }
         Ok(sampler)
+    }
+
+    /// [`Sampler::record`] for a token another sampler picked (a prefill
+    /// worker's first token, a migrated request's earlier output): also
+    /// takes the random number its draw used there, so a seeded request
+    /// draws the numbers it would have drawn had one sampler picked every
+    /// token.
+    pub fn record_drawn_elsewhere(&mut self, token: u32) -> Result<(), String> {
+        if self.params.temperature > 0.0 {
+            let _ = self.rng.random::<f64>();
+        }
+        self.record(token)
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -288,6 +300,41 @@ mod tests {
             temperature,
             ..SamplingParams::default()
         }
+    }
+
+    /// A seeded request continued by another sampler (a decode worker after
+    /// a prefill worker's first token, or after migration) picks the tokens
+    /// one sampler would have picked.
+    #[test]
+    fn a_seeded_request_continued_elsewhere_draws_what_it_would_have_drawn() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let seeded = SamplingParams {
+            seed: Some(7),
+            ..params(1.0)
+        };
+        let mut one = Sampler::new(seeded.clone());
+        let whole: Vec<u32> = (0..6)
+            .map(|_| one.sample(&mut logits.clone()).unwrap().id)
+            .collect();
+        let mut first = Sampler::new(seeded.clone());
+        assert_eq!(first.sample(&mut logits.clone()).unwrap().id, whole[0]);
+        let mut rest = Sampler::new(seeded.clone());
+        rest.record_drawn_elsewhere(whole[0]).unwrap();
+        let continued: Vec<u32> = (1..6)
+            .map(|_| rest.sample(&mut logits.clone()).unwrap().id)
+            .collect();
+        assert_eq!(continued, whole[1..]);
+        // Migrated after three tokens: the prompt ends with them.
+        let migrated = SamplingParams {
+            output_prefix: 3,
+            ..seeded
+        };
+        let prompt = [9, 9, whole[0], whole[1], whole[2]];
+        let mut moved = Sampler::for_request(migrated, &prompt, None).unwrap();
+        let after: Vec<u32> = (3..6)
+            .map(|_| moved.sample(&mut logits.clone()).unwrap().id)
+            .collect();
+        assert_eq!(after, whole[3..]);
     }
 
     #[test]
