@@ -970,19 +970,7 @@ pub fn sampling(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
                 let (mut same, mut total, mut drawn) = (0, 0, Vec::new());
                 let mut logits = Vec::new();
                 for step in 0..17 {
-                    let inputs: Vec<SeqInput<'_>> = tokens
-                        .iter()
-                        .zip(&seqs)
-                        .map(|(t, s)| {
-                            let start = if step == 0 { 0 } else { t.len() - 1 };
-                            SeqInput {
-                                tokens: &t[start..],
-                                start_pos: start,
-                                block_table: &s.blocks,
-                                need_logits: true,
-                            }
-                        })
-                        .collect();
+                    let inputs = decode_step_inputs(&tokens, &seqs, step);
                     let rules = check_rules(&mut rng, inputs.len());
                     cuda.forward(&inputs, &mut logits, None)?;
                     let want: Vec<u32> = logits
@@ -1023,6 +1011,28 @@ pub fn sampling(ordinal: usize) -> Result<Vec<CheckResult>, BackendError> {
     Ok(out)
 }
 
+/// Step `step` of sequences decoded side by side: the whole prompt at step
+/// 0, then each sequence's last token.
+fn decode_step_inputs<'a>(
+    tokens: &'a [Vec<u32>],
+    seqs: &'a [Seq],
+    step: usize,
+) -> Vec<SeqInput<'a>> {
+    tokens
+        .iter()
+        .zip(seqs)
+        .map(|(t, s)| {
+            let start = if step == 0 { 0 } else { t.len() - 1 };
+            SeqInput {
+                tokens: &t[start..],
+                start_pos: start,
+                block_table: &s.blocks,
+                need_logits: true,
+            }
+        })
+        .collect()
+}
+
 /// Decode steps of three sequences where the first may pick a third of the
 /// vocabulary, the second anything and the third five tokens: the device
 /// samples with the masks ([`crate::backend::ComputeBackend::forward_sampled_masked`])
@@ -1050,19 +1060,7 @@ fn masked_decode(
     let (mut same, mut total, mut ok, mut masked) = (0, 0, 0, 0);
     let mut logits = Vec::new();
     for step in 0..12 {
-        let inputs: Vec<SeqInput<'_>> = tokens
-            .iter()
-            .zip(&seqs)
-            .map(|(t, s)| {
-                let start = if step == 0 { 0 } else { t.len() - 1 };
-                SeqInput {
-                    tokens: &t[start..],
-                    start_pos: start,
-                    block_table: &s.blocks,
-                    need_logits: true,
-                }
-            })
-            .collect();
+        let inputs = decode_step_inputs(&tokens, &seqs, step);
         let rules = check_rules(&mut rng, inputs.len());
         let bits: Vec<u32> = (0..inputs.len())
             .flat_map(|row| {
