@@ -167,7 +167,8 @@ enum StepOutput<'a> {
 }
 
 /// Fills a step's allowed-token bitsets (rows of words, every bit set).
-type Masks<'a> = &'a mut dyn FnMut(&mut [u32], usize);
+type MaskFill<'a> = dyn FnMut(&mut [u32], usize) + 'a;
+type Masks<'a> = &'a mut MaskFill<'a>;
 
 pub struct CudaBackend {
     cfg: ModelConfig,
@@ -521,6 +522,26 @@ impl CudaBackend {
         Ok(ids.into_iter().map(|i| i as u32).collect())
     }
 
+    /// A step whose tokens are picked on the device, with grammar masks when
+    /// given ([`ComputeBackend::forward_sampled_masked`]).
+    fn sampled_step(
+        &mut self,
+        batch: &[SeqInput<'_>],
+        sampling: &[DeviceSampling],
+        masks: Option<&mut MaskFill<'_>>,
+        sink: Option<&mut dyn KvLayerSink>,
+    ) -> Result<Vec<u32>, BackendError> {
+        self.prepare_sink(sink.is_some())?;
+        let mut out = Vec::new();
+        let masks = masks.map(|m| m as &mut MaskFill<'_>);
+        self.step(
+            batch,
+            StepOutput::Sampled(Some(sampling), masks, &mut out),
+            sink,
+        )?;
+        Ok(out)
+    }
+
     /// After a step's own sampling: fills the grammar masks of the sampled
     /// rows (`wanted[i]` is the head row of the i-th), stages them and
     /// samples the head rows again with them. Unconstrained rows get every
@@ -857,14 +878,7 @@ impl ComputeBackend for CudaBackend {
         sampling: &[DeviceSampling],
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<Vec<u32>, BackendError> {
-        self.prepare_sink(sink.is_some())?;
-        let mut out = Vec::new();
-        self.step(
-            batch,
-            StepOutput::Sampled(Some(sampling), None, &mut out),
-            sink,
-        )?;
-        Ok(out)
+        self.sampled_step(batch, sampling, None, sink)
     }
 
     fn forward_sampled_masked(
@@ -874,14 +888,7 @@ impl ComputeBackend for CudaBackend {
         masks: &mut dyn FnMut(&mut [u32], usize),
         sink: Option<&mut dyn KvLayerSink>,
     ) -> Result<Vec<u32>, BackendError> {
-        self.prepare_sink(sink.is_some())?;
-        let mut out = Vec::new();
-        self.step(
-            batch,
-            StepOutput::Sampled(Some(sampling), Some(masks), &mut out),
-            sink,
-        )?;
-        Ok(out)
+        self.sampled_step(batch, sampling, Some(masks), sink)
     }
 
     fn read_kv(&self, block_ids: &[u32], num_tokens: usize) -> Result<KvExport, BackendError> {
