@@ -304,6 +304,25 @@ async fn disaggregated_greedy_outputs_equal_aggregated() {
         assert!(tokens > 0.0);
         assert_eq!(received, KV_BYTES_PER_TOKEN * tokens, "{p}P+{d}D received");
         assert_eq!(sent, received, "{p}P+{d}D: sent and received bytes differ");
+        // Every worker series carries the served model's name, as the frontend's do.
+        let model = "model=\"SmolLM2-135M-Instruct\"";
+        let labelled = cluster
+            .decode_sum(
+                "tandem_kv_transfer_bytes_total",
+                &["direction=\"received\"", model],
+            )
+            .await;
+        assert_eq!(
+            labelled, received,
+            "{p}P+{d}D: decode series without {model}"
+        );
+        for w in &cluster.prefill {
+            let all = w.metric("tandem_worker_prefill_tokens_total", &[]).await;
+            let labelled = w
+                .metric("tandem_worker_prefill_tokens_total", &[model])
+                .await;
+            assert_eq!(labelled, all, "{}: series without {model}", w.name);
+        }
         if p == 2 {
             for w in &cluster.prefill {
                 let prefilled = w.metric("tandem_worker_prefill_tokens_total", &[]).await;

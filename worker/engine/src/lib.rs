@@ -898,6 +898,64 @@ struct Request {
     cached_tokens: usize,
     /// Prefill-only: where the KV goes instead of the stream (cuda-ipc).
     peer: Option<Box<PeerKvTarget>>,
+    /// The request's phases, for the per-request queue/prefill/decode histograms.
+    phases: Phases,
+}
+
+/// When a request arrived at this engine, was first admitted into the batch and got its
+/// first token.
+struct Phases {
+    arrived: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            arrived: Instant::now(),
+            admitted: None,
+            first_token: None,
+        }
+    }
+
+    /// First admission (a re-admission after preemption is not queueing again): observes
+    /// the time spent waiting.
+    fn admitted(&mut self, role: &str) {
+        if self.admitted.is_none() {
+            let now = Instant::now();
+            self.admitted = Some(now);
+            metrics()
+                .request_queue_seconds
+                .with_label_values(&[role])
+                .observe(now.duration_since(self.arrived).as_secs_f64());
+        }
+    }
+
+    /// The first token: observes the prompt's computation since admission (not for a
+    /// prompt prefilled elsewhere, which is never admitted before its first token).
+    fn first_token(&mut self, role: &str) {
+        if self.first_token.is_none() {
+            let now = Instant::now();
+            self.first_token = Some(now);
+            if let Some(admitted) = self.admitted {
+                metrics()
+                    .request_prefill_seconds
+                    .with_label_values(&[role])
+                    .observe(now.duration_since(admitted).as_secs_f64());
+            }
+        }
+    }
+
+    /// The last token: observes the decode phase since the first.
+    fn finished(&self, role: &str) {
+        if let Some(first) = self.first_token {
+            metrics()
+                .request_decode_seconds
+                .with_label_values(&[role])
+                .observe(first.elapsed().as_secs_f64());
+        }
+    }
 }
 
 impl Request {
@@ -1166,6 +1224,7 @@ impl EngineLoop {
                         started: false,
                         cached_tokens: 0,
                         peer,
+                        phases: Phases::new(),
                     },
                 );
                 self.scheduler.add(Sequence::new(id, prompt, stop));
@@ -1195,6 +1254,7 @@ impl EngineLoop {
                     started: false,
                     cached_tokens: 0,
                     peer: None,
+                    phases: Phases::new(),
                 };
                 let mut seq = Sequence::new(id, request.prompt, request.stop);
                 seq.logits_every_token = every_token;
@@ -1215,6 +1275,7 @@ impl EngineLoop {
                 };
                 if let Some(first) = first {
                     req.started = true;
+                    req.phases.first_token(self.role);
                     req.send(GenerateEvent::Started {
                         prompt_tokens: seq.prompt_len,
                         cached_tokens: 0,
@@ -1278,6 +1339,7 @@ impl EngineLoop {
             let Some(req) = self.requests.get_mut(&id) else {
                 continue;
             };
+            req.phases.admitted(self.role);
             let seq = self.scheduler.get(id).expect("admitted");
             self.facts.adopted += seq.kv_adopted as usize;
             if let Output::Prefill(tx) = &req.output {
@@ -1558,10 +1620,12 @@ impl EngineLoop {
                     }
                 }
             }
+            req.phases.first_token(self.role);
             let _ = tx.send(PrefillEvent::Done(token));
             self.drop_request(id);
             return;
         }
+        req.phases.first_token(self.role);
         let finish = self
             .scheduler
             .append_token(id, token.id, &self.eos_token_ids);
@@ -1580,6 +1644,7 @@ impl EngineLoop {
             alive = req.send(GenerateEvent::Token(token));
         }
         if let Some(reason) = finish {
+            req.phases.finished(self.role);
             req.send(GenerateEvent::Finished(reason));
             self.drop_request(id);
         } else if !alive {

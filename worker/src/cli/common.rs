@@ -19,6 +19,25 @@ use tandem_model::{self as model, ChatTemplate, ModelInfo, Tokenizer};
 
 use tandem_server::ServerConfig;
 
+/// The name clients see: the first `--served-model-name`, else the model's own.
+pub fn served_name(args: &ModelHttpArgs, model_name: &str) -> String {
+    args.served_model_name
+        .iter()
+        .map(|n| n.trim())
+        .find(|n| !n.is_empty())
+        .unwrap_or(model_name)
+        .to_string()
+}
+
+/// How this process's `/metrics` renders: every series labelled with the served name, and
+/// the peers' names asked for with `--metrics-compat`.
+pub fn configure_metrics(args: &ModelHttpArgs, model_name: &str) {
+    tandem_api::metrics::metrics().set_exposition(tandem_api::metrics::Exposition {
+        model: Some(served_name(args, model_name)),
+        compat: args.metrics_compat.clone(),
+    });
+}
+
 /// The served name and its aliases (`default` always among them).
 pub fn server_config(
     args: &ModelHttpArgs,

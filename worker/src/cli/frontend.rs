@@ -28,6 +28,7 @@ async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         None => text.chat_template,
     };
     let config = common::server_config(&args.http, &resolved.info.name, args.default_max_tokens);
+    common::configure_metrics(&args.http, &resolved.info.name);
     let membership =
         discovery_args::decode_membership(&args.discovery, &args.decode_workers).await?;
     let frontend = Frontend::start(

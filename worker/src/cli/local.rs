@@ -51,6 +51,11 @@ pub struct LocalArgs {
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
+    /// Also export every process's `/metrics` under a peer's names: `vllm`
+    /// and/or `dynamo`, comma-separated (see `tandem serve --metrics-compat`).
+    #[arg(long, env = "TANDEM_METRICS_COMPAT", value_delimiter = ',', value_enum)]
+    pub metrics_compat: Vec<tandem_api::metrics::Compat>,
+
     /// Longest sequence a request may use, for every process.
     #[arg(long, env = "TANDEM_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
@@ -167,6 +172,19 @@ fn config(args: &LocalArgs, program: PathBuf) -> anyhow::Result<LocalConfig> {
     }
     if let Some(names) = &args.served_model_name {
         common.extend(["--served-model-name".to_string(), names.clone()]);
+    }
+    if !args.metrics_compat.is_empty() {
+        let names: Vec<String> = args
+            .metrics_compat
+            .iter()
+            .map(|c| {
+                clap::ValueEnum::to_possible_value(c)
+                    .expect("every peer has a name")
+                    .get_name()
+                    .to_string()
+            })
+            .collect();
+        common.extend(["--metrics-compat".to_string(), names.join(",")]);
     }
     if let Some(len) = args.max_model_len {
         common.extend(["--max-model-len".to_string(), len.to_string()]);

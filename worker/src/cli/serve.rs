@@ -31,6 +31,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = common::resolve_model(&args.http)?;
     let max_model_len = model.max_model_len;
     let config = common::server_config(&args.http, &model.info.name, args.default_max_tokens);
+    common::configure_metrics(&args.http, &model.info.name);
 
     let addr = args.http.listen_address();
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -96,6 +96,7 @@ async fn run_worker(
 ) -> anyhow::Result<()> {
     let model = common::resolve_model(&args.http)?;
     let max_model_len = model.max_model_len;
+    common::configure_metrics(&args.http, &model.info.name);
 
     let http_addr = args.http.listen_address();
     let http_listener = TcpListener::bind(&http_addr)

@@ -36,6 +36,14 @@ pub struct ModelHttpArgs {
     #[arg(long, env = "TANDEM_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
 
+    /// Also export `/metrics` under a peer's names, so a dashboard or alert
+    /// written for it works unmodified: `vllm` (`vllm:*`, label `model_name`)
+    /// and/or `dynamo` (`dynamo_frontend_*`, `dynamo_component_kvstats_*`,
+    /// label `model`), comma-separated. The `tandem_*` series are always
+    /// exported; docs/metrics.md lists the mapping.
+    #[arg(long, env = "TANDEM_METRICS_COMPAT", value_delimiter = ',', value_enum)]
+    pub metrics_compat: Vec<crate::metrics::Compat>,
+
     /// Seconds in-flight requests may run after SIGTERM/SIGINT before the
     /// process exits anyway.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_SECS", default_value_t = 30)]

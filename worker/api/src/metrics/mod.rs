@@ -2,9 +2,14 @@
 //!
 //! Every role exposes the same registry on `/metrics`; a role only moves the
 //! series it owns (the frontend ones in the HTTP layer, the worker ones in the
-//! engine). Worker series carry the `role` label.
+//! engine). Worker series carry the `role` label; at render time every series without a
+//! `model` label gets the served model's (see [`compat`], which also exports peers' names).
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
+
+pub mod compat;
+
+pub use compat::{Compat, Exposition, MODEL_LABEL};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -39,6 +44,9 @@ pub mod names {
     pub const WORKER_REMOTE_PREFILL_FAILURES_TOTAL: &str =
         "tandem_worker_remote_prefill_failures_total";
     pub const FRONTEND_MIGRATIONS_TOTAL: &str = "tandem_frontend_migrations_total";
+    pub const WORKER_REQUEST_QUEUE_SECONDS: &str = "tandem_worker_request_queue_seconds";
+    pub const WORKER_REQUEST_PREFILL_SECONDS: &str = "tandem_worker_request_prefill_seconds";
+    pub const WORKER_REQUEST_DECODE_SECONDS: &str = "tandem_worker_request_decode_seconds";
 }
 
 pub struct Metrics {
@@ -60,6 +68,9 @@ pub struct Metrics {
     pub prefill_tokens: IntCounterVec,
     pub decode_tokens: IntCounterVec,
     pub preemptions: IntCounterVec,
+    pub request_queue_seconds: HistogramVec,
+    pub request_prefill_seconds: HistogramVec,
+    pub request_decode_seconds: HistogramVec,
     // KV transfer (disaggregation).
     pub kv_transfer_bytes: IntCounterVec,
     pub kv_transfer_seconds: HistogramVec,
@@ -67,6 +78,8 @@ pub struct Metrics {
     pub remote_prefill_tokens: IntCounterVec,
     pub remote_prefill_failures: IntCounterVec,
     pub migrations: IntCounterVec,
+    /// How `/metrics` renders the registry (model label, peers' names).
+    exposition: RwLock<Exposition>,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -189,6 +202,24 @@ impl Metrics {
                 "Sequences preempted (to be recomputed) because KV blocks ran out.",
                 &["role"],
             ),
+            request_queue_seconds: hist(
+                names::WORKER_REQUEST_QUEUE_SECONDS,
+                "Time a request waited in this engine's queue before its first admission into the batch.",
+                latency_buckets(),
+                &["role"],
+            ),
+            request_prefill_seconds: hist(
+                names::WORKER_REQUEST_PREFILL_SECONDS,
+                "Time from a request's admission to its first token on the engine that computed its prompt.",
+                latency_buckets(),
+                &["role"],
+            ),
+            request_decode_seconds: hist(
+                names::WORKER_REQUEST_DECODE_SECONDS,
+                "Time from a request's first token to its last on the engine that generated it.",
+                latency_buckets(),
+                &["role"],
+            ),
             kv_transfer_bytes: counter(
                 names::KV_TRANSFER_BYTES_TOTAL,
                 "KV cache bytes shipped between prefill and decode, by direction (sent, received) and transport (grpc, cuda-ipc).",
@@ -221,14 +252,26 @@ impl Metrics {
                 &["model"],
             ),
             registry,
+            exposition: RwLock::new(Exposition::default()),
         }
+    }
+
+    /// Sets how `/metrics` renders: the served model's name as the `model` label of every
+    /// series that has none, and the peers whose names are exported too.
+    pub fn set_exposition(&self, exposition: Exposition) {
+        *self.exposition.write().unwrap_or_else(|e| e.into_inner()) = exposition;
     }
 
     /// Prometheus text exposition of every series.
     pub fn render(&self) -> String {
+        let families = self
+            .exposition
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(self.registry.gather());
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
