@@ -25,7 +25,7 @@ helm-lint: kube-tools ## helm lint --strict and helm template the operator chart
 	$(HELM) lint --strict $(CHART)
 	$(HELM) lint --strict $(CHART) --set serviceMonitor.enabled=true --set watchNamespace=tandem
 	$(HELM) template tandem $(CHART) --namespace tandem-system > /dev/null
-	$(HELM) template tandem $(CHART) --namespace tandem-system --set serviceMonitor.enabled=true --set watchNamespace=tandem > /dev/null
+	$(HELM) template tandem $(CHART) --namespace tandem-system --api-versions monitoring.coreos.com/v1 --set serviceMonitor.enabled=true --set watchNamespace=tandem > /dev/null
 
 operator-test: ## Operator unit, golden, CEL and API-verifier tests
 	$(OPERATOR_CARGO) test -p tandem-operator
