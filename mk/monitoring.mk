@@ -4,7 +4,8 @@
 # PodMonitors, PrometheusRule and dashboard ConfigMap as `helm template` renders them with and
 # without the Prometheus Operator's API (tests/monitoring/check_chart.py).
 # The dashboard's queries run against a real Prometheus scraping `tandem local` in test-python
-# (tests/python/test_dashboard.py), which therefore needs the Debian prometheus too.
+# (tests/python/test_dashboard.py), which therefore needs the Debian prometheus too, and
+# planner-local (mk/localloop.mk) for the planner panels.
 
 RULES_FILE = $(CHART)/files/tandem-rules.yaml
 
@@ -16,6 +17,6 @@ monitoring-test: prometheus-tool kube-tools venv ## promtool check/test of the a
 	$(HELM) lint --strict $(CHART) --set monitoring.podMonitors.enabled=true --set monitoring.rules.enabled=true --set monitoring.dashboard.enabled=true
 	$(VENV)/bin/python tests/monitoring/check_chart.py --helm $(HELM) --promtool promtool
 
-test-python: prometheus-tool
+test-python: prometheus-tool planner-local
 
 TEST_EXTRA += monitoring-test

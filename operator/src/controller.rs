@@ -336,46 +336,11 @@ fn record_step_metrics(dd: &DisaggDeployment, step: &StepOutcome, metrics: &Metr
     let name = dd.name_any();
     let (active, reason, _) = step.scaling_active();
     let label = match &step.result {
-        Ok(decision) if active => {
-            let (up, down) = [planner::Tier::Prefill, planner::Tier::Decode].iter().fold(
-                (false, false),
-                |(up, down), tier| {
-                    let (before, after) = (step.before.get(*tier), decision.desired.get(*tier));
-                    (up || after > before, down || after < before)
-                },
-            );
-            match (up, down) {
-                (true, _) => labels::decision::SCALE_UP,
-                (false, true) => labels::decision::SCALE_DOWN,
-                _ => labels::decision::HOLD,
-            }
-        }
+        Ok(decision) if active => labels::decision::of_change(step.before, decision.desired),
         _ => labels::decision::not_acting(reason),
     };
-    metrics
-        .planner_decisions
-        .with_label_values(&[namespace.as_str(), name.as_str(), label])
-        .inc();
-    for (metric, value) in [
-        (labels::observed::TTFT, step.observed_p90_s.0),
-        (labels::observed::ITL, step.observed_p90_s.1),
-    ] {
-        if let Some(value) = value {
-            metrics
-                .planner_observed_p90
-                .with_label_values(&[namespace.as_str(), name.as_str(), metric])
-                .set(value);
-        }
-    }
-    if let Ok(decision) = &step.result {
-        for tier in [planner::Tier::Prefill, planner::Tier::Decode] {
-            let tier_name = tier.to_string();
-            metrics
-                .planner_desired
-                .with_label_values(&[namespace.as_str(), name.as_str(), tier_name.as_str()])
-                .set(f64::from(decision.desired.get(tier)));
-        }
-    }
+    let desired = step.result.as_ref().ok().map(|d| d.desired);
+    metrics.record_planner_step(&namespace, &name, label, step.observed_p90_s, desired);
 }
 
 /// Events are best effort: failing to record one must not fail the reconcile.

@@ -2,6 +2,8 @@
 
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
+use crate::planner::{Tier, TierCounts};
+
 /// Label values of the metrics, in one place: dashboards and alerts match on them. (The `tier`
 /// label is the tier's own name, `namespace` and `deployment` the object's.)
 pub mod labels {
@@ -21,6 +23,7 @@ pub mod labels {
     /// `reason` of `tandem_planner_decisions_total`: what the planner did, or why it did not act.
     pub mod decision {
         use crate::conditions::reasons;
+        use crate::planner::{Tier, TierCounts};
 
         pub const SCALE_UP: &str = "scale_up";
         pub const SCALE_DOWN: &str = "scale_down";
@@ -30,6 +33,18 @@ pub mod labels {
         pub const PROMETHEUS_UNAVAILABLE: &str = "prometheus_unavailable";
         pub const SCALE_TARGET_UNAVAILABLE: &str = "scale_target_unavailable";
         pub const INVALID_AUTOSCALING: &str = "invalid_autoscaling";
+
+        /// The label of a step that acted: up if any tier grew, else down if any shrank.
+        pub fn of_change(before: TierCounts, after: TierCounts) -> &'static str {
+            let tiers = [Tier::Prefill, Tier::Decode];
+            if tiers.iter().any(|t| after.get(*t) > before.get(*t)) {
+                SCALE_UP
+            } else if tiers.iter().any(|t| after.get(*t) < before.get(*t)) {
+                SCALE_DOWN
+            } else {
+                HOLD
+            }
+        }
 
         /// The label of a step that did not act, from its `ScalingActive=False` reason.
         pub fn not_acting(reason: &str) -> &'static str {
@@ -159,6 +174,39 @@ impl Metrics {
             planner_desired,
             planner_decisions,
             planner_observed_p90,
+        }
+    }
+
+    /// The `tandem_planner_*` series of one planner step: its decision `label`
+    /// ([`labels::decision`]), the p90s it read and, when it decided, the replicas it chose.
+    pub fn record_planner_step(
+        &self,
+        namespace: &str,
+        deployment: &str,
+        label: &str,
+        observed_p90_s: (Option<f64>, Option<f64>),
+        desired: Option<TierCounts>,
+    ) {
+        self.planner_decisions
+            .with_label_values(&[namespace, deployment, label])
+            .inc();
+        for (metric, value) in [
+            (labels::observed::TTFT, observed_p90_s.0),
+            (labels::observed::ITL, observed_p90_s.1),
+        ] {
+            if let Some(value) = value {
+                self.planner_observed_p90
+                    .with_label_values(&[namespace, deployment, metric])
+                    .set(value);
+            }
+        }
+        if let Some(desired) = desired {
+            for tier in [Tier::Prefill, Tier::Decode] {
+                let tier_name = tier.to_string();
+                self.planner_desired
+                    .with_label_values(&[namespace, deployment, tier_name.as_str()])
+                    .set(f64::from(desired.get(tier)));
+            }
         }
     }
 

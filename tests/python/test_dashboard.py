@@ -11,9 +11,12 @@ ones (prefilled locally). Then each panel's targets, with the dashboard's variab
 user would set them (one namespace/deployment/model, and "All"), run on /api/v1/query and must
 return a series with a value.
 
-The few targets whose series only the operator or Kubernetes export are listed below with the
-reason; for them the test checks that the query is valid PromQL and that nothing here exports
-them (so the list cannot outlive its reason)."""
+The planner panels read `planner-local` (the operator's planner over `tandem local`, the binary
+next to $TANDEM_BIN or $TANDEM_PLANNER_LOCAL_BIN), which serves the operator's `tandem_planner_*`
+series; its bounds hold each tier at one replica so the load is not resized under the test.
+The one target whose series only Kubernetes exports is listed below with the reason; for it the
+test checks that the query is valid PromQL and that nothing here exports it (so the list cannot
+outlive its reason)."""
 import concurrent.futures
 import json
 import math
@@ -37,14 +40,18 @@ NAMESPACE = "tandem-test"
 DEPLOYMENT = "dash"
 
 # (panel title, refId) -> why no process of this test exports its series.
-NEEDS_OPERATOR = "series of the operator's planner (tandem-operator /metrics); planner-local serves no /metrics"
 NEEDS_KUBERNETES = "kube-state-metrics' kube_pod_status_ready: pod readiness exists only in Kubernetes"
 NOT_HERE = {
-    ("Replicas per tier: desired, scraped, ready", "A"): NEEDS_OPERATOR,
     ("Replicas per tier: desired, scraped, ready", "C"): NEEDS_KUBERNETES,
-    ("Planner decisions", "A"): NEEDS_OPERATOR,
-    ("p90 the planner read vs objective", "A"): NEEDS_OPERATOR,
 }
+
+
+def planner_local_bin():
+    path = os.environ.get("TANDEM_PLANNER_LOCAL_BIN") or str(Path(tandem_bin()).with_name("planner-local"))
+    if not Path(path).is_file():
+        pytest.fail(f"{path} does not exist: `cargo build --release -p tandem-operator --bin planner-local` "
+                    "(make test-python builds it), or set TANDEM_PLANNER_LOCAL_BIN")
+    return path
 
 # Grafana's built-in interval variables, as a dashboard over the last few minutes with a
 # 15 s scrape would set them; the whole test fits in them.
@@ -114,11 +121,12 @@ def stack():
     if not prometheus_bin:
         pytest.fail("prometheus is not installed: `make prometheus-tool` installs the Debian package")
     tmp = Path(tempfile.mkdtemp(prefix="tandem-dashboard-"))
-    port = free_port()
+    port, control_port = free_port(), free_port()
     endpoints = tmp / "endpoints.json"
     local = Process("tandem local", [
         tandem_bin(), "local", "--prefill", "1", "--decode", "1", "--port", str(port),
         "--remote-prefill-min-tokens", "16", "--endpoints-file", str(endpoints),
+        "--control-port", str(control_port),
     ])
     processes = [local]
     try:
@@ -143,11 +151,17 @@ def stack():
                 "pod": f"{DEPLOYMENT}-{p['role']}-{p['index']}"}}
             for p in procs
         ]
-        prom_port = free_port()
+        prom_port, planner_port = free_port(), free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "tandem", "static_configs": static}],
+            "scrape_configs": [
+                {"job_name": "tandem", "static_configs": static},
+                # The planner's series name their deployment themselves (as the operator's
+                # ServiceMonitor keeps them: honorLabels).
+                {"job_name": "planner", "honor_labels": True,
+                 "static_configs": [{"targets": [f"127.0.0.1:{planner_port}"]}]},
+            ],
         }
         (tmp / "prometheus.yml").write_text(json.dumps(config))
         prometheus = Process("prometheus", [
@@ -174,6 +188,15 @@ def stack():
 
         wait_for("every target scraped", lambda: len(query(f'up{{namespace="{NAMESPACE}"}} == 1')) == 3, 30,
                  prometheus.tail)
+        planner = Process("planner-local", [
+            planner_local_bin(), "--prometheus", prom, "--control", f"http://127.0.0.1:{control_port}",
+            "--namespace", NAMESPACE, "--deployment", DEPLOYMENT, "--ttft-p90-ms", "2000",
+            "--itl-p90-ms", "200", "--interval-secs", "1", "--window-secs", "5",
+            "--prefill-max", "1", "--decode-max", "1", "--metrics-port", str(planner_port),
+        ])
+        processes.append(planner)
+        wait_for("the planner scraped", lambda: planner.alive() and query('up{job="planner"} == 1'), 30,
+                 planner.tail)
         yield {"base": base, "prom": prom, "query": query, "tail": lambda: local.tail() + prometheus.tail()}
     finally:
         for p in reversed(processes):
@@ -217,6 +240,9 @@ def loaded(stack):
         30, stack["tail"],
     )
     wait_for("the recording rules", lambda: q(f"tandem:ttft_slow_requests:ratio_rate5m{{{sel}}}"), 30, stack["tail"])
+    # A planner step that read this load's p90s (steps before the first request find no series).
+    wait_for("the planner to read the load", lambda: q(f"tandem_planner_observed_p90_seconds{{{sel}}}")
+             and q(f'tandem_planner_decisions_total{{{sel},reason="hold"}}'), 30, stack["tail"])
     return {**stack, "model": model, "sent": sent}
 
 

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
+use tandem_operator::metrics::Metrics;
 use tandem_operator::planner::local::{LocalPlanner, LocalTarget};
 use tandem_operator::planner::{PlannerConfig, Slo, TierBounds};
 use tandem_operator::prometheus::{PrometheusSource, Scope};
@@ -104,6 +106,12 @@ struct Args {
     /// Keep prefill replicas per decode replica within LOW:HIGH (e.g. 0.5:2).
     #[arg(long, value_parser = parse_ratio)]
     prefill_per_decode: Option<(f64, f64)>,
+
+    /// Serve the operator's `tandem_planner_*` series for each step on
+    /// http://127.0.0.1:PORT/metrics (0 picks a free port; the log says which), so the
+    /// dashboard's planner panels and the alerts work over `tandem local` too.
+    #[arg(long)]
+    metrics_port: Option<u16>,
 }
 
 /// The planner's own defaults for the knobs this binary does not change (the SLO and
@@ -208,10 +216,37 @@ async fn main() -> anyhow::Result<()> {
         interval = ?Duration::from_secs_f64(args.interval_secs),
         "planner-local started"
     );
+    let metrics = Metrics::new();
+    if let Some(port) = args.metrics_port {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("binding --metrics-port {port}"))?;
+        tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+        let served = metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let served = served.clone();
+                async move { served.render() }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics server: {e}");
+            }
+        });
+    }
+    let (namespace, deployment) = (args.namespace.clone(), args.deployment.clone());
     planner
         .run(shutdown_signal(), |outcome| match outcome {
-            Ok(step) => tracing::info!("{step}"),
-            Err(e) => tracing::warn!("no decision: {e}"),
+            Ok(step) => {
+                step.record(&metrics, &namespace, &deployment);
+                tracing::info!("{step}")
+            }
+            Err(e) => {
+                e.record(&metrics, &namespace, &deployment);
+                tracing::warn!("no decision: {e}")
+            }
         })
         .await;
     Ok(())

@@ -13,6 +13,7 @@ use super::decide::{ConfigError, PlannerConfig, PlannerState};
 use super::target::{plan_step, PlanStepError, ScaleTarget, TierReplicas};
 use super::types::{Decision, Observation, Tier, TierCounts};
 use super::unix_now_s;
+use crate::metrics::{labels, Metrics};
 use crate::prometheus::{PrometheusError, PrometheusSource, Scope};
 
 /// Longest one control request may take: the supervisor answers at once (new workers load after
@@ -170,6 +171,36 @@ pub struct LocalStep {
     pub before: TierCounts,
     pub observation: Observation,
     pub decision: Decision,
+}
+
+impl LocalStep {
+    /// This step's `tandem_planner_*` series, labelled as the operator labels its own.
+    pub fn record(&self, metrics: &Metrics, namespace: &str, deployment: &str) {
+        let label = match &self.decision.refusal {
+            Some(refusal) => labels::decision::not_acting(refusal.reason),
+            None => labels::decision::of_change(self.before, self.decision.desired),
+        };
+        let o = &self.observation;
+        metrics.record_planner_step(
+            namespace,
+            deployment,
+            label,
+            (o.ttft_p90_s, o.itl_p90_s),
+            Some(self.decision.desired),
+        );
+    }
+}
+
+impl LocalPlannerError {
+    /// A step that reached no decision, counted by why (as the operator counts its own).
+    pub fn record(&self, metrics: &Metrics, namespace: &str, deployment: &str) {
+        let label = match self {
+            LocalPlannerError::Config(_) => labels::decision::INVALID_AUTOSCALING,
+            LocalPlannerError::Prometheus(_) => labels::decision::PROMETHEUS_UNAVAILABLE,
+            LocalPlannerError::Target(_) => labels::decision::SCALE_TARGET_UNAVAILABLE,
+        };
+        metrics.record_planner_step(namespace, deployment, label, (None, None), None);
+    }
 }
 
 impl fmt::Display for LocalStep {
