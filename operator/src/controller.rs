@@ -31,7 +31,7 @@ use crate::conditions::reasons;
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier};
 use crate::metrics::{labels, Metrics};
 use crate::planner::runner::{Planners, StepOutcome};
-use crate::planner::{self, unix_now_s};
+use crate::planner::unix_now_s;
 use crate::status::{self, failed_status, status_from, Applied, Scaling};
 use crate::validate::{validate, ValidationError};
 use crate::FIELD_MANAGER;
