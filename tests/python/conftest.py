@@ -3,7 +3,9 @@ waits until /health says ready, and stops it at the end. Every test that uses th
 `server` fixture runs twice: against `tandem serve` (aggregated) and against
 `tandem local --prefill 1 --decode 1` (the frontend in front of a prefill and a decode
 worker, with prompts of 16 tokens or more prefilled remotely)."""
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +32,68 @@ def tandem_bin():
     if not Path(path).is_file():
         pytest.fail(f"TANDEM_BIN={path} does not exist; build it with `make build`")
     return path
+
+
+def wait_for(what, check, timeout, log=lambda: ""):
+    """Polls `check` until it returns something true (returned), failing after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log()}")
+
+
+class Prometheus:
+    """The Debian `prometheus` on a free loopback port with `config` (a prometheus.yml as a
+    dict), in a temporary directory removed by `stop`."""
+
+    def __init__(self, config):
+        binary = shutil.which("prometheus")
+        if not binary:
+            pytest.fail("prometheus is not installed: `make prometheus-tool` installs the Debian package")
+        self.dir = Path(tempfile.mkdtemp(prefix="tandem-prometheus-"))
+        (self.dir / "prometheus.yml").write_text(json.dumps(config))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([
+            binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+        ], stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {self.proc.returncode}\n{self.tail()}")
+            try:
+                return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for("Prometheus to be ready", ready, 60, self.tail)
+
+    def tail(self, lines=40):
+        self.log.flush()
+        self.log.seek(0)
+        return "--- prometheus ---\n" + "".join(self.log.readlines()[-lines:])
+
+    def query(self, expr):
+        """An instant query's result vector."""
+        body = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Server:

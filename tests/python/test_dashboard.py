@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, tandem_bin
+from conftest import Prometheus, free_port, tandem_bin, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "tandem-operator" / "files" / "tandem-dashboard.json"
@@ -78,16 +78,6 @@ LONG_UNSHARED = [
 SHORT = ["Hi", "Name a colour.", "Say yes."]
 
 
-def wait_for(what, check, timeout, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log()}")
-
-
 class Process:
     def __init__(self, name, args, cwd=None):
         self.name = name
@@ -117,9 +107,6 @@ class Process:
 
 @pytest.fixture(scope="module")
 def stack():
-    prometheus_bin = shutil.which("prometheus")
-    if not prometheus_bin:
-        pytest.fail("prometheus is not installed: `make prometheus-tool` installs the Debian package")
     tmp = Path(tempfile.mkdtemp(prefix="tandem-dashboard-"))
     port, control_port = free_port(), free_port()
     endpoints = tmp / "endpoints.json"
@@ -151,8 +138,8 @@ def stack():
                 "pod": f"{DEPLOYMENT}-{p['role']}-{p['index']}"}}
             for p in procs
         ]
-        prom_port, planner_port = free_port(), free_port()
-        config = {
+        planner_port = free_port()
+        prometheus = Prometheus({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
             "scrape_configs": [
@@ -162,29 +149,9 @@ def stack():
                 {"job_name": "planner", "honor_labels": True,
                  "static_configs": [{"targets": [f"127.0.0.1:{planner_port}"]}]},
             ],
-        }
-        (tmp / "prometheus.yml").write_text(json.dumps(config))
-        prometheus = Process("prometheus", [
-            prometheus_bin, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
-        ])
+        })
         processes.append(prometheus)
-        prom = f"http://127.0.0.1:{prom_port}"
-
-        def prom_ready():
-            prometheus.alive()
-            try:
-                return requests.get(f"{prom}/-/ready", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_for("Prometheus to be ready", prom_ready, 60, prometheus.tail)
-
-        def query(expr):
-            r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-            body = r.json()
-            assert body["status"] == "success", f"{expr}: {body}"
-            return body["data"]["result"]
+        prom, query = prometheus.url, prometheus.query
 
         wait_for("every target scraped", lambda: len(query(f'up{{namespace="{NAMESPACE}"}} == 1')) == 3, 30,
                  prometheus.tail)

@@ -8,18 +8,15 @@ grafana.json in the vLLM repository: its panel expressions and its `model_name` 
 Grafana would send them) and the Dynamo frontend's usual queries run on /api/v1/query and must
 return series. docs/metrics.md lists the mapping; the one vLLM series Tandem has no measurement
 for is listed below and must stay absent (so the list cannot outlive its reason)."""
-import json
 import math
-import shutil
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import free_port, tandem_bin
+from conftest import Prometheus, free_port, tandem_bin, wait_for
 
 # The panel expressions of vLLM's example dashboard; $model_name and $__rate_interval are
 # Grafana's variables, substituted below.
@@ -65,27 +62,13 @@ DYNAMO_QUERIES = [
 RATE_INTERVAL = "1m"
 
 
-def wait_for(what, check, timeout, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log()}")
-
-
 @pytest.fixture(scope="module")
 def scraped():
-    prometheus_bin = shutil.which("prometheus")
-    if not prometheus_bin:
-        pytest.fail("prometheus is not installed: `make prometheus-tool` installs the Debian package")
-    tmp = Path(tempfile.mkdtemp(prefix="tandem-peer-dashboards-"))
-    port, prom_port = free_port(), free_port()
+    port = free_port()
     log = tempfile.TemporaryFile("w+")
     serve = subprocess.Popen([tandem_bin(), "serve", "--port", str(port), "--metrics-compat", "vllm,dynamo"],
                              stdout=log, stderr=subprocess.STDOUT)
-    procs = [serve]
+    prometheus = None
 
     def tail():
         log.flush()
@@ -104,31 +87,12 @@ def scraped():
                 return False
 
         wait_for("tandem serve", healthy, 180, tail)
-        config = {
+        prometheus = Prometheus({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
             "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-        }
-        (tmp / "prometheus.yml").write_text(json.dumps(config))
-        prometheus = subprocess.Popen([
-            prometheus_bin, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn",
-        ], stdout=log, stderr=subprocess.STDOUT)
-        procs.append(prometheus)
-        prom = f"http://127.0.0.1:{prom_port}"
-
-        def query(expr):
-            r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-            body = r.json()
-            assert body["status"] == "success", f"{expr}: {body}"
-            return body["data"]["result"]
-
-        def up():
-            try:
-                return query('up{job="vllm"} == 1')
-            except requests.ConnectionError:
-                return False
-
-        wait_for("Prometheus scraping tandem serve", up, 60, tail)
+        })
+        query = prometheus.query
+        wait_for("Prometheus scraping tandem serve", lambda: query('up{job="vllm"} == 1'), 60, prometheus.tail)
 
         import openai
 
@@ -148,17 +112,17 @@ def scraped():
         wait_for(f"Prometheus to see {sent} requests",
                  lambda: (r := query("sum(vllm:request_success_total)")) and float(r[0]["value"][1]) == sent,
                  30, tail)
-        yield {"prom": prom, "query": query, "model": model}
+        yield {"prom": prometheus.url, "query": query, "model": model}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        if prometheus:
+            prometheus.stop()
+        if serve.poll() is None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve.kill()
         log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finite(result):

@@ -142,6 +142,33 @@ fn renamed(
     ))
 }
 
+/// Every family of `table` that the registry has, under its other name.
+fn renamed_all(
+    families: &[MetricFamily],
+    table: &[(&str, &str)],
+    model_label: &str,
+) -> Vec<MetricFamily> {
+    table
+        .iter()
+        .filter_map(|(source, name)| renamed(families, source, name, model_label))
+        .collect()
+}
+
+/// The share of KV blocks in use, 0 to 1, per series, as the gauge `name`.
+fn kv_usage(families: &[MetricFamily], name: &str, model_label: &str) -> MetricFamily {
+    family(
+        name,
+        "Fraction of KV cache blocks in use, 0 to 1 (as tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_total).",
+        MetricType::GAUGE,
+        ratio(
+            families,
+            names::WORKER_KV_BLOCKS_USED,
+            names::WORKER_KV_BLOCKS_TOTAL,
+            model_label,
+        ),
+    )
+}
+
 /// The numeric value of a counter or gauge series.
 fn value(metric: &Metric, kind: MetricType) -> f64 {
     match kind {
@@ -193,14 +220,13 @@ fn ratio(
     numerator: &str,
     denominator: &str,
     model_label: &str,
-    scale: f64,
 ) -> Vec<Metric> {
     let num = values(families, numerator, model_label);
     let den = values(families, denominator, model_label);
     num.iter()
         .filter_map(|(key, n)| {
             let d = den.get(key)?;
-            let v = if *d > 0.0 { scale * n / d } else { 0.0 };
+            let v = if *d > 0.0 { n / d } else { 0.0 };
             Some(metric_from(key, MetricType::GAUGE, v))
         })
         .collect()
@@ -218,61 +244,101 @@ fn sum(families: &[MetricFamily], a: &str, b: &str, model_label: &str) -> Vec<Me
         .collect()
 }
 
+/// vLLM's names of measurements Tandem has under its own: (Tandem's, vLLM's).
+const VLLM_RENAMES: &[(&str, &str)] = &[
+    (
+        names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS,
+        "vllm:time_to_first_token_seconds",
+    ),
+    (
+        names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
+        "vllm:inter_token_latency_seconds",
+    ),
+    (
+        names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
+        "vllm:time_per_output_token_seconds",
+    ),
+    (
+        names::FRONTEND_REQUEST_DURATION_SECONDS,
+        "vllm:e2e_request_latency_seconds",
+    ),
+    (names::FRONTEND_INPUT_TOKENS, "vllm:request_prompt_tokens"),
+    (
+        names::FRONTEND_OUTPUT_TOKENS,
+        "vllm:request_generation_tokens",
+    ),
+    (names::WORKER_RUNNING_SEQUENCES, "vllm:num_requests_running"),
+    (names::WORKER_QUEUE_DEPTH, "vllm:num_requests_waiting"),
+    (
+        names::WORKER_DECODE_TOKENS_TOTAL,
+        "vllm:generation_tokens_total",
+    ),
+    (
+        names::WORKER_PREEMPTIONS_TOTAL,
+        "vllm:num_preemptions_total",
+    ),
+    (
+        names::WORKER_PREFIX_CACHE_HITS_TOTAL,
+        "vllm:prefix_cache_hits_total",
+    ),
+    (
+        names::WORKER_REQUEST_QUEUE_SECONDS,
+        "vllm:request_queue_time_seconds",
+    ),
+    (
+        names::WORKER_REQUEST_PREFILL_SECONDS,
+        "vllm:request_prefill_time_seconds",
+    ),
+    (
+        names::WORKER_REQUEST_DECODE_SECONDS,
+        "vllm:request_decode_time_seconds",
+    ),
+];
+
+/// Dynamo's names of measurements Tandem has under its own: (Tandem's, Dynamo's).
+const DYNAMO_RENAMES: &[(&str, &str)] = &[
+    (
+        names::FRONTEND_REQUESTS_TOTAL,
+        "dynamo_frontend_requests_total",
+    ),
+    (
+        names::FRONTEND_INFLIGHT_REQUESTS,
+        "dynamo_frontend_inflight_requests",
+    ),
+    (
+        names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS,
+        "dynamo_frontend_time_to_first_token_seconds",
+    ),
+    (
+        names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
+        "dynamo_frontend_inter_token_latency_seconds",
+    ),
+    (
+        names::FRONTEND_REQUEST_DURATION_SECONDS,
+        "dynamo_frontend_request_duration_seconds",
+    ),
+    (
+        names::FRONTEND_INPUT_TOKENS,
+        "dynamo_frontend_input_sequence_tokens",
+    ),
+    (
+        names::FRONTEND_OUTPUT_TOKENS,
+        "dynamo_frontend_output_sequence_tokens",
+    ),
+    (
+        names::WORKER_KV_BLOCKS_USED,
+        "dynamo_component_kvstats_active_blocks",
+    ),
+    (
+        names::WORKER_KV_BLOCKS_TOTAL,
+        "dynamo_component_kvstats_total_blocks",
+    ),
+];
+
 /// vLLM's names (v1 engine; the v0 names its example dashboard still queries too).
 fn vllm(families: &[MetricFamily]) -> Vec<MetricFamily> {
     let l = VLLM_MODEL_LABEL;
-    let mut out: Vec<MetricFamily> = [
-        (
-            names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS,
-            "vllm:time_to_first_token_seconds",
-        ),
-        (
-            names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
-            "vllm:inter_token_latency_seconds",
-        ),
-        (
-            names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
-            "vllm:time_per_output_token_seconds",
-        ),
-        (
-            names::FRONTEND_REQUEST_DURATION_SECONDS,
-            "vllm:e2e_request_latency_seconds",
-        ),
-        (names::FRONTEND_INPUT_TOKENS, "vllm:request_prompt_tokens"),
-        (
-            names::FRONTEND_OUTPUT_TOKENS,
-            "vllm:request_generation_tokens",
-        ),
-        (names::WORKER_RUNNING_SEQUENCES, "vllm:num_requests_running"),
-        (names::WORKER_QUEUE_DEPTH, "vllm:num_requests_waiting"),
-        (
-            names::WORKER_DECODE_TOKENS_TOTAL,
-            "vllm:generation_tokens_total",
-        ),
-        (
-            names::WORKER_PREEMPTIONS_TOTAL,
-            "vllm:num_preemptions_total",
-        ),
-        (
-            names::WORKER_PREFIX_CACHE_HITS_TOTAL,
-            "vllm:prefix_cache_hits_total",
-        ),
-        (
-            names::WORKER_REQUEST_QUEUE_SECONDS,
-            "vllm:request_queue_time_seconds",
-        ),
-        (
-            names::WORKER_REQUEST_PREFILL_SECONDS,
-            "vllm:request_prefill_time_seconds",
-        ),
-        (
-            names::WORKER_REQUEST_DECODE_SECONDS,
-            "vllm:request_decode_time_seconds",
-        ),
-    ]
-    .iter()
-    .filter_map(|(source, name)| renamed(families, source, name, l))
-    .collect();
+    let mut out = renamed_all(families, VLLM_RENAMES, l);
     // Prompt tokens a worker processed, computed or served from its prefix cache: what vLLM
     // counts as both its prompt tokens and its prefix-cache queries.
     let prompt = sum(
@@ -294,18 +360,7 @@ fn vllm(families: &[MetricFamily]) -> Vec<MetricFamily> {
         prompt,
     ));
     for name in ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"] {
-        out.push(family(
-            name,
-            "Fraction of KV cache blocks in use, 0 to 1 (as tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_total).",
-            MetricType::GAUGE,
-            ratio(
-                families,
-                names::WORKER_KV_BLOCKS_USED,
-                names::WORKER_KV_BLOCKS_TOTAL,
-                l,
-                1.0,
-            ),
-        ));
+        out.push(kv_usage(families, name, l));
     }
     // Requests that finished without an error. vLLM splits them by finish reason; Tandem's
     // counter has none, so the series carries no `finished_reason` label.
@@ -338,58 +393,11 @@ fn vllm(families: &[MetricFamily]) -> Vec<MetricFamily> {
 /// Dynamo's frontend names and its workers' KV statistics.
 fn dynamo(families: &[MetricFamily]) -> Vec<MetricFamily> {
     let l = MODEL_LABEL;
-    let mut out: Vec<MetricFamily> = [
-        (
-            names::FRONTEND_REQUESTS_TOTAL,
-            "dynamo_frontend_requests_total",
-        ),
-        (
-            names::FRONTEND_INFLIGHT_REQUESTS,
-            "dynamo_frontend_inflight_requests",
-        ),
-        (
-            names::FRONTEND_TIME_TO_FIRST_TOKEN_SECONDS,
-            "dynamo_frontend_time_to_first_token_seconds",
-        ),
-        (
-            names::FRONTEND_INTER_TOKEN_LATENCY_SECONDS,
-            "dynamo_frontend_inter_token_latency_seconds",
-        ),
-        (
-            names::FRONTEND_REQUEST_DURATION_SECONDS,
-            "dynamo_frontend_request_duration_seconds",
-        ),
-        (
-            names::FRONTEND_INPUT_TOKENS,
-            "dynamo_frontend_input_sequence_tokens",
-        ),
-        (
-            names::FRONTEND_OUTPUT_TOKENS,
-            "dynamo_frontend_output_sequence_tokens",
-        ),
-        (
-            names::WORKER_KV_BLOCKS_USED,
-            "dynamo_component_kvstats_active_blocks",
-        ),
-        (
-            names::WORKER_KV_BLOCKS_TOTAL,
-            "dynamo_component_kvstats_total_blocks",
-        ),
-    ]
-    .iter()
-    .filter_map(|(source, name)| renamed(families, source, name, l))
-    .collect();
-    out.push(family(
+    let mut out = renamed_all(families, DYNAMO_RENAMES, l);
+    out.push(kv_usage(
+        families,
         "dynamo_component_kvstats_gpu_cache_usage_percent",
-        "Fraction of KV cache blocks in use, 0 to 1 (as tandem_worker_kv_blocks_used / tandem_worker_kv_blocks_total).",
-        MetricType::GAUGE,
-        ratio(
-            families,
-            names::WORKER_KV_BLOCKS_USED,
-            names::WORKER_KV_BLOCKS_TOTAL,
-            l,
-            1.0,
-        ),
+        l,
     ));
     out
 }
