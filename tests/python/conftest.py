@@ -45,7 +45,36 @@ def wait_for(what, check, timeout, log=lambda: ""):
     pytest.fail(f"timed out after {timeout}s waiting for {what}\n{log()}")
 
 
-class Prometheus:
+class Process:
+    """A child process whose output goes to a temporary file, shown when it fails."""
+
+    def __init__(self, name, args, cwd=None):
+        self.name = name
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
+
+    def tail(self, lines=40):
+        self.log.flush()
+        self.log.seek(0)
+        return f"--- {self.name} ---\n" + "".join(self.log.readlines()[-lines:])
+
+    def alive(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.proc.returncode}\n{self.tail()}")
+        return True
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Prometheus(Process):
     """The Debian `prometheus` on a free loopback port with `config` (a prometheus.yml as a
     dict), in a temporary directory removed by `stop`."""
 
@@ -57,26 +86,19 @@ class Prometheus:
         (self.dir / "prometheus.yml").write_text(json.dumps(config))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([
+        super().__init__("prometheus", [
             binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-        ], stdout=self.log, stderr=subprocess.STDOUT)
+        ])
 
         def ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {self.proc.returncode}\n{self.tail()}")
+            self.alive()
             try:
                 return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
             except requests.ConnectionError:
                 return False
 
         wait_for("Prometheus to be ready", ready, 60, self.tail)
-
-    def tail(self, lines=40):
-        self.log.flush()
-        self.log.seek(0)
-        return "--- prometheus ---\n" + "".join(self.log.readlines()[-lines:])
 
     def query(self, expr):
         """An instant query's result vector."""
@@ -85,14 +107,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

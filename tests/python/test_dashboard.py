@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import Prometheus, free_port, tandem_bin, wait_for
+from conftest import Process, Prometheus, free_port, tandem_bin, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "tandem-operator" / "files" / "tandem-dashboard.json"
@@ -76,33 +76,6 @@ LONG_UNSHARED = [
     for n in (7, 12, 42, 99)
 ]
 SHORT = ["Hi", "Name a colour.", "Say yes."]
-
-
-class Process:
-    def __init__(self, name, args, cwd=None):
-        self.name = name
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
-
-    def tail(self, lines=40):
-        self.log.flush()
-        self.log.seek(0)
-        return f"--- {self.name} ---\n" + "".join(self.log.readlines()[-lines:])
-
-    def alive(self):
-        if self.proc.poll() is not None:
-            pytest.fail(f"{self.name} exited with {self.proc.returncode}\n{self.tail()}")
-        return True
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
