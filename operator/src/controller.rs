@@ -340,7 +340,19 @@ fn record_step_metrics(dd: &DisaggDeployment, step: &StepOutcome, metrics: &Metr
         _ => labels::decision::not_acting(reason),
     };
     let desired = step.result.as_ref().ok().map(|d| d.desired);
-    metrics.record_planner_step(&namespace, &name, label, step.observed_p90_s, desired);
+    let config = dd
+        .spec
+        .autoscaling
+        .as_ref()
+        .and_then(|a| crate::planner::planner_config(a, step.before).ok());
+    metrics.record_planner_step(
+        &namespace,
+        &name,
+        label,
+        step.observed_p90_s,
+        config.as_ref(),
+        desired,
+    );
 }
 
 /// Events are best effort: failing to record one must not fail the reconcile.

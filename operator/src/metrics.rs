@@ -2,7 +2,7 @@
 
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use crate::planner::{Tier, TierCounts};
+use crate::planner::{PlannerConfig, Tier, TierCounts};
 
 /// Label values of the metrics, in one place: dashboards and alerts match on them. (The `tier`
 /// label is the tier's own name, `namespace` and `deployment` the object's.)
@@ -86,6 +86,13 @@ pub struct Metrics {
     /// `tandem_planner_observed_p90_seconds{namespace,deployment,metric}`: the TTFT and ITL p90
     /// the last decision saw (`metric` is [`labels::observed`]: `ttft` or `itl`).
     pub planner_observed_p90: GaugeVec,
+    /// `tandem_planner_max_replicas{namespace,deployment,tier}`: the tier's upper bound
+    /// (`spec.autoscaling.<tier>.maxReplicas`; a tier the planner does not scale is pinned to
+    /// its replicas).
+    pub planner_max_replicas: GaugeVec,
+    /// `tandem_planner_objective_seconds{namespace,deployment,metric}`: the TTFT and ITL p90
+    /// objectives (`spec.autoscaling.slo`).
+    pub planner_objective: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -150,10 +157,28 @@ impl Metrics {
             &["namespace", "deployment", "metric"],
         )
         .expect("valid metric");
+        let planner_max_replicas = GaugeVec::new(
+            Opts::new(
+                "tandem_planner_max_replicas",
+                "Most replicas the planner may give a tier",
+            ),
+            &["namespace", "deployment", "tier"],
+        )
+        .expect("valid metric");
+        let planner_objective = GaugeVec::new(
+            Opts::new(
+                "tandem_planner_objective_seconds",
+                "The TTFT and ITL p90 objectives the planner scales to",
+            ),
+            &["namespace", "deployment", "metric"],
+        )
+        .expect("valid metric");
         for planner_metric in [
             Box::new(planner_desired.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(planner_decisions.clone()),
             Box::new(planner_observed_p90.clone()),
+            Box::new(planner_max_replicas.clone()),
+            Box::new(planner_objective.clone()),
         ] {
             registry.register(planner_metric).expect("registered once");
         }
@@ -174,19 +199,42 @@ impl Metrics {
             planner_desired,
             planner_decisions,
             planner_observed_p90,
+            planner_max_replicas,
+            planner_objective,
         }
     }
 
     /// The `tandem_planner_*` series of one planner step: its decision `label`
-    /// ([`labels::decision`]), the p90s it read and, when it decided, the replicas it chose.
+    /// ([`labels::decision`]), the p90s it read, the bounds and objectives of its `config`
+    /// (when it has a valid one) and, when it decided, the replicas it chose.
     pub fn record_planner_step(
         &self,
         namespace: &str,
         deployment: &str,
         label: &str,
         observed_p90_s: (Option<f64>, Option<f64>),
+        config: Option<&PlannerConfig>,
         desired: Option<TierCounts>,
     ) {
+        if let Some(config) = config {
+            for (metric, value) in [
+                (labels::observed::TTFT, config.slo.ttft_p90_s),
+                (labels::observed::ITL, config.slo.itl_p90_s),
+            ] {
+                self.planner_objective
+                    .with_label_values(&[namespace, deployment, metric])
+                    .set(value);
+            }
+            for (tier, bounds) in [
+                (Tier::Prefill, config.prefill_bounds),
+                (Tier::Decode, config.decode_bounds),
+            ] {
+                let tier_name = tier.to_string();
+                self.planner_max_replicas
+                    .with_label_values(&[namespace, deployment, tier_name.as_str()])
+                    .set(f64::from(bounds.max));
+            }
+        }
         self.planner_decisions
             .with_label_values(&[namespace, deployment, label])
             .inc();
@@ -245,6 +293,58 @@ mod tests {
         assert!(
             text.contains("tandem_operator_reconcile_duration_seconds_bucket{le=\"0.05\"} 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_planner_step_records_its_decision_bounds_and_objectives() {
+        use crate::planner::{Slo, TierBounds};
+        let m = Metrics::new();
+        let config = PlannerConfig::new(
+            Slo {
+                ttft_p90_s: 0.5,
+                itl_p90_s: 0.05,
+            },
+            TierBounds { min: 1, max: 4 },
+            TierBounds { min: 2, max: 8 },
+        );
+        let before = TierCounts {
+            prefill: 1,
+            decode: 2,
+        };
+        let after = TierCounts {
+            prefill: 2,
+            decode: 2,
+        };
+        let label = labels::decision::of_change(before, after);
+        assert_eq!(label, labels::decision::SCALE_UP);
+        m.record_planner_step(
+            "ns",
+            "dd",
+            label,
+            (Some(0.9), None),
+            Some(&config),
+            Some(after),
+        );
+        let text = m.render();
+        for line in [
+            "tandem_planner_decisions_total{deployment=\"dd\",namespace=\"ns\",reason=\"scale_up\"} 1",
+            "tandem_planner_desired_replicas{deployment=\"dd\",namespace=\"ns\",tier=\"prefill\"} 2",
+            "tandem_planner_max_replicas{deployment=\"dd\",namespace=\"ns\",tier=\"decode\"} 8",
+            "tandem_planner_objective_seconds{deployment=\"dd\",metric=\"ttft\",namespace=\"ns\"} 0.5",
+            "tandem_planner_observed_p90_seconds{deployment=\"dd\",metric=\"ttft\",namespace=\"ns\"} 0.9",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // No ITL p90 read: no series rather than a made-up value.
+        assert!(!text.contains("metric=\"itl\",namespace=\"ns\"} 0\n"));
+        assert_eq!(
+            labels::decision::of_change(after, before),
+            labels::decision::SCALE_DOWN
+        );
+        assert_eq!(
+            labels::decision::of_change(after, after),
+            labels::decision::HOLD
         );
     }
 

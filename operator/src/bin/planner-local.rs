@@ -237,14 +237,15 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let (namespace, deployment) = (args.namespace.clone(), args.deployment.clone());
+    let config = args.config();
     planner
         .run(shutdown_signal(), |outcome| match outcome {
             Ok(step) => {
-                step.record(&metrics, &namespace, &deployment);
+                step.record(&metrics, &config, &namespace, &deployment);
                 tracing::info!("{step}")
             }
             Err(e) => {
-                e.record(&metrics, &namespace, &deployment);
+                e.record(&metrics, &config, &namespace, &deployment);
                 tracing::warn!("no decision: {e}")
             }
         })

@@ -175,7 +175,13 @@ pub struct LocalStep {
 
 impl LocalStep {
     /// This step's `tandem_planner_*` series, labelled as the operator labels its own.
-    pub fn record(&self, metrics: &Metrics, namespace: &str, deployment: &str) {
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        config: &PlannerConfig,
+        namespace: &str,
+        deployment: &str,
+    ) {
         let label = match &self.decision.refusal {
             Some(refusal) => labels::decision::not_acting(refusal.reason),
             None => labels::decision::of_change(self.before, self.decision.desired),
@@ -186,6 +192,7 @@ impl LocalStep {
             deployment,
             label,
             (o.ttft_p90_s, o.itl_p90_s),
+            Some(config),
             Some(self.decision.desired),
         );
     }
@@ -193,13 +200,26 @@ impl LocalStep {
 
 impl LocalPlannerError {
     /// A step that reached no decision, counted by why (as the operator counts its own).
-    pub fn record(&self, metrics: &Metrics, namespace: &str, deployment: &str) {
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        config: &PlannerConfig,
+        namespace: &str,
+        deployment: &str,
+    ) {
         let label = match self {
             LocalPlannerError::Config(_) => labels::decision::INVALID_AUTOSCALING,
             LocalPlannerError::Prometheus(_) => labels::decision::PROMETHEUS_UNAVAILABLE,
             LocalPlannerError::Target(_) => labels::decision::SCALE_TARGET_UNAVAILABLE,
         };
-        metrics.record_planner_step(namespace, deployment, label, (None, None), None);
+        metrics.record_planner_step(
+            namespace,
+            deployment,
+            label,
+            (None, None),
+            Some(config),
+            None,
+        );
     }
 }
 
