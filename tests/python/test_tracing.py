@@ -294,3 +294,54 @@ def test_an_unsampled_traceparent_is_respected_and_ids_are_echoed_on_errors_and_
     assert complete(d["receiver"].wait_for(later, complete))
     time.sleep(1)
     assert d["receiver"].trace(unsampled) == []
+
+
+def test_serve_records_the_engine_phases_and_logs_the_request_id_as_text():
+    receiver = Receiver()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "TANDEM_LOG_FORMAT"}
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"})
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([tandem_bin(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                assert proc.poll() is None, f"tandem serve exited with {proc.returncode}"
+                try:
+                    if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "tandem serve not ready"
+                time.sleep(0.2)
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0, timeout=300)
+            trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
+            raw = client.completions.with_raw_response.create(
+                model="default", prompt="The capital of France is", max_tokens=5, temperature=0,
+                extra_headers={"traceparent": f"00-{trace_id}-{caller}-01", "x-request-id": "serve-1"})
+            assert raw.headers["x-request-id"] == "serve-1"
+            tokens = raw.parse().usage.completion_tokens
+            names = {"POST /v1/completions", "queue", "prefill", "decode"}
+            spans = receiver.wait_for(trace_id, lambda s: names <= {x["name"] for x in s})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            receiver.server.shutdown()
+        log.seek(0)
+        text = log.read()
+    assert {s["service"] for s in spans} == {"tandem-serve"}
+    server = one(spans, "tandem-serve", "POST /v1/completions")
+    assert server["parent"] == caller
+    queue, prefill, decode = (one(spans, "tandem-serve", n) for n in ("queue", "prefill", "decode"))
+    for phase in (queue, prefill, decode):
+        assert phase["parent"] == server["span_id"]
+        within(phase, server)
+    assert queue["end"] <= prefill["start"] and prefill["end"] <= decode["start"]
+    assert decode["attributes"]["tandem.completion_tokens"].int_value == tokens
+    assert not [s for s in spans if s["name"] in ("route", "kv_transfer")]
+    # Text logs: the request span's fields before the message.
+    finished = [l for l in text.splitlines() if "request finished" in l]
+    assert finished, text[-2000:]
+    assert 'request_id="serve-1"' in finished[-1] or "request_id=serve-1" in finished[-1], finished

@@ -162,10 +162,7 @@ async fn admit(
             prompt: request.prompt.clone(),
         });
         let prompt_tokens = request.prompt.len();
-        let phases = limits
-            .engine_phases
-            .then(|| Phases::start(false))
-            .flatten();
+        let phases = limits.engine_phases.then(|| Phases::start(false)).flatten();
         let events = match model.infer.generate(request) {
             Ok(events) => events,
             Err(e) => {

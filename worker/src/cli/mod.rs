@@ -88,7 +88,8 @@ mod tests {
         let cli = super::Cli::try_parse_from(["tandem", "decode", "--log-format", "json"]).unwrap();
         assert_eq!(cli.log_format, "json");
         assert_eq!(cli.command.service_name(), "tandem-decode");
-        let cli = super::Cli::try_parse_from(["tandem", "--log-format", "text", "frontend"]).unwrap();
+        let cli =
+            super::Cli::try_parse_from(["tandem", "--log-format", "text", "frontend"]).unwrap();
         assert_eq!(cli.log_format, "text");
         assert!(super::Cli::try_parse_from(["tandem", "serve", "--log-format", "xml"]).is_err());
     }

@@ -138,7 +138,11 @@ pub fn init(default_service: &str, format: LogFormat) -> Telemetry {
                 .boxed(),
         );
     }
-    if tracing_subscriber::registry().with(layers).try_init().is_err() {
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_err()
+    {
         return Telemetry { otlp: None };
     }
     if let Some(e) = otlp_error {
@@ -204,7 +208,11 @@ pub fn client_span(name: &'static str) -> tracing::Span {
 }
 
 /// Sets a span attribute (nothing with tracing off).
-pub fn set_attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
+pub fn set_attribute(
+    span: &tracing::Span,
+    key: &'static str,
+    value: impl Into<opentelemetry::Value>,
+) {
     if enabled() {
         span.set_attribute(key, value);
     }
@@ -217,7 +225,9 @@ pub fn record_http_status(span: &tracing::Span, status: u16) {
     }
     span.set_attribute("http.response.status_code", i64::from(status));
     if status >= 500 {
-        span.set_status(opentelemetry::trace::Status::error(format!("HTTP {status}")));
+        span.set_status(opentelemetry::trace::Status::error(format!(
+            "HTTP {status}"
+        )));
     }
 }
 

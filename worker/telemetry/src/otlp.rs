@@ -186,8 +186,14 @@ mod tests {
         assert_eq!(plan_of(&[]), Ok(None));
         assert_eq!(plan_of(&[("OTEL_SERVICE_NAME", "x")]), Ok(None));
         let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
-        assert_eq!(plan_of(&[endpoint, ("OTEL_SDK_DISABLED", "TRUE")]), Ok(None));
-        assert_eq!(plan_of(&[endpoint, ("OTEL_TRACES_EXPORTER", "none")]), Ok(None));
+        assert_eq!(
+            plan_of(&[endpoint, ("OTEL_SDK_DISABLED", "TRUE")]),
+            Ok(None)
+        );
+        assert_eq!(
+            plan_of(&[endpoint, ("OTEL_TRACES_EXPORTER", "none")]),
+            Ok(None)
+        );
         assert!(plan_of(&[endpoint, ("OTEL_SDK_DISABLED", "false")])
             .unwrap()
             .is_some());
@@ -196,8 +202,14 @@ mod tests {
 
     #[test]
     fn the_protocol_defaults_to_http_protobuf_and_the_traces_variable_wins() {
-        let traces = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces");
-        assert_eq!(plan_of(&[traces]).unwrap().unwrap().protocol, "http/protobuf");
+        let traces = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces",
+        );
+        assert_eq!(
+            plan_of(&[traces]).unwrap().unwrap().protocol,
+            "http/protobuf"
+        );
         let p = plan_of(&[
             traces,
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),

@@ -190,7 +190,10 @@ mod tests {
         assert_eq!(sampled, (TRACE.to_string(), SPAN.to_string(), true));
         let unsampled = parent_of(&format!("00-{TRACE}-{SPAN}-00")).unwrap();
         assert!(!unsampled.2, "flags 00 is not sampled");
-        let cx = extract_http(&headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]));
+        let cx = extract_http(&headers(&[(
+            "traceparent",
+            &format!("00-{TRACE}-{SPAN}-01"),
+        )]));
         assert!(cx.span().span_context().is_remote());
     }
 
@@ -239,7 +242,10 @@ mod tests {
             metadata.get("tracestate").unwrap().to_str().unwrap(),
             "vendor=abc,other=1"
         );
-        assert_eq!(request_id_from_metadata(&metadata).as_deref(), Some("req-1"));
+        assert_eq!(
+            request_id_from_metadata(&metadata).as_deref(),
+            Some("req-1")
+        );
         let back = extract_metadata(&metadata);
         let span = back.span();
         assert_eq!(span.span_context().trace_id().to_string(), TRACE);
@@ -264,8 +270,20 @@ mod tests {
         assert_eq!(sanitize_request_id(" abc-123 ").as_deref(), Some("abc-123"));
         let uuid = "123e4567-e89b-12d3-a456-426614174000";
         assert_eq!(sanitize_request_id(uuid).as_deref(), Some(uuid));
-        assert_eq!(sanitize_request_id("a/b+c=d@e.f:g_h").as_deref(), Some("a/b+c=d@e.f:g_h"));
-        for bad in ["", "   ", "has space", "quote\"d", "new\nline", "tab\t", "ünï", "{json}"] {
+        assert_eq!(
+            sanitize_request_id("a/b+c=d@e.f:g_h").as_deref(),
+            Some("a/b+c=d@e.f:g_h")
+        );
+        for bad in [
+            "",
+            "   ",
+            "has space",
+            "quote\"d",
+            "new\nline",
+            "tab\t",
+            "ünï",
+            "{json}",
+        ] {
             assert_eq!(sanitize_request_id(bad), None, "{bad:?}");
         }
         let long = "a".repeat(MAX_REQUEST_ID_LEN);

@@ -354,8 +354,9 @@ impl pb::decode_server::Decode for DecodeService {
         // The frontend's trace context and request id: this worker's span of
         // the request is a child of the frontend's call.
         let parent = tandem_telemetry::propagation::extract_metadata(request.metadata());
-        let request_id = tandem_telemetry::propagation::request_id_from_metadata(request.metadata())
-            .unwrap_or_else(tandem_telemetry::propagation::new_request_id);
+        let request_id =
+            tandem_telemetry::propagation::request_id_from_metadata(request.metadata())
+                .unwrap_or_else(tandem_telemetry::propagation::new_request_id);
         let span = tandem_telemetry::request_span(
             "tandem.Decode/Generate",
             "server",

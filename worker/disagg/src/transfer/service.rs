@@ -326,7 +326,11 @@ async fn send_parts(
                     prompt_tokens = clock.prompt_tokens,
                     cached_tokens = clock.cached_tokens,
                     bytes = clock.bytes,
-                    transport = if clock.written_at.is_some() { CUDA_IPC } else { GRPC },
+                    transport = if clock.written_at.is_some() {
+                        CUDA_IPC
+                    } else {
+                        GRPC
+                    },
                     "prefill finished, KV sent"
                 );
                 return;
