@@ -1,9 +1,10 @@
 """Tracing end to end: `tandem local` (a frontend, a prefill and a decode worker) exporting
 spans over OTLP/HTTP to a real receiver, JSON logs, and the official `openai` client sending
-`traceparent` and `x-request-id` (docs/tracing.md).
+`traceparent` and `x-request-id`; `tandem serve` exporting over OTLP/HTTP and OTLP/gRPC
+(docs/tracing.md).
 
-The receiver is a stdlib HTTP server that decodes OTLP's protobuf bodies with the
-OpenTelemetry project's own generated classes (`opentelemetry-proto`)."""
+The receivers decode OTLP with the OpenTelemetry project's own generated classes
+(`opentelemetry-proto`): a stdlib HTTP server for OTLP/HTTP, a `grpcio` server for OTLP/gRPC."""
 import json
 import os
 import secrets
@@ -12,12 +13,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import requests
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -32,11 +36,18 @@ SLACK_NS = 20_000_000
 
 
 class Receiver:
-    """An OTLP/HTTP trace receiver: every span of every export, flattened."""
+    """An OTLP trace receiver: every span of every export, flattened. OTLP/HTTP
+    (`http/protobuf`) or OTLP/gRPC (`grpc`)."""
 
-    def __init__(self):
+    def __init__(self, protocol="http/protobuf"):
         self.spans = []
         self.lock = threading.Lock()
+        if protocol == "grpc":
+            self._start_grpc()
+        else:
+            self._start_http()
+
+    def _start_http(self):
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,9 +66,25 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.close = server.shutdown
+
+    def _start_grpc(self):
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                receiver.add(request)
+                return ExportTraceServiceResponse()
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.close = lambda: server.stop(grace=None)
 
     def add(self, export):
         flat = []
@@ -129,7 +156,7 @@ def deployment():
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    receiver.server.shutdown()
+    receiver.close()
     logs.cleanup()
 
 
@@ -296,11 +323,13 @@ def test_an_unsampled_traceparent_is_respected_and_ids_are_echoed_on_errors_and_
     assert d["receiver"].trace(unsampled) == []
 
 
-def test_serve_records_the_engine_phases_and_logs_the_request_id_as_text():
-    receiver = Receiver()
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_serve_records_the_engine_phases_and_logs_the_request_id_as_text(protocol):
+    receiver = Receiver(protocol)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_") and k != "TANDEM_LOG_FORMAT"}
-    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"})
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([tandem_bin(), "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -328,7 +357,7 @@ def test_serve_records_the_engine_phases_and_logs_the_request_id_as_text():
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-            receiver.server.shutdown()
+            receiver.close()
         log.seek(0)
         text = log.read()
     assert {s["service"] for s in spans} == {"tandem-serve"}
