@@ -90,6 +90,41 @@ pub fn inject_current(metadata: &mut MetadataMap) {
     inject_metadata(&cx, crate::current_request_id().as_deref(), metadata);
 }
 
+/// Whether `value` is a `traceparent` as W3C Trace Context level 1 writes
+/// it: `version-traceid-parentid-flags`, lowercase hex of exactly 2, 32, 16
+/// and 2 digits, version `ff` forbidden, nothing after version `00`'s flags
+/// (a later version may append `-` and more). The SDK's parser is looser (a
+/// 31-digit trace id passes, padded), so headers are checked here first.
+pub fn well_formed_traceparent(value: &str) -> bool {
+    let b = value.trim().as_bytes();
+    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    if b.len() < 55
+        || !(hex(&b[0..2])
+            && b[2] == b'-'
+            && hex(&b[3..35])
+            && b[35] == b'-'
+            && hex(&b[36..52])
+            && b[52] == b'-'
+            && hex(&b[53..55]))
+    {
+        return false;
+    }
+    match &b[0..2] {
+        b"ff" => false,
+        b"00" => b.len() == 55,
+        _ => b.len() == 55 || b[55] == b'-',
+    }
+}
+
+/// A carrier's value for the propagator: malformed `traceparent`s are not seen.
+fn checked<'a>(key: &str, value: Option<&'a str>) -> Option<&'a str> {
+    let value = value?;
+    if key.eq_ignore_ascii_case("traceparent") && !well_formed_traceparent(value) {
+        return None;
+    }
+    Some(value)
+}
+
 struct HeaderExtractor<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -100,7 +135,7 @@ impl Extractor for HeaderExtractor<'_> {
         if values.next().is_some() {
             return None;
         }
-        first.to_str().ok()
+        checked(key, first.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -125,7 +160,7 @@ struct MetadataExtractor<'a>(&'a MetadataMap);
 
 impl Extractor for MetadataExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        checked(key, self.0.get(key).and_then(|v| v.to_str().ok()))
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -213,9 +248,26 @@ mod tests {
             format!("00-{TRACE}-{SPAN}"),
             // Version 00 has exactly four parts.
             format!("00-{TRACE}-{SPAN}-01-extra"),
+            // Ids of the wrong length (the SDK alone would pad a short one).
+            format!("00-{TRACE}0-{SPAN}-01"),
+            format!("00-{TRACE}-{}-01", &SPAN[..15]),
+            format!("00-{TRACE}-{SPAN}-1"),
         ] {
             assert_eq!(parent_of(&bad), None, "{bad:?} must be ignored");
         }
+    }
+
+    #[test]
+    fn later_versions_may_append_fields() {
+        assert!(well_formed_traceparent(&format!("01-{TRACE}-{SPAN}-01-what-comes-next")));
+        assert!(well_formed_traceparent(&format!(" 00-{TRACE}-{SPAN}-00 ")));
+        assert!(!well_formed_traceparent(&format!("01-{TRACE}-{SPAN}-01x")));
+        let metadata_parent = {
+            let mut m = MetadataMap::new();
+            m.insert("traceparent", format!("00-{}-{SPAN}-01", &TRACE[..31]).parse().unwrap());
+            extract_metadata(&m)
+        };
+        assert!(!metadata_parent.span().span_context().is_valid());
     }
 
     #[test]
@@ -280,7 +332,7 @@ mod tests {
             "has space",
             "quote\"d",
             "new\nline",
-            "tab\t",
+            "t\tab",
             "ünï",
             "{json}",
         ] {
