@@ -1,11 +1,9 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use tandem::cli::{self, Cli, Command, RoleCommand};
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let args = Cli::parse_with_tracing_help();
     let log_format = args.log_format.parse().unwrap_or_default();
     // Held to the end: dropping it exports the spans still buffered.
     let _telemetry = tandem_telemetry::init(args.command.service_name(), log_format);

@@ -46,6 +46,25 @@ tandem-<role> unless OTEL_SERVICE_NAME says otherwise; OTEL_TRACES_SAMPLER(_ARG)
 OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED and OTEL_TRACES_EXPORTER=none as the
 OpenTelemetry spec says. A client's traceparent and x-request-id are honoured.";
 
+impl Cli {
+    /// The command line, with the tracing note under the `--help` of the
+    /// serving commands too (their flags are `tandem_api::args`', which
+    /// know nothing of tracing).
+    pub fn parse_with_tracing_help() -> Self {
+        use clap::FromArgMatches;
+        Self::from_arg_matches(&Self::command_with_tracing_help().get_matches())
+            .unwrap_or_else(|e| e.exit())
+    }
+
+    fn command_with_tracing_help() -> clap::Command {
+        use clap::CommandFactory;
+        Self::command().mut_subcommands(|sub| match sub.get_name() {
+            "serve" | "frontend" | "prefill" | "decode" | "local" => sub.after_help(TRACING_HELP),
+            _ => sub,
+        })
+    }
+}
+
 impl Command {
     /// `service.name` of this process's spans unless `OTEL_SERVICE_NAME` says otherwise.
     pub fn service_name(&self) -> &'static str {
@@ -82,7 +101,7 @@ mod tests {
     use clap::Parser;
 
     /// The log format is global: after the role as the operator renders
-    /// flags, and from `TANDEM_LOG_FORMAT`'s spelling only.
+    /// flags, or before it; `json` or `text` only.
     #[test]
     fn the_log_format_is_accepted_after_any_command() {
         let cli = super::Cli::try_parse_from(["tandem", "decode", "--log-format", "json"]).unwrap();
@@ -92,6 +111,19 @@ mod tests {
             super::Cli::try_parse_from(["tandem", "--log-format", "text", "frontend"]).unwrap();
         assert_eq!(cli.log_format, "text");
         assert!(super::Cli::try_parse_from(["tandem", "serve", "--log-format", "xml"]).is_err());
+    }
+
+    /// `tandem decode --help` tells how to turn tracing on.
+    #[test]
+    fn the_serving_commands_help_tells_of_tracing() {
+        let mut command = super::Cli::command_with_tracing_help();
+        let help = command
+            .find_subcommand_mut("decode")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(help.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{help}");
+        assert!(help.contains("--log-format"), "{help}");
     }
 
     /// The flags contract names the default model too (for `model fetch`'s default): both

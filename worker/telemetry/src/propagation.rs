@@ -259,12 +259,17 @@ mod tests {
 
     #[test]
     fn later_versions_may_append_fields() {
-        assert!(well_formed_traceparent(&format!("01-{TRACE}-{SPAN}-01-what-comes-next")));
+        assert!(well_formed_traceparent(&format!(
+            "01-{TRACE}-{SPAN}-01-what-comes-next"
+        )));
         assert!(well_formed_traceparent(&format!(" 00-{TRACE}-{SPAN}-00 ")));
         assert!(!well_formed_traceparent(&format!("01-{TRACE}-{SPAN}-01x")));
         let metadata_parent = {
             let mut m = MetadataMap::new();
-            m.insert("traceparent", format!("00-{}-{SPAN}-01", &TRACE[..31]).parse().unwrap());
+            m.insert(
+                "traceparent",
+                format!("00-{}-{SPAN}-01", &TRACE[..31]).parse().unwrap(),
+            );
             extract_metadata(&m)
         };
         assert!(!metadata_parent.span().span_context().is_valid());
