@@ -117,6 +117,8 @@ mod tests {
     #[test]
     fn the_serving_commands_help_tells_of_tracing() {
         let mut command = super::Cli::command_with_tracing_help();
+        // Global flags reach the subcommands when the command is built, as parsing does.
+        command.build();
         let help = command
             .find_subcommand_mut("decode")
             .unwrap()
