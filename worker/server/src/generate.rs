@@ -16,6 +16,7 @@ use tandem_api::infer::GenerateStream;
 use tandem_api::metrics::metrics;
 use tandem_api::types::{FinishReason, GenerateEvent, TokenOutput};
 use tandem_model::Tokenizer;
+use tandem_telemetry::phases::Phases;
 
 /// The log-probability of one generated token, with alternatives, as text.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +80,8 @@ pub struct Generation {
     /// (`best_of` ranks its candidates by it).
     pub cumulative_logprob: f64,
     record: RequestRecord,
+    /// The engine phases' spans (`tandem serve` with tracing on).
+    phases: Option<Phases>,
 }
 
 impl Generation {
@@ -101,7 +104,16 @@ impl Generation {
             prompt_logprobs: Vec::new(),
             cumulative_logprob: 0.0,
             record,
+            phases: None,
         }
+    }
+
+    /// Records the engine's phases (`queue`, `prefill`, `decode`) of this
+    /// generation as spans under the current one. Only where the events come
+    /// straight from an engine (`tandem serve`); a decode worker records its own.
+    pub fn with_phases(mut self, phases: Option<Phases>) -> Self {
+        self.phases = phases;
+        self
     }
 
     /// Give up on a generation admitted as part of a request that was then
@@ -130,14 +142,32 @@ impl Generation {
                 }) => {
                     self.prompt_tokens = prompt_tokens;
                     self.cached_tokens = cached_tokens;
+                    if let Some(p) = &mut self.phases {
+                        p.admitted();
+                    }
                 }
                 Some(GenerateEvent::PromptLogprobs(tokens)) => self.prompt_logprobs = tokens,
-                Some(GenerateEvent::Token(token)) => return Some(self.on_token(&token)),
+                Some(GenerateEvent::Token(token)) => {
+                    if let Some(p) = &mut self.phases {
+                        p.token();
+                    }
+                    return Some(self.on_token(&token));
+                }
                 Some(GenerateEvent::Finished(reason)) => {
+                    if let Some(p) = &mut self.phases {
+                        p.finish(match reason {
+                            FinishReason::Stop => "stop",
+                            FinishReason::Length => "length",
+                            FinishReason::Cancelled => "cancelled",
+                        });
+                    }
                     self.events = None;
                     return Some(self.on_finished(reason));
                 }
                 Some(GenerateEvent::Error(message)) => {
+                    if let Some(p) = &mut self.phases {
+                        p.finish("error");
+                    }
                     self.events = None;
                     return Some(
                         self.fail(ApiError::internal(format!("Generation failed: {message}"))),
@@ -166,6 +196,9 @@ impl Generation {
         if released.stopped {
             // Dropping the stream cancels the engine request: the answer is complete.
             self.events = None;
+            if let Some(p) = &mut self.phases {
+                p.finish("stop");
+            }
             self.record.finish("ok", self.completion_tokens);
             return Piece::Finished {
                 text: released.text,

@@ -31,6 +31,7 @@ use super::protocol::*;
 use super::tools::{self, ToolCallParser, ToolEvent, ToolParsing};
 use super::{AppState, ServedModel};
 use tandem_api::metrics::metrics;
+use tandem_telemetry::phases::Phases;
 
 /// Which OpenAI endpoint a generation answers; decides the response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +40,8 @@ enum Endpoint {
     Completion,
 }
 
-#[tracing::instrument(skip_all)]
+// No span of their own: the request's span (`request_context`) names the route, and the
+// frontend's relay task takes the current span as the request's.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -48,7 +50,6 @@ pub async fn chat_completions(
     generate(state, headers, body, Endpoint::Chat).await
 }
 
-#[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -161,6 +162,7 @@ async fn admit(
             prompt: request.prompt.clone(),
         });
         let prompt_tokens = request.prompt.len();
+        let phases = limits.engine_phases.then(|| Phases::start(false)).flatten();
         let events = match model.infer.generate(request) {
             Ok(events) => events,
             Err(e) => {
@@ -184,11 +186,12 @@ async fn admit(
                 logprobs.is_some(),
                 prompt_tokens,
                 record,
-            ),
+            )
+            .with_phases(phases),
             echo,
         });
     }
-    tracing::debug!(request_id = %id, engine_requests = runs.len(), stream, "admitted");
+    tracing::debug!(response_id = %id, engine_requests = runs.len(), stream, "admitted");
     Ok(Admitted {
         runs,
         meta: Arc::new(ResponseMeta {

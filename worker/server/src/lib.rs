@@ -13,6 +13,7 @@ mod generate;
 mod handlers;
 mod params;
 mod protocol;
+mod request_context;
 mod text;
 mod tools;
 mod utility;
@@ -58,6 +59,9 @@ pub struct ServerConfig {
     pub retry_after_secs: u64,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// The `Infer` is an engine in this process (`tandem serve`): record its
+    /// phases (`queue`, `prefill`, `decode`) as spans when tracing is on.
+    pub engine_phases: bool,
 }
 
 impl ServerConfig {
@@ -69,6 +73,7 @@ impl ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             retry_after_secs: 1,
             shutdown_grace: Duration::from_secs(30),
+            engine_phases: false,
         }
     }
 }
@@ -203,6 +208,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(handlers::prometheus_metrics))
         .fallback(handlers::unknown_route)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn(request_context::request_context))
         .with_state(state)
 }
 

@@ -139,9 +139,13 @@ pub struct LocalArgs {
     pub ready_timeout_secs: u64,
 }
 
-pub fn run(args: LocalArgs) -> anyhow::Result<()> {
+pub fn run(args: LocalArgs, log_format: tandem_telemetry::LogFormat) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("finding the tandem binary to start")?;
-    let config = config(&args, program)?;
+    let mut config = config(&args, program)?;
+    // Every process logs as this one does (with --log-dir, one JSON file per process).
+    config
+        .common_args
+        .extend(["--log-format".to_string(), log_format.as_str().to_string()]);
     // Once here, before any child starts: a Hub repository (or the default
     // model) is downloaded by this process, with one progress display, and
     // every child then finds it in the cache without asking the Hub.

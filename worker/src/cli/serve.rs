@@ -30,7 +30,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let template_file = common::ChatTemplateFile::read(args.chat_template.as_deref())?;
     let model = common::resolve_model(&args.http)?;
     let max_model_len = model.max_model_len;
-    let config = common::server_config(&args.http, &model.info.name, args.default_max_tokens);
+    let mut config = common::server_config(&args.http, &model.info.name, args.default_max_tokens);
+    // The engine runs here: its phases are this process's spans.
+    config.engine_phases = true;
     common::configure_metrics(&args.http, &model.info.name);
 
     let addr = args.http.listen_address();

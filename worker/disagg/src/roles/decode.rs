@@ -18,6 +18,7 @@ use futures::Stream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::pool::{PoolConfig, WorkerPool};
 use super::{event_to_pb, request_from_pb};
@@ -29,7 +30,7 @@ use crate::transfer::rpc::status_of;
 use crate::transfer::{RemotePrefillRequest, TransferError};
 use tandem_api::infer::{GenerateStream, Infer, InferError};
 use tandem_api::metrics::metrics;
-use tandem_api::types::GenerateRequest;
+use tandem_api::types::{FinishReason, GenerateEvent, GenerateRequest};
 use tandem_engine::EngineHandle;
 
 /// The `role` label of the decode worker's metrics.
@@ -201,6 +202,10 @@ impl DecodeWorker {
                 &self.node_id,
                 self.prefill.last_load(&worker).as_ref(),
             );
+            // The Prefill RPC's client span: its context goes in the call's
+            // metadata, the decode side's `kv_transfer` is its child.
+            let call = tandem_telemetry::client_span("tandem.Prefill/Prefill");
+            tandem_telemetry::set_attribute(&call, "tandem.prefill_worker", worker.to_string());
             let result = match choice {
                 Err(reason) => Err(TransferError::Local(reason)),
                 Ok(choice) => {
@@ -209,15 +214,21 @@ impl DecodeWorker {
                         Choice::CudaIpc => {
                             client
                                 .prefill_via_cuda_ipc(&self.engine, remote_request)
+                                .instrument(call.clone())
                                 .await
                         }
                         Choice::Grpc(_) => client
                             .prefill(remote_request)
+                            .instrument(call.clone())
                             .await
                             .map(IpcPrefill::Streamed),
                     }
                 }
             };
+            if let Err(e) = &result {
+                tandem_telemetry::set_error(&call, e.to_string());
+            }
+            drop(call);
             self.prefill.finish(route.ticket);
             match result {
                 Ok(remote) => {
@@ -340,6 +351,18 @@ impl pb::decode_server::Decode for DecodeService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The frontend's trace context and request id: this worker's span of
+        // the request is a child of the frontend's call.
+        let parent = tandem_telemetry::propagation::extract_metadata(request.metadata());
+        let request_id =
+            tandem_telemetry::propagation::request_id_from_metadata(request.metadata())
+                .unwrap_or_else(tandem_telemetry::propagation::new_request_id);
+        let span = tandem_telemetry::request_span(
+            "tandem.Decode/Generate",
+            "server",
+            &request_id,
+            Some(parent),
+        );
         let request = request_from_pb(request.into_inner())?;
         // Refuse what the engine would refuse before any prefill work.
         self.worker
@@ -348,37 +371,73 @@ impl pb::decode_server::Decode for DecodeService {
             .map_err(|e| status_of(&e))?;
         let (tx, rx) = mpsc::channel(64);
         let worker = self.worker.clone();
-        tokio::spawn(async move {
-            // The caller hanging up drops `rx`: stop whatever is under way
-            // (dropping the prefill future or the stream cancels it).
-            let started = tokio::select! {
-                started = worker.start_request(request) => started,
-                () = tx.closed() => return,
-            };
-            let mut stream = match started {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    let _ = tx.send(Err(status_of(&e))).await;
-                    return;
-                }
-            };
-            loop {
-                tokio::select! {
-                    event = stream.next_event() => {
-                        let Some(event) = event else { return };
-                        let last = matches!(
-                            event,
-                            tandem_api::types::GenerateEvent::Finished(_)
-                                | tandem_api::types::GenerateEvent::Error(_)
-                        );
-                        if tx.send(Ok(event_to_pb(&event))).await.is_err() || last {
-                            return;
-                        }
-                    }
+        tokio::spawn(
+            async move {
+                let prompt_tokens = request.prompt.len();
+                let mut phases = tandem_telemetry::phases::Phases::start(false);
+                // The caller hanging up drops `rx`: stop whatever is under way
+                // (dropping the prefill future or the stream cancels it).
+                let started = tokio::select! {
+                    started = worker.start_request(request) => started,
                     () = tx.closed() => return,
+                };
+                let (mut stream, location) = match started {
+                    Ok(started) => started,
+                    Err(e) => {
+                        tracing::info!(prompt_tokens, "request refused: {e}");
+                        let _ = tx.send(Err(status_of(&e))).await;
+                        return;
+                    }
+                };
+                if location == PrefillLocation::Remote {
+                    phases = phases.map(|p| p.prefilled_elsewhere());
                 }
+                let mut tokens = 0usize;
+                let outcome = loop {
+                    tokio::select! {
+                        event = stream.next_event() => {
+                            let Some(event) = event else { break "engine stopped" };
+                            let outcome = match &event {
+                                GenerateEvent::Started { .. } => {
+                                    if let Some(p) = &mut phases { p.admitted() }
+                                    None
+                                }
+                                GenerateEvent::Token(_) => {
+                                    tokens += 1;
+                                    if let Some(p) = &mut phases { p.token() }
+                                    None
+                                }
+                                GenerateEvent::PromptLogprobs(_) => None,
+                                GenerateEvent::Finished(reason) => Some(match reason {
+                                    FinishReason::Stop => "stop",
+                                    FinishReason::Length => "length",
+                                    FinishReason::Cancelled => "cancelled",
+                                }),
+                                GenerateEvent::Error(_) => Some("error"),
+                            };
+                            if tx.send(Ok(event_to_pb(&event))).await.is_err() {
+                                break "caller gone";
+                            }
+                            if let Some(outcome) = outcome {
+                                break outcome;
+                            }
+                        }
+                        () = tx.closed() => break "caller gone",
+                    }
+                };
+                if let Some(p) = &mut phases {
+                    p.finish(outcome);
+                }
+                tracing::info!(
+                    prompt_tokens,
+                    completion_tokens = tokens,
+                    prefill = location.as_str(),
+                    outcome,
+                    "request finished"
+                );
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use super::pool::{PoolConfig, WorkerPool};
 use super::{event_from_pb, infer_error_of, request_to_pb};
@@ -81,7 +82,12 @@ impl Infer for Frontend {
             )));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(relay(self.pool.clone(), self.config.clone(), request, tx));
+        // The relay belongs to the HTTP request's span: its trace context and
+        // request id go to the decode worker, its log lines carry the id.
+        let task = tokio::spawn(
+            relay(self.pool.clone(), self.config.clone(), request, tx)
+                .instrument(tracing::Span::current()),
+        );
         Ok(GenerateStream::new(rx, OnDrop::new(move || task.abort())))
     }
 
@@ -115,7 +121,11 @@ async fn relay(
     loop {
         let mut prompt = request.prompt.clone();
         prompt.extend_from_slice(&generated);
-        let (route, client) = match pool.route(&prompt, &excluded, |_| true) {
+        let routed = {
+            let _route = tandem_telemetry::phase_span("route").entered();
+            pool.route(&prompt, &excluded, |_| true)
+        };
+        let (route, client) = match routed {
             Ok(routed) => routed,
             Err(e) => {
                 let why = if excluded.is_empty() {
@@ -139,6 +149,8 @@ async fn relay(
             attempt_request.sampling.prompt_logprobs = None;
         }
         let worker = route.worker.clone();
+        let call = tandem_telemetry::client_span("tandem.Decode/Generate");
+        tandem_telemetry::set_attribute(&call, "tandem.decode_worker", worker.to_string());
         let outcome = attempt(
             &mut (*client).clone(),
             attempt_request,
@@ -146,7 +158,14 @@ async fn relay(
             &mut generated,
             &mut started,
         )
+        .instrument(call.clone())
         .await;
+        match &outcome {
+            Attempt::Refused(e) => tandem_telemetry::set_error(&call, e.to_string()),
+            Attempt::Lost(reason) => tandem_telemetry::set_error(&call, reason.clone()),
+            Attempt::Done | Attempt::CallerGone => {}
+        }
+        drop(call);
         pool.finish(route.ticket);
         match outcome {
             Attempt::Done | Attempt::CallerGone => return,
@@ -186,8 +205,10 @@ async fn attempt(
     generated: &mut Vec<u32>,
     started: &mut bool,
 ) -> Attempt {
+    let mut call = tonic::Request::new(request_to_pb(&request));
+    tandem_telemetry::propagation::inject_current(call.metadata_mut());
     let call = tokio::select! {
-        call = client.generate(request_to_pb(&request)) => call,
+        call = client.generate(call) => call,
         () = tx.closed() => return Attempt::CallerGone,
     };
     let mut stream = match call {

@@ -6,7 +6,7 @@
 //! `tandem_kv_transfer_bytes_total` and `tandem_kv_transfer_seconds` on this
 //! side.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -22,6 +22,7 @@ use tandem_api::pb::{self, prefill_client, prefill_response::Part};
 use tandem_api::types::TokenOutput;
 use tandem_engine::backend::cuda::ipc::KvPoolExport;
 use tandem_engine::{EngineHandle, KvReservation};
+use tandem_telemetry::{phases, KeyValue};
 
 /// `role` label of the transfer metrics on this side.
 const ROLE: &str = "decode";
@@ -156,6 +157,10 @@ impl PrefillClient {
             cuda_ipc,
         };
         let mut client = self.client.clone();
+        let mut req = tonic::Request::new(req);
+        tandem_telemetry::propagation::inject_current(req.metadata_mut());
+        // When the layout arrived: the KV streams in from then on (`kv_transfer`).
+        let mut layout_at: Option<SystemTime> = None;
         let mut stream = self.next(client.prefill(req)).await?.into_inner();
         let mut assembler: Option<KvAssembler> = None;
         let mut written: Option<pb::KvWritten> = None;
@@ -185,6 +190,11 @@ impl PrefillClient {
                 }
                 Some(Part::FirstToken(token)) if written.is_some() => {
                     let written = written.expect("checked");
+                    kv_transfer_span(
+                        phases::before(SystemTime::now(), written.copy_seconds),
+                        written.bytes,
+                        CUDA_IPC,
+                    );
                     transfer_bytes(ROLE, "received", CUDA_IPC).inc_by(written.bytes);
                     transfer_seconds(ROLE, "received", CUDA_IPC)
                         .observe(started.elapsed().as_secs_f64());
@@ -197,6 +207,9 @@ impl PrefillClient {
                     declined = (!layout.cuda_ipc_declined.is_empty())
                         .then(|| layout.cuda_ipc_declined.clone());
                     assembler = Some(KvAssembler::new(layout)?);
+                    if tandem_telemetry::enabled() {
+                        layout_at = Some(SystemTime::now());
+                    }
                 }
                 Some(Part::Chunk(chunk)) => {
                     let a = assembler.as_mut().ok_or_else(|| {
@@ -213,6 +226,9 @@ impl PrefillClient {
                     let cached_tokens = a.layout().cached_tokens as usize;
                     let bytes = a.received_bytes();
                     let kv = a.into_pieces()?;
+                    if let Some(start) = layout_at {
+                        kv_transfer_span(start, bytes as u64, GRPC);
+                    }
                     transfer_seconds(ROLE, "received", GRPC)
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(Fetched::Streamed(RemotePrefill {
@@ -260,4 +276,23 @@ impl PrefillClient {
             Ok(r) => r.map_err(|s| self.status_error(s)),
         }
     }
+}
+
+/// The receiving side's `kv_transfer` span, from `start` to now, under the
+/// current span (the Prefill call's client span).
+fn kv_transfer_span(start: SystemTime, bytes: u64, transport: &'static str) {
+    if !tandem_telemetry::enabled() {
+        return;
+    }
+    phases::record(
+        &tandem_telemetry::current_context(),
+        "kv_transfer",
+        start,
+        SystemTime::now(),
+        vec![
+            KeyValue::new("tandem.kv.direction", "received"),
+            KeyValue::new("tandem.kv.transport", transport),
+            KeyValue::new("tandem.kv.bytes", bytes as i64),
+        ],
+    );
 }

@@ -8,13 +8,14 @@
 //! `tandem_kv_transfer_bytes_total` and `tandem_kv_transfer_seconds`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::channel::MAX_MESSAGE_BYTES;
 use super::cuda_ipc;
@@ -27,6 +28,7 @@ use tandem_api::infer::InferError;
 use tandem_api::pb::{self, prefill_response::Part};
 use tandem_api::types::{PrefillEvent, SamplingParams};
 use tandem_engine::EngineHandle;
+use tandem_telemetry::{phases, propagation, KeyValue};
 
 /// `role` label of the transfer metrics on this side.
 const ROLE: &str = "prefill";
@@ -170,7 +172,20 @@ impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
         &self,
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<Self::PrefillStream>, Status> {
+        let arrived = tandem_telemetry::enabled().then(SystemTime::now);
+        // The decode worker's trace context and request id: this worker's
+        // span of the request is a child of its Prefill call.
+        let parent = propagation::extract_metadata(request.metadata());
+        let request_id = propagation::request_id_from_metadata(request.metadata())
+            .unwrap_or_else(propagation::new_request_id);
+        let span = tandem_telemetry::request_span(
+            "tandem.Prefill/Prefill",
+            "server",
+            &request_id,
+            Some(parent),
+        );
         let req = request.into_inner();
+        let prompt_tokens = req.prompt.len();
         let request = RemotePrefillRequest {
             request_id: req.request_id,
             prompt: req.prompt,
@@ -204,7 +219,12 @@ impl<S: PrefillSource> pb::prefill_server::Prefill for PrefillService<S> {
             }
         };
         let (tx, rx) = mpsc::channel(SEND_BUFFER_CHUNKS);
-        tokio::spawn(send_parts(parts, declined, tx));
+        let clock = PrefillClock {
+            arrived,
+            prompt_tokens,
+            ..PrefillClock::default()
+        };
+        tokio::spawn(send_parts(parts, declined, tx, clock).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -215,6 +235,7 @@ async fn send_parts(
     mut parts: PrefillParts,
     cuda_ipc_declined: Option<String>,
     tx: mpsc::Sender<Result<pb::PrefillResponse, Status>>,
+    mut clock: PrefillClock,
 ) {
     let msg = |part: Part| Ok(pb::PrefillResponse { part: Some(part) });
     let mut splitter: Option<KvSplitter> = None;
@@ -239,6 +260,7 @@ async fn send_parts(
         match part {
             PrefillPart::Layout(mut l) => {
                 started = Some(Instant::now());
+                clock.admitted(l.cached_tokens as usize);
                 if let Some(reason) = &cuda_ipc_declined {
                     l.cuda_ipc_declined = reason.clone();
                 }
@@ -270,6 +292,7 @@ async fn send_parts(
                         return;
                     }
                 };
+                clock.kv_sent();
                 for chunk in chunks {
                     let n = chunk.k.len() + chunk.v.len();
                     if tx.send(msg(Part::Chunk(chunk))).await.is_err() {
@@ -280,6 +303,7 @@ async fn send_parts(
                 }
             }
             PrefillPart::KvWritten(written) => {
+                clock.written(written.bytes, written.copy_seconds);
                 transfer_bytes(ROLE, "sent", CUDA_IPC).inc_by(written.bytes);
                 transfer_seconds(ROLE, "sent", CUDA_IPC).observe(written.copy_seconds);
                 if tx.send(msg(Part::KvWritten(written))).await.is_err() {
@@ -297,9 +321,100 @@ async fn send_parts(
                 if let Some(t) = started {
                     transfer_seconds(ROLE, "sent", GRPC).observe(t.elapsed().as_secs_f64());
                 }
-                tracing::debug!(bytes, "KV sent");
+                clock.finish(bytes as u64);
+                tracing::info!(
+                    prompt_tokens = clock.prompt_tokens,
+                    cached_tokens = clock.cached_tokens,
+                    bytes = clock.bytes,
+                    transport = if clock.written_at.is_some() {
+                        CUDA_IPC
+                    } else {
+                        GRPC
+                    },
+                    "prefill finished, KV sent"
+                );
                 return;
             }
         }
+    }
+}
+
+/// Phase boundaries of one prefill on this side, read when tracing is on:
+/// arrival → layout (`queue`), layout → first token (`prefill`), first KV
+/// chunk sent → first token (`kv_transfer`; the KV leaves layer by layer while
+/// later layers compute, so it overlaps `prefill`).
+#[derive(Default)]
+struct PrefillClock {
+    /// `None`: tracing is off, nothing is read.
+    arrived: Option<SystemTime>,
+    admitted_at: Option<SystemTime>,
+    first_kv_at: Option<SystemTime>,
+    /// cuda-ipc: when the copy into the decode worker's pool ended, and its
+    /// GPU time.
+    written_at: Option<(SystemTime, f64)>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    bytes: u64,
+}
+
+impl PrefillClock {
+    fn admitted(&mut self, cached_tokens: usize) {
+        self.cached_tokens = cached_tokens;
+        if self.arrived.is_some() {
+            self.admitted_at.get_or_insert_with(SystemTime::now);
+        }
+    }
+
+    fn kv_sent(&mut self) {
+        if self.arrived.is_some() {
+            self.first_kv_at.get_or_insert_with(SystemTime::now);
+        }
+    }
+
+    fn written(&mut self, bytes: u64, copy_seconds: f64) {
+        self.bytes = bytes;
+        if self.arrived.is_some() {
+            self.written_at = Some((SystemTime::now(), copy_seconds));
+        }
+    }
+
+    /// The first token is out: records the spans under the current one.
+    fn finish(&mut self, streamed_bytes: u64) {
+        if self.written_at.is_none() {
+            self.bytes = streamed_bytes;
+        }
+        let Some(arrived) = self.arrived else { return };
+        let now = SystemTime::now();
+        let parent = tandem_telemetry::current_context();
+        let tokens = vec![
+            KeyValue::new("tandem.prompt_tokens", self.prompt_tokens as i64),
+            KeyValue::new("tandem.cached_tokens", self.cached_tokens as i64),
+        ];
+        // cuda-ipc answers carry no layout: admission is not seen, and
+        // `prefill` then starts at arrival.
+        let prefill_start = match self.admitted_at {
+            Some(admitted) => {
+                phases::record(&parent, "queue", arrived, admitted, Vec::new());
+                admitted
+            }
+            None => arrived,
+        };
+        phases::record(&parent, "prefill", prefill_start, now, tokens);
+        let (start, end, transport) = match (self.written_at, self.first_kv_at) {
+            (Some((at, seconds)), _) => (phases::before(at, seconds), at, CUDA_IPC),
+            (None, Some(first)) => (first, now, GRPC),
+            (None, None) => return,
+        };
+        phases::record(
+            &parent,
+            "kv_transfer",
+            start,
+            end,
+            vec![
+                KeyValue::new("tandem.kv.direction", "sent"),
+                KeyValue::new("tandem.kv.transport", transport),
+                KeyValue::new("tandem.kv.bytes", self.bytes as i64),
+            ],
+        );
     }
 }
