@@ -604,10 +604,25 @@ pub async fn apply(
             .find(|p| p.metadata.name.as_deref() == Some(&pdb_name));
         apply_or_prune(ctx, ns, pdb_name.clone(), pdb, uid)
     });
+    // A RoleBinding is refused (404) until its Role exists: the Role goes first, and when
+    // pruning, the binding that refers to it.
+    let rbac = async {
+        let role_name = names::discovery_role(name);
+        if role.is_some() {
+            apply_or_prune(ctx, ns, role_name.clone(), role, uid).await?;
+            apply_or_prune(ctx, ns, role_name, binding, uid)
+                .await
+                .map(drop)
+        } else {
+            apply_or_prune(ctx, ns, role_name.clone(), binding, uid).await?;
+            apply_or_prune(ctx, ns, role_name, role, uid)
+                .await
+                .map(drop)
+        }
+    };
     futures::try_join!(
         apply_one(ctx, ns, &children.service_account),
-        apply_or_prune(ctx, ns, names::discovery_role(name), binding, uid),
-        apply_or_prune(ctx, ns, names::discovery_role(name), role, uid),
+        rbac,
         apply_one(ctx, ns, &children.api_service),
         apply_or_prune(
             ctx,

@@ -121,6 +121,12 @@ async fn apply_uses_server_side_apply_with_one_field_manager() {
         paths[first_workload..].iter().all(workloads),
         "workloads are applied last: {paths:#?}"
     );
+    let at = |suffix: &str| paths.iter().position(|p| p.ends_with(suffix)).unwrap();
+    assert!(
+        at("/roles/llama-disagg-router-discovery")
+            < at("/rolebindings/llama-disagg-router-discovery"),
+        "the API server refuses a RoleBinding whose Role does not exist yet: {paths:#?}"
+    );
     let mut sorted = paths.clone();
     sorted.sort_unstable();
     let mut expected = [
