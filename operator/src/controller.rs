@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryFutureExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ObjectReference, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -18,15 +18,17 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{DeserializeGuard, NamespaceResourceScope};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, instrument, warn};
 
 use crate::build::{self, names, Children};
+use crate::cache::{self, Cached, ChildCache, ChildWriters, Lookup};
 use crate::conditions::reasons;
 use crate::crd::{DisaggDeployment, DisaggDeploymentStatus, Tier};
 use crate::metrics::{labels, Metrics};
@@ -79,10 +81,15 @@ pub struct Context {
     pub scaling: Scaling,
     /// Consecutive transient failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The children as the controller's watches last saw them.
+    pub cache: ChildCache,
+    /// Taken by [`run`], whose watches fill [`Context::cache`].
+    writers: Mutex<Option<ChildWriters>>,
 }
 
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Metrics) -> Self {
+        let (cache, writers) = cache::new();
         Self {
             client,
             reporter,
@@ -90,7 +97,15 @@ impl Context {
             planners: Planners::default(),
             scaling: Scaling::default(),
             failures: Mutex::default(),
+            cache,
+            writers,
         }
+    }
+
+    /// The writing ends of [`Context::cache`], once: [`run`] takes them for its watches (a test
+    /// may take them to fill the cache itself).
+    pub fn take_writers(&self) -> Option<ChildWriters> {
+        self.writers.lock().expect("writers lock").take()
     }
 
     fn failures_key(dd: &DeserializeGuard<DisaggDeployment>) -> String {
@@ -119,10 +134,30 @@ pub fn backoff(failures: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
 }
 
+/// The controller's watch of one child kind: objects labelled as ours, kept in `writer`'s store
+/// (without `managedFields`, which nothing reads), each change triggering its owner's reconcile.
+fn owned<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .touched_objects()
+}
+
 /// Runs the controller until a shutdown signal, reconciling DisaggDeployments in `namespace`
-/// (all namespaces when `None`).
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// (all namespaces when `None`), at most `max_concurrent` at a time (0: no bound).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, max_concurrent: u16) {
     let client = ctx.client.clone();
+    let writers = ctx
+        .take_writers()
+        .expect("controller::run runs once per Context");
     fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
@@ -134,14 +169,47 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     }
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    let ns = &namespace;
     Controller::new(
-        api::<DeserializeGuard<DisaggDeployment>>(&client, &namespace),
+        api::<DeserializeGuard<DisaggDeployment>>(&client, ns),
         watcher::Config::default(),
     )
-    .owns(api::<Deployment>(&client, &namespace), managed.clone())
-    .owns(api::<StatefulSet>(&client, &namespace), managed.clone())
-    .owns(api::<Service>(&client, &namespace), managed.clone())
-    .owns(api::<PodDisruptionBudget>(&client, &namespace), managed)
+    .with_config(kube_controller::Config::default().concurrency(max_concurrent))
+    .owns_stream(owned(
+        api::<ServiceAccount>(&client, ns),
+        managed.clone(),
+        writers.service_accounts,
+    ))
+    .owns_stream(owned(
+        api::<Role>(&client, ns),
+        managed.clone(),
+        writers.roles,
+    ))
+    .owns_stream(owned(
+        api::<RoleBinding>(&client, ns),
+        managed.clone(),
+        writers.role_bindings,
+    ))
+    .owns_stream(owned(
+        api::<Service>(&client, ns),
+        managed.clone(),
+        writers.services,
+    ))
+    .owns_stream(owned(
+        api::<Deployment>(&client, ns),
+        managed.clone(),
+        writers.deployments,
+    ))
+    .owns_stream(owned(
+        api::<StatefulSet>(&client, ns),
+        managed.clone(),
+        writers.statefulsets,
+    ))
+    .owns_stream(owned(
+        api::<PodDisruptionBudget>(&client, ns),
+        managed,
+        writers.disruption_budgets,
+    ))
     .shutdown_on_signal()
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
@@ -230,6 +298,8 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = dd.object_ref(&());
     let now = Time(k8s_openapi::jiff::Timestamp::now());
+    // The status the cache shows: a status equal to it is not written again.
+    let shown = dd.status.clone();
     // The planner runs first on a valid spec: its decision goes into the status that `build`
     // reads, so this very reconcile applies it.
     let (planned, planner_interval) = autoscale(dd, ctx, &recorder, &reference, &now).await;
@@ -238,7 +308,7 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
         Ok(v) => v,
         Err(e) => {
             let status = failed_status(dd, reasons::INVALID_SPEC, &e.to_string(), now);
-            patch_status(&ctx.client, dd, &status).await?;
+            patch_status(ctx, dd, shown.as_ref(), &status).await?;
             publish(
                 &recorder,
                 &reference,
@@ -251,12 +321,12 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
         }
     };
     let children = build::build(&valid);
-    let applied = match apply(&ctx.client, &valid.namespace, &valid.name, dd, &children).await {
+    let applied = match apply(ctx, &valid.namespace, &valid.name, dd, &children).await {
         Ok(applied) => applied,
         Err(e) => {
             let status = failed_status(dd, reasons::APPLY_FAILED, &e.to_string(), now);
             // The status write may fail for the same reason; the apply error is the one to report.
-            let _ = patch_status(&ctx.client, dd, &status).await;
+            let _ = patch_status(ctx, dd, shown.as_ref(), &status).await;
             publish(
                 &recorder,
                 &reference,
@@ -269,7 +339,7 @@ async fn reconcile_valid(dd: &DisaggDeployment, ctx: &Context) -> Result<Action,
         }
     };
     let status = status_from(dd, &applied, now);
-    patch_status(&ctx.client, dd, &status).await?;
+    patch_status(ctx, dd, shown.as_ref(), &status).await?;
     let spec_changed =
         dd.status.as_ref().and_then(|s| s.observed_generation) != dd.metadata.generation;
     if spec_changed {
@@ -375,114 +445,183 @@ async fn publish(
     }
 }
 
-async fn apply_one<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
+/// The result of one child's apply, for [`Metrics::child_applies`].
+fn count_apply(ctx: &Context, result: &'static str) {
+    ctx.metrics.child_applies.with_label_values(&[result]).inc();
+}
+
+/// Server-side applies `obj` (stamped by [`cache::stamp`]) unless the cache shows the object
+/// already holds it; returns the object as the API server (or the cache) has it.
+async fn apply_one<K>(ctx: &Context, ns: &str, obj: &K) -> Result<K, Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    K: Cached
+        + Resource<Scope = NamespaceResourceScope>
         + Serialize
         + DeserializeOwned
         + Clone
         + Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(|source| Error::Api {
-        action: "apply",
-        kind: K::kind(&()).to_string(),
-        name,
-        source,
-    })
+    let stamped = cache::stamp(obj);
+    if let Lookup::Present(have) = ctx.cache.lookup::<K>(ns, &name) {
+        let want = serde_json::to_value(&stamped).expect("a child always serializes");
+        let have_value = serde_json::to_value(have.as_ref()).expect("a cached object serializes");
+        if cache::holds(&have_value, &want) {
+            count_apply(ctx, labels::apply::UNCHANGED);
+            return Ok(K::clone(&have));
+        }
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let result = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&stamped),
+        )
+        .await
+        .map_err(|source| Error::Api {
+            action: "apply",
+            kind: K::kind(&()).to_string(),
+            name,
+            source,
+        });
+    count_apply(ctx, labels::apply::APPLIED);
+    result
 }
 
 /// Deletes `name` if it exists and this deployment controls it: a tier removed from the spec
-/// takes its objects with it, while same-named objects of others are left alone.
-async fn prune<K>(client: &Client, ns: &str, name: &str, owner_uid: &str) -> Result<(), Error>
+/// takes its objects with it, while same-named objects of others are left alone. Reads the
+/// cache, or the API server while the cache has not listed yet.
+async fn prune<K>(ctx: &Context, ns: &str, name: &str, owner_uid: &str) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + DeserializeOwned
-        + Clone
-        + Debug,
+    K: Cached + Resource<Scope = NamespaceResourceScope> + DeserializeOwned + Clone + Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let err = |action, source| Error::Api {
         action,
         kind: K::kind(&()).to_string(),
         name: name.to_string(),
         source,
     };
-    let Some(existing) = api.get_opt(name).await.map_err(|e| err("get", e))? else {
-        return Ok(());
+    let existing = match ctx.cache.lookup::<K>(ns, name) {
+        Lookup::Present(obj) => K::clone(&obj),
+        Lookup::Absent => return Ok(()),
+        Lookup::Unknown => match api.get_opt(name).await.map_err(|e| err("get", e))? {
+            Some(obj) => obj,
+            None => return Ok(()),
+        },
     };
     let ours = existing
         .owner_references()
         .iter()
         .any(|r| r.controller == Some(true) && r.uid == owner_uid);
     if ours {
-        api.delete(name, &DeleteParams::background())
-            .await
-            .map_err(|e| err("delete", e))?;
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            // Gone since the cache saw it: what pruning wanted.
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(e) => return Err(err("delete", e)),
+        }
     }
     Ok(())
 }
 
-/// Server-side applies every child (RBAC first), then prunes the children of tiers no longer in
-/// the spec.
+/// Applies `obj` when the spec has it, else prunes the object of that name.
+async fn apply_or_prune<K>(
+    ctx: &Context,
+    ns: &str,
+    name: String,
+    obj: Option<&K>,
+    owner_uid: &str,
+) -> Result<Option<K>, Error>
+where
+    K: Cached
+        + Resource<Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    match obj {
+        Some(obj) => apply_one(ctx, ns, obj).await.map(Some),
+        None => prune::<K>(ctx, ns, &name, owner_uid).await.map(|()| None),
+    }
+}
+
+/// Server-side applies every child and prunes the children of tiers no longer in the spec, in
+/// two concurrent rounds: first everything the pods depend on or that guards them (the
+/// ServiceAccount their admission needs, RBAC, Services, PodDisruptionBudgets), then the
+/// workloads. Children the cache shows unchanged are not applied ([`crate::cache`]).
 pub async fn apply(
-    client: &Client,
+    ctx: &Context,
     ns: &str,
     name: &str,
     dd: &DisaggDeployment,
     children: &Children,
 ) -> Result<Applied, Error> {
     let uid = dd.metadata.uid.clone().unwrap_or_default();
-    apply_one::<ServiceAccount>(client, ns, &children.service_account).await?;
-    match (&children.discovery_role, &children.discovery_role_binding) {
-        (Some(role), Some(binding)) => {
-            apply_one::<Role>(client, ns, role).await?;
-            apply_one::<RoleBinding>(client, ns, binding).await?;
-        }
-        _ => {
-            prune::<RoleBinding>(client, ns, &names::discovery_role(name), &uid).await?;
-            prune::<Role>(client, ns, &names::discovery_role(name), &uid).await?;
-        }
-    }
-    apply_one::<Service>(client, ns, &children.api_service).await?;
-    let frontend = match &children.frontend {
-        Some(d) => Some(apply_one::<Deployment>(client, ns, d).await?),
-        None => {
-            prune::<Deployment>(client, ns, &names::tier(name, Tier::Frontend), &uid).await?;
-            None
-        }
+    let uid = uid.as_str();
+    let (role, binding) = match (&children.discovery_role, &children.discovery_role_binding) {
+        (Some(role), Some(binding)) => (Some(role), Some(binding)),
+        _ => (None, None),
     };
-    let prefill = match (&children.prefill_service, &children.prefill) {
-        (Some(svc), Some(sts)) => {
-            apply_one::<Service>(client, ns, svc).await?;
-            Some(apply_one::<StatefulSet>(client, ns, sts).await?)
-        }
-        _ => {
-            prune::<StatefulSet>(client, ns, &names::tier(name, Tier::Prefill), &uid).await?;
-            prune::<Service>(client, ns, &names::tier(name, Tier::Prefill), &uid).await?;
-            None
-        }
-    };
-    apply_one::<Service>(client, ns, &children.decode_service).await?;
-    let decode = apply_one::<StatefulSet>(client, ns, &children.decode).await?;
-    for tier in [Tier::Frontend, Tier::Prefill, Tier::Decode] {
+    let prefill_service = children
+        .prefill
+        .as_ref()
+        .and(children.prefill_service.as_ref());
+    let prefill = children
+        .prefill_service
+        .as_ref()
+        .and(children.prefill.as_ref());
+    let pdbs = [Tier::Frontend, Tier::Prefill, Tier::Decode].map(|tier| {
         let pdb_name = names::tier(name, tier);
-        match children
+        let pdb = children
             .disruption_budgets
             .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(&pdb_name))
-        {
-            Some(pdb) => drop(apply_one::<PodDisruptionBudget>(client, ns, pdb).await?),
-            None => prune::<PodDisruptionBudget>(client, ns, &pdb_name, &uid).await?,
+            .find(|p| p.metadata.name.as_deref() == Some(&pdb_name));
+        apply_or_prune(ctx, ns, pdb_name.clone(), pdb, uid)
+    });
+    // A RoleBinding is refused (404) until its Role exists: the Role goes first, and when
+    // pruning, the binding that refers to it.
+    let rbac = async {
+        let role_name = names::discovery_role(name);
+        if role.is_some() {
+            apply_or_prune(ctx, ns, role_name.clone(), role, uid).await?;
+            apply_or_prune(ctx, ns, role_name, binding, uid)
+                .await
+                .map(drop)
+        } else {
+            apply_or_prune(ctx, ns, role_name.clone(), binding, uid).await?;
+            apply_or_prune(ctx, ns, role_name, role, uid)
+                .await
+                .map(drop)
         }
-    }
+    };
+    futures::try_join!(
+        apply_one(ctx, ns, &children.service_account),
+        rbac,
+        apply_one(ctx, ns, &children.api_service),
+        apply_or_prune(
+            ctx,
+            ns,
+            names::tier(name, Tier::Prefill),
+            prefill_service,
+            uid
+        ),
+        apply_one(ctx, ns, &children.decode_service),
+        futures::future::try_join_all(pdbs),
+    )?;
+    let (frontend, prefill, decode) = futures::try_join!(
+        apply_or_prune(
+            ctx,
+            ns,
+            names::tier(name, Tier::Frontend),
+            children.frontend.as_ref(),
+            uid
+        ),
+        apply_or_prune(ctx, ns, names::tier(name, Tier::Prefill), prefill, uid),
+        apply_one(ctx, ns, &children.decode),
+    )?;
     Ok(Applied {
         frontend,
         prefill,
@@ -490,20 +629,35 @@ pub async fn apply(
     })
 }
 
-/// Writes `status` through [`status::patch`]; an API error fails the reconcile.
+/// Writes `status` through [`status::patch`] unless it equals `shown`, the status the cache
+/// shows; an API error fails the reconcile.
 async fn patch_status(
-    client: &Client,
+    ctx: &Context,
     dd: &DisaggDeployment,
+    shown: Option<&DisaggDeploymentStatus>,
     status: &DisaggDeploymentStatus,
 ) -> Result<(), Error> {
-    status::patch(client, dd, status)
-        .await
+    let same = shown
+        .is_some_and(|shown| serde_json::to_value(shown).ok() == serde_json::to_value(status).ok());
+    if same {
+        ctx.metrics
+            .status_writes
+            .with_label_values(&[labels::apply::UNCHANGED])
+            .inc();
+        return Ok(());
+    }
+    ctx.metrics
+        .status_writes
+        .with_label_values(&[labels::apply::APPLIED])
+        .inc();
+    status::patch(&ctx.client, dd, status)
         .map_err(|source| Error::Api {
             action: "patch status of",
             kind: DisaggDeployment::kind(&()).into_owned(),
             name: dd.name_any(),
             source,
         })
+        .await
 }
 
 #[cfg(test)]

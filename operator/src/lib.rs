@@ -6,6 +6,7 @@
 //! of status: the planner's outcome and the apply's result both go through it.
 
 pub mod build;
+pub mod cache;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -49,6 +49,14 @@ struct Args {
     /// Seconds a leader may go without renewing before a standby takes over.
     #[arg(long, env = "TANDEM_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Reconciles in flight at once (0: no bound). Each makes up to a dozen API calls; the bound
+    /// keeps a burst of new deployments from queueing the API server past its timeouts.
+    #[arg(
+        long,
+        env = "TANDEM_OPERATOR_MAX_CONCURRENT_RECONCILES",
+        default_value_t = 8
+    )]
+    max_concurrent_reconciles: u16,
 }
 
 fn init_logging(format: &str) {
@@ -200,7 +208,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let ctx = Arc::new(Context::new(client, reporter, metrics));
     tokio::select! {
-        _ = controller::run(ctx, args.namespace.clone()) => info!("controller stopped"),
+        _ = controller::run(ctx, args.namespace.clone(), args.max_concurrent_reconciles) => info!("controller stopped"),
         lost = renewal => {
             let e = match lost {
                 Ok(e) => e,

@@ -98,36 +98,58 @@ async fn apply_uses_server_side_apply_with_one_field_manager() {
     let valid = validate(&dd).unwrap();
     let children = build(&valid);
     let (client, log) = mock(Arc::new(empty_namespace));
-    let applied = controller::apply(&client, "default", "llama-disagg-router", &dd, &children)
-        .await
-        .unwrap();
+    let applied = controller::apply(
+        &context(client),
+        "default",
+        "llama-disagg-router",
+        &dd,
+        &children,
+    )
+    .await
+    .unwrap();
     assert!(applied.frontend.is_some() && applied.prefill.is_some());
 
     let log = log.lock().unwrap();
     let patches: Vec<&Seen> = log.iter().filter(|s| s.method == Method::PATCH).collect();
     let paths: Vec<&str> = patches.iter().map(|s| s.path.as_str()).collect();
     let ns = "/namespaces/default";
+    // Two concurrent rounds: the workloads (whose pods need the ServiceAccount to be admitted)
+    // come after every other child.
+    let workloads = |p: &&str| p.starts_with("/apis/apps/");
+    let first_workload = paths.iter().position(workloads).unwrap();
+    assert!(
+        paths[first_workload..].iter().all(workloads),
+        "workloads are applied last: {paths:#?}"
+    );
+    let at = |suffix: &str| paths.iter().position(|p| p.ends_with(suffix)).unwrap();
+    assert!(
+        at("/roles/llama-disagg-router-discovery")
+            < at("/rolebindings/llama-disagg-router-discovery"),
+        "the API server refuses a RoleBinding whose Role does not exist yet: {paths:#?}"
+    );
+    let mut sorted = paths.clone();
+    sorted.sort_unstable();
+    let mut expected = [
+        format!("/api/v1{ns}/serviceaccounts/llama-disagg-router-tandem"),
+        format!("/apis/rbac.authorization.k8s.io/v1{ns}/roles/llama-disagg-router-discovery"),
+        format!(
+            "/apis/rbac.authorization.k8s.io/v1{ns}/rolebindings/llama-disagg-router-discovery"
+        ),
+        format!("/api/v1{ns}/services/llama-disagg-router"),
+        format!("/apis/apps/v1{ns}/deployments/llama-disagg-router-frontend"),
+        format!("/api/v1{ns}/services/llama-disagg-router-prefill"),
+        format!("/apis/apps/v1{ns}/statefulsets/llama-disagg-router-prefill"),
+        format!("/api/v1{ns}/services/llama-disagg-router-decode"),
+        format!("/apis/apps/v1{ns}/statefulsets/llama-disagg-router-decode"),
+        format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-frontend"),
+        format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-prefill"),
+        format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-decode"),
+    ];
+    expected.sort_unstable();
     assert_eq!(
-        paths,
-        [
-            format!("/api/v1{ns}/serviceaccounts/llama-disagg-router-tandem"),
-            format!("/apis/rbac.authorization.k8s.io/v1{ns}/roles/llama-disagg-router-discovery"),
-            format!(
-                "/apis/rbac.authorization.k8s.io/v1{ns}/rolebindings/llama-disagg-router-discovery"
-            ),
-            format!("/api/v1{ns}/services/llama-disagg-router"),
-            format!("/apis/apps/v1{ns}/deployments/llama-disagg-router-frontend"),
-            format!("/api/v1{ns}/services/llama-disagg-router-prefill"),
-            format!("/apis/apps/v1{ns}/statefulsets/llama-disagg-router-prefill"),
-            format!("/api/v1{ns}/services/llama-disagg-router-decode"),
-            format!("/apis/apps/v1{ns}/statefulsets/llama-disagg-router-decode"),
-            format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-frontend"),
-            format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-prefill"),
-            format!("/apis/policy/v1{ns}/poddisruptionbudgets/llama-disagg-router-decode"),
-        ]
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
+        sorted,
+        expected.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every child applied once"
     );
     for p in &patches {
         assert_eq!(p.field_manager(), Some(FIELD_MANAGER), "{}", p.path);
@@ -154,13 +176,118 @@ async fn apply_uses_server_side_apply_with_one_field_manager() {
     );
 }
 
+/// Fills `ctx`'s child cache with what the API server answered to `log`'s applies, as the
+/// controller's watches would.
+fn cache_applied(ctx: &Context, log: &[Seen]) {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+    fn fill<K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned>(
+        writer: &mut Writer<K>,
+        kind: &str,
+        log: &[Seen],
+    ) {
+        writer.apply_watcher_event(&Event::Init);
+        for seen in log.iter().filter(|s| s.method == Method::PATCH) {
+            let (_, body) = applied_echo(seen);
+            if body["kind"] == kind {
+                writer
+                    .apply_watcher_event(&Event::InitApply(serde_json::from_value(body).unwrap()));
+            }
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+    }
+    let mut w = ctx.take_writers().expect("writers not taken yet");
+    fill::<ServiceAccount>(&mut w.service_accounts, "ServiceAccount", log);
+    fill::<Role>(&mut w.roles, "Role", log);
+    fill::<RoleBinding>(&mut w.role_bindings, "RoleBinding", log);
+    fill::<Service>(&mut w.services, "Service", log);
+    fill::<Deployment>(&mut w.deployments, "Deployment", log);
+    fill::<StatefulSet>(&mut w.statefulsets, "StatefulSet", log);
+    fill::<PodDisruptionBudget>(&mut w.disruption_budgets, "PodDisruptionBudget", log);
+}
+
+/// A converged deployment costs the API server nothing: with the watch cache showing every
+/// child as last applied, a reconcile applies nothing and, its status unchanged, writes nothing;
+/// a child changed behind the operator's back is applied again, alone.
+#[tokio::test]
+async fn converged_reconcile_makes_no_api_call_and_drift_is_applied_over() {
+    let dd = example("disagg_router");
+    let (client, first) = mock(Arc::new(empty_namespace));
+    let first_ctx = context(client);
+    reconcile(Arc::new(DeserializeGuard(Ok(dd.clone()))), first_ctx)
+        .await
+        .unwrap();
+    let first = first.lock().unwrap().clone();
+    let written = first
+        .iter()
+        .find(|s| s.path.ends_with("/status"))
+        .expect("status written on the first reconcile");
+    let mut converged = dd.clone();
+    converged.status = serde_json::from_value(written.body["status"].clone()).unwrap();
+
+    let (client, log) = mock(Arc::new(empty_namespace));
+    let ctx = context(client);
+    cache_applied(&ctx, &first);
+    reconcile(
+        Arc::new(DeserializeGuard(Ok(converged.clone()))),
+        ctx.clone(),
+    )
+    .await
+    .unwrap();
+    let calls: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert!(calls.is_empty(), "a converged reconcile called {calls:#?}");
+
+    // Someone scales the decode StatefulSet by hand: the watch shows it, the reconcile puts
+    // the declared replicas back and leaves the rest alone.
+    let mut drifted: Vec<Seen> = first.clone();
+    for seen in drifted.iter_mut() {
+        if seen
+            .path
+            .ends_with("statefulsets/llama-disagg-router-decode")
+        {
+            seen.body["spec"]["replicas"] = json!(5);
+        }
+    }
+    let (client, log) = mock(Arc::new(empty_namespace));
+    let ctx = context(client);
+    cache_applied(&ctx, &drifted);
+    controller::apply(
+        &ctx,
+        "default",
+        "llama-disagg-router",
+        &converged,
+        &build(&validate(&converged).unwrap()),
+    )
+    .await
+    .unwrap();
+    let calls: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
+    assert_eq!(
+        calls,
+        ["PATCH /apis/apps/v1/namespaces/default/statefulsets/llama-disagg-router-decode"]
+    );
+}
+
 #[tokio::test]
 async fn unset_replicas_without_autoscaling_are_left_out_of_the_patch() {
     let mut dd = example("disagg");
     dd.spec.decode.replicas = None;
     let children = build(&validate(&dd).unwrap());
     let (client, log) = mock(Arc::new(empty_namespace));
-    controller::apply(&client, "default", "llama-disagg", &dd, &children)
+    controller::apply(&context(client), "default", "llama-disagg", &dd, &children)
         .await
         .unwrap();
     let log = log.lock().unwrap();
@@ -212,9 +339,15 @@ async fn removed_tier_is_pruned_only_when_this_deployment_controls_it() {
         }
     };
     let (client, log) = mock(Arc::new(owned));
-    controller::apply(&client, "default", "llama-agg-router", &dd, &children)
-        .await
-        .unwrap();
+    controller::apply(
+        &context(client),
+        "default",
+        "llama-agg-router",
+        &dd,
+        &children,
+    )
+    .await
+    .unwrap();
     let deletes: Vec<String> = log
         .lock()
         .unwrap()

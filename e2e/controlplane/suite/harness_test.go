@@ -249,6 +249,10 @@ func (e *env) startOperator(t *testing.T, holder string, port int) *operatorProc
 		"RUST_LOG=" + getenv("E2E_OPERATOR_LOG", "info"),
 		"PATH=" + os.Getenv("PATH"),
 	}
+	// The scale test's knob, passed on when set (make e2e-scale TANDEM_OPERATOR_MAX_...=N).
+	if v := os.Getenv("TANDEM_OPERATOR_MAX_CONCURRENT_RECONCILES"); v != "" {
+		c.Env = append(c.Env, "TANDEM_OPERATOR_MAX_CONCURRENT_RECONCILES="+v)
+	}
 	c.Stdout, c.Stderr = f, f
 	if err := c.Start(); err != nil {
 		t.Fatalf("starting %s: %v", e.operator, err)

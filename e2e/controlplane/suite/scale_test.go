@@ -131,7 +131,7 @@ metadata:
 	// The API server's side of the operator's latency: time its requests queued in API
 	// Priority and Fairness (ServiceAccounts fall in the workload-low level) and the mean
 	// server-side apply latency.
-	apiSide := "n/a"
+	apiSide, timeouts := "n/a", "n/a"
 	if raw, err := e.kube.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx); err == nil {
 		body := string(raw)
 		mean := func(name, match string) float64 {
@@ -144,7 +144,19 @@ metadata:
 		apiSide = fmt.Sprintf("APF queue wait %s, server-side apply %s (means)",
 			fmtSeconds(mean("apiserver_flowcontrol_request_wait_duration_seconds", `flow_schema="service-accounts"`)),
 			fmtSeconds(mean("apiserver_request_duration_seconds", `verb="APPLY"`)))
+		// Requests the API server gave up on (504: its request timeout) or refused (429: APF
+		// queues full), every client counted, from the server's own request counter.
+		timeouts = fmt.Sprintf("%.0f timed out (504), %.0f rejected (429)",
+			sumMetric(body, "apiserver_request_total", `code="504"`),
+			sumMetric(body, "apiserver_request_total", `code="429"`))
 	}
+	applies := func(metric, result string) float64 {
+		v, _ := op.metric(metric, `result="`+result+`"`)
+		return v
+	}
+	writes := fmt.Sprintf("children %.0f applied / %.0f unchanged, status %.0f written / %.0f unchanged",
+		applies("tandem_operator_child_applies_total", "applied"), applies("tandem_operator_child_applies_total", "unchanged"),
+		applies("tandem_operator_status_writes_total", "applied"), applies("tandem_operator_status_writes_total", "unchanged"))
 
 	// Steady state: nothing changes, so the operator must write nothing.
 	const quiet = 60 * time.Second
@@ -154,15 +166,21 @@ metadata:
 		t.Fatal(err)
 	}
 	reconcilesBefore, _ := op.metric("tandem_operator_reconcile_total", "")
+	appliesBefore := applies("tandem_operator_child_applies_total", "applied") + applies("tandem_operator_status_writes_total", "applied")
 	time.Sleep(quiet)
 	after, err := e.childVersions(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	reconcilesAfter, _ := op.metric("tandem_operator_reconcile_total", "")
-	writes := diffVersions(before, after)
-	if len(writes) > 0 {
-		t.Errorf("converged operator wrote to %d objects in %s:\n  %s", len(writes), quiet, strings.Join(writes[:min(len(writes), 20)], "\n  "))
+	changed := diffVersions(before, after)
+	if len(changed) > 0 {
+		t.Errorf("converged operator wrote to %d objects in %s:\n  %s", len(changed), quiet, strings.Join(changed[:min(len(changed), 20)], "\n  "))
+	}
+	// Not even a no-op apply: a converged reconcile reads its children from the watch cache.
+	appliesQuiet := applies("tandem_operator_child_applies_total", "applied") + applies("tandem_operator_status_writes_total", "applied") - appliesBefore
+	if appliesQuiet > 0 {
+		t.Errorf("converged operator sent %.0f applies or status writes in %s", appliesQuiet, quiet)
 	}
 
 	section := fmt.Sprintf(`Measured by `+"`make e2e-scale`"+` (%s) on this CPU machine (2 cores shared with other
@@ -175,17 +193,20 @@ controller-manager, scheduler on loopback), kwok fake nodes, one operator replic
 | DisaggDeployments × pods | %d × %d (1 frontend + %d prefill + %d decode) = %d pods |
 | created (API calls) | %.1f s |
 | converged: every DisaggDeployment Ready, every pod Ready | %.0f s |
-| reconciles until converged | %.0f (%.0f errors) |
+| reconciles until converged | %.0f (%.0f errors), at most %s in flight |
+| operator writes until converged | %s |
 | reconcile duration p50 / p99 (histogram bucket bounds, %d samples) | ≤ %s / ≤ %s |
 | reconciles per duration bucket | %s |
 | operator memory: RSS when converged / peak | %.0f MiB / %.0f MiB |
-| steady state over %.0f s: objects written / reconciles | %d / %.0f |
+| steady state over %.0f s: objects written / applies sent / reconciles | %d / %.0f / %.0f |
 | CPU time until converged (where the time went) | %s |
 | API server side of the operator's requests | %s |
+| API server requests timed out or rejected until converged | %s |
 `, time.Now().UTC().Format("2006-01-02"), scaleDeployments, scalePods, scalePrefill, scaleDecode,
 		scaleDeployments*scalePods, created.Seconds(), converged.Seconds(), reconciles, errors,
+		getenv("TANDEM_OPERATOR_MAX_CONCURRENT_RECONCILES", "8 (the default)"), writes,
 		count, fmtSeconds(p50), fmtSeconds(p99), spread, float64(rss)/1024, float64(peak)/1024,
-		quiet.Seconds(), len(writes), reconcilesAfter-reconcilesBefore, cpu, apiSide)
+		quiet.Seconds(), len(changed), appliesQuiet, reconcilesAfter-reconcilesBefore, cpu, apiSide, timeouts)
 	fmt.Fprintln(os.Stderr, section)
 	if err := writeBenchmarkSection(filepath.Join(e.root, "docs", "benchmarks.md"), section); err != nil {
 		t.Fatal(err)
