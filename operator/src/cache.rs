@@ -149,25 +149,45 @@ pub fn stamp<K: Resource + Serialize + Clone>(obj: &K) -> K {
 /// every key of `want` with a value `have` holds; lists: the same length, element by element;
 /// an empty map or list in `want` matches an absent field. Anything else must be equal.
 pub fn holds(have: &Value, want: &Value) -> bool {
+    first_difference(have, want).is_none()
+}
+
+/// Where `have` first fails to hold `want` ([`holds`]), as a path like
+/// `.spec.template.spec.containers[0].env[2].value`; `None` when it holds all of it.
+pub fn first_difference(have: &Value, want: &Value) -> Option<String> {
     match (have, want) {
-        (Value::Object(have), Value::Object(want)) => want.iter().all(|(k, w)| match have.get(k) {
-            Some(h) => holds(h, w),
-            None => is_empty(w),
+        (Value::Object(have), Value::Object(want)) => want.iter().find_map(|(k, w)| {
+            let inner = match have.get(k) {
+                Some(h) => first_difference(h, w),
+                None => (!is_empty(w)).then(String::new),
+            };
+            inner.map(|rest| format!(".{k}{rest}"))
         }),
         (Value::Array(have), Value::Array(want)) => {
-            have.len() == want.len() && have.iter().zip(want).all(|(h, w)| holds(h, w))
+            if have.len() != want.len() {
+                return Some(format!(" (length {} vs {})", have.len(), want.len()));
+            }
+            have.iter()
+                .zip(want)
+                .enumerate()
+                .find_map(|(i, (h, w))| first_difference(h, w).map(|rest| format!("[{i}]{rest}")))
         }
-        (Value::Null, w) => is_empty(w),
-        (h, w) => h == w,
+        (Value::Null, w) => (!is_empty(w)).then(String::new),
+        (h, w) => (h != w).then(|| format!(" ({h} vs {w})")),
     }
 }
 
+/// Whether an absent field says the same as `v`: the API server stores most fields with Go's
+/// `omitempty`, so an empty string, `false` or 0 in an apply body comes back as no field at all
+/// (a field it defaults to something else comes back with that value, not absent).
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
         Value::Object(m) => m.is_empty(),
         Value::Array(a) => a.is_empty(),
-        _ => false,
+        Value::String(s) => s.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
     }
 }
 
@@ -197,6 +217,20 @@ mod tests {
         let mut missing = server;
         missing["spec"].as_object_mut().unwrap().remove("selector");
         assert!(!holds(&missing, &want), "a field the body sets is absent");
+
+        // Zero values the server drops (omitempty) still match; non-zero ones do not.
+        let env = json!({"env": [{"name": "A", "value": ""}, {"name": "B", "value": "1"}],
+            "hostNetwork": false, "port": 0});
+        let stored = json!({"env": [{"name": "A"}, {"name": "B", "value": "1"}]});
+        assert!(holds(&stored, &env));
+        let dropped = json!({"env": [{"name": "A"}, {"name": "B"}]});
+        assert!(!holds(&dropped, &env), "a non-empty value the server lacks");
+        assert!(!holds(&json!({}), &json!({"hostNetwork": true})));
+        assert!(!holds(&json!({}), &json!({"port": 8000})));
+        assert_eq!(
+            first_difference(&dropped, &env).as_deref(),
+            Some(".env[1].value")
+        );
     }
 
     #[test]

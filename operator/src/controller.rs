@@ -466,9 +466,17 @@ where
     if let Lookup::Present(have) = ctx.cache.lookup::<K>(ns, &name) {
         let want = serde_json::to_value(&stamped).expect("a child always serializes");
         let have_value = serde_json::to_value(have.as_ref()).expect("a cached object serializes");
-        if cache::holds(&have_value, &want) {
-            count_apply(ctx, labels::apply::UNCHANGED);
-            return Ok(K::clone(&have));
+        match cache::first_difference(&have_value, &want) {
+            None => {
+                count_apply(ctx, labels::apply::UNCHANGED);
+                return Ok(K::clone(&have));
+            }
+            Some(path) => tracing::debug!(
+                kind = %K::kind(&()),
+                %name,
+                differs_at = %path,
+                "the cached copy differs from the apply body"
+            ),
         }
     }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
