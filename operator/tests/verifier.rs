@@ -22,7 +22,7 @@ use tandem_operator::planner::{ScaleTarget, Tier};
 use tandem_operator::validate::validate;
 use tandem_operator::FIELD_MANAGER;
 
-use common::mock_api::{mock, Seen};
+use common::mock_api::{api_calls, mock, Seen};
 
 fn not_found(seen: &Seen) -> (StatusCode, Value) {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -238,12 +238,7 @@ async fn converged_reconcile_makes_no_api_call_and_drift_is_applied_over() {
     )
     .await
     .unwrap();
-    let calls: Vec<String> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| format!("{} {}", s.method, s.path))
-        .collect();
+    let calls = api_calls(&log);
     assert!(calls.is_empty(), "a converged reconcile called {calls:#?}");
 
     // Someone scales the decode StatefulSet by hand: the watch shows it, the reconcile puts
@@ -269,12 +264,7 @@ async fn converged_reconcile_makes_no_api_call_and_drift_is_applied_over() {
     )
     .await
     .unwrap();
-    let calls: Vec<String> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| format!("{} {}", s.method, s.path))
-        .collect();
+    let calls = api_calls(&log);
     assert_eq!(
         calls,
         ["PATCH /apis/apps/v1/namespaces/default/statefulsets/llama-disagg-router-decode"]

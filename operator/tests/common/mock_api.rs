@@ -54,3 +54,12 @@ pub fn mock(handler: Arc<Handler>) -> (Client, Arc<Mutex<Vec<Seen>>>) {
     });
     (Client::new(service, "default"), log)
 }
+
+/// The calls the mock API server saw, as "METHOD /path" lines.
+pub fn api_calls(log: &Mutex<Vec<Seen>>) -> Vec<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect()
+}
